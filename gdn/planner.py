@@ -1,0 +1,308 @@
+"""Host-side chunk planner: NumPy turns HOST ``cu_seqlens`` into chunk metadata.
+
+A prefill never reads anything back from the GPU: everything a kernel needs to find its
+sequence and chunk is computed here, once, from the host copy of ``cu_seqlens`` (DESIGN.md §2),
+then copied to the device asynchronously (``Plan.to_torch`` / ``Plan.to_jax``).
+
+Definitions (``BT`` = chunk size, ``lens[n] = cu[n+1] - cu[n]``, ``nc[n] = ceil(lens[n] / BT)``):
+
+- ``chunk_offsets`` [N_pad + 1]: ``[0, cumsum(nc)]``; padded sequences repeat ``NT``.
+- ``chunk_indices`` [NT_pad, 2]: row ``chunk_offsets[n] + c`` holds ``(n, c)``, with the TRUE
+  sequence id n (an empty sequence keeps its id and owns no rows). Rows ``>= NT`` hold
+  ``(SENTINEL, SENTINEL)``: kernels skip them.
+- ``cu_seqlens`` [N_pad + 1]: the caller's offsets, padded sequences empty (repeat ``cu[N]``).
+
+Static shapes for ``jax.jit``: ``N``, ``NT`` and ``T`` are padded to buckets by ONE pure function,
+:func:`bucket`, so batches of nearby sizes share a compilation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array"]
+
+#: chunk_indices value of padding rows (both columns). Kernels test ``seq_id < 0`` and exit.
+SENTINEL = -1
+
+#: Mantissa bits kept by :func:`bucket`: sizes are m * 2**e with 8 <= m < 16, so the padding
+#: waste is below 2**-3 = 1/8 of the real size (above the floor).
+_BUCKET_BITS = 3
+_FLOOR_TOKENS = 64
+_FLOOR_SEQS = 8
+_FLOOR_CHUNKS = 8
+
+
+def bucket(n: int, floor: int = 1) -> int:
+    """Smallest bucket size >= ``n``: ``max(floor, m * 2**e)`` with ``8 <= m < 16``.
+
+    Monotone, idempotent (``bucket(bucket(n)) == bucket(n)``), never below ``n``, and the waste
+    ``bucket(n) - n`` is below ``n / 8`` whenever ``n > floor``. Pure: the same sizes always map
+    to the same bucket, which is what makes one compilation serve many batches.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"bucket: size must be >= 0, got {n}")
+    if n <= floor:
+        return int(floor)
+    shift = max(0, n.bit_length() - (_BUCKET_BITS + 1))
+    step = 1 << shift
+    return -(-n // step) * step
+
+
+def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, int, int]:
+    """(T, N, NT) -> (T_pad, N_pad, NT_pad). The one bucketing policy of gdn.
+
+    T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 sequences, 8 chunks.
+    """
+    t_pad = bucket(num_tokens, _FLOOR_TOKENS)
+    t_pad = -(-t_pad // 64) * 64
+    return t_pad, bucket(num_seqs, _FLOOR_SEQS), bucket(num_chunks, _FLOOR_CHUNKS)
+
+
+def _is_device_array(x: Any) -> str | None:
+    """Name of the device if ``x`` lives on an accelerator, else None (no data is read)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        dev = getattr(x, "device", None)
+        if dev is not None and getattr(dev, "type", "cpu") != "cpu":
+            return str(dev)
+        return None
+    if mod.startswith("jax") or mod.startswith("jaxlib"):
+        try:
+            devs = x.devices()
+        except Exception:  # a tracer: no concrete device at all
+            return "a traced jax value"
+        plats = {d.platform for d in devs}
+        if plats - {"cpu"}:
+            return ",".join(sorted(str(d) for d in devs))
+        return None
+    if mod.startswith("cupy"):
+        return "cupy device"
+    return None
+
+
+def host_int_array(x: Any, name: str) -> np.ndarray:
+    """Validate a HOST integer sequence and return it as a read-only int64 NumPy vector."""
+    dev = _is_device_array(x)
+    if dev is not None:
+        raise ValueError(
+            f"{name} must be host integers (list, NumPy array or CPU tensor), got an array on "
+            f"{dev}: reading it back would be the GPU-to-CPU sync gdn exists to remove. "
+            f"Pass the host copy (e.g. vLLM's query_start_loc_cpu) or a prebuilt gdn.plan(...).")
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and other odd objects
+        raise TypeError(f"{name} must be a 1-D sequence of integers, got {type(x).__name__}") from e
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.int32)
+    a.setflags(write=False)
+    return a
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """Chunk metadata for one packed varlen batch. Immutable; reuse it across layers.
+
+    Arrays (int32; NumPy on the host, or torch / jax after ``to_torch`` / ``to_jax``):
+      cu_seqlens [N_pad + 1], chunk_indices [NT_pad, 2], chunk_offsets [N_pad + 1].
+    Ints: num_seqs N, num_chunks NT, num_tokens T (= cu_seqlens[N]), the padded sizes
+    padded_seqs N_pad, padded_chunks NT_pad, padded_tokens T_pad, and chunk_size BT.
+
+    As a JAX pytree the three arrays are leaves and (chunk_size, padded sizes) static aux data,
+    so two batches in one bucket share a compilation. The real counts are not part of the tree:
+    after crossing a ``jax.jit`` boundary they are ``None`` (unknown while tracing).
+    """
+
+    cu_seqlens: Any
+    chunk_indices: Any
+    chunk_offsets: Any
+    num_seqs: int | None
+    num_chunks: int | None
+    num_tokens: int | None
+    padded_seqs: int
+    padded_chunks: int
+    padded_tokens: int
+    chunk_size: int = 64
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    # -- conversions -------------------------------------------------------------------------
+    @property
+    def is_host(self) -> bool:
+        return isinstance(self.cu_seqlens, np.ndarray)
+
+    def _convert(self, key, fn) -> "Plan":
+        with _LOCK:
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = dataclasses.replace(
+                    self, cu_seqlens=fn(self.cu_seqlens), chunk_indices=fn(self.chunk_indices),
+                    chunk_offsets=fn(self.chunk_offsets), _cache={})
+                self._cache[key] = hit
+            return hit
+
+    def to_torch(self, device: Any = "cuda") -> "Plan":
+        """This plan with torch int32 arrays on ``device``: pinned host memory, non-blocking copy.
+
+        Memoized per device, so a plan built once per step and used by every layer is copied once.
+        """
+        import torch
+
+        if not self.is_host:
+            raise ValueError("to_torch: convert from the host plan (gdn.plan(...)), not a device copy")
+        device = torch.device(device)
+
+        def conv(a):
+            t = torch.from_numpy(np.array(a, dtype=np.int32))
+            if device.type == "cpu":
+                return t
+            if torch.cuda.is_available():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        return self._convert(("torch", str(device)), conv)
+
+    def to_jax(self, device: Any = None) -> "Plan":
+        """This plan with jax int32 arrays (on ``device``, default the default device)."""
+        import jax
+
+        _maybe_register()
+        if not self.is_host:
+            raise ValueError("to_jax: convert from the host plan (gdn.plan(...)), not a device copy")
+        return self._convert(("jax", str(device)), lambda a: jax.device_put(np.asarray(a), device))
+
+    def as_numpy(self) -> "Plan":
+        return self
+
+    # -- descriptions ------------------------------------------------------------------------
+    @property
+    def seq_lens(self) -> np.ndarray:
+        """[N] host sequence lengths (host plans only)."""
+        cu = np.asarray(self.cu_seqlens)
+        return np.diff(cu[: self.num_seqs + 1])
+
+    def summary(self) -> str:
+        lens = self.seq_lens
+        return (f"Plan: N={self.num_seqs} (pad {self.padded_seqs}), NT={self.num_chunks} chunks "
+                f"(pad {self.padded_chunks}), T={self.num_tokens} tokens (pad {self.padded_tokens}), "
+                f"BT={self.chunk_size}, lengths min/median/max = "
+                f"{lens.min() if lens.size else 0}/{int(np.median(lens)) if lens.size else 0}/"
+                f"{lens.max() if lens.size else 0}")
+
+    def __repr__(self) -> str:
+        kind = type(self.cu_seqlens).__module__.split(".")[0]
+        return (f"Plan(N={self.num_seqs}, NT={self.num_chunks}, T={self.num_tokens}, "
+                f"pad=({self.padded_seqs}, {self.padded_chunks}, {self.padded_tokens}), "
+                f"BT={self.chunk_size}, arrays={kind})")
+
+
+_LOCK = threading.Lock()
+
+
+def plan(cu_seqlens: Any, chunk_size: int = 64, *, num_tokens: int | None = None) -> Plan:
+    """Build the chunk plan of a packed varlen batch from HOST ``cu_seqlens``.
+
+    Args:
+      cu_seqlens: [N + 1] host integers (list, NumPy, CPU torch tensor), starting at 0,
+        non-decreasing. A device array is rejected: reading it would sync.
+      chunk_size: BT, a positive power of two (kernels use 64).
+      num_tokens: token count of the arrays the caller already has (>= cu_seqlens[-1]); it
+        becomes ``padded_tokens``. Default: the bucket of ``cu_seqlens[-1]``.
+
+    Vectorized NumPy: no Python loop over sequences or chunks.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    chunk_size = int(chunk_size)
+    if chunk_size <= 0 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size}")
+    cu = host_int_array(cu_seqlens, "cu_seqlens")
+    if cu.size < 1:
+        raise ValueError("cu_seqlens must have at least one entry (N + 1 offsets), got none")
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    lens = np.diff(cu)
+    if lens.size and lens.min() < 0:
+        bad = int(np.argmax(lens < 0))
+        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{bad + 1}] = "
+                         f"{int(cu[bad + 1])} < cu_seqlens[{bad}] = {int(cu[bad])}")
+    total = int(cu[-1])
+    if total >= 2**31:
+        raise ValueError(f"cu_seqlens[-1] = {total} does not fit int32 metadata")
+    if num_tokens is not None:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        num_tokens = int(num_tokens)
+        if num_tokens < total:
+            raise ValueError(f"num_tokens = {num_tokens} is smaller than cu_seqlens[-1] = {total}")
+
+    n = lens.size
+    nc = -(-lens // chunk_size)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(nc, out=offsets[1:])
+    nt = int(offsets[-1])
+
+    t_pad, n_pad, nt_pad = padded_sizes(total, n, nt)
+    if num_tokens is not None:
+        t_pad = num_tokens
+
+    # chunk rows: sequence id repeated nc times; chunk id = row - offsets[seq]. int32 from the
+    # start: the arrays are built once, in their final dtype, with no per-sequence Python loop.
+    ci = np.full((nt_pad, 2), SENTINEL, np.int32)
+    seq_of_row = np.repeat(np.arange(n, dtype=np.int32), nc)
+    ci[:nt, 0] = seq_of_row
+    np.subtract(np.arange(nt, dtype=np.int32), offsets[seq_of_row], out=ci[:nt, 1], casting="unsafe")
+    co = np.full(n_pad + 1, nt, np.int32)
+    co[: n + 1] = offsets
+    cu_pad = np.full(n_pad + 1, total, np.int32)
+    cu_pad[: n + 1] = cu
+
+    _maybe_register()
+    return Plan(cu_seqlens=_frozen(cu_pad), chunk_indices=_frozen(ci), chunk_offsets=_frozen(co),
+                num_seqs=n, num_chunks=nt, num_tokens=total, padded_seqs=n_pad,
+                padded_chunks=nt_pad, padded_tokens=t_pad, chunk_size=chunk_size)
+
+
+def _register_pytree() -> None:
+    """Register Plan with JAX if JAX is importable (called lazily by the JAX backend)."""
+    import jax
+
+    def flatten(p: Plan):
+        return ((p.cu_seqlens, p.chunk_indices, p.chunk_offsets),
+                (p.chunk_size, p.padded_seqs, p.padded_chunks, p.padded_tokens))
+
+    def unflatten(aux, children):
+        bt, n_pad, nt_pad, t_pad = aux
+        cu, ci, co = children
+        return Plan(cu_seqlens=cu, chunk_indices=ci, chunk_offsets=co, num_seqs=None,
+                    num_chunks=None, num_tokens=None, padded_seqs=n_pad, padded_chunks=nt_pad,
+                    padded_tokens=t_pad, chunk_size=bt)
+
+    try:
+        jax.tree_util.register_pytree_node(Plan, flatten, unflatten)
+    except ValueError:  # already registered
+        pass
+
+
+def _maybe_register() -> None:
+    """Register the pytree once jax has been imported by anyone (cheap when it has not)."""
+    global _REGISTERED
+    if not _REGISTERED and "jax" in sys.modules:
+        _register_pytree()
+        _REGISTERED = True
+
+
+_REGISTERED = False
