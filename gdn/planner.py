@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array"]
+__all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split",
+           "split_policy", "split_pieces"]
 
 #: chunk_indices value of padding rows (both columns). Kernels test ``seq_id < 0`` and exit.
 SENTINEL = -1
@@ -306,3 +307,81 @@ def _maybe_register() -> None:
 
 
 _REGISTERED = False
+
+
+# -- exact sequence split (host policy) ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """Long sequences cut into pieces of whole chunks (host NumPy int32, read-only).
+
+    Each piece lies inside one sequence; a sequence's pieces are consecutive and in order.
+    ``piece_cu_seqlens`` [P + 1] are the pieces' token offsets in the packed arrays (a valid
+    ``cu_seqlens``: plan it with :func:`plan`), ``piece_seq`` [P] the sequence of each piece and
+    ``piece_index`` [P] its position inside that sequence (0 = first). Empty sequences own no
+    piece. ``max_pieces`` is the largest piece count of one sequence.
+    """
+
+    piece_cu_seqlens: np.ndarray
+    piece_seq: np.ndarray
+    piece_index: np.ndarray
+    piece_chunks: int
+    max_pieces: int
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.piece_seq.size)
+
+
+def split_policy(seq_lens: Any, units_per_seq: int, *, num_sms: int = 132, chunk_size: int = 64,
+                 min_piece_chunks: int = 8, augment: float = 2.0, min_gain: float = 1.25) -> int | None:
+    """Chunks per piece for the exact sequence split, or None when splitting does not pay.
+
+    A per-sequence chunk-loop kernel runs ``units_per_seq`` CTAs per sequence (v heads x V tiles)
+    for as many steps as the sequence has chunks. Modelled time: waves x steps, with
+    ``waves = ceil(CTAs / num_sms)``. A split piece runs ``augment`` times the units (its state map
+    M rides along as K extra value columns: 2x at K = V) for at most ``piece_chunks`` steps. The
+    candidates are ``min_piece_chunks * 2**i``; the best is returned if it beats the unsplit
+    estimate by ``min_gain``. Pure function of its arguments (host ints only).
+    """
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    nc = -(-lens // chunk_size)
+    nc = nc[nc > 0]
+    if nc.size == 0 or units_per_seq <= 0:
+        return None
+
+    def waves(ctas: int) -> int:
+        return -(-int(ctas) // num_sms)
+
+    base = waves(nc.size * units_per_seq) * int(nc.max())
+    best, best_t = None, float(base) / min_gain
+    c = int(min_piece_chunks)
+    while c < nc.max():
+        pieces = int(np.sum(-(-nc // c)))
+        t = waves(np.ceil(pieces * units_per_seq * augment)) * c + 1  # +1: the scan and correction
+        if t < best_t:
+            best, best_t = c, t
+        c *= 2
+    return best
+
+
+def split_pieces(cu_seqlens: Any, piece_chunks: int, chunk_size: int = 64) -> Split:
+    """Cut every sequence of ``cu_seqlens`` (host) into pieces of ``piece_chunks`` chunks."""
+    cu = host_int_array(cu_seqlens, "cu_seqlens")
+    if piece_chunks <= 0:
+        raise ValueError(f"piece_chunks must be positive, got {piece_chunks}")
+    lens = np.diff(cu)
+    step = piece_chunks * chunk_size
+    npieces = -(-lens // step)  # 0 for empty sequences
+    p = int(npieces.sum())
+    piece_seq = np.repeat(np.arange(lens.size, dtype=np.int64), npieces)
+    first = np.zeros(lens.size + 1, np.int64)
+    np.cumsum(npieces, out=first[1:])
+    piece_index = np.arange(p, dtype=np.int64) - first[piece_seq]
+    starts = cu[piece_seq] + piece_index * step
+    pcu = np.empty(p + 1, np.int64)
+    pcu[:p] = starts
+    pcu[p] = cu[-1]
+    # pieces tile [0, cu[-1]) without gaps: empty sequences hold no tokens, so each piece ends
+    # where the next one starts
+    return Split(_frozen(pcu), _frozen(piece_seq), _frozen(piece_index), int(piece_chunks),
+                 int(npieces.max()) if npieces.size else 0)
