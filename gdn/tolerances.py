@@ -30,3 +30,29 @@ REFERENCE_SELF = 1e-10
 def vs_f64(dtype: str) -> float:
     """The rms-ratio bar against float64 for inputs of ``dtype`` ('bfloat16', ...)."""
     return RMS_VS_F64[dtype]
+
+
+#: Metamorphic checks of the parity suite (gdn.parity): the same sequences computed through another
+#: call layout (split in two calls chained through the final state, packed in another order,
+#: padded with tokens and empty sequences, one later token changed) against the plain call. Both
+#: sides are within the f64 bar of the same truth, so the distance is within RMS_BETWEEN (most
+#: kernels match bitwise; the suite reports that too). Padded tokens must give exactly 0 and an
+#: empty sequence's final state must equal its initial state exactly.
+METAMORPHIC = RMS_BETWEEN
+
+
+def stage_bar(stage: str, dtype: str, *, between: bool = False, l2norm: bool = False) -> float:
+    """The rms-ratio bar of stage tensor ``stage`` for inputs of ``dtype``: against the float64
+    chunked reference, or (``between``) two implementations against each other (twice it).
+
+    ``l2norm`` (the kernel's use_qk_l2norm) on 16-bit inputs: like FLA (``l2norm_fwd`` returns
+    the input dtype), the normalized q and k are rounded to the input dtype before the chunk
+    stages, so Ai = (I + beta k k^T ...)^-1 is computed from rounded values and carries that
+    rounding (measured 4e-4 to 1.2e-3 on the quick cases, 7e-8 against a reference fed the same
+    rounded k): Ai then gets the input dtype's bar instead of the fp32 one.
+    """
+    if l2norm and stage == "Ai" and dtype != "float32":
+        bar = RMS_VS_F64[dtype]
+    else:
+        bar = RMS_STAGE.get(stage, RMS_VS_F64[dtype])
+    return 2 * bar if between else bar
