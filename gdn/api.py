@@ -182,7 +182,8 @@ def load_backend(name: str):
 
 def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, initial_state=None,
             output_final_state: bool = True, scale: float | None = None,
-            use_qk_l2norm: bool = False, backend: str | None = None, impl: str | None = None):
+            use_qk_l2norm: bool = False, backend: str | None = None, impl: str | None = None,
+            mesh=None, head_axis: str | None = None, seq_axis: str | None = None):
     """Gated DeltaNet chunked prefill.
 
     Args:
@@ -195,6 +196,9 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
       scale: default K ** -0.5. use_qk_l2norm: L2-normalize q and k (fp32) first.
       backend: "jax" (jax arrays) or "triton" (torch tensors); default from q's type.
       impl: a backend implementation name, or None for the best one that supports the call.
+      mesh, head_axis, seq_axis: JAX only. Shard the heads over mesh axis ``head_axis`` (each
+        device keeps whole GVA groups, no communication) and/or the packed tokens over
+        ``seq_axis`` (exact: pieces' affine state maps are all-gathered and scanned).
 
     Returns (o [B, T, HV, V] in q's dtype, final_state fp32 [N, HV, K, V] or None). Tokens past
     ``cu_seqlens[-1]`` get zero output. Under ``jax.jit`` with the plan passed as an argument the
@@ -203,4 +207,12 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
     backend, args = validate(q, k, v, g, beta, cu_seqlens=cu_seqlens, plan=plan,
                              initial_state=initial_state, output_final_state=output_final_state,
                              scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, impl=impl)
+    if mesh is not None:
+        if backend != "jax":
+            raise ValueError(f"mesh is a JAX sharding: it needs backend='jax', got {backend!r}")
+        from .jax_backend.sharded import run_sharded
+
+        return run_sharded(args, mesh, head_axis, seq_axis)
+    if head_axis is not None or seq_axis is not None:
+        raise ValueError("head_axis/seq_axis need mesh=jax.sharding.Mesh(...)")
     return load_backend(backend).run(args)
