@@ -1,0 +1,121 @@
+"""The benchmark harness (gdn.bench, gdn.roofline): the CPU smoke run end to end, and the counts
+and parsers it rests on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gdn
+from gdn import bench, roofline
+
+
+def test_flop_and_byte_counts_match_design_md():
+    # DESIGN.md §5: ~183k FLOP per token per v head, 24.8 KB per token, 4 MiB state per sequence
+    assert roofline.flops_per_token_head(128, 128) == pytest.approx(182955, abs=1)
+    assert roofline.nominal_flops(1, 1, 128, 128) == 4 * 128 * 128
+    assert roofline.bytes_moved(1, 0, 16, 32, 128, 128) == 24832
+    assert roofline.bytes_moved(0, 1, 16, 32, 128, 128) == 4 * 2**20
+    c = roofline.cost(32768, 1, 16, 32, 128, 128)
+    assert c.flops == pytest.approx(190e9, rel=0.02) and c.bytes == pytest.approx(0.82e9, rel=0.01)
+    assert c.floor_ms == pytest.approx(0.24, abs=0.005) and c.bound == "compute"
+    # many sequences: the states make it memory-bound
+    assert roofline.cost(8192, 2048, 16, 32, 128, 128).bound == "memory"
+    assert roofline.bytes_moved(1, 0, 16, 32, 128, 128, "float32") == 2 * 24832 - 256
+
+
+def test_layouts():
+    assert bench.layout_lens("4x8192") == (8192,) * 4
+    assert bench.layout_lens("2048x4") == (2048,) * 4 and bench.layout_lens("16384x2") == (16384,) * 2
+    assert bench.layout_lens("128x256") == (256,) * 128
+    assert bench.layout_lens("28672+4096") == (28672, 4096)
+    mix = bench.layout_lens("mix")
+    assert sum(mix) == 32768 and min(mix) >= 1 and 10 <= len(mix) <= 200
+    assert mix == bench.serving_mix()  # deterministic
+    assert {sum(bench.layout_lens(n)) for n in bench.LAYOUTS} == {32768, 8192}
+
+
+def test_gpu_busy_ms_takes_the_union_of_stream_kernels():
+    ev = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 5000, "name": "host work"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 100, "dur": 300, "name": "k1"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 350, "dur": 150, "name": "k2"},  # overlaps k1
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 1000, "dur": 500, "name": "k3"},
+        {"ph": "X", "pid": 2, "tid": 8, "ts": 100, "dur": 1400, "name": "op: derived line"},
+    ]
+    # union: [100, 500] + [1000, 1500] = 900 us over 2 calls
+    assert bench.gpu_busy_ms({"traceEvents": ev}, 2) == pytest.approx(0.45)
+    assert bench.gpu_busy_ms({"traceEvents": ev[:1] + ev[4:5]}, 2) is None
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main(["--cpu-smoke", "--out", str(out)]) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_cpu_smoke_writes_json_markdown_and_plot(smoke):
+    out, rec = smoke
+    rows = rec["rows"]
+    runners = {r["runner"] for r in rows}
+    gdn_impls = {f"gdn {i.backend}:{i.impl}" for i in gdn.implementations() if i.available}
+    assert runners == {"reference f64"} | gdn_impls
+    assert {r["layout"] for r in rows} == set(bench.SMOKE_LAYOUTS)
+    assert len(rows) == len(runners) * len(bench.SMOKE_LAYOUTS)
+    ref = [r for r in rows if r["key"] == "reference"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in ref)
+    for r in rows:
+        assert r["status"] in ("ok", "error", "skip"), r
+        assert r["tokens"] == 128 and r["floor_ms"] > 0 and r["gflop"] > 0
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["first_call_s"] >= 0 and r["host_us"] > 0
+            assert r["tflops"] > 0 and r["tflops_nominal"] > 0 and 0 < r["floor_frac"] < 1
+            assert r["speedup_vs_fla"] is None  # no FLA on a CPU
+            if r["key"] != "reference":  # checked against the float64 reference row
+                assert r["check_vs"] == "reference f64" and r["check_rms"] < 1e-2
+        else:
+            assert r["note"]
+    assert rec["mode"] == "cpu-smoke" and any("CPU smoke" in n for n in rec["notes"])
+    md = (out / "bench.md").read_text()
+    assert "## H/HV = 1/2" in md and "## All rows" in md
+    assert all(name in md for name in runners) and all(lay in md for lay in bench.SMOKE_LAYOUTS)
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_merge_runs_from_json(smoke, tmp_path):
+    out, rec = smoke
+    other = dict(rec, rows=[dict(r, heads="2/8", h=2, hv=8) for r in rec["rows"]])
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert bench.main(["--from-json", str(out / "bench.json"), str(tmp_path / "b.json"),
+                       "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "bench.json").read_text())
+    assert len(merged["rows"]) == 2 * len(rec["rows"])
+    md = (tmp_path / "merged" / "bench.md").read_text()
+    assert "## H/HV = 1/2" in md and "## H/HV = 2/8" in md
+
+
+def test_filters_and_speedup_against_fla(tmp_path, monkeypatch):
+    # only the reference runner, one layout: the filters reach the matrix
+    assert bench.main(["--cpu-smoke", "--impl", "reference", "--layouts", "3+61+64",
+                       "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["runner"], r["layout"]) for r in rows] == [("reference f64", "3+61+64")]
+    # speedups and checks are computed against the FLA row of the same workload
+    base = dict(heads="16/32", k=128, v=128, hv=32, tokens=1024, floor_ms=0.01, gflop=1.0,
+                layout="x", status="ok", runner="r")
+    o = np.ones((4, 2, 2), np.float32)
+    rows = [dict(base, key="fla", runner="FLA", ms=2.0, _o=o),
+            dict(base, key="triton:triton", ms=0.5, _o=o * 1.001),
+            dict(base, key="jax:xla", ms=1.0, _o=-o)]
+    bench._finish(rows)
+    assert [r["speedup_vs_fla"] for r in rows] == [1.0, 4.0, 2.0]
+    assert rows[1]["check_rms"] == pytest.approx(1e-3, rel=1e-3) and "_o" not in rows[1]
+    assert "OUTPUT MISMATCH" in rows[2]["note"] and "check_rms" not in rows[0]
+    assert rows[1]["tflops"] == pytest.approx(2.0)  # 1 GFLOP in 0.5 ms
