@@ -1,0 +1,108 @@
+"""Stage 5: the output, one program per (chunk row, v head, V tile):
+
+    o = scale * ( exp(gc) * (Q h) + ((Q K^T) * exp(gc_r - gc_s) * [r >= s]) v_new )
+
+Q h and Q K^T accumulate over K tiles in fp32 (input-dtype tensor-core dots; IEEE fp32 for
+fp32 inputs); the causal, gated Q K^T is rounded to the input dtype for its product with v_new
+(like FLA). Exponents are selected to the causal part before exp. Rows of tokens past a
+sequence's end are never stored; sentinel chunk rows exit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BT, check_device, chunk_program, device_plan, dot_precision, dummy,
+                      interpreted, launch, mma, packed, pow2, to_dt)
+
+__all__ = ["output", "output_tiles"]
+
+
+@triton.jit
+def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, scale,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                   PREC: tl.constexpr, NORM: tl.constexpr):
+    iv, head, row, seq, tok0, n_valid = chunk_program(cu_seqlens, chunk_indices, HV, NV, BT)
+    if seq < 0:
+        return
+    kh = head // (HV // H)
+    dt = v_new.dtype.element_ty
+    rt = tl.arange(0, BT)
+    rv = iv * BV + tl.arange(0, BV)
+    m_t = rt < n_valid
+    tok = tok0 + rt
+    h_row = h + (row.to(tl.int64) * HV + head) * (K * V)
+
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    q_sq = tl.zeros([BT], dtype=tl.float32)
+    for k_lo in range(0, K, BK):
+        rk = k_lo + tl.arange(0, BK)
+        m_k = rk < K
+        b_q = tl.load(q + (tok * H + kh)[:, None] * K + rk[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_kt = tl.load(k + (tok * H + kh)[None, :] * K + rk[:, None],
+                       mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_h = tl.load(h_row + rk[:, None] * V + rv[None, :],
+                      mask=m_k[:, None] & (rv < V)[None, :], other=0.0)
+        if NORM:
+            q_sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+        acc = mma(b_q, b_h, acc, PREC)
+        qk = mma(b_q, b_kt, qk, PREC)
+
+    b_g = tl.load(gc + tok * HV + head, mask=m_t, other=0.0)
+    row_scale = tl.exp(b_g)
+    col_scale = tl.full([BT], 1.0, dtype=tl.float32)
+    if NORM:  # use_qk_l2norm: 1 / ||q|| from the loads above, 1 / ||k|| from the prepare kernel
+        q_r = 1.0 / tl.sqrt_rn(q_sq + 1e-6)
+        row_scale = row_scale * q_r
+        col_scale = tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
+        qk = qk * q_r[:, None]
+    acc = acc * row_scale[:, None]
+    causal = (rt[:, None] >= rt[None, :]) & m_t[:, None]
+    decay = tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.0)) * col_scale[None, :]
+    qk = tl.where(causal, qk * decay, 0.0)
+    p_v = (tok * HV + head)[:, None] * V + rv[None, :]
+    m_tv = m_t[:, None] & (rv < V)[None, :]
+    b_v = tl.load(v_new + p_v, mask=m_tv, other=0.0)
+    acc = mma(to_dt(qk, dt), b_v, acc, PREC)
+    tl.store(o + p_v, to_dt(acc * scale, o.dtype.element_ty), mask=m_tv)
+
+
+def output_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """K and V tiles of 64 (the whole padded dim when smaller), 4 warps (8 for fp32 inputs,
+    whose IEEE dots hold their operands in registers), 2 pipeline stages."""
+    bv = min(64, pow2(dv))
+    return dict(BK=min(64, pow2(dk)), BV=bv, NV=triton.cdiv(dv, bv),
+                num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+
+
+def output(q, k, v_new, h, gc, plan, scale: float, *, out: torch.Tensor | None = None,
+           k_rstd=None):
+    """o [T, HV, V] in q's dtype from packed q, k [T, H, K], v_new [T, HV, V], h [NT, HV, K, V]
+    and gc [T, HV] (a leading 1 is allowed). Rows past cu_seqlens[N] are 0.
+
+    ``out``: a [T, HV, V] tensor to write into (its rows past cu_seqlens[N] are zeroed here).
+    ``k_rstd`` [T, H] (use_qk_l2norm, from :func:`wu.prepare`): q and k are raw; q is
+    normalized from its own loads, k with k_rstd, both as fp32 scales after the dots.
+    """
+    check_device(q, interpreted(_output_kernel), k=k, v_new=v_new, h=h, gc=gc, k_rstd=k_rstd)
+    q, k, v_new, gc = packed(q, 2), packed(k, 2), packed(v_new, 2), packed(gc, 1)
+    h = h if h.is_contiguous() else h.contiguous()
+    t, h_heads, dk = q.shape
+    hv, dv = v_new.shape[1:]
+    dev = q.device
+    p = device_plan(plan, dev)
+    o = torch.empty(t, hv, dv, dtype=q.dtype, device=dev) if out is None else out
+    if plan.num_tokens is None:
+        o.zero_()
+    elif plan.num_tokens < t:
+        o[plan.num_tokens:].zero_()
+    meta = output_tiles(dk, dv, q.dtype)
+    norm = k_rstd is not None
+    launch(_output_kernel, (p.padded_chunks * hv * meta["NV"],), q, k, v_new, h, gc, o,
+           k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_indices, float(scale), H=h_heads,
+           HV=hv, K=dk, V=dv, BT=BT, PREC=dot_precision(q.dtype), NORM=norm, **meta)
+    return o

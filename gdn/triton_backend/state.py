@@ -1,0 +1,160 @@
+"""Stage 4: the serial state pass. One program per (sequence, v head, V tile) walks that
+sequence's chunks, rows ``chunk_offsets[n] .. chunk_offsets[n + 1]`` of the plan, with the state
+``S [K, BV]`` in registers in fp32:
+
+    h[row]  = S                                      (state at the chunk start, input dtype)
+    v_new   = u - w S                                (stored in the input dtype)
+    S       = exp(gc_last) S + K^T (exp(gc_last - gc) * v_new)
+
+``gc_last`` is the gate of the last *valid* token of the chunk (a partial last chunk closes
+there). The whole K extent of the state is one register tile (K padded to a power of two and
+masked), so each chunk costs two dots: ``w @ S`` and ``K^T @ v_new``, in the input dtype on
+tensor cores for 16-bit inputs (S and the scaled v_new rounded to it, like FLA), IEEE fp32
+for fp32 inputs. An empty sequence runs no iteration: its final state is its initial state.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_precision, dummy,
+                      interpreted, launch, mma, packed, pow2, to_dt)
+
+__all__ = ["state_pass", "state_tiles"]
+
+
+@device_fn
+def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, head, kh, H: tl.constexpr,
+                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, iv, PREC: tl.constexpr, NORM: tl.constexpr):
+    """One chunk of the state pass: store h, compute and store v_new, return the next state.
+
+    ``NORM``: k is raw and 1 / ||k|| (k_rstd [T, H]) joins the row scale of v_new.
+    """
+    dt = w.dtype.element_ty
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    rt = tl.arange(0, BT)
+    m_k = rk < K
+    m_v = rv < V
+    m_t = rt < n_valid
+    tok = tok0 + rt  # int64 token indices of the chunk
+    # the state at the chunk start, for the output stage
+    p_h = h + (row.to(tl.int64) * HV + head) * (K * V) + rk[:, None] * V + rv[None, :]
+    s_dt = to_dt(s, dt)
+    tl.store(p_h, s_dt, mask=m_k[:, None] & m_v[None, :])
+    # v_new = u - w S
+    b_w = tl.load(w + (tok * HV + head)[:, None] * K + rk[None, :],
+                  mask=m_t[:, None] & m_k[None, :], other=0.0)
+    p_u = (tok * HV + head)[:, None] * V + rv[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_u = tl.load(u + p_u, mask=m_tv, other=0.0).to(tl.float32)
+    b_v = b_u - mma(b_w, s_dt, tl.zeros_like(b_u), PREC)
+    tl.store(v_new + p_u, to_dt(b_v, dt), mask=m_tv)
+    # decay to the chunk end (gate of its last valid token), then add the chunk's keys
+    b_g = tl.load(gc + tok * HV + head, mask=m_t, other=0.0)
+    g_last = tl.load(gc + (tok0 + n_valid - 1) * HV + head)
+    decay = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+    if NORM:
+        decay = decay * tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
+    b_v = b_v * decay[:, None]
+    b_kt = tl.load(k + (tok * H + kh)[None, :] * K + rk[:, None],  # K^T tile [BK, BT]
+                   mask=m_k[:, None] & m_t[None, :], other=0.0)
+    s = s * tl.exp(g_last)
+    return mma(b_kt, to_dt(b_v, dt), s, PREC)
+
+
+@triton.jit
+def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, cu_seqlens, chunk_offsets,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                  PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+                  NORM: tl.constexpr):
+    pid = tl.program_id(0)
+    iv = pid % NV
+    head = (pid // NV) % HV
+    seq = pid // (NV * HV)
+    kh = head // (HV // H)
+
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    row0 = tl.load(chunk_offsets + seq)
+    row1 = tl.load(chunk_offsets + seq + 1)
+
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    m_kv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv_off = rk[:, None] * V + rv[None, :]  # offset of S[rk, rv] in one [K, V] state
+    state_idx = seq.to(tl.int64) * HV + head  # which [K, V] state of [N, HV, K, V]
+
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        s = tl.load(h0 + state_idx * (K * V) + kv_off, mask=m_kv, other=0.0).to(tl.float32)
+
+    if INTERPRET:
+        # Triton's interpreter (3.6, NumPy 2.5) cannot take range() bounds loaded from memory
+        row = row0
+        while row < row1:
+            tok0 = bos + (row - row0).to(tl.int64) * BT
+            s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
+                            k_rstd, head, kh, H, HV, K, V, BT, BK, BV, iv, PREC, NORM)
+            row += 1
+    else:
+        for row in range(row0, row1):  # a counted loop: the compiler pipelines its loads
+            tok0 = bos + (row - row0).to(tl.int64) * BT
+            s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
+                            k_rstd, head, kh, H, HV, K, V, BT, BK, BV, iv, PREC, NORM)
+
+    if STORE_FINAL:
+        tl.store(ht + state_idx * (K * V) + kv_off, s, mask=m_kv)
+
+
+def state_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the state pass for head dims (K, V) and an input dtype.
+
+    The state tile is [K_pad, BV] fp32 in registers: BV = 64 up to K = 128, 32 beyond (the
+    register budget of 4 warps). Two pipeline stages for 16-bit inputs. fp32 inputs (IEEE fp32
+    dots on CUDA cores, operands in registers) get 8 warps and one stage.
+    """
+    bk = pow2(dk)
+    bv = min(64 if bk <= 128 else 32, pow2(dv))
+    fp32 = dtype == torch.float32
+    return dict(BK=bk, BV=bv, NV=triton.cdiv(dv, bv), num_warps=8 if fp32 else 4,
+                num_stages=1 if fp32 else 2)
+
+
+def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: bool = True,
+               k_rstd=None):
+    """(h [NT, HV, K, V], v_new [T, HV, V]) in w's dtype and the fp32 final state [N, HV, K, V]
+    (None unless ``output_final_state``), from packed k, w, u, gc (a leading 1 is allowed).
+
+    ``initial_state`` [N or N_pad, HV, K, V], any float dtype, is read, never written. h rows
+    follow chunk_indices (row r = chunk_indices[r]); N = plan.num_seqs (padded_seqs when None).
+    ``k_rstd`` [T, H] (from :func:`wu.prepare` with l2norm): k is raw, normalized on the fly.
+    """
+    check_device(k, interpreted(_state_kernel), w=w, u=u, gc=gc, initial_state=initial_state,
+                 k_rstd=k_rstd)
+    k, w, u, gc = packed(k, 2), packed(w, 2), packed(u, 2), packed(gc, 1)
+    t, h_heads, dk = k.shape
+    hv, dv = u.shape[1:]
+    dev = k.device
+    p = device_plan(plan, dev)
+    n_seq = plan.num_seqs if plan.num_seqs is not None else plan.padded_seqs
+    n_rows = plan.num_chunks if plan.num_chunks is not None else plan.padded_chunks
+    h0 = dummy(dev)
+    if initial_state is not None:
+        h0 = initial_state if initial_state.is_contiguous() else initial_state.contiguous()
+        if h0.shape[0] < n_seq:  # padded sequences read zeros (only when N is unknown)
+            h0 = torch.cat([h0, h0.new_zeros(n_seq - h0.shape[0], *h0.shape[1:])])
+    hs = torch.empty(n_rows, hv, dk, dv, dtype=w.dtype, device=dev)
+    v_new = torch.empty(t, hv, dv, dtype=w.dtype, device=dev)
+    final = (torch.empty(n_seq, hv, dk, dv, dtype=torch.float32, device=dev)
+             if output_final_state else dummy(dev))
+    meta = state_tiles(dk, dv, w.dtype)
+    norm = k_rstd is not None
+    launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, hs, v_new, h0, final,
+           k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_offsets, H=h_heads, HV=hv, K=dk,
+           V=dv, BT=BT, PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
+           STORE_FINAL=bool(output_final_state), NORM=norm, **meta)
+    return hs, v_new, (final if output_final_state else None)
