@@ -1,0 +1,85 @@
+"""impl="pallas_triton": Pallas kernels with the Triton lowering, one per stage, mirroring the
+Triton backend (gdn/triton_backend) one to one: the same stage boundaries, intermediate tensors
+and dtypes (the stage contract in gdn/reference.py):
+
+  cumsum.py  gc     [T, HV] fp32          chunk-local cumsum of g
+  intra.py   Ai     [T, HV, BT] fp32      (I + A)^-1, blockwise forward substitution, IEEE fp32
+  wu.py      w, u   [T, HV, K|V]          input dtype
+  state.py   h      [NT_pad, HV, K, V]    input dtype (sentinel rows not written), v_new [T, HV, V],
+             final  [N_pad, HV, K, V]     fp32
+  output.py  o      [T, HV, V]            q's dtype, zero past cu_seqlens[-1]
+
+q and k are L2-normalized (when asked) by one fused XLA op before the kernels, like FLA's
+l2norm kernel. Every grid is static, from the plan's padded counts; the plan's int32 arrays are
+read inside the kernels. K and V up to 256 of any size (tiles padded to powers of two, masked).
+
+On a GPU the kernels are compiled by Triton; on a CPU they run in Pallas interpret mode (only
+when this impl is asked for by name: ``impl=None`` takes "xla" there). Pallas-Triton is
+deprecated in jax 0.11 (it still works in the pinned 0.11.2): our calls silence exactly that
+warning (gdn.jax_backend.common.pallas_triton_warnings).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..common import count_trace, pack, run_core, token_valid
+from .cumsum import chunk_cumsum
+from .intra import intra_inverse
+from .output import chunk_output
+from .state import state_recurrence
+from .wu import recompute_wu
+
+__all__ = ["run", "status", "core", "default_interpret", "chunk_cumsum", "intra_inverse",
+           "recompute_wu", "state_recurrence", "chunk_output"]
+
+_GPU = ("gpu", "cuda", "rocm")
+
+
+def default_interpret() -> bool:
+    """Interpret mode unless the default jax platform is a GPU."""
+    return jax.default_backend() not in _GPU
+
+
+def status() -> str | None:
+    plat = jax.default_backend()
+    if plat in _GPU or plat == "cpu":
+        return None  # compiled on a GPU; Pallas interpret mode on a CPU
+    return f"Pallas-Triton needs a GPU (or a CPU, for interpret mode), the platform is {plat}"
+
+
+def run(args, return_stages: bool = False):
+    if args.plan.chunk_size != 64:
+        raise NotImplementedError("pallas_triton kernels use 64-token chunks, the plan has "
+                                  f"chunk_size={args.plan.chunk_size}")
+    return run_core(core, args, return_stages, interpret=default_interpret())
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "output_final_state",
+                                             "return_stages", "interpret"))
+def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
+         output_final_state: bool, return_stages: bool, interpret: bool):
+    """The five kernels chained; see gdn.jax_backend.common for the signature."""
+    count_trace("pallas_triton")
+    bsz, t_in = q.shape[:2]
+    hv, kdim, vdim = v.shape[2], q.shape[3], v.shape[3]
+    q, k, v, g, beta = pack(q, k, v, g, beta, use_qk_l2norm)
+    if h0 is not None:
+        h0 = h0.astype(jnp.float32)
+    gc = chunk_cumsum(g, plan, interpret=interpret)
+    ai = intra_inverse(k, gc, beta, plan, num_v_heads=hv, interpret=interpret)
+    w, u = recompute_wu(k, v, beta, gc, ai, plan, interpret=interpret)
+    h, v_new, final = state_recurrence(k, w, u, gc, h0, plan,
+                                       output_final_state=output_final_state, interpret=interpret)
+    o = chunk_output(q, k, v_new, h, gc, plan, scale=scale, interpret=interpret)
+    o = o.reshape(bsz, t_in, hv, vdim)
+    stages = None
+    if return_stages:  # buffers the kernels do not write (past the end, sentinel rows) -> 0
+        ok = token_valid(plan, bsz * t_in)
+        tok = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+        real = (plan.chunk_indices[:, 0] >= 0)[:, None, None, None]
+        stages = {"gc": tok(gc), "Ai": tok(ai), "w": tok(w), "u": tok(u),
+                  "h": jnp.where(real, h, 0), "v_new": tok(v_new)}
+    return o, final, stages

@@ -1,0 +1,109 @@
+"""Helpers shared by the Pallas-Triton stage kernels (traced inside kernels unless noted).
+
+Conventions of every kernel here: packed token-major arrays (q, k [T, H, K]; v, w, u, v_new, o
+[T, HV, *]; g, gc, beta [T, HV]; Ai [T, HV, BT]; h [NT_pad, HV, K, V]); no BlockSpecs, so every
+ref is a whole array (a pointer in the Triton lowering) and each kernel computes its own offsets
+from the plan's int32 metadata, read inside the kernel (Pallas-Triton has no scalar prefetch).
+Grids are static, sized by the plan's padded counts; sentinel chunk rows exit early. Every read
+and write of a chunk is masked to the rows of its sequence (a chunk may end mid-block and the
+next rows belong to the next sequence) and to the real K / V columns (tiles are padded to powers
+of two, at least 16 for the dots). Interpret mode would not catch a missing mask: it clamps.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# jax 0.11.2 imports its Pallas fuser lazily during the first pallas_call, which registers one more
+# trace-context config and so invalidates the jit cache once: the first two calls of a core would
+# each trace and compile. Importing it here keeps that to one.
+from jax.experimental.pallas import fuser as _fuser  # noqa: F401
+
+from ..common import next_pow2
+
+__all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "load", "store", "dim_tile",
+           "compiler_params", "pl", "plgpu", "BT", "Dims", "dims"]
+
+BT = 64  # chunk size of the plan (gdn plans use 64; the kernels assume it)
+
+
+def dim_tile(d: int) -> int:
+    """Tile width of a head dim d: the next power of two, at least 16 (Triton dot minimum)."""
+    return next_pow2(d, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static sizes of one call: tokens, heads, head dims and their power-of-two tiles."""
+
+    tokens: int
+    h: int  # q/k heads
+    hv: int  # v heads
+    k: int
+    v: int
+    dtype: jnp.dtype  # the input dtype (w, u, h, v_new, o are stored in it)
+
+    @property
+    def grp(self) -> int:  # G: v head j reads q/k head j // G
+        return self.hv // self.h
+
+    @property
+    def fp32(self) -> bool:  # fp32 inputs: IEEE fp32 dots everywhere
+        return self.dtype == jnp.float32
+
+    @property
+    def kp(self) -> int:
+        return dim_tile(self.k)
+
+    @property
+    def vp(self) -> int:
+        return dim_tile(self.v)
+
+
+def dims(qk, v) -> Dims:
+    """Dims from a packed q or k [T, H, K] and any packed [T, HV, V] array."""
+    t, h, k = qk.shape
+    return Dims(t, h, v.shape[1], k, v.shape[2], jnp.dtype(qk.dtype))
+
+
+def iota(n: int):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def chunk_bounds(ci_ref, cu_ref, row):
+    """(seq n, first token t0, valid length L <= BT) of chunk row ``row``; n < 0: sentinel."""
+    n = ci_ref[row, 0]
+    ns = jnp.maximum(n, 0)
+    t0 = cu_ref[ns] + ci_ref[row, 1] * BT
+    length = jnp.minimum(cu_ref[ns + 1] - t0, BT)
+    return n, t0, length
+
+
+def mdot(a, b, fp32: bool):
+    """a @ b with fp32 accumulation; IEEE fp32 (HIGHEST, not TF32) when ``fp32``."""
+    prec = lax.Precision.HIGHEST if fp32 else None
+    return jnp.dot(a, b, precision=prec, preferred_element_type=jnp.float32)
+
+
+def mdot_t(a, b, fp32: bool, contract: int):
+    """a^T @ b (contract=0) or a @ b^T (contract=1) without materializing the transpose."""
+    prec = lax.Precision.HIGHEST if fp32 else None
+    dims = (((0,), (0,)), ((), ())) if contract == 0 else (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def load(ref, mask, other=0):
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def store(ref, val, mask):
+    plgpu.store(ref, val.astype(ref.dtype), mask=mask)
+
+
+def compiler_params(num_warps: int = 4, num_stages: int | None = None):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
