@@ -49,7 +49,7 @@ from . import reference, roofline
 from .api import prefill
 from .arrays import convert, on_gpu, sync
 from .inputs import make_inputs, round_to_dtype
-from .parity import environment, print_table
+from .parity import environment, print_table, write_json
 from .planner import plan as make_plan
 from .registry import implementations
 
@@ -417,7 +417,7 @@ def device_ms(runner: Runner, call: Call, n_sets: int, opts) -> tuple[float, str
     one = _median_wall(nxt, 3)  # calibrate: each loop lasts >= ~25 ms
     n = int(min(200, max(5, math.ceil(25.0 / max(one, 1e-3)))))
     loops = []
-    for _ in range(max(5, opts.reps)):
+    for _ in range(max(1, opts.reps)):
         t0 = time.perf_counter()
         for _ in range(n):
             out = nxt()
@@ -525,6 +525,8 @@ class Options:
     profile: bool
     no_peers: bool = False
     impl: list | None = None
+    profile_calls: int = 20
+    checkpoint: Callable[[list], None] | None = None  # called with the rows after each workload
 
 
 def measure(runner: Runner, wl: Workload, opts: Options) -> dict:
@@ -546,7 +548,7 @@ def measure(runner: Runner, wl: Workload, opts: Options) -> dict:
                note=call.note, _o=o)
     if opts.profile and isinstance(runner, GdnRunner) and runner.framework == "jax" and opts.gpu:
         opts.profile = False  # once per run
-        row["profile"] = dict(profile_crosscheck(call, wl.n_sets), loop_ms=ms)
+        row["profile"] = dict(profile_crosscheck(call, wl.n_sets, opts.profile_calls), loop_ms=ms)
     return row
 
 
@@ -588,8 +590,9 @@ def _finish(rows: list[dict]) -> None:
 
 
 def run_matrix(shapes, layouts: dict[str, tuple[int, ...]], rlist: list[Runner], opts: Options,
-               progress) -> list[dict]:
-    rows: list[dict] = []
+               progress, rows: list[dict] | None = None) -> list[dict]:
+    """Measure the matrix, appending to ``rows`` (so an interrupted run keeps its rows)."""
+    rows = [] if rows is None else rows
     for h, hv, dim in shapes:
         max_tokens = max(sum(v) for v in layouts.values())
         base = make_inputs([max_tokens], h, hv, dim, dim, gates="qwen", seed=h * 1000 + hv)
@@ -612,6 +615,8 @@ def run_matrix(shapes, layouts: dict[str, tuple[int, ...]], rlist: list[Runner],
                 rows.append(row)
             wl.release()
             _free_gpu()
+            if opts.checkpoint is not None:
+                opts.checkpoint(rows)
     _finish(rows)
     return rows
 
@@ -784,8 +789,7 @@ def render(record: dict, out_dir: str, *, quiet: bool = False) -> dict[str, str]
     if note:
         record.setdefault("notes", []).append(note)
         paths.pop("png")
-    with open(paths["json"], "w") as fh:
-        json.dump(record, fh, indent=1, default=str)
+    write_json(paths["json"], record)
     with open(paths["md"], "w") as fh:
         fh.write(render_markdown(record))
     if not quiet:
@@ -865,13 +869,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gdn bench: {'CPU smoke' if smoke else 'GPU'}, {len(shapes)} head configs x "
           f"{len(layouts)} layouts x {len(rlist)} implementations "
           f"({', '.join(r.name for r in rlist) or 'none'})", flush=True)
+    mode = "cpu-smoke" if smoke else ("quick" if opts.quick else "full")
+    os.makedirs(opts.out, exist_ok=True)
+
+    def checkpoint(rows: list[dict]) -> None:
+        """bench.json after every workload: a run cut short keeps its rows (--from-json)."""
+        done = [dict(r) for r in rows]
+        _finish(done)
+        write_json(os.path.join(opts.out, "bench.json"), {
+            "environment": environment(), "mode": mode, "complete": False, "notes": notes,
+            "rows": done})
+
+    o.checkpoint = checkpoint
     progress = Progress(len(shapes) * len(layouts) * len(rlist))
+    rows: list[dict] = []
+    complete = True
     try:
-        rows = run_matrix(shapes, layouts, rlist, o, progress)
+        run_matrix(shapes, layouts, rlist, o, progress, rows)
+    except KeyboardInterrupt:  # timeout --signal=INT: keep and render what was measured
+        complete = False
+        notes.insert(0, f"INTERRUPTED after {len(rows)} of "
+                        f"{len(shapes) * len(layouts) * len(rlist)} rows")
+        _finish(rows)
     finally:
         progress.close()
-    record = {"environment": environment(), "mode": "cpu-smoke" if smoke else
-              ("quick" if opts.quick else "full"), "notes": notes, "rows": rows}
+    record = {"environment": environment(), "mode": mode, "complete": complete, "notes": notes,
+              "rows": rows}
     prof = next((dict(r["profile"], runner=r["runner"], heads=r["heads"], layout=r["layout"])
                  for r in rows if "profile" in r), None)
     if prof:

@@ -53,7 +53,7 @@ from .planner import plan as make_plan
 from .registry import Implementation, implementations
 
 __all__ = ["main", "run_suite", "run_case", "run_impl", "compare_impls", "prepare", "Row",
-           "select_impls", "print_table", "environment"]
+           "select_impls", "print_table", "environment", "write_json"]
 
 STAGES = ("gc", "Ai", "w", "u", "h", "v_new")
 #: stage -> (its per-token or per-chunk-row first axis, trailing dims as a function of (HV, K, V, BT))
@@ -633,7 +633,7 @@ def run_impl(prep: Prepared, im: Implementation, *, quick: bool = True,
     c, label = prep.case, _label(im)
     if quick and _interpreted(im) and not c.core and not all_cases:
         return [Row(c.name, label, "f64", "skip",
-                    detail="interpret mode runs the core cases (--all-cases: all)")], None
+                    detail="on the CPU (interpret mode) it runs the core cases; --all-cases for all")], None
     t0 = time.perf_counter()
     try:
         fw = _framework_arrays(prep.batch, im.backend, c.dtype)
@@ -735,16 +735,32 @@ def _fla_rows(fla, prep: Prepared, outs: dict[str, Outputs], log) -> list[Row]:
 
 
 def run_suite(cases: list[Case], impls: list[Implementation], *, quick: bool,
-              all_cases: bool = False, use_fla: bool = True, log=print) -> list[Row]:
+              all_cases: bool = False, use_fla: bool = True, log=print,
+              after_case=None, rows: list[Row] | None = None) -> list[Row]:
+    """Every case on every implementation, appending to ``rows`` (kept when interrupted);
+    ``after_case(rows so far)`` after each case."""
     fla = fla_function() if use_fla else None
-    rows: list[Row] = []
+    rows = [] if rows is None else rows
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
         prep = prepare(case, whole=quick)
         log(f"[{i + 1}/{len(cases)}] {case.name}: {case.describe()} (reference "
             f"{time.perf_counter() - t0:.1f} s)")
         rows += run_case(prep, impls, quick=quick, all_cases=all_cases, fla=fla, log=log)
+        if after_case is not None:
+            after_case(rows)
     return rows
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (a temporary file renamed): a run killed mid-write leaves the
+    previous complete file, not a truncated one."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def environment() -> dict:
@@ -808,27 +824,38 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if quick or gpu else "; no GPU: --full runs interpret mode, slowly"))
     log = lambda s: print(s, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    rows = [Row("-", _label(i), "-", "skip", detail=f"unavailable: {i.reason}") for i in missing]
-    rows += run_suite(cases, impls, quick=quick, all_cases=opts.all_cases,
-                      use_fla=not opts.no_fla, log=log)
+    head = [Row("-", _label(i), "-", "skip", detail=f"unavailable: {i.reason}") for i in missing]
+
+    def record(rows: list[Row], done: bool) -> None:
+        """The JSON record, rewritten after every case (a run cut short keeps what it did)."""
+        if opts.json:
+            write_json(opts.json, {
+                "environment": environment(), "mode": "quick" if quick else "full",
+                "complete": done, "cases": [dataclasses.asdict(c) for c in cases],
+                "rows": [dataclasses.asdict(r) for r in rows],
+                "failures": sum(r.failed for r in rows)})
+
+    done: list[Row] = []
+    interrupted = False
+    try:
+        run_suite(cases, impls, quick=quick, all_cases=opts.all_cases, use_fla=not opts.no_fla,
+                  log=log, after_case=lambda d: record(head + d, False), rows=done)
+    except KeyboardInterrupt:  # timeout --signal=INT: report what was checked
+        interrupted = True
+    rows = head + done
     fails = [r for r in rows if r.failed]
     ran = [r for r in rows if r.against == "f64" and r.status in ("pass", "FAIL")
            and r.impl != "FLA"]
     print_table(f"gdn parity ({'quick' if quick else 'full'}): errors are rms(out - ref) / "
                 f"rms(ref) unless said otherwise", TABLE_HEADERS, table_rows(rows),
                 align="lllrrll")
-    verdict = (f"{len(fails)} FAILED of {len(rows)} rows" if fails else
+    verdict = ("INTERRUPTED: " if interrupted else "") + (
+               f"{len(fails)} FAILED of {len(rows)} rows" if fails else
                "nothing was checked: no implementation ran" if not ran else
                f"all {len(rows)} rows pass or skip")
     print(f"\n{verdict} ({time.perf_counter() - t0:.0f} s)")
-    if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w") as fh:
-            json.dump({"environment": environment(), "mode": "quick" if quick else "full",
-                       "cases": [dataclasses.asdict(c) for c in cases],
-                       "rows": [dataclasses.asdict(r) for r in rows], "failures": len(fails)},
-                      fh, indent=1, default=str)
-    return 1 if fails or not ran else 0
+    record(rows, not interrupted)
+    return 1 if fails or not ran else 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -119,3 +119,35 @@ def test_filters_and_speedup_against_fla(tmp_path, monkeypatch):
     assert rows[1]["check_rms"] == pytest.approx(1e-3, rel=1e-3) and "_o" not in rows[1]
     assert "OUTPUT MISMATCH" in rows[2]["note"] and "check_rms" not in rows[0]
     assert rows[1]["tflops"] == pytest.approx(2.0)  # 1 GFLOP in 0.5 ms
+
+
+def test_gpu_timing_paths_run_with_jax_on_the_cpu():
+    """The GPU-mode code (jitted loop timing, memory analysis, profiler cross-check, the xla
+    size rule, checkpoints) exercised with jax on the CPU."""
+    if not any(i.impl == "xla" and i.available for i in gdn.implementations()):
+        pytest.skip("needs gdn's jax xla implementation")
+    seen = []
+    o = bench.Options(gpu=True, smoke=False, reps=1, host_reps=1, xla_max_tokens=100,
+                      profile=True, profile_calls=2, checkpoint=lambda rows: seen.append(len(rows)))
+    layouts = {"1x128": (128,), "3+61+64": (3, 61, 64), "2x32": (32, 32)}
+    rows = bench.run_matrix([(1, 2, 32)], layouts, [bench.GdnRunner("jax", "xla")], o,
+                            bench.Progress(3))
+    assert [r["status"] for r in rows] == ["skip", "skip", "ok"] and seen == [1, 2, 3]
+    assert "--xla-max-tokens" in rows[0]["note"]
+    r = rows[2]
+    assert r["timing"].startswith("jitted loop of") and r["ms"] > 0 and r["host_us"] > 0
+    assert r["mem_mb"] is not None and r["mem_mb"] > 0
+    assert r["profile"]["calls"] == 2 and r["profile"]["trace_gpu_busy_ms"] is None  # no GPU
+    assert o.profile is False  # once per run
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_with_peers(tmp_path):
+    assert bench.main(["--heads", "2/8", "--layouts", "1x8192,2048x4", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "bench.json").read_text())
+    ok = [r for r in rec["rows"] if r["status"] == "ok"]
+    assert ok and all(r["timing"] in ("do_bench median",) or r["timing"].startswith("jitted loop")
+                      for r in ok)
+    for r in ok:
+        if r.get("check_rms") is not None and "ONE state per row" not in r["note"]:
+            assert r["check_rms"] < 1e-2, r
