@@ -558,7 +558,8 @@ def measure(runner: Runner, wl: Workload, opts: Options) -> dict:
 def _row_base(wl: Workload, r: Runner) -> dict:
     c = wl.cost
     n = len(wl.lens)
-    desc = f"{n} x {wl.lens[0]}" if len(set(wl.lens)) == 1 else f"{n} seqs ({min(wl.lens)}-{max(wl.lens)})"
+    desc = (f"{n} x {wl.lens[0]}" if len(set(wl.lens)) == 1 else
+            f"{n} seqs ({min(wl.lens)}-{max(wl.lens)})")
     return dict(heads=wl.heads, h=wl.h, hv=wl.hv, k=wl.k, v=wl.v, layout=wl.layout, seqs=n,
                 shape_desc=desc, tokens=wl.tokens, runner=r.name, key=r.key,
                 framework=r.framework, floor_ms=c.floor_ms, bound=c.bound, gflop=c.flops / 1e9,
@@ -577,7 +578,8 @@ def _finish(rows: list[dict]) -> None:
         for r in ok:
             s = r["ms"] / 1e3
             r["tflops"] = r["gflop"] / 1e3 / s
-            r["tflops_nominal"] = roofline.nominal_flops(r["tokens"], r["hv"], r["k"], r["v"]) / s / 1e12
+            nominal = roofline.nominal_flops(r["tokens"], r["hv"], r["k"], r["v"])
+            r["tflops_nominal"] = nominal / s / 1e12
             r["floor_frac"] = r["floor_ms"] / r["ms"]
             r["speedup_vs_fla"] = fla["ms"] / r["ms"] if fla else None
             if yard is not None and r is not yard and "_o" in r and "_o" in yard:
@@ -680,7 +682,8 @@ COLUMNS = [  # (header, row -> cell, align)
     ("layout", lambda r: r["layout"], "l"),
     ("implementation", lambda r: r["runner"], "l"),
     ("ms", lambda r: _f(r.get("ms"), ".4g"), "r"),
-    ("vs FLA", lambda r: _f(r.get("speedup_vs_fla"), ".2f") + ("x" if r.get("speedup_vs_fla") else ""), "r"),
+    ("vs FLA", lambda r: _f(r.get("speedup_vs_fla"), ".2f") + ("x" if r.get("speedup_vs_fla")
+                                                              else ""), "r"),
     ("TFLOP/s", lambda r: _f(r.get("tflops"), ".3g"), "r"),
     ("nominal 4KV TFLOP/s", lambda r: _f(r.get("tflops_nominal"), ".3g"), "r"),
     ("% of floor", lambda r: _f(100 * r["floor_frac"] if r.get("floor_frac") else None, ".2g"), "r"),
@@ -689,7 +692,8 @@ COLUMNS = [  # (header, row -> cell, align)
     ("first call s", lambda r: _f(r.get("first_call_s"), ".1f"), "r"),
     ("peak MB", lambda r: _f(r.get("mem_mb"), ".0f"), "r"),
     ("check", lambda r: _f(r.get("check_rms"), ".1e"), "r"),
-    ("status / note", lambda r: ("" if r["status"] == "ok" else r["status"] + ": ") + r.get("note", ""), "l"),
+    ("status / note", lambda r: ("" if r["status"] == "ok" else r["status"] + ": ")
+     + r.get("note", ""), "l"),
 ]
 
 
@@ -808,14 +812,16 @@ def render(record: dict, out_dir: str, *, quiet: bool = False) -> dict[str, str]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gdn bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"heads {QUICK_HEADS[0][0]}/{QUICK_HEADS[0][1]}, layouts {','.join(QUICK_LAYOUTS)}")
+                   help=f"heads {QUICK_HEADS[0][0]}/{QUICK_HEADS[0][1]}, layouts "
+                        f"{','.join(QUICK_LAYOUTS)}")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny shapes in interpret mode (automatic without a GPU)")
     p.add_argument("--heads", action="append", metavar="H/HV", help="e.g. 16/32 (repeatable)")
     p.add_argument("--layouts", action="append", metavar="L1,L2",
                    help=f"among {','.join(LAYOUTS)} (or any AxB / a+b)")
     p.add_argument("--impl", action="append", metavar="KEY",
-                   help="only these (repeatable): fla, flashinfer, jla, reference, triton:triton, jax:*")
+                   help="only these (repeatable): fla, flashinfer, jla, reference, "
+                        "triton:triton, jax:*")
     p.add_argument("--no-peers", action="store_true", help="gdn implementations only")
     p.add_argument("--site", action="append", metavar="DIR",
                    help="site dir to add for peers (default /tmp/fisite when it exists)")

@@ -76,8 +76,11 @@ def _fake_run(bug: str | None):
     def run(args, return_stages=False):
         calls["n"] += 1
         p = args.plan
-        q, k, v, g, beta = (reference.to_numpy64(a) for a in (args.q, args.k, args.v, args.g, args.beta))
-        h0 = None if args.initial_state is None or bug == "ignores_h0" else reference.to_numpy64(args.initial_state)
+        q, k, v, g, beta = (reference.to_numpy64(a)
+                            for a in (args.q, args.k, args.v, args.g, args.beta))
+        h0 = reference.to_numpy64(args.initial_state)
+        if bug == "ignores_h0":
+            h0 = None
         if bug == "order_dependent" and h0 is not None:
             h0 = h0 * (1 + 0.1 * np.arange(h0.shape[0]))[:, None, None, None]
         b, t = q.shape[:2]
