@@ -5,10 +5,10 @@ import contextlib
 
 import torch
 
-from ._common import check_device, interpreted, packed
-from .output import output
-from .state import state_pass
-from .wu import _prepare_kernel, prepare
+from ._common import check_device, device_plan, interpreted, packed
+from .output import launch_output
+from .state import launch_state
+from .wu import _prepare_kernel, launch_prepare
 
 
 def _device_guard(dev: torch.device):
@@ -22,19 +22,18 @@ def run_chain(args, return_stages: bool = False):
     q, k, v, g, beta, h0 = args.q, args.k, args.v, args.g, args.beta, args.initial_state
     dev = check_device(q, interpreted(_prepare_kernel), k=k, v=v, g=g, beta=beta,
                        initial_state=h0)
-    plan = args.plan
+    p = device_plan(args.plan, dev)
     hv, dv = v.shape[2], v.shape[3]
     q, k, v, g, beta = packed(q, 2), packed(k, 2), packed(v, 2), packed(g, 1), packed(beta, 1)
     with _device_guard(dev):
-        gc, ai, w, u, k_rstd = prepare(k, v, g, beta, plan, store_ai=return_stages,
-                                       l2norm=args.use_qk_l2norm)
-        hs, v_new, final = state_pass(k, w, u, gc, plan, initial_state=h0,
-                                      output_final_state=args.output_final_state, k_rstd=k_rstd)
-        o = output(q, k, v_new, hs, gc, plan, args.scale, k_rstd=k_rstd)
+        gc, ai, w, u, k_rstd = launch_prepare(k, v, g, beta, p, bool(return_stages),
+                                              args.use_qk_l2norm)
+        hs, v_new, final = launch_state(k, w, u, gc, p, h0, args.output_final_state, k_rstd)
+        o = launch_output(q, k, v_new, hs, gc, p, args.scale, None, k_rstd)
     o = o.reshape(args.batch, args.seqlen, hv, dv)
     if not return_stages:
         return o, final
-    n_tok = plan.num_tokens
+    n_tok = p.num_tokens
     for x in (gc, w, u, v_new):  # rows past cu_seqlens[N] are not written by the kernels
         x[n_tok:].zero_()
     return o, final, {"gc": gc, "Ai": ai, "w": w, "u": u, "h": hs, "v_new": v_new}

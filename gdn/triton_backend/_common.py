@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["BT", "BC", "INTERPRET", "interpreted", "check_device", "device_plan", "packed",
-           "dot_precision", "pow2", "launch", "chunk_program", "dummy", "set_launch_hook", "mma",
+           "dot_precision", "tiles", "pow2", "launch", "chunk_program", "dummy", "set_launch_hook", "mma",
            "to_dt", "load_rows4", "store_rows4", "device_fn"]
 
 #: chunk size of every kernel (the plan's chunk_size must match)
@@ -80,6 +80,16 @@ def packed(x: torch.Tensor, tail: int) -> torch.Tensor:
     return x.reshape(-1, *x.shape[x.dim() - tail:])
 
 
+def tiles(defaults: dict, override: dict, dv: int) -> dict:
+    """Launch meta of a kernel: its defaults updated by a module's ``TILES`` override (for
+    tuning sweeps; empty in normal use), with the V-tile count NV recomputed from BV."""
+    meta = {**defaults, **override}
+    if "NV" in meta:
+        meta["BV"] = min(meta["BV"], pow2(dv))
+        meta["NV"] = cdiv(dv, meta["BV"])
+    return meta
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get IEEE fp32 dots (the 1e-4 bar fails with TF32); 16-bit ones ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -87,7 +97,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def pow2(n: int, lo: int = 16) -> int:
     """Tile width for a head dim: next power of two, at least ``lo`` (tl.dot needs >= 16)."""
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 _DUMMIES: dict = {}

@@ -3,9 +3,11 @@
     o = scale * ( exp(gc) * (Q h) + ((Q K^T) * exp(gc_r - gc_s) * [r >= s]) v_new )
 
 Q h and Q K^T accumulate over K tiles in fp32 (input-dtype tensor-core dots; IEEE fp32 for
-fp32 inputs); the causal, gated Q K^T is rounded to the input dtype for its product with v_new
-(like FLA). Exponents are selected to the causal part before exp. Rows of tokens past a
-sequence's end are never stored; sentinel chunk rows exit.
+fp32 inputs). The causal, gated Q K^T (fp32) enters its product with v_new as two 16-bit
+operands, its rounding and the rounding's error (one more small dot in a memory-bound kernel;
+FLA rounds it once: this removes about a tenth of the bf16 output error). Exponents are
+selected to the causal part before exp. Rows of tokens past a sequence's end are never stored;
+sentinel chunk rows exit.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BT, check_device, chunk_program, device_plan, dot_precision, dummy,
-                      interpreted, launch, mma, packed, pow2, to_dt)
+                      interpreted, launch, mma, packed, pow2, tiles, to_dt)
 
 __all__ = ["output", "output_tiles"]
 
@@ -67,16 +69,22 @@ def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, sca
     p_v = (tok * HV + head)[:, None] * V + rv[None, :]
     m_tv = m_t[:, None] & (rv < V)[None, :]
     b_v = tl.load(v_new + p_v, mask=m_tv, other=0.0)
-    acc = mma(to_dt(qk, dt), b_v, acc, PREC)
+    qk_hi = to_dt(qk, dt)
+    acc = mma(qk_hi, b_v, acc, PREC)
+    if dt != tl.float32:  # the rounding error of qk as a second 16-bit operand: qk is fp32 exact
+        acc = mma(to_dt(qk - qk_hi.to(tl.float32), dt), b_v, acc, PREC)
     tl.store(o + p_v, to_dt(acc * scale, o.dtype.element_ty), mask=m_tv)
 
 
 def output_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
     """K and V tiles of 64 (the whole padded dim when smaller), 4 warps (8 for fp32 inputs,
     whose IEEE dots hold their operands in registers), 2 pipeline stages."""
-    bv = min(64, pow2(dv))
-    return dict(BK=min(64, pow2(dk)), BV=bv, NV=triton.cdiv(dv, bv),
-                num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+    return tiles(dict(BK=min(64, pow2(dk)), BV=64, NV=0,
+                      num_warps=8 if dtype == torch.float32 else 4, num_stages=2), TILES, dv)
+
+
+#: tuning override of :func:`output_tiles` (e.g. {"BV": 128, "num_warps": 8}); empty by default
+TILES: dict = {}
 
 
 def output(q, k, v_new, h, gc, plan, scale: float, *, out: torch.Tensor | None = None,
@@ -91,18 +99,23 @@ def output(q, k, v_new, h, gc, plan, scale: float, *, out: torch.Tensor | None =
     check_device(q, interpreted(_output_kernel), k=k, v_new=v_new, h=h, gc=gc, k_rstd=k_rstd)
     q, k, v_new, gc = packed(q, 2), packed(k, 2), packed(v_new, 2), packed(gc, 1)
     h = h if h.is_contiguous() else h.contiguous()
+    return launch_output(q, k, v_new, h, gc, device_plan(plan, q.device), float(scale), out,
+                         k_rstd)
+
+
+def launch_output(q, k, v_new, h, gc, p, scale: float, out, k_rstd):
+    """:func:`output` on packed contiguous tensors and a device plan (no checks)."""
     t, h_heads, dk = q.shape
     hv, dv = v_new.shape[1:]
     dev = q.device
-    p = device_plan(plan, dev)
     o = torch.empty(t, hv, dv, dtype=q.dtype, device=dev) if out is None else out
-    if plan.num_tokens is None:
+    if p.num_tokens is None:
         o.zero_()
-    elif plan.num_tokens < t:
-        o[plan.num_tokens:].zero_()
+    elif p.num_tokens < t:
+        o[p.num_tokens:].zero_()
     meta = output_tiles(dk, dv, q.dtype)
     norm = k_rstd is not None
     launch(_output_kernel, (p.padded_chunks * hv * meta["NV"],), q, k, v_new, h, gc, o,
-           k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_indices, float(scale), H=h_heads,
+           k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_indices, scale, H=h_heads,
            HV=hv, K=dk, V=dv, BT=BT, PREC=dot_precision(q.dtype), NORM=norm, **meta)
     return o

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_precision, dummy,
-                      interpreted, launch, mma, packed, pow2, to_dt)
+                      interpreted, launch, mma, packed, pow2, tiles, to_dt)
 
 __all__ = ["state_pass", "state_tiles"]
 
@@ -118,10 +118,13 @@ def state_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
     dots on CUDA cores, operands in registers) get 8 warps and one stage.
     """
     bk = pow2(dk)
-    bv = min(64 if bk <= 128 else 32, pow2(dv))
     fp32 = dtype == torch.float32
-    return dict(BK=bk, BV=bv, NV=triton.cdiv(dv, bv), num_warps=8 if fp32 else 4,
-                num_stages=1 if fp32 else 2)
+    return tiles(dict(BK=bk, BV=64 if bk <= 128 else 32, NV=0, num_warps=8 if fp32 else 4,
+                      num_stages=1 if fp32 else 2), TILES, dv)
+
+
+#: tuning override of :func:`state_tiles` (e.g. {"BV": 32, "num_stages": 3}); empty by default
+TILES: dict = {}
 
 
 def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: bool = True,
@@ -136,12 +139,17 @@ def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: boo
     check_device(k, interpreted(_state_kernel), w=w, u=u, gc=gc, initial_state=initial_state,
                  k_rstd=k_rstd)
     k, w, u, gc = packed(k, 2), packed(w, 2), packed(u, 2), packed(gc, 1)
+    return launch_state(k, w, u, gc, device_plan(plan, k.device), initial_state,
+                        bool(output_final_state), k_rstd)
+
+
+def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd):
+    """:func:`state_pass` on packed contiguous tensors and a device plan (no checks)."""
     t, h_heads, dk = k.shape
     hv, dv = u.shape[1:]
     dev = k.device
-    p = device_plan(plan, dev)
-    n_seq = plan.num_seqs if plan.num_seqs is not None else plan.padded_seqs
-    n_rows = plan.num_chunks if plan.num_chunks is not None else plan.padded_chunks
+    n_seq = p.num_seqs if p.num_seqs is not None else p.padded_seqs
+    n_rows = p.num_chunks if p.num_chunks is not None else p.padded_chunks
     h0 = dummy(dev)
     if initial_state is not None:
         h0 = initial_state if initial_state.is_contiguous() else initial_state.contiguous()
@@ -156,5 +164,5 @@ def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: boo
     launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, hs, v_new, h0, final,
            k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_offsets, H=h_heads, HV=hv, K=dk,
            V=dv, BT=BT, PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
-           STORE_FINAL=bool(output_final_state), NORM=norm, **meta)
+           STORE_FINAL=output_final_state, NORM=norm, **meta)
     return hs, v_new, (final if output_final_state else None)

@@ -122,8 +122,16 @@ def _prepare_kernel(k, v, g, beta, gc, ai, w, u, k_rstd, cu_seqlens, chunk_indic
 
 
 def _meta(k: torch.Tensor, v: torch.Tensor) -> dict:
-    return dict(BT=BT, BC=BC, BK=k_tile(k.shape[-1]), BV=min(64, pow2(v.shape[-1])),
-                PREC=dot_precision(k.dtype), num_warps=4)
+    """K / V tiles of 64 for the w / u products, 4 warps (the TILES override for sweeps)."""
+    dv = v.shape[-1]
+    meta = {**dict(BT=BT, BC=BC, BK=k_tile(k.shape[-1]), BV=64, PREC=dot_precision(k.dtype),
+                   num_warps=4), **TILES}
+    meta["BV"] = min(meta["BV"], pow2(dv))
+    return meta
+
+
+#: tuning override of the prepare / wu launch (e.g. {"num_warps": 8}); empty by default
+TILES: dict = {}
 
 
 def wu(k, v, beta, gc, ai, plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,16 +160,21 @@ def prepare(k, v, g, beta, plan, *, store_ai: bool = False, l2norm: bool = False
     """
     check_device(k, interpreted(_prepare_kernel), v=v, g=g, beta=beta)
     k, v, g, beta = packed(k, 2), packed(v, 2), packed(g, 1), packed(beta, 1)
+    return launch_prepare(k, v, g, beta, device_plan(plan, k.device), bool(store_ai),
+                          bool(l2norm))
+
+
+def launch_prepare(k, v, g, beta, p, store_ai: bool, l2norm: bool):
+    """:func:`prepare` on packed contiguous tensors and a device plan (no checks: the chain's)."""
     t, h, dk = k.shape
     hv, dv = v.shape[1:]
     dev = k.device
-    p = device_plan(plan, dev)
     gc = torch.empty(t, hv, dtype=torch.float32, device=dev)
     ai = torch.zeros(t, hv, BT, dtype=torch.float32, device=dev) if store_ai else dummy(dev)
     w = torch.empty(t, hv, dk, dtype=k.dtype, device=dev)
     u = torch.empty(t, hv, dv, dtype=k.dtype, device=dev)
     k_rstd = torch.empty(t, h, dtype=torch.float32, device=dev) if l2norm else dummy(dev)
     launch(_prepare_kernel, (p.padded_chunks * hv,), k, v, g, beta, gc, ai, w, u, k_rstd,
-           p.cu_seqlens, p.chunk_indices, H=h, HV=hv, K=dk, V=dv, STORE_AI=bool(store_ai),
-           NORM=bool(l2norm), **_meta(k, v))
+           p.cu_seqlens, p.chunk_indices, H=h, HV=hv, K=dk, V=dv, STORE_AI=store_ai,
+           NORM=l2norm, **_meta(k, v))
     return gc, (ai if store_ai else None), w, u, (k_rstd if l2norm else None)

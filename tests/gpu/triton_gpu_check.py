@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""The Triton backend on a CUDA GPU (the H200), one script, about 2-3 minutes:
+
+    python tests/gpu/triton_gpu_check.py          (from the repository root, or anywhere)
+
+Sections (each prints its own result; an error is printed and the next section runs):
+
+ 1. environment and implementation status
+ 2. edge cases at the Qwen3.5 head sizes (H=16, HV=32, K=V=128; also G=3, odd and 256 head
+    dims, fp32 / fp16) against the float64 reference (gdn.tolerances bars)
+ 3. one compilation per kernel for two batches of different lengths (Triton's JIT cache)
+ 4. CUDA-graph capture and replay of a varlen prefill with a prebuilt plan, against eager, also
+    after new data is copied into the captured inputs (capture fails on any device-to-host sync)
+ 5. sync detector: 50 ms of queued matmuls, the prefill must return to the host long before
+ 6. against FLA (fla-core 0.6.0, FLA_FLASH_QLA=0), vLLM's bar (gdn.tolerances.VS_FLA)
+ 7. timings at H=16, HV=32, K=V=128, bf16, fp32 state: 1x32768, 4x8192, 8x4096, 128x256;
+    triton.testing.do_bench medians, host time per call with a prebuilt plan, vs FLA; and the
+    time of each of our kernels
+ 8. a 300k-token batch (int64 offsets: h alone holds 2.5e9 elements) against the same batch
+    split in two calls chained through the state (last: a fault there cannot hide the rest)
+
+Optional (only when named: ``python tests/gpu/triton_gpu_check.py tuning_sweep``, ~2 min):
+ 9. tuning_sweep: each kernel's time under a few tile / warp / stage configurations at
+    1x32768 and 4x8192 (the TILES overrides of wu.py, state.py, output.py), to pick defaults
+
+Exit status: the number of failed sections. Arguments: only the sections named (e.g. timings).
+GDN_GPU_CHECK_SMOKE=1 runs the script's own logic on the CPU in Triton's interpreter at tiny
+sizes (the CUDA-only sections skip): a check of this script, not of the GPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("FLA_FLASH_QLA", "0")  # FLA 0.6.0 would switch to FlashQLA if importable
+SMOKE = os.environ.get("GDN_GPU_CHECK_SMOKE") == "1"
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import gdn  # noqa: E402
+from gdn import reference as R  # noqa: E402
+from gdn.inputs import make_inputs, round_to_dtype  # noqa: E402
+from gdn.tolerances import RMS_BETWEEN, RMS_VS_F64, VS_FLA  # noqa: E402
+
+if SMOKE:
+    DEV = torch.device("cpu")
+    H, HV, K, V = 2, 4, 32, 32
+else:
+    DEV = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    H, HV, K, V = 16, 32, 128, 128
+RESULTS: list[tuple[str, str]] = []
+SECTIONS: list = []
+OPTIONAL: list = []
+
+
+def section(fn):
+    """Register a section (run in the order of definition by main)."""
+    SECTIONS.append(fn)
+    return fn
+
+
+def optional_section(fn):
+    """A section run only when named on the command line."""
+    OPTIONAL.append(fn)
+    return fn
+
+
+def run_section(fn):
+    """Run one section; record PASS / FAIL / SKIP and keep going whatever happens."""
+    name = fn.__name__
+    print(f"\n=== {name} " + "=" * max(0, 70 - len(name)), flush=True)
+    t0 = time.perf_counter()
+    try:
+        status = fn() or "PASS"
+    except Exception:  # noqa: BLE001 - a section must never hide the next ones
+        traceback.print_exc()
+        status = "FAIL"
+    if DEV is not None and DEV.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # a sticky CUDA error: later sections will report it too
+            traceback.print_exc()
+            status = "FAIL"
+    print(f"--- {name}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    RESULTS.append((name, status))
+
+
+def case(lens, *, h=H, hv=HV, k=K, v=V, dtype="bfloat16", initial_state=False, l2=False,
+         pad=0, gates="qwen", seed=0):
+    """(tensors on the GPU, prefill kwargs, float64 reference (o, final))."""
+    x = make_inputs(lens, h=h, hv=hv, k=k, v=v, gates=gates, initial_state=initial_state,
+                    l2norm_qk=not l2, pad_tokens=pad, seed=seed)
+    qkv = [round_to_dtype(a, dtype) for a in (x.q, x.k, x.v)]
+    tdt = getattr(torch, dtype)
+    tens = [torch.from_numpy(a).to(DEV, tdt) for a in qkv]
+    tens += [torch.from_numpy(a).to(DEV) for a in (x.g, x.beta)]
+    h0 = None if x.initial_state is None else torch.from_numpy(x.initial_state).to(DEV)
+    kw = dict(cu_seqlens=x.cu_seqlens, initial_state=h0, use_qk_l2norm=l2)
+    ref = R.chunked(*qkv, x.g, x.beta, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state,
+                    use_qk_l2norm=l2)
+    return tens, kw, ref
+
+
+def qwen_batch(lens, *, h=H, hv=HV, k=K, v=V, seed=0, l2=False):
+    """Qwen3.5-like bf16 inputs generated on the GPU (large batches): L2-normalized q, k
+    (unless ``l2``), realistic gates (DESIGN.md §3), fp32 initial state."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    t = int(sum(lens))
+    rn = lambda *s: torch.randn(*s, device=DEV, generator=gen)  # noqa: E731
+    q, kk = rn(1, t, h, k), rn(1, t, h, k)
+    if not l2:
+        q, kk = (torch.nn.functional.normalize(x, dim=-1) for x in (q, kk))
+    vv = rn(1, t, hv, v)
+    a_log = torch.log(torch.rand(hv, device=DEV, generator=gen) * 16 + 1e-6)
+    dt = torch.exp(torch.rand(hv, device=DEV, generator=gen) * np.log(100) + np.log(1e-3))
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    g = -torch.exp(a_log) * torch.nn.functional.softplus(rn(1, t, hv) + dt_bias)
+    beta = torch.sigmoid(rn(1, t, hv))
+    h0 = 0.1 * rn(len(lens), hv, k, v)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return [q.bfloat16(), kk.bfloat16(), vv.bfloat16(), g, beta], h0, cu
+
+
+def bar_check(o, f, ro, rf, dtype, label):
+    bar = RMS_VS_F64[dtype]
+    eo, ef = R.rms_ratio(o, ro), R.rms_ratio(f, rf)
+    ok = eo < bar and ef < bar
+    print(f"  {label:48s} o {eo:.2e}  final {ef:.2e}  (bar {bar:.0e})  {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------
+@section
+def environment():
+    import triton
+
+    from gdn.triton_backend import impl_status
+
+    name = torch.cuda.get_device_name() if DEV is not None and DEV.type == "cuda" else DEV
+    print(f"  device {name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"impl_status {impl_status()}, smoke {SMOKE}")
+    if DEV is None:
+        raise RuntimeError("no CUDA device: this script checks the GPU kernels")
+
+
+@section
+def correctness_vs_float64():
+    ok = True
+    specs = [
+        ("Qwen G=2 edges + empty middle, h0", dict(lens=[100, 0, 1, 63, 64, 65],
+                                                  initial_state=True)),
+        ("Qwen G=2 l2norm in kernel, padded tokens", dict(lens=[300, 7, 129], l2=True, pad=29)),
+        ("Qwen G=2 strong gates", dict(lens=[130, 64], gates="strong", initial_state=True)),
+        ("G=3 (H=8, HV=24)", dict(lens=[200, 65, 1], h=8, hv=24, initial_state=True)),
+        ("odd heads K=100 V=60, G=3", dict(lens=[130, 1, 64], h=2, hv=6, k=100, v=60,
+                                           initial_state=True, l2=True)),
+        ("K=V=256, G=1", dict(lens=[130, 5], h=2, hv=2, k=256, v=256, initial_state=True)),
+    ]
+    for label, spec in specs:
+        for dtype in ("bfloat16", "float32"):
+            tens, kw, (ro, rf) = case(**spec, dtype=dtype, seed=len(label))
+            o, f = gdn.prefill(*tens, backend="triton", **kw)
+            ok &= bar_check(o, f, ro, rf, dtype, f"{label} [{dtype}]")
+            if kw.get("cu_seqlens") is not None and spec.get("pad"):
+                n = int(kw["cu_seqlens"][-1])
+                zero = bool(torch.all(o[:, n:] == 0))
+                print(f"    padded tokens give zero output: {zero}")
+                ok &= zero
+    tens, kw, (ro, rf) = case([70, 70, 3], dtype="float16", initial_state=True, seed=3)
+    o, f = gdn.prefill(*tens, backend="triton", **kw)
+    ok &= bar_check(o, f, ro, rf, "float16", "Qwen G=2 [float16]")
+    if not ok:
+        raise AssertionError("some case misses its bar")
+
+
+@section
+def one_compilation_per_call_pattern():
+    if SMOKE:
+        return "SKIP"
+    from gdn.triton_backend import output, state, wu
+
+    kernels = [wu._prepare_kernel, state._state_kernel, output._output_kernel]
+    for kern in kernels:
+        kern.device_caches[DEV.index][0].clear()
+    for i, lens in enumerate(([100, 20], [31, 64, 1, 7, 0, 1290])):
+        batch, h0, cu = qwen_batch(lens, seed=i, l2=True)
+        gdn.prefill(*batch, cu_seqlens=cu, initial_state=h0, use_qk_l2norm=True,
+                    backend="triton")
+    counts = [len(kern.device_caches[DEV.index][0]) for kern in kernels]
+    print(f"  JIT cache entries after two batches (prepare, state, output): {counts}")
+    if counts != [1, 1, 1]:
+        raise AssertionError("a kernel compiled more than once")
+
+
+@section
+def cuda_graph_capture_and_replay():
+    if SMOKE:
+        return "SKIP"
+    lens = [1000, 0, 63, 4096, 1, 777]
+    batch, h0, cu = qwen_batch(lens, seed=1)
+    plan = gdn.plan(cu)  # prebuilt: its device copy is made (and memoized) by the eager call
+    o_eager, f_eager = gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, f = gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    same = torch.equal(o, o_eager) and torch.equal(f, f_eager)
+    print(f"  captured (no sync on the path); replay == eager bitwise: {same}")
+    new, h0_new, _ = qwen_batch(lens, seed=2)
+    for dst, src in zip(batch + [h0], new + [h0_new]):
+        dst.copy_(src)
+    graph.replay()
+    o_e2, f_e2 = gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")
+    torch.cuda.synchronize()
+    same2 = torch.equal(o, o_e2) and torch.equal(f, f_e2)
+    print(f"  new inputs copied in, replay == eager bitwise: {same2}")
+    if not (same and same2):
+        raise AssertionError("graph replay differs from eager")
+
+
+@section
+def sync_detector():
+    if SMOKE:
+        return "SKIP"
+    lens = [256, 2048, 8192, 8192]
+    batch, h0, cu = qwen_batch(lens, seed=3)
+    plan = gdn.plan(cu)
+    run = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
+    run()
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    per = (time.perf_counter() - t0) / 3
+    n = max(1, int(0.05 / per))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a @ a
+    t_queued = time.perf_counter()
+    run()
+    t_back = time.perf_counter()
+    torch.cuda.synchronize()
+    t_done = time.perf_counter()
+    host_ms = (t_back - t_queued) * 1e3
+    queue_ms = (t_done - t0) * 1e3
+    print(f"  {queue_ms:.1f} ms of GPU work queued; the prefill returned after {host_ms:.2f} ms "
+          f"(a sync would wait for the queue to drain)")
+    if host_ms > 0.5 * queue_ms:
+        raise AssertionError("the prefill waited for the GPU: a device-to-host sync")
+
+
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.utils import prepare_chunk_indices
+    except Exception as e:  # noqa: BLE001
+        print(f"  fla-core not importable ({type(e).__name__}: {e}): skipped")
+        return None
+    return chunk_gated_delta_rule, prepare_chunk_indices
+
+
+def _fla_call(fla, batch, h0, cu, l2=False):
+    chunk_gdr, prep_ci = fla
+    cu_cpu = torch.as_tensor(cu, dtype=torch.long)
+    cu_dev = cu_cpu.to(DEV)
+    ci = prep_ci(cu_dev, 64, cu_seqlens_cpu=cu_cpu)
+    return lambda: chunk_gdr(*batch, initial_state=h0, output_final_state=True,
+                             cu_seqlens=cu_dev, chunk_indices=ci, use_qk_l2norm_in_kernel=l2)
+
+
+@section
+def against_fla():
+    fla = _fla()
+    if fla is None:
+        return "SKIP"
+    ok = True
+    for l2 in (False, True):
+        batch, h0, cu = qwen_batch([2048, 1000, 64, 1, 4000, 0, 333], seed=4, l2=l2)
+        o_f, f_f = _fla_call(fla, batch, h0, cu, l2)()
+        o, f = gdn.prefill(*batch, cu_seqlens=cu, initial_state=h0, use_qk_l2norm=l2,
+                           backend="triton")
+        d_o, d_f = (o.float() - o_f.float()).abs(), (f - f_f.float()).abs()
+        vals = dict(o_max=d_o.max().item(), o_mean=d_o.mean().item(),
+                    state_max=d_f.max().item(), state_mean=d_f.mean().item())
+        good = all(vals[key] < VS_FLA[key] for key in VS_FLA)
+        ok &= good
+        print(f"  use_qk_l2norm={l2}: " + ", ".join(f"{key} {val:.2e} (<{VS_FLA[key]:.0e})"
+                                                  for key, val in vals.items())
+              + f"  {'ok' if good else 'FAIL'}")
+    if not ok:
+        raise AssertionError("outside vLLM's bar against FLA")
+
+
+def _host_us(fn, n=30):
+    if SMOKE:
+        n = 1
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    sync()
+    return (t1 - t0) / n * 1e6
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@section
+def timings():
+    from gdn.api import validate
+
+    if SMOKE:
+        def do_bench(fn, return_mode=None):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        from triton.testing import do_bench
+    from gdn.triton_backend import output, state, wu
+
+    fla = _fla()
+    layouts = [(1, 200), (3, 70)] if SMOKE else [(1, 32768), (4, 8192), (8, 4096), (128, 256)]
+    rows, stages = [], []
+    for n, t in layouts:
+        batch, h0, cu = qwen_batch([t] * n, seed=5)
+        plan = gdn.plan(cu)
+        ours = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
+        ms = do_bench(ours, return_mode="median")
+        host = _host_us(ours)
+        ms_f = host_f = float("nan")
+        if fla is not None:
+            try:
+                call = _fla_call(fla, batch, h0, cu)
+                ms_f = do_bench(call, return_mode="median")
+                host_f = _host_us(call)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        rows.append((f"{n}x{t}", ms, ms_f, host, host_f))
+        # our kernels one by one (the chain's own arguments)
+        _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
+        q, k, v, g, beta = (x[0] for x in batch)
+        gc, _, w, u, _ = wu.prepare(k, v, g, beta, plan)
+        hs, v_new, _ = state.state_pass(k, w, u, gc, plan, initial_state=h0)
+        t_prep = do_bench(lambda: wu.prepare(k, v, g, beta, plan), return_mode="median")
+        t_state = do_bench(lambda: state.state_pass(k, w, u, gc, plan, initial_state=h0),
+                           return_mode="median")
+        t_out = do_bench(lambda: output.output(q, k, v_new, hs, gc, plan, args.scale),
+                         return_mode="median")
+        stages.append((f"{n}x{t}", t_prep, t_state, t_out))
+    print(f"\n  H={H} HV={HV} K={K} V={V}, bf16 inputs, fp32 initial and final state")
+    print("  | layout   | gdn triton ms | FLA ms | FLA / gdn | gdn host us/call | FLA host us/call |")
+    print("  |----------|---------------|--------|-----------|------------------|------------------|")
+    for name, ms, ms_f, host, host_f in rows:
+        print(f"  | {name:8s} | {ms:13.3f} | {ms_f:6.3f} | {ms_f / ms:8.2f}x | {host:16.0f} | "
+              f"{host_f:16.0f} |")
+    print("\n  our kernels, do_bench median ms")
+    print("  | layout   | prepare | state | output |")
+    print("  |----------|---------|-------|--------|")
+    for name, a, b, c in stages:
+        print(f"  | {name:8s} | {a:7.3f} | {b:5.3f} | {c:6.3f} |")
+
+
+@section
+def long_batch_chained_in_two_calls():
+    """300k tokens in two sequences vs the same sequences cut in two calls (cut points not on a
+    chunk boundary), the second starting from the first call's final states."""
+    lens = [170, 129] if SMOKE else [170_001, 129_999]
+    cut = [85, 60] if SMOKE else [85_003, 60_017]
+    batch, h0, cu = qwen_batch(lens, seed=6)
+    o_full, f_full = gdn.prefill(*batch, cu_seqlens=cu, initial_state=h0, backend="triton")
+    starts = cu[:-1]
+    idx1 = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, cut)]).to(DEV)
+    idx2 = torch.cat([torch.arange(s + c, s + n) for s, c, n in zip(starts, cut, lens)]).to(DEV)
+    if SMOKE:
+        idx1, idx2 = idx1.long(), idx2.long()
+    part = lambda idx: [x[:, idx].contiguous() for x in batch]  # noqa: E731
+    cu1 = np.concatenate([[0], np.cumsum(cut)])
+    cu2 = np.concatenate([[0], np.cumsum(np.subtract(lens, cut))])
+    o1, f1 = gdn.prefill(*part(idx1), cu_seqlens=cu1, initial_state=h0, backend="triton")
+    o2, f2 = gdn.prefill(*part(idx2), cu_seqlens=cu2, initial_state=f1, backend="triton")
+    o_chain = torch.empty_like(o_full)
+    o_chain[:, idx1], o_chain[:, idx2] = o1, o2
+    finite = bool(torch.isfinite(o_full).all() and torch.isfinite(f_full).all())
+    eo, ef = R.rms_ratio(o_chain, o_full), R.rms_ratio(f2, f_full)
+    bar = RMS_BETWEEN["bfloat16"]
+    tail = R.rms_ratio(o_chain[:, -4096:], o_full[:, -4096:])
+    print(f"  {sum(lens)} tokens, h holds {plan_rows(cu) * HV * K * V / 1e9:.2f}e9 elements; "
+          f"finite {finite}; chained vs one call: o {eo:.2e} (last 4096 tokens {tail:.2e}), "
+          f"final {ef:.2e} (bar {bar:.0e})")
+    if not (finite and eo < bar and ef < bar and tail < bar):
+        raise AssertionError("the long batch disagrees with itself")
+
+
+def plan_rows(cu) -> int:
+    return gdn.plan(cu).num_chunks
+
+
+@optional_section
+def tuning_sweep():
+    from gdn.api import validate
+    from gdn.triton_backend import output, state, wu
+
+    if SMOKE:
+        def bench(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        layouts = [(1, 130)]
+    else:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, return_mode="median")
+        layouts = [(1, 32768), (4, 8192)]
+    sweeps = {
+        "prepare": (wu, [{}, {"num_warps": 8}, {"num_warps": 2}, {"num_stages": 2}]),
+        "state": (state, [{}, {"num_stages": 3}, {"BV": 32}, {"BV": 32, "num_stages": 3},
+                          {"num_warps": 8}]),
+        "output": (output, [{}, {"BV": 128, "num_warps": 8}, {"BV": 128}, {"num_stages": 3}]),
+    }
+    for n, t in layouts:
+        batch, h0, cu = qwen_batch([t] * n, seed=7)
+        plan = gdn.plan(cu)
+        _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
+        q, k, v, g, beta = (x[0] for x in batch)
+        gc, _, w, u, _ = wu.prepare(k, v, g, beta, plan)
+        hs, v_new, _ = state.state_pass(k, w, u, gc, plan, initial_state=h0)
+        calls = {
+            "prepare": lambda: wu.prepare(k, v, g, beta, plan),
+            "state": lambda: state.state_pass(k, w, u, gc, plan, initial_state=h0),
+            "output": lambda: output.output(q, k, v_new, hs, gc, plan, args.scale),
+        }
+        for name, (mod, configs) in sweeps.items():
+            for cfg in configs:
+                mod.TILES.clear()
+                mod.TILES.update(cfg)
+                try:
+                    ms = f"{bench(calls[name]):8.3f} ms"
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    ms = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                finally:
+                    mod.TILES.clear()
+                print(f"  {n}x{t:<6d} {name:8s} {str(cfg or 'default'):36s} {ms}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    t0 = time.perf_counter()
+    for fn in SECTIONS + OPTIONAL:
+        named = fn.__name__ in argv or fn.__name__ == "environment"
+        if named or (not argv and fn in SECTIONS):
+            run_section(fn)
+    print(f"\n=== summary ({time.perf_counter() - t0:.0f} s)")
+    for name, status in RESULTS:
+        print(f"  {status:4s}  {name}")
+    return sum(status == "FAIL" for _, status in RESULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
