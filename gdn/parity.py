@@ -236,10 +236,14 @@ class Batch:
         flat = [a.reshape((1, b * t) + a.shape[2:]) for a in self.arrays]
         return Batch(*flat, np.arange(b + 1, dtype=np.int64) * t, self.h0)
 
-    def take(self, tokens: np.ndarray, lens: np.ndarray, h0: np.ndarray | None) -> "Batch":
-        """A packed batch of the given tokens (of this packed batch) as sequences of ``lens``."""
+    def take(self, tokens: np.ndarray, lens: np.ndarray, h0: np.ndarray | None,
+             num_tokens: int | None = None) -> "Batch":
+        """A packed batch of the given tokens (of this packed batch) as sequences of ``lens``,
+        padded to ``num_tokens`` with tokens past the end (copies of the first ones)."""
         cu = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
+        if num_tokens is not None and num_tokens > tokens.size:
+            tokens = np.concatenate([tokens, np.arange(num_tokens - tokens.size) % self.q.shape[1]])
         return Batch(*(a[:, tokens] for a in self.arrays), cu, h0)
 
 
@@ -450,20 +454,22 @@ def check_determinism(im, prep: Prepared, base) -> Row:
 
 def check_chain(im, prep: Prepared, base) -> Row:
     """Every sequence split at about half (not on a chunk boundary) into two calls, the second
-    starting from the first one's final state (the backend's own array, passed as is)."""
+    starting from the first one's final state (the backend's own array, passed as is). Both
+    calls have the plain call's array length (tokens past the end pad them): one compilation."""
     c, pb = prep.case, prep.batch.packed()
-    cu, lens = pb.cu, np.diff(pb.cu)
+    cu, lens, t = pb.cu, np.diff(pb.cu), pb.q.shape[1]
     first = np.minimum(lens, lens // 2 + 5)
     tok_a = _ranges(cu[:-1], cu[:-1] + first)
     tok_b = _ranges(cu[:-1] + first, cu[1:])
-    _, (o_a, f_a, _) = _call_batch(im, c, pb.take(tok_a, first, pb.h0))
-    b = pb.take(tok_b, lens - first, None)
+    _, (o_a, f_a, _) = _call_batch(im, c, pb.take(tok_a, first, pb.h0, t))
+    b = pb.take(tok_b, lens - first, None, t)
     fw = _framework_arrays(b, im.backend, c.dtype)
     fw[5] = f_a
     o_b, f_b, _ = _call(im, c, fw, b.cu)
     o_full, f_full = base
     o = np.zeros_like(o_full[: int(cu[-1])])
-    o[tok_a], o[tok_b] = _host32(_flat_tokens(o_a)), _host32(_flat_tokens(o_b))
+    o[tok_a] = _host32(_flat_tokens(o_a))[: tok_a.size]
+    o[tok_b] = _host32(_flat_tokens(o_b))[: tok_b.size]
     ref_o, f = o_full[: int(cu[-1])], _host32(f_b)
     eo, es = _rel(o, ref_o), _rel(f, f_full)
     st, d = _verdict([eo, es], np.array_equal(o, ref_o) and np.array_equal(f, f_full),
