@@ -26,7 +26,7 @@ from jax import lax
 
 from .. import planner
 
-__all__ = ["run_core", "pack", "l2norm", "dot", "token_valid", "pallas_triton_warnings",
+__all__ = ["run_core", "pack", "rstd", "dot", "token_valid", "pallas_triton_warnings",
            "TRACE_COUNTS", "count_trace", "next_pow2"]
 
 planner._maybe_register()  # the Plan is a pytree from here on (jax is imported)
@@ -97,20 +97,25 @@ def run_core(core: Callable, args: Any, return_stages: bool = False, **impl_stat
     return (o, final, stages) if return_stages else (o, final)
 
 
-def l2norm(x):
-    """x / sqrt(sum(x^2) + 1e-6) over the last axis, in fp32, back in x's dtype (FLA's l2norm)."""
+def rstd(x):
+    """1 / sqrt(sum(x^2) + 1e-6) over the last axis, fp32: the use_qk_l2norm scale of each row."""
     xf = x.astype(jnp.float32)
-    return (xf * lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
+    return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + 1e-6)
 
 
 def pack(q, k, v, g, beta, use_qk_l2norm: bool):
-    """[B, T, ...] -> packed [B*T, ...]; g, beta to fp32; q, k L2-normalized if asked."""
+    """[B, T, ...] -> packed [B*T, ...]; g, beta to fp32.
+
+    Returns (q, k, v, g, beta, q_rstd, k_rstd). With use_qk_l2norm, q and k are NOT rewritten:
+    their row scales q_rstd, k_rstd [T, H] (fp32, one reduction each) enter the kernels next to
+    the gates, so the normalized q and k are never rounded to the input dtype (like the Triton
+    backend); without it both are None.
+    """
     b, t = q.shape[:2]
     q, k, v = (x.reshape(b * t, *x.shape[2:]) for x in (q, k, v))
     g, beta = (x.reshape(b * t, x.shape[2]).astype(jnp.float32) for x in (g, beta))
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    return q, k, v, g, beta
+    rq, rk = (rstd(q), rstd(k)) if use_qk_l2norm else (None, None)
+    return q, k, v, g, beta, rq, rk
 
 
 def token_valid(plan, num_tokens: int):

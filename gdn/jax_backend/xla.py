@@ -13,6 +13,9 @@ Stages (the stage contract of gdn.reference; FLA's rounding points):
   h      the state at the start of each chunk row, stored in the input dtype
   v_new  u - w h, stored in the input dtype
   o      scale (exp(gc) q h + (causal(q k^T) * decay) v_new), in q's dtype
+With use_qk_l2norm, q and k are not rewritten: their fp32 row scales 1/||x|| multiply the fp32
+accumulators (k k^T, q k^T, q h) and join the row scales of K in w and in the state update,
+exactly as in the Pallas kernels.
 
 Inter-chunk recurrence: ONE ``lax.scan`` over the chunk rows in ``chunk_indices`` order
 (``NT_pad`` steps, all heads of a chunk per step). The rows are seq-major, so a single fp32
@@ -75,13 +78,17 @@ def _scatter(y, tok, valid, num_tokens: int):
     return out.at[idx].set(y.reshape((-1,) + y.shape[2:]), mode="drop", unique_indices=True)
 
 
-def intra(kc, gcc, bc, valid, dt):
+def intra(kc, rkc, gcc, bc, valid, dt):
     """A_rs = beta_r (k_r . k_s) exp(gc_r - gc_s) (r > s) and Ai = (I + A)^-1, fp32.
 
-    kc [NT, BT, H, K]; gcc, bc [NT, BT, H, G]. Returns Ai [NT, BT(r), H, G, BT(s)].
+    kc [NT, BT, H, K]; rkc [NT, BT, H] (1/||k||) or None; gcc, bc [NT, BT, H, G].
+    Returns Ai [NT, BT(r), H, G, BT(s)].
     """
     bt = kc.shape[1]
     kk = dot("nrhk,nshk->nhrs", kc, kc, dt)  # [NT, H, BT, BT]
+    if rkc is not None:
+        rk = jnp.moveaxis(rkc, 1, -1)  # [NT, H, BT]
+        kk = kk * rk[..., :, None] * rk[..., None, :]
     g_ = jnp.moveaxis(gcc, 1, -1)  # [NT, H, G, BT]
     strict = jnp.tril(jnp.ones((bt, bt), bool), -1)
     keep = strict & valid[:, None, None, :, None] & valid[:, None, None, None, :]
@@ -94,7 +101,8 @@ def intra(kc, gcc, bc, valid, dt):
     return jnp.moveaxis(ai, 3, 1)  # [NT, BT(r), H, G, BT(s)]
 
 
-def _state_scan(wc, uc, kc, gcc, valid, ns, c, real, h0, n_pad: int, dt, want_final: bool):
+def _state_scan(wc, uc, kc, rkc, gcc, valid, ns, c, real, h0, n_pad: int, dt,
+                want_final: bool):
     """The inter-chunk recurrence (see the module docstring).
 
     Returns h [NT, H, G, K, V] (dt), v_new [NT, BT, H, G, V] (dt), final [N_pad, H, G, K, V]."""
@@ -108,12 +116,12 @@ def _state_scan(wc, uc, kc, gcc, valid, ns, c, real, h0, n_pad: int, dt, want_fi
 
     def step(carry, xs):
         s, final = carry
-        w, u, k, gcr, ok, n, cc, gl, lst = xs
+        w, u, k, rk, gcr, ok, n, cc, gl, lst = xs
         s0 = jnp.where(cc == 0, lax.dynamic_index_in_dim(h0, n, keepdims=False), s)
         h = s0.astype(dt)
         vn = u.astype(jnp.float32) - dot("rhgk,hgkv->rhgv", w, h, dt)
         vn = jnp.where(ok[:, None, None, None], vn, 0.0)
-        decay = jnp.where(ok[:, None, None], jnp.exp(gl[None] - gcr), 0.0)
+        decay = jnp.where(ok[:, None, None], jnp.exp(gl[None] - gcr) * rk[:, :, None], 0.0)
         s1 = s0 * jnp.exp(gl)[..., None, None] + dot("rhk,rhgv->hgkv", k,
                                                      vn * decay[..., None], dt)
         if want_final:
@@ -124,7 +132,7 @@ def _state_scan(wc, uc, kc, gcc, valid, ns, c, real, h0, n_pad: int, dt, want_fi
     s_init = jnp.zeros((hh, gg, kdim, vdim), jnp.float32)
     f_init = h0 if want_final else jnp.zeros((), jnp.float32)
     (_, final), (h, v_new) = lax.scan(
-        step, (s_init, f_init), (wc, uc, kc, gcc, valid, ns, c, g_last, is_last))
+        step, (s_init, f_init), (wc, uc, kc, rkc, gcc, valid, ns, c, g_last, is_last))
     return h, v_new, (final if want_final else None)
 
 
@@ -139,7 +147,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     dt = q.dtype
     bt = plan.chunk_size
     n_tok = bsz * t_in
-    q, k, v, g, beta = pack(q, k, v, g, beta, use_qk_l2norm)
+    q, k, v, g, beta, rq, rk = pack(q, k, v, g, beta, use_qk_l2norm)
     tok, valid, ns, c, real = _chunk_tokens(plan, bt)
     nt = tok.shape[0]
     qc, kc = _gather(q, tok, valid), _gather(k, tok, valid)  # [NT, BT, H, K]
@@ -147,19 +155,24 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     gch = _gather(g, tok, valid).reshape(nt, bt, hh, gg)
     bc = _gather(beta, tok, valid).reshape(nt, bt, hh, gg)
 
+    # with use_qk_l2norm: the 1/||q||, 1/||k|| row scales (q, k are not rewritten); else ones
+    rqc, rkc = ((_gather(rq, tok, valid), _gather(rk, tok, valid)) if use_qk_l2norm
+                else (jnp.ones((nt, bt, hh), jnp.float32),) * 2)
+
     gcc = jnp.cumsum(gch, axis=1)  # [NT, BT, H, G] fp32
-    ai = intra(kc, gcc, bc, valid, dt)  # [NT, BT, H, G, BT] fp32
-    kw = kc.astype(jnp.float32)[:, :, :, None] * (bc * jnp.exp(gcc))[..., None]
+    ai = intra(kc, rkc if use_qk_l2norm else None, gcc, bc, valid, dt)  # [NT, BT, H, G, BT]
+    kw = kc.astype(jnp.float32)[:, :, :, None] * (bc * jnp.exp(gcc) * rkc[..., None])[..., None]
     wc = dot("nrhgs,nshgk->nrhgk", ai, kw, dt).astype(dt)
     uc = dot("nrhgs,nshgv->nrhgv", ai, vc.astype(jnp.float32) * bc[..., None], dt).astype(dt)
     if h0 is not None:
         h0 = h0.astype(jnp.float32).reshape(h0.shape[0], hh, gg, kdim, vdim)
-    h, v_new, final = _state_scan(wc, uc, kc, gcc, valid, ns, c, real, h0, plan.padded_seqs, dt,
-                                  output_final_state)
+    h, v_new, final = _state_scan(wc, uc, kc, rkc, gcc, valid, ns, c, real, h0, plan.padded_seqs,
+                                  dt, output_final_state)
 
     # outputs, batched over all chunk rows
-    inter = dot("nrhk,nhgkv->nrhgv", qc, h, dt) * jnp.exp(gcc)[..., None]
-    qk = dot("nrhk,nshk->nhrs", qc, kc, dt)
+    inter = dot("nrhk,nhgkv->nrhgv", qc, h, dt) * (jnp.exp(gcc) * rqc[..., None])[..., None]
+    rq_, rk_ = jnp.moveaxis(rqc, 1, -1), jnp.moveaxis(rkc, 1, -1)  # [NT, H, BT]
+    qk = dot("nrhk,nshk->nhrs", qc, kc, dt) * rq_[..., :, None] * rk_[..., None, :]
     g_ = jnp.moveaxis(gcc, 1, -1)  # [NT, H, G, BT]
     causal = jnp.tril(jnp.ones((bt, bt), bool))
     diff = jnp.where(causal, g_[..., :, None] - g_[..., None, :], 0.0)

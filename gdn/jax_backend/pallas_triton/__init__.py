@@ -1,17 +1,20 @@
-"""impl="pallas_triton": Pallas kernels with the Triton lowering, one per stage, mirroring the
-Triton backend (gdn/triton_backend) one to one: the same stage boundaries, intermediate tensors
-and dtypes (the stage contract in gdn/reference.py):
+"""impl="pallas_triton": Pallas kernels with the Triton lowering, mirroring the Triton backend
+(gdn/triton_backend) one to one: the same stages, intermediate tensors and dtypes (the stage
+contract in gdn/reference.py) and the same three-kernel chain:
 
-  cumsum.py  gc     [T, HV] fp32          chunk-local cumsum of g
-  intra.py   Ai     [T, HV, BT] fp32      (I + A)^-1, blockwise forward substitution, IEEE fp32
-  wu.py      w, u   [T, HV, K|V]          input dtype
-  state.py   h      [NT_pad, HV, K, V]    input dtype (sentinel rows not written), v_new [T, HV, V],
-             final  [N_pad, HV, K, V]     fp32
-  output.py  o      [T, HV, V]            q's dtype, zero past cu_seqlens[-1]
+  prepare   (wu.py) stages 1-3 fused: gc [T, HV] fp32 (cumsum.py), Ai = (I + A)^-1 in registers
+            by blockwise forward substitution in IEEE fp32 (intra.py; [T, HV, BT] fp32, written
+            only when the stage tensors are asked for), w [T, HV, K] and u [T, HV, V] in the
+            input dtype
+  state     (state.py) h [NT_pad, HV, K, V] and v_new [T, HV, V] in the input dtype (sentinel
+            rows of h are not written), the final state [N_pad, HV, K, V] fp32
+  output    (output.py) o [T, HV, V] in q's dtype, zero past cu_seqlens[-1]
 
-q and k are L2-normalized (when asked) by one fused XLA op before the kernels, like FLA's
-l2norm kernel. Every grid is static, from the plan's padded counts; the plan's int32 arrays are
-read inside the kernels. K and V up to 256 of any size (tiles padded to powers of two, masked).
+Each stage also exists as its own kernel (chunk_cumsum, intra_inverse, recompute_wu) for the
+stage-by-stage comparisons. With use_qk_l2norm q and k are not rewritten: one XLA reduction
+each gives their fp32 row scales 1/||x||, which the kernels apply next to the gates. Every grid
+is static, from the plan's padded counts; the plan's int32 arrays are read inside the kernels.
+K and V up to 256 of any size (tiles padded to powers of two, masked).
 
 On a GPU the kernels are compiled by Triton; on a CPU they run in Pallas interpret mode (only
 when this impl is asked for by name: ``impl=None`` takes "xla" there). Pallas-Triton is
@@ -30,10 +33,10 @@ from .cumsum import chunk_cumsum
 from .intra import intra_inverse
 from .output import chunk_output
 from .state import state_recurrence
-from .wu import recompute_wu
+from .wu import prepare, recompute_wu
 
-__all__ = ["run", "status", "core", "default_interpret", "chunk_cumsum", "intra_inverse",
-           "recompute_wu", "state_recurrence", "chunk_output"]
+__all__ = ["run", "status", "core", "default_interpret", "prepare", "chunk_cumsum",
+           "intra_inverse", "recompute_wu", "state_recurrence", "chunk_output"]
 
 _GPU = ("gpu", "cuda", "rocm")
 
@@ -61,19 +64,18 @@ def run(args, return_stages: bool = False):
                                              "return_stages", "interpret"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool, interpret: bool):
-    """The five kernels chained; see gdn.jax_backend.common for the signature."""
+    """The kernel chain; see gdn.jax_backend.common for the signature."""
     count_trace("pallas_triton")
     bsz, t_in = q.shape[:2]
-    hv, kdim, vdim = v.shape[2], q.shape[3], v.shape[3]
-    q, k, v, g, beta = pack(q, k, v, g, beta, use_qk_l2norm)
+    hv, vdim = v.shape[2], v.shape[3]
+    q, k, v, g, beta, rq, rk = pack(q, k, v, g, beta, use_qk_l2norm)
     if h0 is not None:
         h0 = h0.astype(jnp.float32)
-    gc = chunk_cumsum(g, plan, interpret=interpret)
-    ai = intra_inverse(k, gc, beta, plan, num_v_heads=hv, interpret=interpret)
-    w, u = recompute_wu(k, v, beta, gc, ai, plan, interpret=interpret)
-    h, v_new, final = state_recurrence(k, w, u, gc, h0, plan,
+    gc, w, u, ai = prepare(k, v, g, beta, rk, plan, store_ai_stage=return_stages,
+                           interpret=interpret)
+    h, v_new, final = state_recurrence(k, w, u, gc, h0, rk, plan,
                                        output_final_state=output_final_state, interpret=interpret)
-    o = chunk_output(q, k, v_new, h, gc, plan, scale=scale, interpret=interpret)
+    o = chunk_output(q, k, v_new, h, gc, rq, rk, plan, scale=scale, interpret=interpret)
     o = o.reshape(bsz, t_in, hv, vdim)
     stages = None
     if return_stages:  # buffers the kernels do not write (past the end, sentinel rows) -> 0

@@ -1,36 +1,47 @@
-"""Stage 1: gc = chunk-local inclusive cumsum of the log gates g (fp32), per chunk row.
+"""Stage 1: gc = chunk-local inclusive cumsum of the log gates g (fp32).
 
-Grid (NT_pad, ceil(HV / BH)); one program loads the [BT, BH] gate tile of its chunk (rows past
-the sequence end masked to 0), scans it down the rows and stores the valid rows.
+:func:`gate_blocks` computes it in registers for one chunk and v head, as NB sub-block vectors
+(a scan of each 16-row block plus the running total of the blocks before it): the fused prepare
+kernel (wu.py) uses it and stores gc. :func:`chunk_cumsum` is the stage on its own, for the
+stage-by-stage comparisons: grid (NT_pad, HV), the same device code.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .kernel_utils import BT, chunk_bounds, compiler_params, iota, load, pl, store
-from ..common import next_pow2
+from .kernel_utils import (BC, chunk_bounds, compiler_params, load_sub, pl, store, sub_masks)
+
+
+def gate_blocks(g_ref, t0, head, masks):
+    """[gc of sub-block i] (fp32 [BC] each, 0 on rows past the sequence end)."""
+    out, carry = [], jnp.float32(0.0)
+    for gi in load_sub(g_ref, t0, head, masks):
+        out.append(jnp.cumsum(gi) + carry)
+        carry = carry + jnp.sum(gi)
+    return out
+
+
+def store_sub(ref, t0, head, masks, vals):
+    for i, (m, x) in enumerate(zip(masks, vals)):
+        store(ref.at[pl.ds(t0 + i * BC, BC), head], x, m)
 
 
 def chunk_cumsum(g, plan, *, interpret: bool):
     """g [T, HV] fp32 -> gc [T, HV] fp32 (tokens outside every chunk row are not written)."""
     n_tok, hv = g.shape
-    bh = min(next_pow2(hv), 64)
 
     def kernel(ci_ref, cu_ref, g_ref, gc_ref):
-        row, hb = pl.program_id(0), pl.program_id(1)
+        row, head = pl.program_id(0), pl.program_id(1)
         n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
 
         @pl.when(n >= 0)
         def _():
-            cols = hb * bh + iota(bh)
-            m = (iota(BT)[:, None] < length) & (cols[None, :] < hv)
-            at = (pl.ds(t0, BT), pl.ds(hb * bh, bh))
-            x = load(g_ref.at[at], m, 0.0)
-            store(gc_ref.at[at], jnp.cumsum(x, axis=0), m)
+            masks = sub_masks(length)
+            store_sub(gc_ref, t0, head, masks, gate_blocks(g_ref, t0, head, masks))
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv), jnp.float32),
-        grid=(plan.padded_chunks, pl.cdiv(hv, bh)), interpret=interpret,
-        compiler_params=compiler_params(num_warps=4), name="gdn_chunk_cumsum",
+        grid=(plan.padded_chunks, hv), interpret=interpret,
+        compiler_params=compiler_params(num_warps=1), name="gdn_chunk_cumsum",
     )(plan.chunk_indices, plan.cu_seqlens, g)

@@ -2,13 +2,18 @@
 
     A_rs = beta_r (k_r . k_s) exp(gc_r - gc_s)   for s < r < L, else 0   (strictly lower)
 
-Grid (NT_pad, HV). The 64 x 64 chunk is handled as 4 x 4 blocks of 16 rows: the 10 lower blocks
-of A come from 16-row tiles of k (dots in the input dtype, fp32 accumulation); each 16 x 16
-diagonal block is inverted by forward substitution in fp32 registers; the off-diagonal blocks of
-the inverse follow from X_ij = -X_ii sum_{j<=m<i} A_im X_mj with IEEE fp32 dots (HIGHEST: a
-TF32 solve would miss the fp32 bar). The exponent is selected to 0 outside the kept entries
-before exp (exp(+big) * 0 is NaN). Rows r >= L of a partial chunk are zero in A, so the inverse
-is the identity there and never mixes into valid rows; only rows r < L are stored.
+(with use_qk_l2norm, k_r . k_s is scaled by 1/||k_r|| 1/||k_s||: q and k are never rewritten).
+The 64 x 64 chunk is handled as 4 x 4 blocks of 16 rows, all in registers: the 10 lower blocks of
+A come from 16-row tiles of k (dots in the input dtype, fp32 accumulation); each 16 x 16 diagonal
+block is inverted by forward substitution in fp32; the off-diagonal blocks of the inverse follow
+from X_ij = -X_ii sum_{j<=m<i} A_im X_mj with IEEE fp32 dots (HIGHEST: a TF32 solve would miss
+the fp32 bar). The exponent is selected to 0 outside the kept entries before exp (exp(+big) * 0
+is NaN). Rows r >= L of a partial chunk are zero in A, so the inverse is the identity there and
+never mixes into valid rows; only rows r < L are stored.
+
+The fused prepare kernel (wu.py) calls :func:`a_blocks` and :func:`inverse_blocks` and keeps Ai
+in registers; :func:`intra_inverse` is the stage on its own (reads gc, writes Ai), grid
+(NT_pad, HV), for the stage-by-stage comparisons.
 """
 from __future__ import annotations
 
@@ -16,11 +21,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernel_utils import (BT, chunk_bounds, compiler_params, dim_tile, iota, load, mdot,
-                           mdot_t, pl, store)
+from .kernel_utils import (BC, BT, NB, chunk_bounds, compiler_params, dim_tile, iota, load,
+                           load_sub, mdot, mdot_t, pl, store, sub_masks)
 
-BC = 16  # sub-block rows
-NB = BT // BC
+
+def a_blocks(k_ref, t0, hk, masks, gs, bs, rks, kdim: int, fp32: bool):
+    """{(i, j): A block} for j <= i, fp32 [BC, BC]. gs, bs, rks: sub-block vectors (rks None
+    without l2norm)."""
+    kp = dim_tile(kdim)
+    kmask = iota(kp)[None, :] < kdim
+    ks = [load(k_ref.at[pl.ds(t0 + i * BC, BC), hk, pl.ds(0, kp)], m[:, None] & kmask)
+          for i, m in enumerate(masks)]
+    lower = iota(BC)[:, None] > iota(BC)[None, :]
+    a = {}
+    for i in range(NB):
+        for j in range(i + 1):
+            keep = masks[i][:, None] & masks[j][None, :]
+            if i == j:
+                keep = keep & lower
+            kk = mdot_t(ks[i], ks[j], fp32, contract=1)
+            if rks is not None:
+                kk = kk * rks[i][:, None] * rks[j][None, :]
+            diff = jnp.where(keep, gs[i][:, None] - gs[j][None, :], 0.0)
+            a[i, j] = jnp.where(keep, kk * bs[i][:, None] * jnp.exp(diff), 0.0)
+    return a
 
 
 def _unit_lower_inverses(blocks):
@@ -43,56 +67,59 @@ def _unit_lower_inverses(blocks):
     return lax.fori_loop(1, BC, body, tuple(eye for _ in blocks))
 
 
-def intra_inverse(k, gc, beta, plan, *, num_v_heads: int, interpret: bool):
-    """k [T, H, K] (input dtype); gc, beta [T, HV] fp32 -> Ai [T, HV, BT] fp32."""
-    n_tok, _, kdim = k.shape
-    hv = num_v_heads
-    grp = hv // k.shape[1]
-    kp = dim_tile(kdim)
-    fp32 = k.dtype == jnp.float32
+def inverse_blocks(a):
+    """{(i, j): block of (I + A)^-1} for j <= i, fp32, from the blocks of :func:`a_blocks`."""
+    x = dict(zip([(i, i) for i in range(NB)], _unit_lower_inverses([a[i, i] for i in range(NB)])))
+    for i in range(1, NB):
+        for j in range(i - 1, -1, -1):
+            acc = mdot(a[i, j], x[j, j], True)
+            for m in range(j + 1, i):
+                acc = acc + mdot(a[i, m], x[m, j], True)
+            x[i, j] = -mdot(x[i, i], acc, True)
+    return x
 
-    def kernel(ci_ref, cu_ref, k_ref, gc_ref, b_ref, ai_ref):
+
+def store_ai(ai_ref, t0, head, masks, x):
+    zero = jnp.zeros((BC, BC), jnp.float32)
+    for i in range(NB):
+        for j in range(NB):
+            store(ai_ref.at[pl.ds(t0 + i * BC, BC), head, pl.ds(j * BC, BC)],
+                  x[i, j] if j <= i else zero, masks[i][:, None])
+
+
+def load_ai(ai_ref, t0, head, masks):
+    return {(i, j): load(ai_ref.at[pl.ds(t0 + i * BC, BC), head, pl.ds(j * BC, BC)],
+                         masks[i][:, None], 0.0)
+            for i in range(NB) for j in range(i + 1)}
+
+
+def intra_inverse(k, gc, beta, k_rstd, plan, *, num_v_heads: int, interpret: bool):
+    """k [T, H, K] (input dtype); gc, beta [T, HV] fp32; k_rstd [T, H] fp32 or None
+    -> Ai [T, HV, BT] fp32."""
+    n_tok, hh, kdim = k.shape
+    hv = num_v_heads
+    grp = hv // hh
+    fp32 = k.dtype == jnp.float32
+    l2 = k_rstd is not None
+
+    def kernel(ci_ref, cu_ref, k_ref, gc_ref, b_ref, *rest):
+        rk_ref, ai_ref = rest if l2 else (None, rest[0])
         row, head = pl.program_id(0), pl.program_id(1)
         n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
 
         @pl.when(n >= 0)
         def _():
             hk = head // grp
-            kmask = iota(kp)[None, :] < kdim
-            ks, gs, bs, ms = [], [], [], []
-            for i in range(NB):
-                m = i * BC + iota(BC) < length
-                rows = pl.ds(t0 + i * BC, BC)
-                ks.append(load(k_ref.at[rows, hk, pl.ds(0, kp)], m[:, None] & kmask))
-                gs.append(load(gc_ref.at[rows, head], m, 0.0))
-                bs.append(load(b_ref.at[rows, head], m, 0.0))
-                ms.append(m)
-            lower = iota(BC)[:, None] > iota(BC)[None, :]
-            a = {}
-            for i in range(NB):
-                for j in range(i + 1):
-                    keep = ms[i][:, None] & ms[j][None, :]
-                    if i == j:
-                        keep = keep & lower
-                    kk = mdot_t(ks[i], ks[j], fp32, contract=1)
-                    diff = jnp.where(keep, gs[i][:, None] - gs[j][None, :], 0.0)
-                    a[i, j] = jnp.where(keep, kk * bs[i][:, None] * jnp.exp(diff), 0.0)
-            x = dict(zip([(i, i) for i in range(NB)],
-                         _unit_lower_inverses([a[i, i] for i in range(NB)])))
-            for i in range(1, NB):
-                for j in range(i - 1, -1, -1):
-                    acc = mdot(a[i, j], x[j, j], True)
-                    for m_ in range(j + 1, i):
-                        acc = acc + mdot(a[i, m_], x[m_, j], True)
-                    x[i, j] = -mdot(x[i, i], acc, True)
-            zero = jnp.zeros((BC, BC), jnp.float32)
-            for i in range(NB):
-                for j in range(NB):
-                    store(ai_ref.at[pl.ds(t0 + i * BC, BC), head, pl.ds(j * BC, BC)],
-                          x[i, j] if j <= i else zero, ms[i][:, None])
+            masks = sub_masks(length)
+            gs = load_sub(gc_ref, t0, head, masks)
+            bs = load_sub(b_ref, t0, head, masks)
+            rks = load_sub(rk_ref, t0, hk, masks) if l2 else None
+            a = a_blocks(k_ref, t0, hk, masks, gs, bs, rks, kdim, fp32)
+            store_ai(ai_ref, t0, head, masks, inverse_blocks(a))
 
+    ins = [plan.chunk_indices, plan.cu_seqlens, k, gc, beta] + ([k_rstd] if l2 else [])
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv, BT), jnp.float32),
         grid=(plan.padded_chunks, hv), interpret=interpret,
-        compiler_params=compiler_params(num_warps=4), name="gdn_intra_solve",
-    )(plan.chunk_indices, plan.cu_seqlens, k, gc, beta)
+        compiler_params=compiler_params(num_warps=4), name="gdn_intra_inverse",
+    )(*ins)

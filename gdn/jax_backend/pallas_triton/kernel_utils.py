@@ -27,9 +27,12 @@ from jax.experimental.pallas import fuser as _fuser  # noqa: F401
 from ..common import next_pow2
 
 __all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "load", "store", "dim_tile",
-           "compiler_params", "pl", "plgpu", "BT", "Dims", "dims"]
+           "compiler_params", "pl", "plgpu", "BT", "BC", "NB", "Dims", "dims", "sub_masks",
+           "load_sub"]
 
 BT = 64  # chunk size of the plan (gdn plans use 64; the kernels assume it)
+BC = 16  # rows of a sub-block: chunks are handled as NB sub-blocks where the inverse needs it
+NB = BT // BC
 
 
 def dim_tile(d: int) -> int:
@@ -82,6 +85,16 @@ def chunk_bounds(ci_ref, cu_ref, row):
     t0 = cu_ref[ns] + ci_ref[row, 1] * BT
     length = jnp.minimum(cu_ref[ns + 1] - t0, BT)
     return n, t0, length
+
+
+def sub_masks(length):
+    """Row masks [BC] of the NB sub-blocks of a chunk with ``length`` valid rows."""
+    return [i * BC + iota(BC) < length for i in range(NB)]
+
+
+def load_sub(ref, t0, head, masks, other=0.0):
+    """A per-token vector (gates, beta, 1/norm) of [T, heads] as NB sub-block vectors [BC]."""
+    return [load(ref.at[pl.ds(t0 + i * BC, BC), head], m, other) for i, m in enumerate(masks)]
 
 
 def mdot(a, b, fp32: bool):

@@ -3,8 +3,10 @@ decay_rs = exp(gc_r - gc_s).
 
 Grid (NT_pad, HV, ceil(V / BV)). q h and q k^T accumulate over K tiles of at most 64 columns;
 the intra-chunk attention is rounded to the input dtype for its dot with v_new (IEEE fp32 dots
-for fp32 inputs). The output buffer is a zeros array aliased in and out: tokens past
-cu_seqlens[-1], which no chunk row covers, stay zero; only the valid rows of a chunk are written.
+for fp32 inputs). With use_qk_l2norm, 1/||q|| scales the rows and 1/||k|| the columns of the
+fp32 accumulators. Only the valid rows of a chunk are written; the tokens past cu_seqlens[-1],
+which no chunk row covers, are zeroed by a small kernel first (its buffer is aliased into the
+output kernel), so the output is never memset as a whole.
 """
 from __future__ import annotations
 
@@ -14,17 +16,40 @@ import jax.numpy as jnp
 from .kernel_utils import (BT, chunk_bounds, compiler_params, dims, iota, load, mdot, mdot_t,
                            pl, store)
 
+_ZERO_COLS = 256  # columns of [T, HV * V] per program of the tail-zeroing kernel
 
-def chunk_output(q, k, v_new, h, gc, plan, *, scale: float, interpret: bool):
-    """q, k [T, H, K]; v_new [T, HV, V]; h [NT_pad, HV, K, V] (input dtype); gc [T, HV] fp32
-    -> o [T, HV, V] in q's dtype, zero outside the plan's chunk rows."""
+
+def zero_tail(plan, n_tok: int, width: int, dtype, *, interpret: bool):
+    """[T, width] buffer with rows >= cu_seqlens[-1] zero and the others not written."""
+    def kernel(cu_ref, o_ref):
+        t0, c0 = pl.program_id(0) * BT, pl.program_id(1) * _ZERO_COLS  # (not inside pl.when:
+        end = cu_ref[plan.padded_seqs]  # interpret mode cannot discharge program_id there)
+
+        @pl.when(t0 + BT > end)
+        def _():
+            rows = t0 + iota(BT)
+            m = ((rows >= end) & (rows < n_tok))[:, None] & (c0 + iota(_ZERO_COLS) < width)[None, :]
+            store(o_ref.at[pl.ds(t0, BT), pl.ds(c0, _ZERO_COLS)],
+                  jnp.zeros((BT, _ZERO_COLS), jnp.float32), m)
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n_tok, width), dtype),
+        grid=(pl.cdiv(n_tok, BT), pl.cdiv(width, _ZERO_COLS)), interpret=interpret,
+        compiler_params=compiler_params(num_warps=4), name="gdn_zero_tail",
+    )(plan.cu_seqlens)
+
+
+def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, interpret: bool):
+    """q, k [T, H, K]; v_new [T, HV, V]; h [NT_pad, HV, K, V] (input dtype); gc [T, HV] fp32;
+    q_rstd, k_rstd [T, H] fp32 or None -> o [T, HV, V] in q's dtype, zero past the last token."""
     d = dims(q, v_new)
     n_tok, hv, kdim, vdim, grp, fp32, kp = d.tokens, d.hv, d.k, d.v, d.grp, d.fp32, d.kp
     dt = d.dtype
     bk, bv = min(kp, 64), min(d.vp, 64)
+    l2 = q_rstd is not None
 
-    def kernel(ci_ref, cu_ref, q_ref, k_ref, vn_ref, h_ref, gc_ref, o_in_ref, o_ref):
-        del o_in_ref  # the same buffer as o_ref (aliased)
+    def kernel(ci_ref, cu_ref, q_ref, k_ref, vn_ref, h_ref, gc_ref, *rest):
+        rq_ref, rk_ref, _, o_ref = rest if l2 else (None, None, *rest)  # _: aliased to o_ref
         row, head, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
 
@@ -47,17 +72,24 @@ def chunk_output(q, k, v_new, h, gc, plan, *, scale: float, interpret: bool):
                 acc_o = acc_o + mdot(qt, ht, fp32)
                 acc_a = acc_a + mdot_t(qt, kt, fp32, contract=1)
             g = load(gc_ref.at[rows, head], m, 0.0)
+            row_scale = jnp.exp(g)
+            if l2:
+                rq = load(rq_ref.at[rows, hk], m, 0.0)
+                row_scale = row_scale * rq
+                acc_a = acc_a * rq[:, None] * load(rk_ref.at[rows, hk], m, 0.0)[None, :]
             keep = (iota(BT)[:, None] >= iota(BT)[None, :]) & m[:, None]
             diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
             att = jnp.where(keep, acc_a * jnp.exp(diff), 0.0).astype(dt)
             mv = m[:, None] & vmask[None, :]
             vn = load(vn_ref.at[rows, head, vcols], mv)
-            o = (acc_o * jnp.exp(g)[:, None] + mdot(att, vn, fp32)) * scale
+            o = (acc_o * row_scale[:, None] + mdot(att, vn, fp32)) * scale
             store(o_ref.at[rows, head, vcols], o, mv)
 
-    zeros = jnp.zeros((n_tok, hv, vdim), dt)
+    o = zero_tail(plan, n_tok, hv * vdim, dt, interpret=interpret).reshape(n_tok, hv, vdim)
+    ins = [plan.chunk_indices, plan.cu_seqlens, q, k, v_new, h, gc]
+    ins += ([q_rstd, k_rstd] if l2 else []) + [o]
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv, vdim), dt),
-        grid=(plan.padded_chunks, hv, pl.cdiv(vdim, bv)), input_output_aliases={7: 0},
+        grid=(plan.padded_chunks, hv, pl.cdiv(vdim, bv)), input_output_aliases={len(ins) - 1: 0},
         interpret=interpret, compiler_params=compiler_params(num_warps=4), name="gdn_output",
-    )(plan.chunk_indices, plan.cu_seqlens, q, k, v_new, h, gc, zeros)
+    )(*ins)
