@@ -75,10 +75,18 @@ def layout_lens(name: str) -> tuple[int, ...]:
     """'4x8192' / '2048x4' (the larger number is the length), '28672+4096', 'mix'."""
     if name == "mix":
         return serving_mix()
-    if "+" in name:
-        return tuple(int(x) for x in name.split("+"))
-    a, b = (int(x) for x in name.split("x"))
-    return (max(a, b),) * min(a, b)
+    try:
+        if "+" in name:
+            lens = tuple(int(x) for x in name.split("+"))
+        else:
+            a, b = (int(x) for x in name.split("x"))
+            lens = (max(a, b),) * min(a, b)
+    except ValueError:
+        lens = ()
+    if not lens or min(lens) < 1:
+        raise ValueError(f"a layout is AxB (e.g. 4x8192), a+b+... (e.g. 28672+4096) or 'mix', "
+                         f"got {name!r}")
+    return lens
 
 
 LAYOUTS = ("1x32768", "28672+4096", "16384x2", "4x8192", "8x4096", "128x256", "mix", "1x8192",
@@ -835,6 +843,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _heads(text: str, dim: int) -> tuple[int, int, int]:
+    try:
+        h, hv = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--heads takes H/HV like 16/32, got {text!r}") from None
+    if h < 1 or hv % h:
+        raise ValueError(f"--heads {text}: HV must be a positive multiple of H")
+    return h, hv, dim
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [x for v in values or [] for x in v.split(",") if x]
 
@@ -863,10 +881,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shapes = [(h, hv, HEAD_DIM) for h, hv in (QUICK_HEADS if opts.quick else HEADS)]
         layouts = {n: layout_lens(n) for n in (QUICK_LAYOUTS if opts.quick else LAYOUTS)}
-    if opts.heads:
-        shapes = [(int(a), int(b), shapes[0][2]) for a, b in (x.split("/") for x in _split(opts.heads))]
-    if opts.layouts:
-        layouts = {n: SMOKE_LAYOUTS.get(n) or layout_lens(n) for n in _split(opts.layouts)}
+    try:
+        if opts.heads:
+            shapes = [_heads(x, shapes[0][2]) for x in _split(opts.heads)]
+        if opts.layouts:
+            layouts = {n: SMOKE_LAYOUTS.get(n) or layout_lens(n) for n in _split(opts.layouts)}
+    except ValueError as e:
+        print(f"gdn bench: {e}", file=sys.stderr)
+        return 2
     rlist, missing = runners(o)
     notes = [f"{key}: not run ({why})" for key, why in missing]
     if smoke:

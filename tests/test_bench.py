@@ -151,3 +151,11 @@ def test_bench_on_the_gpu_with_peers(tmp_path):
     for r in ok:
         if r.get("check_rms") is not None and "ONE state per row" not in r["note"]:
             assert r["check_rms"] < 1e-2, r
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--heads", "16-32"], "H/HV"), (["--heads", "3/8"], "multiple"),
+    (["--layouts", "4by8192"], "a layout is")])
+def test_bad_arguments_are_named(args, words, capsys):
+    assert bench.main(["--cpu-smoke", "--out", "/nonexistent/never", *args]) == 2
+    assert words in capsys.readouterr().err
