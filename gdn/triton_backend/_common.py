@@ -66,8 +66,10 @@ def device_plan(plan, device: torch.device):
         raise NotImplementedError(f"the triton kernels use chunk_size {BT}, the plan has "
                                   f"{plan.chunk_size}: build it with gdn.plan(cu_seqlens)")
     if not plan.is_host:
-        if plan.cu_seqlens.device != device:
-            raise ValueError(f"the plan's arrays are on {plan.cu_seqlens.device}, q is on {device}")
+        dev = getattr(plan.cu_seqlens, "device", None)
+        if not isinstance(dev, torch.device) or dev != device:
+            raise ValueError(f"plan: pass the host plan (gdn.plan(cu_seqlens)); this one holds "
+                             f"{type(plan.cu_seqlens).__name__} arrays on {dev}, q is on {device}")
         return plan
     return plan.to_torch(device)
 
