@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .kernel_utils import (BC, chunk_bounds, compiler_params, load_sub, pl, store, sub_masks)
+from .kernel_utils import BC, compiler_params, load_sub, on_chunk_row, pl, store
 
 
 def gate_blocks(g_ref, t0, head, masks):
@@ -32,13 +32,8 @@ def chunk_cumsum(g, plan, *, interpret: bool):
     n_tok, hv = g.shape
 
     def kernel(ci_ref, cu_ref, g_ref, gc_ref):
-        row, head = pl.program_id(0), pl.program_id(1)
-        n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
-
-        @pl.when(n >= 0)
-        def _():
-            masks = sub_masks(length)
-            store_sub(gc_ref, t0, head, masks, gate_blocks(g_ref, t0, head, masks))
+        on_chunk_row(ci_ref, cu_ref, lambda t0, head, masks: store_sub(
+            gc_ref, t0, head, masks, gate_blocks(g_ref, t0, head, masks)))
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv), jnp.float32),

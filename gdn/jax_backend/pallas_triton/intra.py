@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernel_utils import (BC, BT, NB, chunk_bounds, compiler_params, dim_tile, iota, load,
-                           load_sub, mdot, mdot_t, pl, store, sub_masks)
+from .kernel_utils import (BC, BT, NB, compiler_params, dim_tile, iota, load, load_sub, mdot,
+                           mdot_t, on_chunk_row, pl, store)
 
 
 def a_blocks(k_ref, t0, hk, masks, gs, bs, rks, kdim: int, fp32: bool):
@@ -104,18 +104,15 @@ def intra_inverse(k, gc, beta, k_rstd, plan, *, num_v_heads: int, interpret: boo
 
     def kernel(ci_ref, cu_ref, k_ref, gc_ref, b_ref, *rest):
         rk_ref, ai_ref = rest if l2 else (None, rest[0])
-        row, head = pl.program_id(0), pl.program_id(1)
-        n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
-
-        @pl.when(n >= 0)
-        def _():
+        def body(t0, head, masks):
             hk = head // grp
-            masks = sub_masks(length)
             gs = load_sub(gc_ref, t0, head, masks)
             bs = load_sub(b_ref, t0, head, masks)
             rks = load_sub(rk_ref, t0, hk, masks) if l2 else None
             a = a_blocks(k_ref, t0, hk, masks, gs, bs, rks, kdim, fp32)
             store_ai(ai_ref, t0, head, masks, inverse_blocks(a))
+
+        on_chunk_row(ci_ref, cu_ref, body)
 
     ins = [plan.chunk_indices, plan.cu_seqlens, k, gc, beta] + ([k_rstd] if l2 else [])
     return pl.pallas_call(

@@ -28,7 +28,7 @@ from ..common import next_pow2
 
 __all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "load", "store", "dim_tile",
            "compiler_params", "pl", "plgpu", "BT", "BC", "NB", "Dims", "dims", "sub_masks",
-           "load_sub"]
+           "load_sub", "on_chunk_row"]
 
 BT = 64  # chunk size of the plan (gdn plans use 64; the kernels assume it)
 BC = 16  # rows of a sub-block: chunks are handled as NB sub-blocks where the inverse needs it
@@ -85,6 +85,14 @@ def chunk_bounds(ci_ref, cu_ref, row):
     t0 = cu_ref[ns] + ci_ref[row, 1] * BT
     length = jnp.minimum(cu_ref[ns + 1] - t0, BT)
     return n, t0, length
+
+
+def on_chunk_row(ci_ref, cu_ref, body):
+    """In a kernel on a (NT_pad, HV) grid: ``body(t0, head, masks)`` for a real chunk row (the
+    sentinel rows exit), masks being the row masks of its NB sub-blocks."""
+    row, head = pl.program_id(0), pl.program_id(1)
+    n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
+    pl.when(n >= 0)(lambda: body(t0, head, sub_masks(length)))
 
 
 def sub_masks(length):

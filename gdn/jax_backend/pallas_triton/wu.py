@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from .cumsum import gate_blocks, store_sub
 from .intra import a_blocks, inverse_blocks, load_ai, store_ai
-from .kernel_utils import (BC, BT, NB, chunk_bounds, compiler_params, dim_tile, dims, iota, load,
-                           load_sub, mdot, pl, store, sub_masks)
+from .kernel_utils import (BC, BT, NB, compiler_params, dim_tile, dims, iota, load, load_sub,
+                           mdot, on_chunk_row, pl, store)
 
 
 def wu_from_blocks(x, k_ref, v_ref, w_ref, u_ref, t0, head, hk, masks, gs, bs, rks, d):
@@ -59,13 +59,9 @@ def prepare(k, v, g, beta, k_rstd, plan, *, store_ai_stage: bool, interpret: boo
         rk_ref = refs[6] if l2 else None
         gc_ref, w_ref, u_ref = refs[6 + l2: 9 + l2]
         ai_ref = refs[9 + l2] if store_ai_stage else None
-        row, head = pl.program_id(0), pl.program_id(1)
-        n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
 
-        @pl.when(n >= 0)
-        def _():
+        def body(t0, head, masks):
             hk = head // d.grp
-            masks = sub_masks(length)
             gs = gate_blocks(g_ref, t0, head, masks)
             store_sub(gc_ref, t0, head, masks, gs)
             bs = load_sub(b_ref, t0, head, masks)
@@ -74,6 +70,8 @@ def prepare(k, v, g, beta, k_rstd, plan, *, store_ai_stage: bool, interpret: boo
             if store_ai_stage:
                 store_ai(ai_ref, t0, head, masks, x)
             wu_from_blocks(x, k_ref, v_ref, w_ref, u_ref, t0, head, hk, masks, gs, bs, rks, d)
+
+        on_chunk_row(ci_ref, cu_ref, body)
 
     out_shape = [jax.ShapeDtypeStruct((d.tokens, d.hv), jnp.float32)] + _out_shapes(d)
     if store_ai_stage:
@@ -94,18 +92,15 @@ def recompute_wu(k, v, beta, gc, ai, k_rstd, plan, *, interpret: bool):
 
     def kernel(ci_ref, cu_ref, k_ref, v_ref, b_ref, gc_ref, ai_ref, *rest):
         rk_ref, w_ref, u_ref = rest if l2 else (None, *rest)
-        row, head = pl.program_id(0), pl.program_id(1)
-        n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
-
-        @pl.when(n >= 0)
-        def _():
+        def body(t0, head, masks):
             hk = head // d.grp
-            masks = sub_masks(length)
             gs = load_sub(gc_ref, t0, head, masks)
             bs = load_sub(b_ref, t0, head, masks)
             rks = load_sub(rk_ref, t0, hk, masks) if l2 else None
             x = load_ai(ai_ref, t0, head, masks)
             wu_from_blocks(x, k_ref, v_ref, w_ref, u_ref, t0, head, hk, masks, gs, bs, rks, d)
+
+        on_chunk_row(ci_ref, cu_ref, body)
 
     ins = [plan.chunk_indices, plan.cu_seqlens, k, v, beta, gc, ai] + ([k_rstd] if l2 else [])
     return pl.pallas_call(
