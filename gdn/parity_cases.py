@@ -119,26 +119,28 @@ QUICK: tuple[Case, ...] = (
 
 _Q = dict(h=16, hv=32, k=128, v=128)  # Qwen3.5 linear attention
 
-FULL: tuple[Case, ...] = (
-    Case("edges", (65, 0, 1, 63, 64, 1000, 0, 2047), **_Q, initial_state=True, pad_tokens=100,
-         checks=("determinism",), seed=21),
+FULL: tuple[Case, ...] = (  # most telling first: a run cut short by a time budget keeps them
     Case("qwen-4x1024", (1024,) * 4, **_Q, initial_state=True, seed=22,
          note="DESIGN.md §3 anchor: FLA o 3.9e-3, state 3.2e-3"),
-    Case("G1", (4096, 513), h=16, hv=16, k=128, v=128, initial_state=True, seed=23),
+    Case("edges", (65, 0, 1, 63, 64, 1000, 0, 2047), **_Q, initial_state=True, pad_tokens=100,
+         checks=("determinism",), seed=21),
+    Case("metamorphic", (3000, 1500, 700, 64, 1), **_Q, initial_state=True,
+         checks=("determinism", "chain", "permute", "pad", "causal"), seed=35),
+    # no initial state: 3000 random ones would be 6 GB to draw and hold (the final states are
+    # still 3000 x 2 MiB; the other cases cover initial states)
+    Case("thousands-of-docs", _short_docs(3000, 0, 16, 27), **_Q, seed=27),
+    Case("long-1x16411", (16411,), **_Q, initial_state=True, seed=28),
     Case("G3", (3000, 77, 1), h=16, hv=48, k=128, v=128, use_qk_l2norm=True, seed=24),
+    Case("G1", (4096, 513), h=16, hv=16, k=128, v=128, initial_state=True, seed=23),
+    Case("fp32", (2048, 100, 0, 7), **_Q, dtype="float32", initial_state=True,
+         use_qk_l2norm=True, seed=33),
     Case("K64", (4096, 130), h=16, hv=32, k=64, v=64, initial_state=True, seed=25),
     Case("K96", (2000, 65), h=16, hv=32, k=96, v=96, seed=26, note="head size not a power of two"),
-    Case("thousands-of-docs", _short_docs(3000, 0, 16, 27), **_Q, initial_state=True, seed=27),
-    Case("long-1x16411", (16411,), **_Q, initial_state=True, seed=28),
     Case("strong-decay", (4096, 1000), **_Q, gates="strong", seed=29),
     Case("no-decay", (4096, 1000), **_Q, gates="none", initial_state=True, seed=30),
     Case("beta-low", (2048, 300), **_Q, beta="low", use_qk_l2norm=True, seed=31),
     Case("beta-high", (2048, 300), **_Q, beta="high", seed=32),
-    Case("fp32", (2048, 100, 0, 7), **_Q, dtype="float32", initial_state=True,
-         use_qk_l2norm=True, seed=33),
     Case("fp16", (2048, 300), **_Q, dtype="float16", initial_state=True, seed=34),
-    Case("metamorphic", (3000, 1500, 700, 64, 1), **_Q, initial_state=True,
-         checks=("determinism", "chain", "permute", "pad", "causal"), seed=35),
     Case("batch-4x2048", (2048,) * 4, **_Q, batch=True, initial_state=True, seed=36),
 )
 
