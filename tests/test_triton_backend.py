@@ -254,7 +254,8 @@ def test_one_compilation_per_call_pattern():
     c = _launch_keys([100, 20], dtype="float32", seed=1)
     d = _launch_keys([100, 20], initial_state=False, seed=1)
     assert all(c[n] != a[n] for n in a)
-    assert d["_state_kernel"] != a["_state_kernel"] and d["_prepare_kernel"] == a["_prepare_kernel"]
+    assert d["_state_kernel"] != a["_state_kernel"]
+    assert d["_prepare_kernel"] == a["_prepare_kernel"]
 
 
 def test_device_errors_name_the_argument():
@@ -354,3 +355,24 @@ def test_gpu_cuda_graph_capture_replays_like_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(o, o_ref) and torch.equal(f, f_ref)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_output_mode(monkeypatch, dtype):
+    """state.FUSE_OUTPUT: o computed inside the state pass (h and v_new never stored) equals the
+    separate output kernel up to summation order, and meets the float64 bar; with
+    return_stages it still stores h and v_new."""
+    tens, kw, ref = _inputs([100, 0, 1, 65], h=1, hv=3, k=24, v=40, dtype=dtype, l2=True,
+                            initial_state=True, pad=10, seed=19)
+    o1, f1 = gdn.prefill(*tens, backend="triton", **kw)
+    monkeypatch.setattr(state, "FUSE_OUTPUT", True)
+    _, launches = xcompile.record(lambda: gdn.prefill(*tens, backend="triton", **kw))
+    o2, f2 = gdn.prefill(*tens, backend="triton", **kw)
+    assert [lc.name for lc in launches] == ["_prepare_kernel", "_state_kernel"]
+    assert torch.equal(f1, f2) and R.rms_ratio(o2, o1) < 1e-6
+    assert torch.all(o2[:, 167:] == 0)
+    ro, rf = _reference(ref)
+    _check(o2, f2, ro, rf, dtype)
+    _, args = validate(*tens, backend="triton", **kw)
+    o3, f3, st = tb.run(args, return_stages=True)
+    assert torch.equal(o3, o2) and st["h"].shape[0] == args.plan.num_chunks

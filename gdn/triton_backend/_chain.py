@@ -7,12 +7,13 @@ import torch
 
 from ._common import check_device, device_plan, interpreted, packed
 from .output import launch_output
+from . import state
 from .state import launch_state
 from .wu import _prepare_kernel, launch_prepare
 
 
 def _device_guard(dev: torch.device):
-    """Launch on the tensors' GPU when it is not the current one (no context in the common case)."""
+    """Launch on the tensors' GPU when it is not the current one (else no context at all)."""
     if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
         return torch.cuda.device(dev)
     return contextlib.nullcontext()
@@ -28,8 +29,13 @@ def run_chain(args, return_stages: bool = False):
     with _device_guard(dev):
         gc, ai, w, u, k_rstd = launch_prepare(k, v, g, beta, p, bool(return_stages),
                                               args.use_qk_l2norm)
-        hs, v_new, final = launch_state(k, w, u, gc, p, h0, args.output_final_state, k_rstd)
-        o = launch_output(q, k, v_new, hs, gc, p, args.scale, None, k_rstd)
+        if state.FUSE_OUTPUT:
+            hs, v_new, final, o = launch_state(k, w, u, gc, p, h0, args.output_final_state,
+                                               k_rstd, q=q, scale=args.scale,
+                                               store_hv=bool(return_stages))
+        else:
+            hs, v_new, final = launch_state(k, w, u, gc, p, h0, args.output_final_state, k_rstd)
+            o = launch_output(q, k, v_new, hs, gc, p, args.scale, None, k_rstd)
     o = o.reshape(args.batch, args.seqlen, hv, dv)
     if not return_stages:
         return o, final

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["BT", "BC", "INTERPRET", "interpreted", "check_device", "device_plan", "packed",
-           "dot_precision", "tiles", "pow2", "launch", "chunk_program", "dummy", "set_launch_hook", "mma",
-           "to_dt", "load_rows4", "store_rows4", "device_fn"]
+           "dot_precision", "tiles", "pow2", "launch", "chunk_program", "dummy", "set_launch_hook",
+           "mma", "to_dt", "load_rows4", "store_rows4", "device_fn"]
 
 #: chunk size of every kernel (the plan's chunk_size must match)
 BT = 64
@@ -41,13 +41,14 @@ def interpreted(kernel: Any) -> bool:
 
 
 def check_device(ref: torch.Tensor, interp: bool, **tensors: Any) -> torch.device:
-    """All tensors on q's device; CUDA, or CPU under the interpreter. ValueError names the argument."""
+    """All tensors on q's device: CUDA, or CPU under the interpreter (ValueError naming it)."""
     dev = ref.device
     if dev.type == "cpu":
         if not interp and _HOOK is None:
             raise ValueError(
-                "q is a CPU tensor: the triton backend runs on CUDA tensors (CPU tensors only under "
-                "Triton's interpreter, TRITON_INTERPRET=1 set before gdn.triton_backend is imported)")
+                "q is a CPU tensor: the triton backend runs on CUDA tensors (CPU tensors only "
+                "under Triton's interpreter: TRITON_INTERPRET=1 set before gdn.triton_backend "
+                "is imported)")
     elif dev.type != "cuda":
         raise ValueError(f"q is on {dev}: the triton backend runs on CUDA tensors")
     elif interp:
@@ -61,7 +62,7 @@ def check_device(ref: torch.Tensor, interp: bool, **tensors: Any) -> torch.devic
 
 
 def device_plan(plan, device: torch.device):
-    """The plan's int32 metadata on ``device`` (memoized by the plan: pinned, non-blocking copy)."""
+    """The plan's int32 metadata on ``device`` (memoized by the plan: pinned, non-blocking)."""
     if plan.chunk_size != BT:
         raise NotImplementedError(f"the triton kernels use chunk_size {BT}, the plan has "
                                   f"{plan.chunk_size}: build it with gdn.plan(cu_seqlens)")

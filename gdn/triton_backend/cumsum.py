@@ -21,7 +21,8 @@ __all__ = ["chunk_cumsum", "load_token_blocks", "store_token_blocks", "cumsum_bl
 
 @device_fn
 def load_token_blocks(ptr, tok0, n_valid, head, HV: tl.constexpr, BC: tl.constexpr):
-    """A per-token, per-head [T, HV] vector of one chunk as four fp32 [BC] blocks (0 past the end)."""
+    """A per-token, per-head [T, HV] vector of one chunk as four fp32 [BC] blocks (0 past its
+    end)."""
     i = tl.arange(0, BC)
     p = ptr + (tok0 + i) * HV + head
     x0 = tl.load(p, mask=i < n_valid, other=0.0).to(tl.float32)

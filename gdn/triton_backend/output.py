@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BT, check_device, chunk_program, device_plan, dot_precision, dummy,
-                      interpreted, launch, mma, packed, pow2, tiles, to_dt)
+from ._common import (BT, check_device, chunk_program, device_fn, device_plan, dot_precision,
+                      dummy, interpreted, launch, mma, packed, pow2, tiles, to_dt)
 
-__all__ = ["output", "output_tiles"]
+__all__ = ["output", "output_tiles", "chunk_output", "new_output"]
 
 
 @triton.jit
@@ -55,25 +55,41 @@ def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, sca
         qk = mma(b_q, b_kt, qk, PREC)
 
     b_g = tl.load(gc + tok * HV + head, mask=m_t, other=0.0)
-    row_scale = tl.exp(b_g)
-    col_scale = tl.full([BT], 1.0, dtype=tl.float32)
-    if NORM:  # use_qk_l2norm: 1 / ||q|| from the loads above, 1 / ||k|| from the prepare kernel
-        q_r = 1.0 / tl.sqrt_rn(q_sq + 1e-6)
-        row_scale = row_scale * q_r
-        col_scale = tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
-        qk = qk * q_r[:, None]
-    acc = acc * row_scale[:, None]
-    causal = (rt[:, None] >= rt[None, :]) & m_t[:, None]
-    decay = tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.0)) * col_scale[None, :]
-    qk = tl.where(causal, qk * decay, 0.0)
+    k_r = tl.full([BT], 1.0, dtype=tl.float32)
+    if NORM:  # 1 / ||k|| from the prepare kernel
+        k_r = tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
     p_v = (tok * HV + head)[:, None] * V + rv[None, :]
     m_tv = m_t[:, None] & (rv < V)[None, :]
     b_v = tl.load(v_new + p_v, mask=m_tv, other=0.0)
+    out = chunk_output(acc, qk, q_sq, b_g, k_r, b_v, m_t, scale, dt, BT, PREC, NORM)
+    tl.store(o + p_v, to_dt(out, o.dtype.element_ty), mask=m_tv)
+
+
+@device_fn
+def chunk_output(qh, qk, q_sq, b_g, k_r, v_dt, m_t, scale, dt: tl.constexpr, BT: tl.constexpr,
+                 PREC: tl.constexpr, NORM: tl.constexpr):
+    """One chunk's o tile (fp32) from Q h and Q K^T (raw fp32 accumulations), sum q^2 (NORM),
+    the chunk's gc, 1 / ||k|| (ones unless NORM) and v_new (the 16-bit values stored):
+
+        scale * ( exp(gc) r_q (Q h) + ((Q K^T) r_q r_k^T exp(gc_r - gc_s) [r >= s]) v_new )
+
+    Shared by the output kernel and the state pass's fused-output mode.
+    """
+    rt = tl.arange(0, BT)
+    row_scale = tl.exp(b_g)
+    if NORM:  # use_qk_l2norm: 1 / ||q|| from the q tiles the caller loaded
+        q_r = 1.0 / tl.sqrt_rn(q_sq + 1e-6)
+        row_scale = row_scale * q_r
+        qk = qk * q_r[:, None]
+    acc = qh * row_scale[:, None]
+    causal = (rt[:, None] >= rt[None, :]) & m_t[:, None]
+    decay = tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.0)) * k_r[None, :]
+    qk = tl.where(causal, qk * decay, 0.0)
     qk_hi = to_dt(qk, dt)
-    acc = mma(qk_hi, b_v, acc, PREC)
+    acc = mma(qk_hi, v_dt, acc, PREC)
     if dt != tl.float32:  # the rounding error of qk as a second 16-bit operand: qk is fp32 exact
-        acc = mma(to_dt(qk - qk_hi.to(tl.float32), dt), b_v, acc, PREC)
-    tl.store(o + p_v, to_dt(acc * scale, o.dtype.element_ty), mask=m_tv)
+        acc = mma(to_dt(qk - qk_hi.to(tl.float32), dt), v_dt, acc, PREC)
+    return acc * scale
 
 
 def output_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
@@ -103,16 +119,26 @@ def output(q, k, v_new, h, gc, plan, scale: float, *, out: torch.Tensor | None =
                          k_rstd)
 
 
+def zero_tail(o: torch.Tensor, p) -> torch.Tensor:
+    """Zero the rows of tokens past cu_seqlens[N] (no kernel writes them)."""
+    if p.num_tokens is None:
+        o.zero_()
+    elif p.num_tokens < o.shape[0]:
+        o[p.num_tokens:].zero_()
+    return o
+
+
+def new_output(q: torch.Tensor, t: int, hv: int, dv: int, p) -> torch.Tensor:
+    """o [T, HV, V] in q's dtype, rows past cu_seqlens[N] zeroed."""
+    return zero_tail(torch.empty(t, hv, dv, dtype=q.dtype, device=q.device), p)
+
+
 def launch_output(q, k, v_new, h, gc, p, scale: float, out, k_rstd):
     """:func:`output` on packed contiguous tensors and a device plan (no checks)."""
     t, h_heads, dk = q.shape
     hv, dv = v_new.shape[1:]
     dev = q.device
-    o = torch.empty(t, hv, dv, dtype=q.dtype, device=dev) if out is None else out
-    if p.num_tokens is None:
-        o.zero_()
-    elif p.num_tokens < t:
-        o[p.num_tokens:].zero_()
+    o = new_output(q, t, hv, dv, p) if out is None else zero_tail(out, p)
     meta = output_tiles(dk, dv, q.dtype)
     norm = k_rstd is not None
     launch(_output_kernel, (p.padded_chunks * hv * meta["NV"],), q, k, v_new, h, gc, o,

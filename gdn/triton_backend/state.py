@@ -20,17 +20,20 @@ import triton.language as tl
 
 from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_precision, dummy,
                       interpreted, launch, mma, packed, pow2, tiles, to_dt)
+from .output import chunk_output, new_output
 
 __all__ = ["state_pass", "state_tiles"]
 
 
 @device_fn
-def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, head, kh, H: tl.constexpr,
-                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, iv, PREC: tl.constexpr, NORM: tl.constexpr):
-    """One chunk of the state pass: store h, compute and store v_new, return the next state.
+def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, q, o, scale, head, kh,
+                iv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr):
+    """One chunk of the state pass: h and v_new (stored unless fused without STORE_HV), the
+    chunk's o with FUSE, and the next state.
 
-    ``NORM``: k is raw and 1 / ||k|| (k_rstd [T, H]) joins the row scale of v_new.
+    ``NORM``: k (and q) are raw; 1 / ||k|| (k_rstd [T, H]) joins the row scale of v_new.
     """
     dt = w.dtype.element_ty
     rk = tl.arange(0, BK)
@@ -40,10 +43,10 @@ def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, head, kh, 
     m_v = rv < V
     m_t = rt < n_valid
     tok = tok0 + rt  # int64 token indices of the chunk
-    # the state at the chunk start, for the output stage
-    p_h = h + (row.to(tl.int64) * HV + head) * (K * V) + rk[:, None] * V + rv[None, :]
     s_dt = to_dt(s, dt)
-    tl.store(p_h, s_dt, mask=m_k[:, None] & m_v[None, :])
+    if STORE_HV:  # the state at the chunk start, for the output stage
+        p_h = h + (row.to(tl.int64) * HV + head) * (K * V) + rk[:, None] * V + rv[None, :]
+        tl.store(p_h, s_dt, mask=m_k[:, None] & m_v[None, :])
     # v_new = u - w S
     b_w = tl.load(w + (tok * HV + head)[:, None] * K + rk[None, :],
                   mask=m_t[:, None] & m_k[None, :], other=0.0)
@@ -51,26 +54,38 @@ def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, head, kh, 
     m_tv = m_t[:, None] & m_v[None, :]
     b_u = tl.load(u + p_u, mask=m_tv, other=0.0).to(tl.float32)
     b_v = b_u - mma(b_w, s_dt, tl.zeros_like(b_u), PREC)
-    tl.store(v_new + p_u, to_dt(b_v, dt), mask=m_tv)
-    # decay to the chunk end (gate of its last valid token), then add the chunk's keys
+    v_dt = to_dt(b_v, dt)
+    if STORE_HV:
+        tl.store(v_new + p_u, v_dt, mask=m_tv)
     b_g = tl.load(gc + tok * HV + head, mask=m_t, other=0.0)
-    g_last = tl.load(gc + (tok0 + n_valid - 1) * HV + head)
-    decay = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+    k_r = tl.full([BT], 1.0, dtype=tl.float32)
     if NORM:
-        decay = decay * tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
-    b_v = b_v * decay[:, None]
+        k_r = tl.load(k_rstd + tok * H + kh, mask=m_t, other=0.0)
     b_kt = tl.load(k + (tok * H + kh)[None, :] * K + rk[:, None],  # K^T tile [BK, BT]
                    mask=m_k[:, None] & m_t[None, :], other=0.0)
+    if FUSE:  # the output stage on the state in registers: h and v_new never go to memory
+        b_q = tl.load(q + (tok * H + kh)[:, None] * K + rk[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.0)
+        q_sq = tl.zeros([BT], dtype=tl.float32)
+        if NORM:
+            q_sq = tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+        out = chunk_output(mma(b_q, s_dt, tl.zeros_like(b_u), PREC),
+                           mma(b_q, b_kt, tl.zeros([BT, BT], dtype=tl.float32), PREC), q_sq, b_g,
+                           k_r, v_dt, m_t, scale, dt, BT, PREC, NORM)
+        tl.store(o + p_u, to_dt(out, o.dtype.element_ty), mask=m_tv)
+    # decay to the chunk end (gate of its last valid token), then add the chunk's keys
+    g_last = tl.load(gc + (tok0 + n_valid - 1) * HV + head)
+    b_v = b_v * (tl.where(m_t, tl.exp(g_last - b_g), 0.0) * k_r)[:, None]
     s = s * tl.exp(g_last)
     return mma(b_kt, to_dt(b_v, dt), s, PREC)
 
 
 @triton.jit
-def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, cu_seqlens, chunk_offsets,
+def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk_offsets, scale,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                   PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                  NORM: tl.constexpr):
+                  NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr):
     pid = tl.program_id(0)
     iv = pid % NV
     head = (pid // NV) % HV
@@ -98,33 +113,42 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, cu_seqlens, chunk_offse
         while row < row1:
             tok0 = bos + (row - row0).to(tl.int64) * BT
             s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
-                            k_rstd, head, kh, H, HV, K, V, BT, BK, BV, iv, PREC, NORM)
+                            k_rstd, q, o, scale, head, kh, iv, H, HV, K, V, BT, BK, BV, PREC,
+                            NORM, FUSE, STORE_HV)
             row += 1
     else:
         for row in range(row0, row1):  # a counted loop: the compiler pipelines its loads
             tok0 = bos + (row - row0).to(tl.int64) * BT
             s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
-                            k_rstd, head, kh, H, HV, K, V, BT, BK, BV, iv, PREC, NORM)
+                            k_rstd, q, o, scale, head, kh, iv, H, HV, K, V, BT, BK, BV, PREC,
+                            NORM, FUSE, STORE_HV)
 
     if STORE_FINAL:
         tl.store(ht + state_idx * (K * V) + kv_off, s, mask=m_kv)
 
 
-def state_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
+def state_tiles(dk: int, dv: int, dtype: torch.dtype, fuse: bool = False) -> dict:
     """Tile sizes and launch options of the state pass for head dims (K, V) and an input dtype.
 
     The state tile is [K_pad, BV] fp32 in registers: BV = 64 up to K = 128, 32 beyond (the
     register budget of 4 warps). Two pipeline stages for 16-bit inputs. fp32 inputs (IEEE fp32
-    dots on CUDA cores, operands in registers) get 8 warps and one stage.
+    dots on CUDA cores, operands in registers) get 8 warps and one stage, as does the fused
+    output mode (its q tile and output accumulators).
     """
     bk = pow2(dk)
     fp32 = dtype == torch.float32
-    return tiles(dict(BK=bk, BV=64 if bk <= 128 else 32, NV=0, num_warps=8 if fp32 else 4,
-                      num_stages=1 if fp32 else 2), TILES, dv)
+    stages = 1 if fp32 or (fuse and bk > 128) else 2
+    return tiles(dict(BK=bk, BV=64 if bk <= 128 else 32, NV=0,
+                      num_warps=8 if fp32 or fuse else 4, num_stages=stages), TILES, dv)
 
 
 #: tuning override of :func:`state_tiles` (e.g. {"BV": 32, "num_stages": 3}); empty by default
 TILES: dict = {}
+
+#: the chain computes o inside the state pass (h and v_new never reach memory: about a quarter
+#: of the traffic at the Qwen3.5 shape) instead of in the output kernel. Off by default until
+#: measured on the H200 (tests/gpu/triton_gpu_check.py tuning_sweep times both).
+FUSE_OUTPUT: bool = False
 
 
 def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: bool = True,
@@ -143,11 +167,18 @@ def state_pass(k, w, u, gc, plan, *, initial_state=None, output_final_state: boo
                         bool(output_final_state), k_rstd)
 
 
-def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd):
-    """:func:`state_pass` on packed contiguous tensors and a device plan (no checks)."""
+def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd, *,
+                 q=None, scale: float = 1.0, store_hv: bool = True):
+    """:func:`state_pass` on packed contiguous tensors and a device plan (no checks).
+
+    With ``q`` the output is fused in (``FUSE_OUTPUT`` mode): returns (h, v_new, final, o),
+    h and v_new only with ``store_hv`` (else None: they never reach memory).
+    """
     t, h_heads, dk = k.shape
     hv, dv = u.shape[1:]
     dev = k.device
+    fuse = q is not None
+    store_hv = store_hv or not fuse
     n_seq = p.num_seqs if p.num_seqs is not None else p.padded_seqs
     n_rows = p.num_chunks if p.num_chunks is not None else p.padded_chunks
     h0 = dummy(dev)
@@ -155,14 +186,18 @@ def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd
         h0 = initial_state if initial_state.is_contiguous() else initial_state.contiguous()
         if h0.shape[0] < n_seq:  # padded sequences read zeros (only when N is unknown)
             h0 = torch.cat([h0, h0.new_zeros(n_seq - h0.shape[0], *h0.shape[1:])])
-    hs = torch.empty(n_rows, hv, dk, dv, dtype=w.dtype, device=dev)
-    v_new = torch.empty(t, hv, dv, dtype=w.dtype, device=dev)
+    hs = torch.empty(n_rows, hv, dk, dv, dtype=w.dtype, device=dev) if store_hv else dummy(dev)
+    v_new = torch.empty(t, hv, dv, dtype=w.dtype, device=dev) if store_hv else dummy(dev)
     final = (torch.empty(n_seq, hv, dk, dv, dtype=torch.float32, device=dev)
              if output_final_state else dummy(dev))
-    meta = state_tiles(dk, dv, w.dtype)
+    o = new_output(q, t, hv, dv, p) if fuse else dummy(dev)
+    meta = state_tiles(dk, dv, w.dtype, fuse)
     norm = k_rstd is not None
     launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, hs, v_new, h0, final,
-           k_rstd if norm else dummy(dev), p.cu_seqlens, p.chunk_offsets, H=h_heads, HV=hv, K=dk,
-           V=dv, BT=BT, PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
-           STORE_FINAL=output_final_state, NORM=norm, **meta)
-    return hs, v_new, (final if output_final_state else None)
+           k_rstd if norm else dummy(dev), q if fuse else dummy(dev), o, p.cu_seqlens,
+           p.chunk_offsets, float(scale), H=h_heads, HV=hv, K=dk, V=dv, BT=BT,
+           PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
+           STORE_FINAL=output_final_state, NORM=norm, FUSE=fuse, STORE_HV=store_hv, **meta)
+    out = (hs if store_hv else None, v_new if store_hv else None,
+           final if output_final_state else None)
+    return out + (o,) if fuse else out

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._common import (BC, BT, check_device, chunk_program, device_fn, device_plan, dot_precision,
-                      dummy, interpreted, launch, load_rows4, mma, packed, pow2, store_rows4, to_dt)
+                      dummy, interpreted, launch, load_rows4, mma, packed, pow2, store_rows4,
+                      to_dt)
 from .cumsum import gate_cumsum, load_token_blocks, store_token_blocks
 from .intra import intra_inverse, k_tile, load_ai, store_ai
 

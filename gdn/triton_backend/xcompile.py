@@ -100,7 +100,8 @@ class Compiled:
     def line(self) -> str:
         cx = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
         return (f"{self.name:16s} smem {self.shared / 1024:6.1f} KiB  regs {self.registers}  "
-                f"spills {self.spill_bytes} B  warps {self.num_warps} stages {self.num_stages}  {cx}")
+                f"spills {self.spill_bytes} B  warps {self.num_warps} "
+                f"stages {self.num_stages}  {cx}")
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:

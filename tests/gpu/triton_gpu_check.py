@@ -14,8 +14,8 @@ Sections (each prints its own result; an error is printed and the next section r
  5. sync detector: 50 ms of queued matmuls, the prefill must return to the host long before
  6. against FLA (fla-core 0.6.0, FLA_FLASH_QLA=0), vLLM's bar (gdn.tolerances.VS_FLA)
  7. timings at H=16, HV=32, K=V=128, bf16, fp32 state: 1x32768, 4x8192, 8x4096, 128x256;
-    triton.testing.do_bench medians, host time per call with a prebuilt plan, vs FLA; and the
-    time of each of our kernels
+    triton.testing.do_bench medians, host time per call with a prebuilt plan, vs FLA; the
+    opt-in fused-output variant (state.FUSE_OUTPUT); and the time of each of our kernels
  8. a 300k-token batch (int64 offsets: h alone holds 2.5e9 elements) against the same batch
     split in two calls chained through the state (last: a fault there cannot hide the rest)
 
@@ -344,6 +344,14 @@ def timings():
         ours = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
         ms = do_bench(ours, return_mode="median")
         host = _host_us(ours)
+        state.FUSE_OUTPUT = True  # the opt-in variant: o computed inside the state pass
+        try:
+            ms_fused = do_bench(ours, return_mode="median")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ms_fused = float("nan")
+        finally:
+            state.FUSE_OUTPUT = False
         ms_f = host_f = float("nan")
         if fla is not None:
             try:
@@ -352,7 +360,7 @@ def timings():
                 host_f = _host_us(call)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
-        rows.append((f"{n}x{t}", ms, ms_f, host, host_f))
+        rows.append((f"{n}x{t}", ms, ms_fused, ms_f, host, host_f))
         # our kernels one by one (the chain's own arguments)
         _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
         q, k, v, g, beta = (x[0] for x in batch)
@@ -365,11 +373,13 @@ def timings():
                          return_mode="median")
         stages.append((f"{n}x{t}", t_prep, t_state, t_out))
     print(f"\n  H={H} HV={HV} K={K} V={V}, bf16 inputs, fp32 initial and final state")
-    print("  | layout   | gdn triton ms | FLA ms | FLA / gdn | gdn host us/call | FLA host us/call |")
-    print("  |----------|---------------|--------|-----------|------------------|------------------|")
-    for name, ms, ms_f, host, host_f in rows:
-        print(f"  | {name:8s} | {ms:13.3f} | {ms_f:6.3f} | {ms_f / ms:8.2f}x | {host:16.0f} | "
-              f"{host_f:16.0f} |")
+    print("  | layout   | gdn triton ms | fused-output variant ms | FLA ms | FLA / gdn | "
+          "gdn host us/call | FLA host us/call |")
+    print("  |----------|---------------|-------------------------|--------|-----------|"
+          "------------------|------------------|")
+    for name, ms, ms_fused, ms_f, host, host_f in rows:
+        print(f"  | {name:8s} | {ms:13.3f} | {ms_fused:23.3f} | {ms_f:6.3f} | {ms_f / ms:8.2f}x | "
+              f"{host:16.0f} | {host_f:16.0f} |")
     print("\n  our kernels, do_bench median ms")
     print("  | layout   | prepare | state | output |")
     print("  |----------|---------|-------|--------|")
@@ -438,6 +448,21 @@ def tuning_sweep():
     for n, t in layouts:
         batch, h0, cu = qwen_batch([t] * n, seed=7)
         plan = gdn.plan(cu)
+        chain = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
+        for fuse, cfg in [(False, {}), (True, {}), (True, {"BV": 32}), (True, {"num_warps": 4}),
+                          (True, {"BV": 32, "num_warps": 4})]:
+            state.FUSE_OUTPUT = fuse
+            state.TILES.clear()
+            state.TILES.update(cfg)
+            try:
+                ms = f"{bench(chain):8.3f} ms"
+            except Exception as e:  # noqa: BLE001
+                ms = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            finally:
+                state.FUSE_OUTPUT = False
+                state.TILES.clear()
+            what = ("fused output, state " if fuse else "separate output ") + str(cfg or "default")
+            print(f"  {n}x{t:<6d} chain    {what:36s} {ms}", flush=True)
         _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
         q, k, v, g, beta = (x[0] for x in batch)
         gc, _, w, u, _ = wu.prepare(k, v, g, beta, plan)
