@@ -154,22 +154,25 @@ def environment():
 @section
 def correctness_vs_float64():
     ok = True
+    both, bf16 = ("bfloat16", "float32"), ("bfloat16",)  # each new variant compiles (seconds)
     specs = [
-        ("Qwen G=2 edges + empty middle, h0", dict(lens=[100, 0, 1, 63, 64, 65],
-                                                  initial_state=True)),
-        ("Qwen G=2 l2norm in kernel, padded tokens", dict(lens=[300, 7, 129], l2=True, pad=29)),
-        ("Qwen G=2 strong gates", dict(lens=[130, 64], gates="strong", initial_state=True)),
-        ("G=3 (H=8, HV=24)", dict(lens=[200, 65, 1], h=8, hv=24, initial_state=True)),
-        ("odd heads K=100 V=60, G=3", dict(lens=[130, 1, 64], h=2, hv=6, k=100, v=60,
-                                           initial_state=True, l2=True)),
-        ("K=V=256, G=1", dict(lens=[130, 5], h=2, hv=2, k=256, v=256, initial_state=True)),
+        ("Qwen G=2 edges + empty middle, h0", both, dict(lens=[100, 0, 1, 63, 64, 65],
+                                                        initial_state=True)),
+        ("Qwen G=2 l2norm in kernel, padded tokens", bf16, dict(lens=[300, 7, 129], l2=True,
+                                                                pad=29)),
+        ("Qwen G=2 strong gates", bf16, dict(lens=[130, 64], gates="strong", initial_state=True)),
+        ("G=3 (H=8, HV=24)", bf16, dict(lens=[200, 65, 1], h=8, hv=24, initial_state=True)),
+        ("odd heads K=100 V=60, G=3, l2norm", both, dict(lens=[130, 1, 64], h=2, hv=6, k=100,
+                                                         v=60, initial_state=True, l2=True,
+                                                         pad=7)),
+        ("K=V=256, G=1", bf16, dict(lens=[130, 5], h=2, hv=2, k=256, v=256, initial_state=True)),
     ]
-    for label, spec in specs:
-        for dtype in ("bfloat16", "float32"):
+    for label, dtypes, spec in specs:
+        for dtype in dtypes:
             tens, kw, (ro, rf) = case(**spec, dtype=dtype, seed=len(label))
             o, f = gdn.prefill(*tens, backend="triton", **kw)
             ok &= bar_check(o, f, ro, rf, dtype, f"{label} [{dtype}]")
-            if kw.get("cu_seqlens") is not None and spec.get("pad"):
+            if spec.get("pad"):
                 n = int(kw["cu_seqlens"][-1])
                 zero = bool(torch.all(o[:, n:] == 0))
                 print(f"    padded tokens give zero output: {zero}")
