@@ -415,8 +415,8 @@ def _errors(a: Outputs, b: Outputs, o_bar: float, case: Case, between: bool):
     st = {k: reference.rms_ratio(a.stages[k], b.stages[k]) for k in STAGES
           if k in a.stages and k in b.stages}
     over = [n for n, e in (("o", eo), ("state", es)) if not e <= o_bar]
-    over += [k for k, e in st.items() if not e <= tolerances.stage_bar(
-        k, case.dtype, between=between, l2norm=case.use_qk_l2norm)]
+    over += [k for k, e in st.items()
+             if not e <= tolerances.stage_bar(k, case.dtype, between=between)]
     return eo, es, st, over
 
 
