@@ -3,9 +3,11 @@
 Host side (Python, per call): everything here is O(1) work on host ints and tensor metadata;
 nothing reads a device value (no ``.item()``, ``.tolist()``, ``int(tensor)``).
 
-Device side (``@triton.jit`` helpers shared by the stage kernels): where a chunk row of the
-plan starts. Every stage finds its sequence and chunk the same way, from the plan's int32
-device arrays ``cu_seqlens`` and ``chunk_indices``; sentinel rows (seq id < 0) exit.
+Device side (helpers shared by the stage kernels): where a program's chunk starts
+(:func:`chunk_program`: every per-chunk kernel finds its sequence and chunk the same way, from
+the plan's int32 device arrays ``cu_seqlens`` and ``chunk_indices``; sentinel rows, seq id < 0,
+exit), loads and stores of a chunk as four 16-token blocks, and the dot / cast helpers
+:func:`mma` and :func:`to_dt` that keep the CPU interpreter faithful to the tensor cores.
 """
 from __future__ import annotations
 
