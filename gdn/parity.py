@@ -550,9 +550,11 @@ def check_causal(im, prep: Prepared, base) -> Row:
     after[t: int(cu[n + 1])] = True
     keep = ~after
     keep[int(cu[-1]):] = False
-    den = np.sqrt(np.mean(o_full[keep].astype(np.float64) ** 2)) or 1.0
-    per_tok = np.sqrt(np.mean((o[keep].astype(np.float64) - o_full[keep]) ** 2, axis=(1, 2))) / den
-    worst = float(per_tok.max()) if per_tok.size else 0.0
+    worst = 0.0
+    if keep.any():
+        den = np.sqrt(np.mean(o_full[keep].astype(np.float64) ** 2)) or 1.0
+        diff = o[keep].astype(np.float64) - o_full[keep]
+        worst = float((np.sqrt(np.mean(diff ** 2, axis=(1, 2))) / den).max())
     others = np.arange(f.shape[0]) != n
     es = _rel(f[others], f_full[others])
     bar = tolerances.METAMORPHIC[c.dtype]
