@@ -240,3 +240,41 @@ def test_full_size_case_on_the_gpu(name):
     impls = [i for i in AVAILABLE]
     rows = parity.run_suite([case], impls, quick=False, log=lambda s: None)
     _assert_rows_ok(rows)
+
+
+def test_fla_comparison_rows(fakes, monkeypatch):
+    """The FLA rows, with a stand-in for FLA (the float64 reference) on CPU tensors: the peer row,
+    vLLM's absolute bar applied on a bf16 realistic-gates case, and its failures reported."""
+    torch = pytest.importorskip("torch")
+    seen = {}
+
+    def prepare_chunk_indices(cu, chunk_size, cu_seqlens_cpu=None):
+        seen["cpu"] = cu_seqlens_cpu
+        return torch.as_tensor(gdn.plan(cu_seqlens_cpu.numpy()).chunk_indices[:, :])
+
+    utils = types.ModuleType("fla.ops.utils")
+    utils.prepare_chunk_indices = prepare_chunk_indices
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.utils", utils)
+
+    def fake_fla(q, k, v, g, beta, *, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                 cu_seqlens=None, chunk_indices=None):
+        assert output_final_state and cu_seqlens.dtype == torch.long and chunk_indices is not None
+        o, f = reference.chunked(q, k, v, g, beta, cu_seqlens=cu_seqlens.numpy(),
+                                 initial_state=initial_state,
+                                 use_qk_l2norm=use_qk_l2norm_in_kernel)
+        return torch.from_numpy(o).to(q.dtype), torch.from_numpy(f).float()
+
+    case = next(c for c in QUICK if c.name == "edges-G3")
+    prep = parity.prepare(case, whole=True)
+    outs = {}
+    for impl in ("exact", "off_by_1pct"):
+        _, outs[f"fake:{impl}"] = parity.run_impl(prep, fakes[impl], all_cases=True,
+                                                  log=lambda s: None)
+    rows = parity._fla_rows(fake_fla, prep, outs, log=lambda s: None)
+    assert [r.impl for r in rows] == ["FLA", "fake:exact ~ FLA", "fake:off_by_1pct ~ FLA"]
+    assert rows[0].status == "peer" and "within the f64 bar" in rows[0].detail
+    assert rows[1].status == "pass" and rows[1].o_err < 2e-3
+    assert rows[2].status == "FAIL" and "o_mean" in rows[2].detail
+    assert seen["cpu"].tolist() == prep.cu.tolist()
