@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .guards import check_devices, empty_result, is_empty
 from .planner import Plan, plan as make_plan
 
 __all__ = ["prefill", "PrefillArgs", "BACKENDS", "MAX_HEAD_DIM", "array_kind", "dtype_name"]
@@ -106,7 +107,9 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
     if tuple(v.shape[:2]) != (b, t):
         raise ValueError(f"v must be [B, T, HV, V] with B, T = {b}, {t} (q's), got {tuple(v.shape)}")
     hv, dv = int(v.shape[2]), int(v.shape[3])
-    if h < 1 or hv % h:
+    if h < 1 or hv < 1:
+        raise ValueError(f"q.shape[2] (H) and v.shape[2] (HV) must be >= 1, got H = {h}, HV = {hv}")
+    if hv % h:
         raise ValueError(f"the v heads HV = {hv} (v.shape[2]) must be a multiple of the q/k heads "
                          f"H = {h} (q.shape[2])")
     for name, d in (("q.shape[3] (K)", dk), ("v.shape[3] (V)", dv)):
@@ -133,6 +136,11 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
                             f"{type(plan).__name__}")
         if b != 1:
             raise ValueError(f"with plan (varlen), q must have B == 1 (packed), got B = {b}")
+        if not plan.is_host:
+            pk = _plan_kind(plan)
+            if pk != ("torch" if backend == "triton" else "jax"):
+                raise TypeError(f"plan holds {pk} arrays but backend={backend!r}: pass the host "
+                                f"plan (gdn.plan(cu_seqlens)); each backend copies it to its device")
         if plan.num_tokens is not None and plan.num_tokens > t:
             raise ValueError(f"plan was built for {plan.num_tokens} tokens but the arrays hold "
                              f"T = {t} (q.shape[1]); build the plan from this batch's cu_seqlens")
@@ -156,6 +164,8 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
             raise ValueError(f"initial_state must be [N, HV, K, V] = {(want_n, hv, dk, dv)}, got {shp}")
         if not _is_float(dtype_name(initial_state)):
             raise TypeError(f"initial_state must be a floating dtype, got {dtype_name(initial_state)}")
+    check_devices(kind, {"q": q, "k": k, "v": v, "g": g, "beta": beta,
+                         "initial_state": initial_state}, the_plan)
     if scale is None:
         scale = dk ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -170,6 +180,12 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
         raise TypeError(f"impl must be a string or None, got {type(impl).__name__}")
     return backend, PrefillArgs(q, k, v, g, beta, the_plan, initial_state, bool(output_final_state),
                                 float(scale), bool(use_qk_l2norm), impl, b, t)
+
+
+def _plan_kind(plan: Plan) -> str:
+    """'torch', 'jax' or 'numpy': the framework of a plan's arrays (a traced plan is 'jax')."""
+    mod = type(plan.cu_seqlens).__module__
+    return "torch" if mod.startswith("torch") else "jax" if mod.startswith("jax") else "numpy"
 
 
 def load_backend(name: str):
@@ -215,4 +231,6 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
         return run_sharded(args, mesh, head_axis, seq_axis)
     if head_axis is not None or seq_axis is not None:
         raise ValueError("head_axis/seq_axis need mesh=jax.sharding.Mesh(...)")
+    if is_empty(args):  # no token to compute: no backend, no launch (docs/RELIABILITY.md)
+        return empty_result(args, "torch" if backend == "triton" else "jax")
     return load_backend(backend).run(args)

@@ -105,6 +105,8 @@ def host_int_array(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds {int(arr.max())}, past any token count")
     return arr.astype(np.int64)
 
 
