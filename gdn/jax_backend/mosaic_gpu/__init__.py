@@ -1,0 +1,102 @@
+"""impl="mosaic_gpu": the JAX backend's Hopper fast path (Pallas Mosaic GPU kernels).
+
+Two kernels per call, no per-chunk state in HBM:
+
+1. :func:`intra.intra`, grid (HV, tiles): per aligned 64-token tile and v head, the decayed inverse
+   with beta folded in (``Ag = (I + A)^-1 diag(beta)``, input dtype) and the segmented gate cumsum
+   (``gc``, fp32). Sequence boundaries inside a tile split it into independent blocks.
+2. :func:`chunk_loop.chunk_loop`, grid (V / 64, HV, N_pad + 1): one CTA per sequence, v head and
+   64-column V tile walks its sequence's tiles with the fp32 state in registers (warp-specialized:
+   TMA producer, state chain, output), writes the output once and the final state once.
+
+XLA around them only reshapes, moves g and beta to head-major fp32 and builds the per-token sequence
+id from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).
+
+Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
+have: NotImplementedError, so ``impl=None`` falls back), K and V in {64, 128}, any G = HV / H,
+varlen plans, initial and final states, ``use_qk_l2norm`` (applied in XLA before the kernels).
+
+Split-ready: the chunk loop walks a token range ``[cu[n], cu[n+1])`` from a given state row; the
+exact sequence split (gdn issue 6) adds a pass that emits each piece's affine map
+``S_end = M S_start + E`` and a scan over pieces, then runs this same loop per piece.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from ...api import PrefillArgs
+
+__all__ = ["IMPLS", "status", "impl_status", "run", "unsupported_reason", "prefill_arrays"]
+
+IMPLS = ("mosaic_gpu",)
+HEAD_DIMS = (64, 128)
+DTYPES = ("bfloat16", "float16")
+
+
+@functools.cache
+def status() -> str | None:
+    """None if the kernels can run here (a Hopper GPU through jax), else the reason."""
+    try:
+        import jax
+
+        devs = jax.devices()
+    except Exception as e:  # pragma: no cover - no jax runtime at all
+        return f"jax is not usable: {e}"
+    if not devs or devs[0].platform != "gpu":
+        return "impl 'mosaic_gpu' needs an NVIDIA Hopper GPU (sm_90); jax sees " + (devs[0].platform if devs else "none")
+    cc = getattr(devs[0], "compute_capability", None)
+    if cc != "9.0":
+        return f"impl 'mosaic_gpu' needs a Hopper GPU (compute capability 9.0), got {cc}"
+    return None
+
+
+def impl_status() -> dict[str, str | None]:
+    return {"mosaic_gpu": status()}
+
+
+def unsupported_reason(args: PrefillArgs) -> str | None:
+    """Why these arguments cannot run on the Mosaic GPU kernels (None if they can)."""
+    from ...api import dtype_name
+
+    h, hv, dk, dv = args.dims
+    dt = dtype_name(args.q)
+    if dt not in DTYPES:
+        return (f"mosaic_gpu runs bf16/fp16 inputs only (got {dt}: fp32 needs IEEE fp32 products, "
+                f"which Hopper tensor cores lack)")
+    if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
+        return f"mosaic_gpu supports K, V in {HEAD_DIMS}, got K={dk}, V={dv}"
+    if args.plan.chunk_size != 64:
+        return f"mosaic_gpu needs chunk_size 64, got {args.plan.chunk_size}"
+    if args.plan.padded_seqs + 1 > 65535 * 1024:
+        return "too many sequences for one launch"
+    return None
+
+
+def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **options):
+    """gdn's backend entry for impl="mosaic_gpu" (see the module docstring).
+
+    ``interpret=True`` (or GDN_MOSAIC_INTERPRET=1) runs the kernels under the Mosaic GPU interpreter
+    on any machine (tests). ``options`` are tuning knobs passed to the kernels (bv, stages).
+    """
+    if return_stages:
+        raise NotImplementedError("mosaic_gpu fuses the chunk loop: it has no per-chunk stage tensors "
+                                  "(use impl='xla' or the triton backend for stages)")
+    if interpret is None and os.environ.get("GDN_MOSAIC_INTERPRET") == "1":
+        interpret = True
+    if not interpret:
+        why = status()
+        if why is not None:
+            raise NotImplementedError(why)
+    why = unsupported_reason(args)
+    if why is not None:
+        raise NotImplementedError(why)
+    from ._driver import prefill_arrays
+
+    return prefill_arrays(args, interpret=interpret, **options)
+
+
+def prefill_arrays(args: PrefillArgs, **kw):
+    from ._driver import prefill_arrays as _p
+
+    return _p(args, **kw)

@@ -1,0 +1,61 @@
+"""XLA glue around the two Mosaic GPU kernels (reshapes, head-major gates, sequence ids)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...api import PrefillArgs
+from .chunk_loop import chunk_loop
+from .common import C
+from .intra import intra
+
+
+def _l2norm(x):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
+
+
+def _plan_arrays(plan):
+    cu = plan.cu_seqlens
+    if isinstance(cu, np.ndarray):
+        cu = plan.to_jax().cu_seqlens
+    return jnp.asarray(cu, jnp.int32)
+
+
+def prefill_arrays(args: PrefillArgs, *, interpret=None, bv: int = 64, stages: int | None = None):
+    plan = args.plan
+    h, hv, dk, dv = args.dims
+    t_arr = args.batch * args.seqlen
+    group = hv // h
+    dtype = jnp.dtype(args.q.dtype)
+    q = jnp.asarray(args.q).reshape(t_arr, h, dk)
+    k = jnp.asarray(args.k).reshape(t_arr, h, dk)
+    v = jnp.asarray(args.v, dtype).reshape(t_arr, hv, dv)
+    if args.use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    t_pad = max(C, -(-t_arr // C) * C)
+    pad = t_pad - t_arr
+    g = jnp.asarray(args.g).reshape(t_arr, hv).astype(jnp.float32)
+    beta = jnp.asarray(args.beta).reshape(t_arr, hv).astype(jnp.float32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
+    g_hm, beta_hm = g.T, beta.T
+    cu = _plan_arrays(plan)
+    seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+    ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+
+    h0 = args.initial_state
+    if h0 is not None:
+        h0 = jnp.asarray(h0, jnp.float32)
+    n_out = None
+    if args.output_final_state:
+        n_out = plan.num_seqs if plan.num_seqs is not None else plan.padded_seqs
+    o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=args.scale, group=group, n_out=n_out,
+                          t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
+    if pad:
+        o = o[:t_arr]
+    o = o.reshape(args.batch, args.seqlen, hv, dv)
+    return o, final

@@ -1,0 +1,280 @@
+"""The fused, warp-specialized chunk loop: state on chip for the whole sequence, output written once.
+
+One CTA per (V tile of ``bv`` columns, v head ``j``, sequence ``n``), grid ``(nv, HV, N_pad + 1)``.
+The CTA walks the aligned tiles its sequence touches (``cu[n] // 64 .. (cu[n+1] - 1) // 64``, read
+on the device from the plan's ``cu_seqlens``) and masks the rows outside ``[lo, hi)`` of each.
+Three warpgroups:
+
+* WG2 (memory, 40 registers): TMA loads of q, k (head ``j // G``), the v tile, the intra kernel's
+  ``Ag`` and ``gc`` into ``stages`` ring buffers, refilled as both consumers release a slot.
+* WG0 (state): keeps ``S^T`` (``[bv, K]`` fp32) in registers for the whole sequence:
+      W^T     = mask(V^T - (S^T K^T) diag(exp(gc)))            (rows of other sequences zeroed)
+      Vnew^T  = W^T Ag^T                                       (= (U - W S)^T of DESIGN.md §1)
+      S^T    <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K
+  all three products with the left operand in registers; per tile it publishes ``S^T`` (before the
+  update) and ``Vnew`` in the input dtype to double-buffered SMEM for WG1.
+* WG1 (output): ``P = mask((Q K^T) exp(gc_r - gc_s))`` while WG0 works, then
+  ``o = scale (diag(exp(gc)) Q S + P Vnew)``; a tile wholly inside the sequence leaves by one TMA
+  store, a partial tile row by row (rows of neighbouring sequences are never written).
+
+The last grid row ``n = N_pad`` writes zeros to the tokens past ``cu[N]`` (they must read zero). The
+initial state row ``n`` (zeros past ``N_h0``) enters, the final state leaves as ``[K, V]`` fp32
+directly (no transposition outside). No per-tile state touches HBM. Every warpgroup waits for the
+others before exiting.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
+                     iota, masked_exp, mm, rows, tile, tracing_for_interpreter)
+
+SMEM_BUDGET = 227 * 1024 - 8 * 1024  # leave room for barriers and the reduction scratch
+
+
+def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
+    per_stage = (2 * C * dk + C * bv + C * C) * itemsize + 3 * C * 4
+    fixed = (2 * bv * dk + 2 * C * bv) * itemsize + 3 * C * bv * out_itemsize + dk * bv * 4
+    return stages * per_stage + fixed
+
+
+def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
+    for stages in (4, 3, 2):
+        if smem_bytes(dk, bv, itemsize, out_itemsize, stages) <= SMEM_BUDGET:
+            return stages
+    raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
+
+
+def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
+               bv: int = 64, stages: int | None = None, interpret=None):
+    """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
+
+    q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
+    :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
+    h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
+    t_valid: tokens the caller's arrays hold (rows past it are not written).
+    """
+    t_pad, _, dk = q.shape
+    hv, dv = v.shape[1], v.shape[2]
+    ns = cu.shape[0]  # N_pad + 1 grid rows: the sequences, then the zero writer of the tail
+    nv = dv // bv
+    dtype = q.dtype
+    out_dtype = q.dtype
+    isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    if stages is None:
+        stages = pick_stages(dk, bv, isz, osz)
+    has_h0 = h0 is not None
+    n_h0 = h0.shape[0] if has_h0 else 0
+    out_final = n_out is not None
+    interp = bool(interpret)
+
+    out_type = [jax.ShapeDtypeStruct((t_pad, hv, dv), out_dtype)]
+    if out_final:
+        out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
+    vecs = plgpu.SMEM((stages, C), F32)
+    scratch = dict(
+        q_s=tile((stages, C, dk), dtype),
+        k_s=tile((stages, C, dk), dtype),
+        v_s=tile((stages, C, bv), dtype),
+        a_s=tile((stages, C, C), dtype),
+        gc_state=vecs,  # WG0: column view + the closing gate
+        gc_rows=vecs,  # WG1: row view
+        gc_cols=vecs,  # WG1: column view
+        s_pub=tile((2, bv, dk), dtype),
+        vn_pub=tile((2, C, bv), dtype),
+        o_out=tile((2, C, bv), out_dtype),
+        o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
+        st_s=plgpu.SMEM((dk, bv), F32),  # initial / final state in [K, V] orientation
+        in_bar=plgpu.Barrier(num_arrivals=7, num_barriers=stages),
+        in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        s_ready=plgpu.Barrier(num_barriers=2),
+        s_free=plgpu.Barrier(num_barriers=2),
+        st_bar=plgpu.Barrier(),
+        done=plgpu.Barrier(num_arrivals=3),
+    )
+
+    def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, s_pub, vn_pub, o_out, o_part, st_s,
+             in_bar, in_free, s_ready, s_free, st_bar, done):
+        refs = list(refs)
+        q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
+        h0_ref = refs.pop(0) if has_h0 else None
+        o_ref = refs.pop(0)
+        ht_ref = refs.pop(0) if out_final else None
+        iv, j, n = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("n")
+        hk = lax.div(j, group)
+        v0 = iv * bv
+        wg = lax.axis_index("wg")
+        is_seq = n < ns - 1
+        nidx = jnp.minimum(n, ns - 2)
+        a = cu_ref[nidx]
+        b = jnp.where(is_seq, cu_ref[nidx + 1], a)  # the tail row walks no tiles
+        m0 = lax.div(a, C)
+        nt = jnp.where(b > a, lax.div(b - 1, C) - m0 + 1, 0)
+
+        def rows_of(i):  # (token slice of tile i, first valid row, end of valid rows)
+            t0 = (m0 + i) * C
+            return pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def issue(i, slot):
+                tok, _, _ = rows_of(i)
+                bar = in_bar.at[slot]
+                plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
+                plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(v0, bv)], v_s.at[slot], bar)
+                plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
+                for buf in (gc_state, gc_rows, gc_cols):
+                    plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+
+            for i in range(stages):
+                @pl.when(i < nt)
+                def _():
+                    issue(i, i)
+
+            @pl.loop(stages, jnp.maximum(nt, stages))
+            def _refill(i):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(in_free.at[slot])
+                issue(i, slot)
+
+            @pl.loop(jnp.maximum(nt - stages, 0), nt)
+            def _drain(i):  # observe the releases nobody refilled
+                plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])
+
+        @pl.when(wg == 0)
+        def _state():
+            plgpu.set_max_registers(232, action="increase")
+            if has_h0:
+                plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, bv)], st_s, st_bar)
+                plgpu.barrier_wait(st_bar)
+                s0 = plgpu.layout_cast(plgpu.load(st_s.T, layout=WGT), WG)  # [bv, K]
+                s0 = s0 * (n < n_h0).astype(F32)  # rows past N_h0 start from zero
+            else:
+                s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
+            sh = (bv, C)
+            tcol = iota(sh, 1)
+
+            def step(i, s_t):
+                slot = lax.rem(i, stages)
+                half = lax.rem(i, 2)
+                _, lo, hi = rows_of(i)
+                plgpu.barrier_wait(in_bar.at[slot])
+
+                @pl.when(i >= 2)
+                def _():  # WG1 is done with the tiles published two steps ago
+                    plgpu.barrier_wait(s_free.at[half])
+
+                s_lo = s_t.astype(dtype)
+                s_pub.at[half][...] = s_lo
+                valid = (tcol >= lo) & (tcol < hi)
+                g_col = cols(plgpu.load(gc_state.at[slot], layout=COLS), sh)
+                g_last = gc_state[slot, hi - 1]
+                ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
+                v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
+                w_t = jnp.where(valid, v_t - ks * jnp.exp(g_col), 0.0).astype(dtype)
+                vn_t = mm(w_t, a_s.at[slot].T, sh)  # Vnew^T = W^T Ag^T
+                vn_pub.at[half].T[...] = vn_t.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(s_ready.at[half])
+                vd_t = (vn_t * masked_exp(valid, g_last - g_col)).astype(dtype)
+                s_new = mm(vd_t, k_s.at[slot], (bv, dk), init=s_t * jnp.exp(g_last))
+                plgpu.barrier_arrive(in_free.at[slot])
+                return s_new
+
+            s_t = lax.fori_loop(0, nt, step, s0)
+
+            @pl.loop(jnp.maximum(nt - 2, 0), nt)
+            def _drain(i):
+                plgpu.barrier_wait(s_free.at[lax.rem(i, 2)])
+
+            if out_final:
+                @pl.when(n < n_out)
+                def _():
+                    st_s.T[...] = plgpu.layout_cast(s_t, WGT)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(st_s, ht_ref.at[n, j, :, pl.ds(v0, bv)])
+                    plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _output():
+            plgpu.set_max_registers(232, action="increase")
+            sq = (C, C)
+            r, c = iota(sq, 0), iota(sq, 1)
+
+            def store(o_lo, tok, lo, hi, half, t0):
+                full = (lo == 0) & (hi == C) & (t0 + C <= t_valid)
+
+                @pl.when(full)
+                def _():
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of two tiles ago was sent
+                    o_out.at[half][...] = o_lo
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[tok, j, pl.ds(v0, bv)])
+
+                @pl.when(jnp.logical_not(full))
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_part of an earlier tile was sent
+                    o_part[...] = o_lo
+                    plgpu.commit_smem()
+                    end = jnp.minimum(hi, t_valid - t0)
+
+                    @pl.loop(lo, jnp.maximum(end, lo))
+                    def _row(rr):
+                        plgpu.copy_smem_to_gmem(o_part.at[pl.ds(rr, 1)], o_ref.at[pl.ds(t0 + rr, 1), j, pl.ds(v0, bv)],
+                                                commit_group=False)
+                    plgpu.commit_smem_to_gmem_group()
+
+            def step(i, carry):
+                slot = lax.rem(i, stages)
+                half = lax.rem(i, 2)
+                tok, lo, hi = rows_of(i)
+                plgpu.barrier_wait(in_bar.at[slot])
+                g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                mask = (r >= c) & (c >= lo) & (c < hi)
+                p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                p_lo = (p * masked_exp(mask, rows(g_r, sq) - cols(g_c, sq))).astype(dtype)
+                plgpu.barrier_wait(s_ready.at[half])
+                o = mm(q_s.at[slot], s_pub.at[half].T, (C, bv))
+                o = mm(p_lo, vn_pub.at[half], (C, bv), init=o * rows(jnp.exp(g_r), (C, bv)))
+                plgpu.barrier_arrive(s_free.at[half])
+                plgpu.barrier_arrive(in_free.at[slot])
+                o_lo = (o * scale).astype(out_dtype)
+                store(o_lo, tok, lo, hi, half, (m0 + i) * C)
+                return carry
+
+            lax.fori_loop(0, nt, step, None)
+
+            # the tail row: zeros for the tokens past the last sequence, up to t_valid
+            @pl.when(jnp.logical_not(is_seq))
+            def _tail():
+                z0 = cu_ref[ns - 1]
+                zm0 = lax.div(z0, C)
+                zt = jnp.where(t_valid > z0, lax.div(t_valid - 1, C) - zm0 + 1, 0)
+                zero = plgpu.layout_cast(jnp.zeros((C, bv), out_dtype), WG)
+
+                @pl.loop(0, zt)
+                def _z(i):
+                    t0 = (zm0 + i) * C
+                    tok = pl.ds(pl.multiple_of(t0, C), C)
+                    store(zero, tok, jnp.maximum(z0 - t0, 0), C, lax.rem(i, 2), t0)
+
+            plgpu.wait_smem_to_gmem(0)
+
+        finish_together(done)
+
+    args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
+    with tracing_for_interpreter(interp):
+        outs = plgpu.kernel(
+            body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),
+            num_threads=3, thread_name="wg", compiler_params=compiler_params(),
+            interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop",
+        )(*args)
+    return outs[0], (outs[1] if out_final else None)

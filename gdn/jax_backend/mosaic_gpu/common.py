@@ -1,0 +1,124 @@
+"""Small shared pieces of the Mosaic GPU (Hopper) kernels of gdn.
+
+Conventions of every kernel in this package:
+
+* ``C = 64`` tokens per tile. Tiles are aligned to the PACKED token axis (tile ``m`` holds tokens
+  ``[64 m, 64 m + 64)``), not to sequence starts: a sequence touches the tiles
+  ``cu[n] // 64 .. (cu[n+1] - 1) // 64`` and owns the rows ``[lo, hi)`` of each. All TMA loads are
+  therefore 64-aligned (Mosaic's tiled TMA wants the token index divisible by 8), and a tile that
+  holds the end of one sequence and the start of the next is loaded once per sequence and masked.
+  The chunked algorithm is exact for any chunking, so the output does not depend on this choice.
+* per-token scalars (g, beta, the chunk-local cumsum) are head-major fp32 ``[HV, T_pad]`` so a tile
+  is one contiguous 256-byte row for a 1-D TMA copy.
+* 16-bit tiles live in swizzled SMEM (:func:`tile`); fp32 scratch is plain row-major SMEM.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+C = 64  # tokens per tile (the chunk size BT of the plan)
+F32 = jnp.float32
+WG = plgpu.Layout.WGMMA
+WGT = plgpu.Layout.WGMMA_TRANSPOSED
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+#: CUDA caps grid y and z at 65535; Pallas maps the grid (g0, g1, g2) to CUDA (z, y, x).
+MAX_GRID_YZ = 65535
+
+
+def tile(shape, dtype) -> plgpu.SMEM:
+    """SMEM buffer tiled and swizzled for TMA and WGMMA (minor dim = last dim)."""
+    dtype = jnp.dtype(dtype)
+    swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
+
+
+def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WG)
+
+
+def rows(vec, shape):
+    """``vec[i]`` along row i (``vec`` in the ROWS layout)."""
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def cols(vec, shape):
+    """``vec[j]`` along column j (``vec`` in the COLS layout)."""
+    return lax.broadcast_in_dim(vec, shape, [1])
+
+
+_INTERPRET = contextvars.ContextVar("gdn_mosaic_interpret", default=False)
+
+
+@contextlib.contextmanager
+def tracing_for_interpreter(flag: bool):
+    """Kernels traced inside run under the Mosaic GPU interpreter (see :func:`mm`)."""
+    token = _INTERPRET.set(bool(flag))
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def _is_ref(x) -> bool:
+    from jax._src.state import types as state_types
+    return isinstance(x, state_types.TransformedRef) or isinstance(jax.typeof(x), state_types.AbstractRef)
+
+
+def mm(a, b, shape, init=None):
+    """``init + a @ b`` on the tensor cores, fp32 accumulator (``a``: SMEM ref or 16-bit registers).
+
+    The result passes an optimization barrier: reading a WGMMA accumulator lowers to a wait that
+    carries no data dependency, so without it LLVM may move arithmetic on the result above the wait.
+    The Mosaic GPU interpreter has no WGMMA with a register operand: there the product is a plain
+    fp32-accumulated dot of the same 16-bit values.
+    """
+    if _INTERPRET.get() and not _is_ref(a):
+        bv = plgpu.load(b, layout=WG)
+        out = jnp.dot(a, bv, preferred_element_type=F32)
+        return out if init is None else init + out
+    if init is None:
+        def scoped(acc):
+            plgpu.wgmma(acc, a, b)
+            return acc[...]
+        out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
+    else:
+        def body(acc):
+            plgpu.wgmma(acc, a, b)
+        out = pl.run_state(body)(plgpu.ACC.init(init))
+    return lax.optimization_barrier(out)
+
+
+def masked_exp(mask, x):
+    """``exp(x)`` where ``mask``, else 0, never exponentiating a masked (possibly positive) value."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def finish_together(done) -> None:
+    """Every warpgroup arrives at ``done`` and waits for the others (warp-specialized kernels must
+    not let one warpgroup exit while another still issues WGMMAs)."""
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+
+def compiler_params():
+    return plgpu.CompilerParams(approx_math=True)
+
+
+def interpret_params(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    return interpret or None
+
+
+def is_interpret(interpret) -> bool:
+    return bool(interpret)
