@@ -19,6 +19,11 @@ MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 
 
+class UnknownImplError(ValueError, NotImplementedError):
+    """An impl name the backend does not have: a ValueError (bad input, named before any
+    launch); also a NotImplementedError, what the triton backend raised for it before."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillArgs:
     """Validated arguments handed to a backend.
@@ -79,7 +84,7 @@ def _check_array(name: str, x: Any, ndim: int, kind: str | None) -> str:
     except TypeError:
         raise TypeError(f"{name} must be an array (torch tensor or jax array), got "
                         f"{type(x).__name__}") from None
-    if kind is not None and k != kind and not (kind == "jax" and k == "numpy"):
+    if kind is not None and k != kind and {k, kind} != {"jax", "numpy"}:  # jax takes NumPy
         raise TypeError(f"{name} is a {k} array but q is a {kind} array: pass one framework's arrays")
     if len(x.shape) != ndim:
         raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
@@ -154,7 +159,7 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
 
     n_real, n_pad = the_plan.num_seqs, the_plan.padded_seqs
     if initial_state is not None:
-        if array_kind(initial_state) not in (kind, "numpy" if kind == "jax" else kind):
+        if array_kind(initial_state) not in ((kind,) if kind == "torch" else ("jax", "numpy")):
             raise TypeError(f"initial_state must be a {kind} array like q, got "
                             f"{array_kind(initial_state)}")
         shp = tuple(int(s) for s in initial_state.shape)
@@ -178,6 +183,11 @@ def validate(q, k, v, g, beta, *, cu_seqlens=None, plan=None, initial_state=None
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     if impl is not None and not isinstance(impl, str):
         raise TypeError(f"impl must be a string or None, got {type(impl).__name__}")
+    if impl is not None:
+        impls = tuple(getattr(load_backend(backend), "IMPLS", ()))
+        if impl not in impls:
+            raise UnknownImplError(f"impl must be one of {list(impls)} for the {backend} backend "
+                                   f"(or None), got {impl!r} (unknown impl)")
     return backend, PrefillArgs(q, k, v, g, beta, the_plan, initial_state, bool(output_final_state),
                                 float(scale), bool(use_qk_l2norm), impl, b, t)
 
