@@ -45,10 +45,18 @@ def piece_tables(split: Split, num_seqs: int) -> tuple[np.ndarray, np.ndarray, n
     return by_step, token_idx, token_ok
 
 
-def _ops(xp):
+def _ops(xp, like):
+    """(concatenate, host->device array, zeros) for numpy, jax.numpy or torch (on like's device)."""
     if xp.__name__ == "torch":
-        return (lambda a, ax: xp.cat(a, dim=ax)), (lambda a: xp.as_tensor(a))
-    return (lambda a, ax: xp.concatenate(a, axis=ax)), (lambda a: xp.asarray(a))
+        return ((lambda a, ax: xp.cat(a, dim=ax)),
+                (lambda a: xp.as_tensor(np.array(a), device=like.device)),
+                (lambda shape, dtype: xp.zeros(shape, dtype=dtype, device=like.device)))
+    return ((lambda a, ax: xp.concatenate(a, axis=ax)), (lambda a: xp.asarray(a)),
+            (lambda shape, dtype: xp.zeros(shape, dtype=dtype)))
+
+
+def _astype(xp, x, dtype):
+    return x.to(dtype) if xp.__name__ == "torch" else x.astype(dtype)
 
 
 def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, beta, *,
@@ -60,7 +68,7 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
     use_qk_l2norm=...)`` must return (o_aug [1, T, HV, V + K], final_aug fp32 [P, HV, K, V + K]).
     Returns (o [1, T, HV, V] in v's dtype, final fp32 [N, HV, K, V]).
     """
-    cat, asarray = _ops(xp)
+    cat, asarray, zeros = _ops(xp, v)
     put = device_put or asarray
     n = plan.num_seqs
     _, t, hv, dv = v.shape
@@ -69,18 +77,15 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
     f32 = xp.float32
 
     piece_plan = make_plan(split.piece_cu_seqlens, plan.chunk_size, num_tokens=t)
-    v_aug = cat([v, xp.zeros((1, t, hv, dk), dtype=v.dtype)], -1)
+    v_aug = cat([v, zeros((1, t, hv, dk), v.dtype)], -1)
     eye = put(np.broadcast_to(np.eye(dk, dtype=np.float32), (p, hv, dk, dk)).copy())
-    h0_aug = cat([xp.zeros((p, hv, dk, dv), dtype=f32), eye], -1)
+    h0_aug = cat([zeros((p, hv, dk, dv), f32), eye], -1)
     o_aug, f_aug = run_pieces(q, k, v_aug, g, beta, plan=piece_plan, initial_state=h0_aug,
                               scale=scale, use_qk_l2norm=use_qk_l2norm)
     e_map, m_map = f_aug[..., :dv], f_aug[..., dv:]
 
     by_step, token_idx, token_ok = piece_tables(split, n)
-    if initial_state is None:
-        s = xp.zeros((n, hv, dk, dv), dtype=f32)
-    else:
-        s = initial_state[:n].to(f32) if xp.__name__ == "torch" else initial_state[:n].astype(f32)
+    s = zeros((n, hv, dk, dv), f32) if initial_state is None else _astype(xp, initial_state[:n], f32)
     starts = []
     for i in range(by_step.shape[0]):  # static: the most pieces of one sequence
         ids = by_step[i]
@@ -94,20 +99,53 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
     tok = put(token_idx)
     o0 = o_aug[0, :, :, :dv]
     om = o_aug[0, :, :, dv:]
-    corr = xp.einsum("plhk,phkv->plhv", om[tok].to(f32) if xp.__name__ == "torch"
-                     else om[tok].astype(f32), start_of_piece)  # [P, L, HV, V]
+    corr = xp.einsum("plhk,phkv->plhv", _astype(xp, om[tok], f32), start_of_piece)  # [P, L, HV, V]
     ok = put(token_ok)[:, :, None, None]
     corr = xp.where(ok, corr, 0)
     flat = corr.reshape(-1, hv, dv)
     ids = put(token_idx.reshape(-1))
     if xp.__name__ == "torch":
-        add = xp.zeros((t, hv, dv), dtype=f32, device=flat.device).index_add_(0, ids, flat)
-        o = (o0.to(f32) + add).to(v.dtype)
+        add = zeros((t, hv, dv), f32).index_add_(0, ids, flat)
     elif xp.__name__ == "numpy":
         add = np.zeros((t, hv, dv), np.float32)
         np.add.at(add, ids, flat)
-        o = (o0.astype(np.float32) + add).astype(v.dtype)
     else:
-        add = xp.zeros((t, hv, dv), dtype=f32).at[ids].add(flat)
-        o = (o0.astype(f32) + add).astype(v.dtype)
+        add = zeros((t, hv, dv), f32).at[ids].add(flat)
+    o = _astype(xp, _astype(xp, o0, f32) + add, v.dtype)
     return o[None], s
+
+
+def run_split(backend: str, args, piece_chunks: int | None = None):
+    """``gdn.prefill`` of validated ``args`` through the exact split (packed batch, host plan).
+
+    ``piece_chunks`` None: :func:`gdn.planner.split_policy` decides (unsplit when it does not
+    pay). The pieces run through the same backend and impl with K extra value columns, so the
+    implementation must accept V + K value columns (<= 256).
+    """
+    from .api import load_backend, validate
+    from .planner import split_pieces, split_policy
+
+    p = args.plan
+    if args.batch != 1 or not p.is_host:
+        raise ValueError("split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
+    _, hv, dk, dv = args.dims
+    if piece_chunks is None:
+        piece_chunks = split_policy(p.seq_lens, hv * -(-dv // 128), chunk_size=p.chunk_size)
+    mod = load_backend(backend)
+    if not piece_chunks:
+        return mod.run(args)
+    sp = split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], piece_chunks, p.chunk_size)
+
+    def run_pieces(q, k, v, g, beta, *, plan, initial_state, scale, use_qk_l2norm):
+        _, a = validate(q, k, v, g, beta, plan=plan, initial_state=initial_state, scale=scale,
+                        use_qk_l2norm=use_qk_l2norm, backend=backend, impl=args.impl)
+        return mod.run(a)
+
+    if backend == "triton":
+        import torch as xp
+    else:
+        import jax.numpy as xp
+    o, f = split_prefill(xp, run_pieces, args.q, args.k, args.v, args.g, args.beta, plan=p,
+                         split=sp, initial_state=args.initial_state, scale=args.scale,
+                         use_qk_l2norm=args.use_qk_l2norm)
+    return o, (f if args.output_final_state else None)

@@ -43,3 +43,22 @@ def test_wrong_combination_is_caught():
     o_bad, _ = R.chunked(*x.arrays, plan=gdn.plan(sp.piece_cu_seqlens))
     o_ref, _ = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens)
     assert np.abs(o_bad - o_ref).max() > 1e-3
+
+
+@pytest.mark.parametrize("backend, impl", [("jax", "xla"), ("triton", None)])
+def test_split_through_a_backend_matches_the_unsplit_call(backend, impl):
+    from gdn.api import validate
+    from gdn.arrays import convert
+    from gdn.split import run_split
+
+    pytest.importorskip("torch" if backend == "triton" else "jax")
+    x = make_inputs([200, 0, 70, 3], h=1, hv=2, k=16, v=16, gates="none", initial_state=True,
+                    seed=11)
+    arrs = [convert(a, backend, "float32") for a in x.arrays]
+    h0 = convert(x.initial_state, backend, "float32")
+    _, args = validate(*arrs, cu_seqlens=x.cu_seqlens, initial_state=h0, backend=backend, impl=impl)
+    o_s, f_s = run_split(backend, args, piece_chunks=1)
+    o_u, f_u = gdn.prefill(*arrs, cu_seqlens=x.cu_seqlens, initial_state=h0, backend=backend, impl=impl)
+    assert R.rms_ratio(o_s, o_u) < 1e-5 and R.rms_ratio(f_s, f_u) < 1e-5
+    o_ref, _ = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
+    assert R.rms_ratio(o_s, o_ref) < 1e-4
