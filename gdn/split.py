@@ -80,8 +80,13 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
     v_aug = cat([v, zeros((1, t, hv, dk), v.dtype)], -1)
     eye = put(np.broadcast_to(np.eye(dk, dtype=np.float32), (p, hv, dk, dk)).copy())
     h0_aug = cat([zeros((p, hv, dk, dv), f32), eye], -1)
-    o_aug, f_aug = run_pieces(q, k, v_aug, g, beta, plan=piece_plan, initial_state=h0_aug,
-                              scale=scale, use_qk_l2norm=use_qk_l2norm)
+    kw = dict(plan=piece_plan, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    try:
+        o_aug, f_aug = run_pieces(q, k, v_aug, g, beta, initial_state=h0_aug, **kw)
+    except NotImplementedError:  # V + K value columns unsupported: the two halves in two calls
+        o_e, f_e = run_pieces(q, k, v, g, beta, initial_state=h0_aug[..., :dv], **kw)
+        o_m, f_m = run_pieces(q, k, v_aug[..., dv:], g, beta, initial_state=eye, **kw)
+        o_aug, f_aug = cat([o_e, o_m], -1), cat([f_e, f_m], -1)
     e_map, m_map = f_aug[..., :dv], f_aug[..., dv:]
 
     by_step, token_idx, token_ok = piece_tables(split, n)

@@ -62,3 +62,23 @@ def test_split_through_a_backend_matches_the_unsplit_call(backend, impl):
     assert R.rms_ratio(o_s, o_u) < 1e-5 and R.rms_ratio(f_s, f_u) < 1e-5
     o_ref, _ = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
     assert R.rms_ratio(o_s, o_ref) < 1e-4
+
+
+def test_split_falls_back_to_two_calls_when_v_plus_k_columns_are_unsupported():
+    x = make_inputs([300, 7], h=1, hv=2, k=8, v=6, gates="qwen", initial_state=True, seed=2)
+    calls = []
+
+    def narrow(q, k, v, g, beta, **kw):
+        calls.append(v.shape[-1])
+        if v.shape[-1] > 8:
+            raise NotImplementedError("V + K too wide")
+        return _ref_pieces(q, k, v, g, beta, **kw)
+
+    p = gdn.plan(x.cu_seqlens)
+    o, f = split_prefill(np, narrow, *x.arrays, plan=p, split=split_pieces(x.cu_seqlens, 1),
+                         initial_state=x.initial_state.astype(np.float64), scale=0.35,
+                         use_qk_l2norm=False)
+    o_ref, f_ref = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state,
+                               scale=0.35)
+    assert calls == [14, 6, 8]
+    assert np.abs(o - o_ref).max() < 1e-6 and np.abs(f - f_ref).max() < 1e-9
