@@ -40,8 +40,8 @@ CASES = [
 ]
 
 
-def _run_case(name, mk, kw, dtype, layout):
-    """One interpreter case; returns a dict of measured errors (runs in the subprocess)."""
+def _run_case(name, mk, kw, dtype, layout, interpret=True):
+    """One case (interpreter by default; the GPU check runs them compiled); a dict of measured errors."""
     import jax
     import jax.numpy as jnp
 
@@ -63,7 +63,7 @@ def _run_case(name, mk, kw, dtype, layout):
         resh = lambda a: a.reshape(nb, a.shape[1] // nb, *a.shape[2:])  # noqa: E731
         _, args = api.validate(resh(q), resh(k), resh(v), resh(g), resh(beta), initial_state=h0,
                                backend="jax", **kw)
-        o, f = M.run(args, interpret=True)
+        o, f = M.run(args, interpret=interpret)
         o = o.reshape(1, -1, *o.shape[2:])
     elif layout == "jit":
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
@@ -73,12 +73,12 @@ def _run_case(name, mk, kw, dtype, layout):
         @jax.jit
         def fn(q, k, v, g, beta, h0, p):
             _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax", **kw)
-            return M.run(args, interpret=True)
+            return M.run(args, interpret=interpret)
 
         o, f = fn(q, k, v, g, beta, h0, p)
     else:
         _, args = api.validate(q, k, v, g, beta, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="jax", **kw)
-        o, f = M.run(args, interpret=True)
+        o, f = M.run(args, interpret=interpret)
     o = np.asarray(o, np.float64)
     out = dict(name=name, dtype=dtype, o=R.rms_ratio(o[:, :t_real], ref_o[:, :t_real]),
                tail=float(np.abs(o[:, t_real:]).max()) if o.shape[1] > t_real else 0.0,

@@ -82,7 +82,7 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
     if return_stages:
         raise NotImplementedError("mosaic_gpu fuses the chunk loop: it has no per-chunk stage tensors "
                                   "(use impl='xla' or the triton backend for stages)")
-    if interpret is None and os.environ.get("GDN_MOSAIC_INTERPRET") == "1":
+    if not interpret and os.environ.get("GDN_MOSAIC_INTERPRET") == "1":
         interpret = True
     if not interpret:
         why = status()

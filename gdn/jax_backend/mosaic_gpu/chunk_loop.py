@@ -33,12 +33,12 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
                      iota, masked_exp, mm, rows, tile, tracing_for_interpreter)
 
-SMEM_BUDGET = 227 * 1024 - 8 * 1024  # leave room for barriers and the reduction scratch
+SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
 
 def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
     per_stage = (2 * C * dk + C * bv + C * C) * itemsize + 3 * C * 4
-    fixed = (2 * bv * dk + 2 * C * bv) * itemsize + 3 * C * bv * out_itemsize + dk * bv * 4
+    fixed = max(2 * bv * dk * itemsize, dk * bv * 4) + 2 * C * bv * itemsize + 3 * C * bv * out_itemsize
     return stages * per_stage + fixed
 
 
@@ -84,11 +84,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         gc_state=vecs,  # WG0: column view + the closing gate
         gc_rows=vecs,  # WG1: row view
         gc_cols=vecs,  # WG1: column view
-        s_pub=tile((2, bv, dk), dtype),
+        # S^T published for WG1 (16-bit), sharing its bytes with the fp32 [K, V] staging of the initial
+        # and final state: WG0 alone touches both, the staging only before its first publication
+        # and after WG1 released the last one.
+        pub=plgpu.RefUnion(tile((2, bv, dk), dtype), plgpu.SMEM((dk, bv), F32)),
         vn_pub=tile((2, C, bv), dtype),
         o_out=tile((2, C, bv), out_dtype),
         o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
-        st_s=plgpu.SMEM((dk, bv), F32),  # initial / final state in [K, V] orientation
         in_bar=plgpu.Barrier(num_arrivals=7, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         s_ready=plgpu.Barrier(num_barriers=2),
@@ -97,8 +99,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         done=plgpu.Barrier(num_arrivals=3),
     )
 
-    def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, s_pub, vn_pub, o_out, o_part, st_s,
+    def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, pub, vn_pub, o_out, o_part,
              in_bar, in_free, s_ready, s_free, st_bar, done):
+        s_pub, st_s = pub
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         h0_ref = refs.pop(0) if has_h0 else None
@@ -159,7 +162,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
             sh = (bv, C)
-            tcol = iota(sh, 1)
+            tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
 
             def step(i, s_t):
                 slot = lax.rem(i, stages)
@@ -173,17 +176,17 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
                 s_lo = s_t.astype(dtype)
                 s_pub.at[half][...] = s_lo
-                valid = (tcol >= lo) & (tcol < hi)
-                g_col = cols(plgpu.load(gc_state.at[slot], layout=COLS), sh)
-                g_last = gc_state[slot, hi - 1]
+                valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
+                g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
+                g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
                 ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-                w_t = jnp.where(valid, v_t - ks * jnp.exp(g_col), 0.0).astype(dtype)
+                w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
                 vn_t = mm(w_t, a_s.at[slot].T, sh)  # Vnew^T = W^T Ag^T
                 vn_pub.at[half].T[...] = vn_t.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(s_ready.at[half])
-                vd_t = (vn_t * masked_exp(valid, g_last - g_col)).astype(dtype)
+                vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
                 s_new = mm(vd_t, k_s.at[slot], (bv, dk), init=s_t * jnp.exp(g_last))
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new

@@ -1,0 +1,402 @@
+"""impl="mosaic_gpu" on an H200: correctness vs float64, vs FLA, and timings, in ONE process.
+
+Run on the GPU machine from the repository root (no install needed):
+
+    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py            # everything (~5 min)
+    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only small,qwen
+
+FLA (for the same-run yardstick) is used when importable: carry the wheels (``.whl``) and
+``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` first, PYTHONPATH=/tmp/site:.
+Results: a table at the end, and JSON under $OUT (or --out).
+
+Sections: env, intra (the inverse kernel alone vs float64), small (the CPU test cases, compiled),
+qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA), sync (no host sync), time (the anchor
+shapes, jitted loop + one block_until_ready, median of reps; FLA in the same run), ptxas (register and
+spill report of both kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("FLA_FLASH_QLA", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+RESULTS: dict = {}
+TABLE: list[str] = []
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def section(name):
+    def deco(fn):
+        def run(*a, **kw):
+            t0 = time.time()
+            log(f"\n=== {name} ===")
+            try:
+                fn(*a, **kw)
+            except Exception as e:  # keep going: one broken section must not hide the others
+                RESULTS.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:3000]
+                traceback.print_exc()
+                TABLE.append(f"{name}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
+            log(f"--- {name}: {time.time() - t0:.1f} s")
+        return run
+    return deco
+
+
+def _fla():
+    try:
+        import torch
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.utils import prepare_chunk_indices
+        return torch, chunk_gated_delta_rule, prepare_chunk_indices
+    except Exception as e:
+        log("FLA not available:", e)
+        return None
+
+
+@section("env")
+def sec_env():
+    import jax
+    d = jax.devices()[0]
+    from gdn.jax_backend import mosaic_gpu as M
+    RESULTS["env"] = dict(jax=jax.__version__, device=str(d), kind=d.device_kind,
+                          cc=getattr(d, "compute_capability", None), cores=getattr(d, "core_count", None),
+                          status=M.status(), date=time.strftime("%Y-%m-%d %H:%M"))
+    log(RESULTS["env"])
+
+
+@section("intra")
+def sec_intra():
+    """The inverse kernel alone (inline-MLIR fp32 substitution + bf16 merges) vs float64."""
+    import jax.numpy as jnp
+    from gdn.inputs import make_inputs
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    lens = [100, 0, 1, 63, 64, 65, 300]
+    x = make_inputs(lens, h=2, hv=4, k=128, v=128, seed=5)
+    cu = x.cu_seqlens
+    t = int(cu[-1])
+    tp = -(-t // 64) * 64
+    k = np.zeros((tp, 2, 128), np.float32)
+    k[:t] = x.k[0]
+    g = np.zeros((4, tp), np.float32)
+    g[:, :t] = x.g[0].T
+    b = np.zeros((4, tp), np.float32)
+    b[:, :t] = x.beta[0].T
+    seg = np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32)
+    kb = jnp.asarray(k, jnp.bfloat16)
+    ag, gc, ai = intra(kb, jnp.asarray(g), jnp.asarray(b), jnp.asarray(seg), group=2, debug_inverse=True)
+    ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
+    kf = np.asarray(kb, np.float64)
+    worst = dict(ai=0.0, ag=0.0, gc=0.0)
+    for j in range(4):
+        for m in range(tp // 64):
+            sl = slice(m * 64, m * 64 + 64)
+            s = seg[sl]
+            same = s[:, None] == s[None, :]
+            gg = g[j, sl].astype(np.float64)
+            gam = np.array([gg[: r + 1][s[: r + 1] == s[r]].sum() for r in range(64)])
+            kk = kf[sl, j // 2] @ kf[sl, j // 2].T
+            low = np.tril(np.ones((64, 64), bool), -1) & same
+            a = np.where(low, b[j, sl, None] * kk * np.exp(np.where(low, gam[:, None] - gam[None, :], 0)), 0)
+            inv = np.linalg.inv(np.eye(64) + a)
+            worst["ai"] = max(worst["ai"], np.abs(ai[j, sl] - inv).max())
+            worst["ag"] = max(worst["ag"], np.abs(ag[j, sl] - inv * b[j, sl][None, :]).max())
+            worst["gc"] = max(worst["gc"], np.abs(gc[j, sl] - gam).max())
+    RESULTS["intra"] = worst
+    TABLE.append(f"intra kernel max abs err: Ai {worst['ai']:.2e}  Ag {worst['ag']:.2e}  gc {worst['gc']:.2e}")
+    log(worst)
+
+
+@section("small")
+def sec_small():
+    spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
+    tmg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tmg)
+    from gdn.tolerances import vs_f64
+    out = {}
+    for case in tmg.CASES:
+        res = tmg._run_case(*case, interpret=False)
+        ok = res["o"] < vs_f64(res["dtype"]) and res["tail"] == 0 and res.get("final", 0) < vs_f64(res["dtype"])
+        res["ok"] = bool(ok)
+        out[case[0]] = res
+        log(json.dumps(res))
+        TABLE.append(f"small {case[0]:28s} o {res['o']:.2e} final {res.get('final', float('nan')):.2e} "
+                     f"{'OK' if ok else 'FAIL'}")
+    RESULTS["small"] = out
+
+
+def _qwen_inputs(lens, h, hv, dk, seed, initial_state=True):
+    """Realistic Qwen3.5 inputs generated on the device (q, k L2-normalized), bf16."""
+    import jax
+    import jax.numpy as jnp
+    from gdn.inputs import qwen_gates
+    t = int(sum(lens))
+    rng = np.random.default_rng(seed)
+    g, beta = qwen_gates(rng, t, hv)
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    def nrm(x):
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = nrm(jax.random.normal(k1, (1, t, h, dk), jnp.float32)).astype(jnp.bfloat16)
+    k = nrm(jax.random.normal(k2, (1, t, h, dk), jnp.float32)).astype(jnp.bfloat16)
+    v = jax.random.normal(k3, (1, t, hv, dk), jnp.float32).astype(jnp.bfloat16)
+    h0 = (0.1 * jax.random.normal(k4, (len(lens), hv, dk, dk), jnp.float32)) if initial_state else None
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return q, k, v, jnp.asarray(g[None]), jnp.asarray(beta[None]), h0, cu
+
+
+@section("qwen")
+def sec_qwen():
+    """2x1024 at the Qwen3.5 shape vs the float64 token loop, and vs FLA (vLLM's absolute bar)."""
+    import jax.numpy as jnp
+    from gdn import api, reference as R
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.tolerances import VS_FLA
+    lens = [1024, 1024]
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=11)
+    _, args = api.validate(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, backend="jax")
+    o, f = M.run(args)
+    o, f = np.asarray(o, np.float64), np.asarray(f, np.float64)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    ro, rf = R.recurrent(f64(q), f64(k), f64(v), f64(g), f64(beta), cu_seqlens=cu, initial_state=f64(h0))
+    res = dict(o=R.rms_ratio(o, ro), final=R.rms_ratio(f, rf), finite=bool(np.isfinite(o).all()))
+    fla = _fla()
+    if fla is not None:
+        torch, fla_fn, prep = fla
+        from torch.utils import dlpack
+        tt = lambda a: dlpack.from_dlpack(a)  # noqa: E731
+        cu_t = torch.tensor(cu, dtype=torch.long, device="cuda")
+        fo, ff = fla_fn(tt(q), tt(k), tt(v), tt(g), tt(beta), initial_state=tt(h0).contiguous(),
+                        output_final_state=True, cu_seqlens=cu_t, chunk_indices=prep(cu_t, 64))
+        fo = fo.float().cpu().numpy().astype(np.float64)
+        ff = ff.float().cpu().numpy().astype(np.float64)
+        res.update(fla_o=R.rms_ratio(fo, ro), fla_final=R.rms_ratio(ff, rf),
+                   vs_fla_o_max=float(np.abs(o - fo).max()), vs_fla_o_mean=float(np.abs(o - fo).mean()),
+                   vs_fla_state_max=float(np.abs(f - ff).max()), vs_fla_state_mean=float(np.abs(f - ff).mean()))
+        res["vs_fla_ok"] = bool(res["vs_fla_o_max"] < VS_FLA["o_max"] and res["vs_fla_o_mean"] < VS_FLA["o_mean"]
+                                and res["vs_fla_state_max"] < VS_FLA["state_max"]
+                                and res["vs_fla_state_mean"] < VS_FLA["state_mean"])
+    RESULTS["qwen"] = res
+    log(res)
+    TABLE.append(f"qwen 2x1024 vs f64: o {res['o']:.2e} final {res['final']:.2e}"
+                 + (f" | FLA o {res['fla_o']:.2e} final {res['fla_final']:.2e} | vs FLA o max "
+                    f"{res['vs_fla_o_max']:.1e} mean {res['vs_fla_o_mean']:.1e} state max "
+                    f"{res['vs_fla_state_max']:.1e} mean {res['vs_fla_state_mean']:.1e}" if "fla_o" in res else ""))
+
+
+def _jitted(lens, h, hv, dk, seed, **kw):
+    import jax
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, dk, seed)
+    p = make_plan(cu, num_tokens=q.shape[1])
+
+    @jax.jit
+    def fn(q, k, v, g, beta, h0):
+        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax")
+        return M.run(args, **kw)
+
+    return fn, (q, k, v, g, beta, h0), cu
+
+
+def _bench(fn, args, iters=20, reps=5):
+    import jax
+    jax.block_until_ready(fn(*args))
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / iters * 1e3)
+    return statistics.median(ts), min(ts)
+
+
+def _bench_fla(lens, h, hv, dk, seed, iters=20, reps=5):
+    fla = _fla()
+    if fla is None:
+        return None
+    torch, fla_fn, prep = fla
+    from torch.utils import dlpack
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, dk, seed)
+    tt = lambda a: dlpack.from_dlpack(a)  # noqa: E731
+    q, k, v, g, beta, h0 = (tt(a) for a in (q, k, v, g, beta, h0))
+    h0 = h0.contiguous()
+    cu_t = torch.tensor(cu, dtype=torch.long, device="cuda")
+    ci = prep(cu_t, 64)
+
+    def call():
+        return fla_fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_t, chunk_indices=ci)
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            call()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / iters)
+    return statistics.median(ts)
+
+
+SHAPES = [  # (label, lens, H, HV, target ms)
+    ("4x8192", [8192] * 4, 16, 32, 0.35),
+    ("8x4096", [4096] * 8, 16, 32, 0.35),
+    ("128x256", [256] * 128, 16, 32, 0.45),
+    ("4x2048", [2048] * 4, 16, 32, 0.09),
+    ("1x32768", [32768], 16, 32, None),
+    ("4x8192 HV48", [8192] * 4, 16, 48, 0.60),
+    ("4x8192 HV16", [8192] * 4, 16, 16, 0.20),
+]
+
+
+@section("time")
+def sec_time(shapes, variants, fla_shapes):
+    out = {}
+    for label, lens, h, hv, target in shapes:
+        row = dict(target=target)
+        for vname, kw in variants:
+            try:
+                fn, args, _ = _jitted(lens, h, hv, 128, seed=1, **kw)
+                med, best = _bench(fn, args)
+                row[vname] = med
+                row[vname + "_best"] = best
+            except Exception as e:
+                row[vname] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+        try:
+            row["fla"] = _bench_fla(lens, h, hv, 128, seed=1) if label in fla_shapes else None
+        except Exception as e:
+            row["fla"] = f"ERROR {type(e).__name__}: {str(e)[:200]}"
+        out[label] = row
+        log(label, row)
+        cells = []
+        for vname, _ in variants:
+            val = row[vname]
+            cells.append(f"{vname} {val:.3f}" if isinstance(val, float) else f"{vname} {str(val)[:60]}")
+        fla = row.get("fla")
+        ratio = (f" ({fla / row[variants[0][0]]:.1f}x faster than FLA)"
+                 if isinstance(fla, float) and isinstance(row[variants[0][0]], float) else "")
+        TABLE.append(f"time {label:12s} " + " | ".join(cells) + (f" | FLA {fla:.3f}" if isinstance(fla, float) else "")
+                     + f" ms{ratio}  target {target}")
+    RESULTS["time"] = out
+
+
+@section("kernels")
+def sec_kernels():
+    """The two kernels timed alone at 4x8192 (where the time goes)."""
+    import jax
+    import jax.numpy as jnp
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    lens = [8192] * 4
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=2)
+    t = q.shape[1]
+    q3, k3, v3 = q.reshape(t, 16, 128), k.reshape(t, 16, 128), v.reshape(t, 32, 128)
+    g_hm, b_hm = g[0].T, beta[0].T
+    cu_j = jnp.asarray(np.concatenate([cu, np.full(4, cu[-1])]), jnp.int32)  # N_pad = 8
+    seg = jnp.searchsorted(cu_j[1:], jnp.arange(t, dtype=jnp.int32), side="right").astype(jnp.int32)
+    f_intra = jax.jit(lambda k, g, b, s: intra(k, g, b, s, group=2))
+    ag, gc = f_intra(k3, g_hm, b_hm, seg)
+    f_loop = jax.jit(lambda q, k, v, ag, gc, cu, h0: chunk_loop(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2,
+                                                                  n_out=4, t_valid=t))
+    res = dict(intra=_bench(f_intra, (k3, g_hm, b_hm, seg))[0],
+               chunk_loop=_bench(f_loop, (q3, k3, v3, ag, gc, cu_j, h0))[0])
+    RESULTS["kernels"] = res
+    log(res)
+    TABLE.append(f"kernels at 4x8192: intra {res['intra']:.3f} ms, chunk loop {res['chunk_loop']:.3f} ms")
+
+
+@section("sync")
+def sec_sync():
+    """The jitted prefill returns to the host long before queued GPU work drains (no host sync)."""
+    import jax
+    import jax.numpy as jnp
+    fn, args, _ = _jitted([2048] * 4, 16, 32, 128, seed=3)
+    jax.block_until_ready(fn(*args))
+    a = jnp.ones((8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    one = time.perf_counter() - t0
+    n = max(1, int(0.05 / max(one, 1e-4)))
+    for _ in range(n):
+        b = mm(a)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    host = time.perf_counter() - t0
+    jax.block_until_ready((b, out))
+    total = time.perf_counter() - t0
+    RESULTS["sync"] = dict(queued_ms=n * one * 1e3, host_return_ms=host * 1e3, drain_ms=total * 1e3)
+    TABLE.append(f"sync: prefill returned after {host * 1e3:.2f} ms with {n * one * 1e3:.0f} ms queued "
+                 f"({'no sync' if host < 0.5 * n * one else 'SYNCS'})")
+
+
+@section("ptxas")
+def sec_ptxas(out_dir):
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from tests.gpu.mosaic_gpu_check import _jitted;"
+        "fn, args, _ = _jitted([256, 256], 16, 32, 128, seed=4);"
+        "import jax; jax.block_until_ready(fn(*args))"
+    )
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    with open(os.path.join(out_dir, "ptxas.txt"), "w") as fh:
+        fh.write(text)
+    keep = [ln.strip() for ln in text.splitlines()
+            if any(s in ln for s in ("registers", "spill", "stack frame", "Compiling entry", "smem", "warning"))]
+    RESULTS["ptxas"] = keep[:40]
+    for ln in keep[:20]:
+        log(ln)
+    TABLE.append("ptxas: " + " ; ".join(ln for ln in keep if "registers" in ln or "spill" in ln)[:400])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
+    ap.add_argument("--tag", default="all")
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    os.makedirs(a.out, exist_ok=True)
+    shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
+    variants = [("mosaic", {})]
+    for name, fn, args in (("env", sec_env, ()), ("intra", sec_intra, ()), ("small", sec_small, ()),
+                           ("qwen", sec_qwen, ()), ("sync", sec_sync, ()), ("kernels", sec_kernels, ()),
+                           ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))), ("ptxas", sec_ptxas, (a.out,))):
+        if name in only:
+            fn(*args)
+            with open(os.path.join(a.out, f"mosaic_{a.tag}.json"), "w") as fh:
+                json.dump(RESULTS, fh, indent=1, default=str)
+    log("\n==================== SUMMARY ====================")
+    for line in TABLE:
+        log(line)
+
+
+if __name__ == "__main__":
+    main()
