@@ -213,7 +213,7 @@ def _jitted(lens, h, hv, dk, seed, **kw):
     return fn, (q, k, v, g, beta, h0), cu
 
 
-def _bench(fn, args, iters=20, reps=5):
+def _bench(fn, args, iters=10, reps=3):
     import jax
     jax.block_until_ready(fn(*args))
     for _ in range(3):
@@ -228,7 +228,7 @@ def _bench(fn, args, iters=20, reps=5):
     return statistics.median(ts), min(ts)
 
 
-def _bench_fla(lens, h, hv, dk, seed, iters=20, reps=5):
+def _bench_fla(lens, h, hv, dk, seed, iters=10, reps=3):
     fla = _fla()
     if fla is None:
         return None
@@ -265,8 +265,8 @@ SHAPES = [  # (label, lens, H, HV, target ms)
     ("128x256", [256] * 128, 16, 32, 0.45),
     ("4x2048", [2048] * 4, 16, 32, 0.09),
     ("1x32768", [32768], 16, 32, None),
-    ("4x8192 HV48", [8192] * 4, 16, 48, 0.60),
-    ("4x8192 HV16", [8192] * 4, 16, 16, 0.20),
+    ("4x8192_HV48", [8192] * 4, 16, 48, 0.60),
+    ("4x8192_HV16", [8192] * 4, 16, 16, 0.20),
 ]
 
 
