@@ -248,14 +248,14 @@ def test_one_compilation_per_call_pattern():
     int/pointer specializations, constexprs, options), so nothing compiles twice."""
     a = _launch_keys([100, 20], seed=1)
     b = _launch_keys([31, 64, 1, 7, 0, 129], seed=2)
-    assert set(a) == {"_prepare_kernel", "_state_kernel", "_output_kernel"}
+    assert set(a) == {"_intra_kernel", "_wu_kernel", "_state_kernel", "_output_kernel"}
     assert a == b
     # the key does see what must differ: the dtype, the None-ness of the initial state
     c = _launch_keys([100, 20], dtype="float32", seed=1)
     d = _launch_keys([100, 20], initial_state=False, seed=1)
     assert all(c[n] != a[n] for n in a)
     assert d["_state_kernel"] != a["_state_kernel"]
-    assert d["_prepare_kernel"] == a["_prepare_kernel"]
+    assert d["_intra_kernel"] == a["_intra_kernel"] and d["_wu_kernel"] == a["_wu_kernel"]
 
 
 def test_device_errors_name_the_argument():
@@ -288,9 +288,11 @@ def test_registry_and_impl_errors():
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile for real")
 def test_kernels_cross_compile_for_sm90():
-    """Every kernel of the chain compiles down to an sm_90 cubin (Triton's own pipeline and
-    bundled ptxas, no GPU needed) at the Qwen3.5 shape and an odd one, within the H200's
-    shared memory: the interpreter does not catch compile errors."""
+    """Every kernel of the chain (and the fused-output state pass) compiles down to an sm_90
+    cubin (Triton's own pipeline and bundled ptxas, no GPU needed) at the Qwen3.5 shape and an
+    odd one, within the H200's shared memory and free of the pipeline race of
+    test_pipeline_hazard_detector_sees_the_l2norm_race (use_qk_l2norm on): the interpreter
+    catches neither compile errors nor that race."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
@@ -298,7 +300,18 @@ def test_kernels_cross_compile_for_sm90():
                           "16,32,128,128,bfloat16", "2,6,256,100,float32"],
                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("_state_kernel") == 2, res.stdout
+    assert res.stdout.count("_state_kernel") == 3 and "NORM=True" in res.stdout, res.stdout
+
+
+def test_pipeline_hazard_detector_sees_the_l2norm_race():
+    """The bug behind the H200's wrong use_qk_l2norm output (o 3e-2 to 7e-2, interpreter
+    fine): Triton 3.6's pipeliner gives a tile that feeds a dot AND other arithmetic in a
+    pipelined loop one slot fewer than its peers, so the next copy overwrites it while the
+    asynchronous wgmma still reads it. The detector finds it in the sm_90 TTGIR of a repro
+    kernel (2 and 3 stages) and not without the extra use; the chain's kernels are checked
+    by test_kernels_cross_compile_for_sm90 (xcompile fails on a hazard)."""
+    res = xcompile.hazard_selftest()
+    assert res[0] and res[1] and not res[2] and not res[3], res
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,14 +345,14 @@ def test_gpu_odd_and_large_heads(hv, dk, dv):
 
 @pytest.mark.gpu
 def test_gpu_jit_cache_holds_one_entry_per_kernel_for_two_batches():
-    kernels = [wu._prepare_kernel, state._state_kernel, output._output_kernel]
+    kernels = [intra._intra_kernel, wu._wu_kernel, state._state_kernel, output._output_kernel]
     dev = torch.cuda.current_device()
     for k in kernels:
         k.device_caches[dev][0].clear()
     for lens in ([100, 20], [31, 64, 1, 7, 0, 129]):
         tens, kw, _ = _inputs(lens, h=2, hv=4, initial_state=True, l2=True)
         gdn.prefill(*tens, backend="triton", **kw)
-    assert [len(k.device_caches[dev][0]) for k in kernels] == [1, 1, 1]
+    assert [len(k.device_caches[dev][0]) for k in kernels] == [1, 1, 1, 1]
 
 
 @pytest.mark.gpu
@@ -368,7 +381,7 @@ def test_fused_output_mode(monkeypatch, dtype):
     monkeypatch.setattr(state, "FUSE_OUTPUT", True)
     _, launches = xcompile.record(lambda: gdn.prefill(*tens, backend="triton", **kw))
     o2, f2 = gdn.prefill(*tens, backend="triton", **kw)
-    assert [lc.name for lc in launches] == ["_prepare_kernel", "_state_kernel"]
+    assert [lc.name for lc in launches] == ["_intra_kernel", "_wu_kernel", "_state_kernel"]
     assert torch.equal(f1, f2) and R.rms_ratio(o2, o1) < 1e-6
     assert torch.all(o2[:, 167:] == 0)
     ro, rf = _reference(ref)

@@ -44,7 +44,7 @@ def impl_status() -> dict[str, str | None]:
         from . import _common, wu
     except Exception as e:  # torch / triton missing or broken
         return {"triton": f"torch/triton not importable: {e}"}
-    if _common.interpreted(wu._prepare_kernel):
+    if _common.interpreted(wu._wu_kernel):
         return {"triton": None}  # Triton's interpreter on CPU tensors
     if not torch.cuda.is_available():
         return {"triton": "no CUDA GPU (CPU tensors need TRITON_INTERPRET=1 set before import)"}

@@ -9,7 +9,7 @@ from ._common import check_device, device_plan, interpreted, packed
 from .output import launch_output
 from . import state
 from .state import launch_state
-from .wu import _prepare_kernel, launch_prepare
+from .wu import _wu_kernel, launch_prepare
 
 
 def _device_guard(dev: torch.device):
@@ -21,7 +21,7 @@ def _device_guard(dev: torch.device):
 
 def run_chain(args, return_stages: bool = False):
     q, k, v, g, beta, h0 = args.q, args.k, args.v, args.g, args.beta, args.initial_state
-    dev = check_device(q, interpreted(_prepare_kernel), k=k, v=v, g=g, beta=beta,
+    dev = check_device(q, interpreted(_wu_kernel), k=k, v=v, g=g, beta=beta,
                        initial_state=h0)
     p = device_plan(args.plan, dev)
     hv, dv = v.shape[2], v.shape[3]

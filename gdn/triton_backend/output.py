@@ -25,7 +25,7 @@ __all__ = ["output", "output_tiles", "chunk_output", "new_output"]
 def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-                   PREC: tl.constexpr, NORM: tl.constexpr):
+                   PREC: tl.constexpr, NORM: tl.constexpr, HILO: tl.constexpr):
     iv, head, row, seq, tok0, n_valid = chunk_program(cu_seqlens, chunk_indices, HV, NV, BT)
     if seq < 0:
         return
@@ -39,7 +39,7 @@ def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, sca
 
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     qk = tl.zeros([BT, BT], dtype=tl.float32)
-    q_sq = tl.zeros([BT], dtype=tl.float32)
+    qq = tl.zeros([BT, BT], dtype=tl.float32)
     for k_lo in range(0, K, BK):
         rk = k_lo + tl.arange(0, BK)
         m_k = rk < K
@@ -49,10 +49,10 @@ def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, sca
                        mask=m_k[:, None] & m_t[None, :], other=0.0)
         b_h = tl.load(h_row + rk[:, None] * V + rv[None, :],
                       mask=m_k[:, None] & (rv < V)[None, :], other=0.0)
-        if NORM:
-            q_sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
         acc = mma(b_q, b_h, acc, PREC)
         qk = mma(b_q, b_kt, qk, PREC)
+        if NORM:  # ||q||^2 on the diagonal of Q Q^T: the q tile feeds dots only (intra.py)
+            qq = mma(b_q, tl.trans(b_q), qq, PREC)
 
     b_g = tl.load(gc + tok * HV + head, mask=m_t, other=0.0)
     k_r = tl.full([BT], 1.0, dtype=tl.float32)
@@ -61,19 +61,28 @@ def _output_kernel(q, k, v_new, h, gc, o, k_rstd, cu_seqlens, chunk_indices, sca
     p_v = (tok * HV + head)[:, None] * V + rv[None, :]
     m_tv = m_t[:, None] & (rv < V)[None, :]
     b_v = tl.load(v_new + p_v, mask=m_tv, other=0.0)
-    out = chunk_output(acc, qk, q_sq, b_g, k_r, b_v, m_t, scale, dt, BT, PREC, NORM)
+    out = chunk_output(acc, qk, gram_diag(qq, BT), b_g, k_r, b_v, m_t, scale, dt, BT, PREC, NORM,
+                       HILO)
     tl.store(o + p_v, to_dt(out, o.dtype.element_ty), mask=m_tv)
 
 
 @device_fn
+def gram_diag(a, BT: tl.constexpr):
+    """The diagonal of a [BT, BT] Gram matrix (sum x^2 of each row of x for a = x x^T)."""
+    rt = tl.arange(0, BT)
+    return tl.sum(tl.where(rt[:, None] == rt[None, :], a, 0.0), 1)
+
+
+@device_fn
 def chunk_output(qh, qk, q_sq, b_g, k_r, v_dt, m_t, scale, dt: tl.constexpr, BT: tl.constexpr,
-                 PREC: tl.constexpr, NORM: tl.constexpr):
+                 PREC: tl.constexpr, NORM: tl.constexpr, HILO: tl.constexpr):
     """One chunk's o tile (fp32) from Q h and Q K^T (raw fp32 accumulations), sum q^2 (NORM),
     the chunk's gc, 1 / ||k|| (ones unless NORM) and v_new (the 16-bit values stored):
 
         scale * ( exp(gc) r_q (Q h) + ((Q K^T) r_q r_k^T exp(gc_r - gc_s) [r >= s]) v_new )
 
-    Shared by the output kernel and the state pass's fused-output mode.
+    ``HILO``: the gated Q K^T enters as a hi + lo pair of 16-bit operands (else rounded once,
+    like FLA). Shared by the output kernel and the state pass's fused-output mode.
     """
     rt = tl.arange(0, BT)
     row_scale = tl.exp(b_g)
@@ -87,16 +96,19 @@ def chunk_output(qh, qk, q_sq, b_g, k_r, v_dt, m_t, scale, dt: tl.constexpr, BT:
     qk = tl.where(causal, qk * decay, 0.0)
     qk_hi = to_dt(qk, dt)
     acc = mma(qk_hi, v_dt, acc, PREC)
-    if dt != tl.float32:  # the rounding error of qk as a second 16-bit operand: qk is fp32 exact
+    if HILO and dt != tl.float32:  # qk's rounding error as a second 16-bit operand
         acc = mma(to_dt(qk - qk_hi.to(tl.float32), dt), v_dt, acc, PREC)
     return acc * scale
 
 
 def output_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
     """K and V tiles of 64 (the whole padded dim when smaller), 4 warps (8 for fp32 inputs,
-    whose IEEE dots hold their operands in registers), 2 pipeline stages."""
-    return tiles(dict(BK=min(64, pow2(dk)), BV=64, NV=0,
+    whose IEEE dots hold their operands in registers), 2 pipeline stages, the hi + lo split of
+    the gated Q K^T on."""
+    meta = tiles(dict(BK=min(64, pow2(dk)), BV=64, NV=0, HILO=True,
                       num_warps=8 if dtype == torch.float32 else 4, num_stages=2), TILES, dv)
+    meta["BK"] = min(meta["BK"], pow2(dk))
+    return meta
 
 
 #: tuning override of :func:`output_tiles` (e.g. {"BV": 128, "num_warps": 8}); empty by default
@@ -110,7 +122,7 @@ def output(q, k, v_new, h, gc, plan, scale: float, *, out: torch.Tensor | None =
 
     ``out``: a [T, HV, V] tensor to write into (its rows past cu_seqlens[N] are zeroed here).
     ``k_rstd`` [T, H] (use_qk_l2norm, from :func:`wu.prepare`): q and k are raw; q is
-    normalized from its own loads, k with k_rstd, both as fp32 scales after the dots.
+    normalized with the diagonal of Q Q^T, k with k_rstd, both as fp32 scales after the dots.
     """
     check_device(q, interpreted(_output_kernel), k=k, v_new=v_new, h=h, gc=gc, k_rstd=k_rstd)
     q, k, v_new, gc = packed(q, 2), packed(k, 2), packed(v_new, 2), packed(gc, 1)

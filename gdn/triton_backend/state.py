@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_precision, dummy,
                       interpreted, launch, mma, packed, pow2, tiles, to_dt)
-from .output import chunk_output, new_output
+from .output import chunk_output, gram_diag, new_output
 
 __all__ = ["state_pass", "state_tiles"]
 
@@ -66,12 +66,12 @@ def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, q, o, scal
     if FUSE:  # the output stage on the state in registers: h and v_new never go to memory
         b_q = tl.load(q + (tok * H + kh)[:, None] * K + rk[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.0)
+        zero_tt = tl.zeros([BT, BT], dtype=tl.float32)
         q_sq = tl.zeros([BT], dtype=tl.float32)
-        if NORM:
-            q_sq = tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
-        out = chunk_output(mma(b_q, s_dt, tl.zeros_like(b_u), PREC),
-                           mma(b_q, b_kt, tl.zeros([BT, BT], dtype=tl.float32), PREC), q_sq, b_g,
-                           k_r, v_dt, m_t, scale, dt, BT, PREC, NORM)
+        if NORM:  # from Q Q^T: the q tile feeds dots only (a pipelined loop, see intra.py)
+            q_sq = gram_diag(mma(b_q, tl.trans(b_q), zero_tt, PREC), BT)
+        out = chunk_output(mma(b_q, s_dt, tl.zeros_like(b_u), PREC), mma(b_q, b_kt, zero_tt, PREC),
+                           q_sq, b_g, k_r, v_dt, m_t, scale, dt, BT, PREC, NORM, True)
         tl.store(o + p_u, to_dt(out, o.dtype.element_ty), mask=m_tv)
     # decay to the chunk end (gate of its last valid token), then add the chunk's keys
     g_last = tl.load(gc + (tok0 + n_valid - 1) * HV + head)

@@ -7,8 +7,13 @@
   launches with one key share a compilation.
 - :func:`cross_compile` compiles a recorded launch for a CUDA target (default sm_90, the H200)
   with Triton's own pipeline down to a cubin (bundled ptxas), and reports shared memory,
-  registers and spills. It needs a process without TRITON_INTERPRET (the kernels must be
-  JITFunctions): ``python -m gdn.triton_backend.xcompile`` prints a report.
+  registers, spills and pipeline hazards. It needs a process without TRITON_INTERPRET (the
+  kernels must be JITFunctions): ``python -m gdn.triton_backend.xcompile`` prints a report.
+- :func:`pipeline_hazards` reads the sm_90 TTGIR for the race that broke use_qk_l2norm on the
+  H200 (Triton 3.6): a tile loaded in a pipelined loop and used both by a dot and by other
+  arithmetic gets ONE shared-memory buffer, which the next iteration's asynchronous copy
+  overwrites while the asynchronous wgmma of this iteration may still read it. The
+  interpreter cannot see it; the compiled IR can.
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ import tempfile
 from typing import Any, Callable
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from . import _common
 
-__all__ = ["Launch", "record", "cache_key", "cross_compile", "main"]
+__all__ = ["Launch", "record", "cache_key", "cross_compile", "pipeline_hazards", "main"]
 
 #: H200 / H100: 227 KiB of shared memory per block (opt-in maximum)
 SM90_SHARED_BYTES = 232448
@@ -96,12 +102,34 @@ class Compiled:
     num_warps: int
     num_stages: int
     constexprs: dict
+    hazards: list = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
         cx = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
         return (f"{self.name:16s} smem {self.shared / 1024:6.1f} KiB  regs {self.registers}  "
                 f"spills {self.spill_bytes} B  warps {self.num_warps} "
                 f"stages {self.num_stages}  {cx}")
+
+
+_ALLOC = re.compile(r"(%[\w.#]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x")
+_VIEW = re.compile(r"(%[\w.#]+) = ttg\.memdesc_index (%[\w.#]+)\[")
+_COPY = re.compile(r"ttg\.async_copy_global_to_local %[\w.#]+, (%[\w.#]+)")
+_WGMMA = re.compile(r"ttng\.warp_group_dot (%[\w.#]+), (%[\w.#]+),[^\n]*isAsync = true")
+
+
+def pipeline_hazards(ttgir: str) -> list[str]:
+    """Pipeline buffers that an asynchronous copy refills and an asynchronous wgmma reads
+    with fewer slots than their peers (a dot-only operand gets num_stages slots; the mixed-use
+    tile of the Triton 3.6 race gets one less, so the copy of iteration i lands in the slot
+    that iteration i's wgmma may still read), or with one slot. IR names of the buffers."""
+    slots = {m.group(1): int(m.group(2)) for m in _ALLOC.finditer(ttgir)}
+    owner = {m.group(1): m.group(2) for m in _VIEW.finditer(ttgir)}
+    base = lambda v: owner.get(v, v)  # noqa: E731
+    refilled = {base(m.group(1)) for m in _COPY.finditer(ttgir)}
+    read_async = {base(v) for m in _WGMMA.finditer(ttgir) for v in m.groups()}
+    ring = {b: slots[b] for b in refilled & read_async if b in slots}
+    most = max(ring.values(), default=0)
+    return sorted(b for b, n in ring.items() if n == 1 or n < most)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
@@ -132,7 +160,7 @@ def cross_compile(launch: Launch, arch: int = 90) -> Compiled:
     names = [p.name for p in jf.params]
     cx = {names[path[0]]: v for path, v in constexprs.items() if len(path) == 1}
     return Compiled(launch.name, ck.metadata.shared, regs, spills, ck.metadata.num_warps,
-                    ck.metadata.num_stages, cx)
+                    ck.metadata.num_stages, cx, pipeline_hazards(ck.asm["ttgir"]))
 
 
 def chain_launches(h: int, hv: int, dk: int, dv: int, dtype: str, *, lens=(100, 30),
@@ -160,10 +188,44 @@ def chain_launches(h: int, hv: int, dk: int, dv: int, dtype: str, *, lens=(100, 
     return record(lambda: run(args), dry=True)[1]
 
 
+def _hazard_repro_kernel(q, h, o, K: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """The output kernel's old pattern in miniature: with NORM the q tile also feeds a sum."""
+    r = tl.arange(0, 64)
+    acc = tl.zeros([64, 64], dtype=tl.float32)
+    sq = tl.zeros([64], dtype=tl.float32)
+    for lo in range(0, K, BK):
+        c = lo + tl.arange(0, BK)
+        b_q = tl.load(q + r[:, None] * K + c[None, :])
+        if NORM:
+            sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+        acc = tl.dot(b_q, tl.load(h + c[:, None] * 64 + r[None, :]), acc)
+    tl.store(o + r[:, None] * 64 + r[None, :], acc * sq[:, None])
+
+
+def hazard_selftest(arch: int = 90) -> tuple[list, ...]:
+    """Hazards of the repro kernel with NORM (2 and 3 pipeline stages), then without: Triton
+    3.6 has the race in the first two only, which shows that :func:`pipeline_hazards` sees it
+    (tests/test_triton_backend.py)."""
+    import torch
+
+    kern = triton.jit(_hazard_repro_kernel)
+    q = torch.empty(64, 128, dtype=torch.bfloat16)
+    h = torch.empty(128, 64, dtype=torch.bfloat16)
+    o = torch.empty(64, 64)
+    return tuple(cross_compile(Launch(kern, (1,), (q, h, o), dict(K=256, BK=64, NORM=norm,
+                                                                 num_stages=stages)),
+                               arch).hazards for norm in (True, False) for stages in (2, 3))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Cross-compile the chain for a few shapes and print shared memory / registers / spills."""
     argv = sys.argv[1:] if argv is None else argv
-    if _common.interpreted(__import__("gdn.triton_backend.wu", fromlist=["x"])._prepare_kernel):
+    if argv == ["selftest"]:
+        res = hazard_selftest()
+        print(f"pipeline hazards of the repro kernel: with the extra use {res[:2]} "
+              f"(2 and 3 stages), without {res[2:]}")
+        return 0 if all(res[:2]) and not any(res[2:]) else 1
+    if _common.interpreted(__import__("gdn.triton_backend.wu", fromlist=["x"])._wu_kernel):
         print("unset TRITON_INTERPRET to cross-compile", file=sys.stderr)
         return 2
     shapes = [(16, 32, 128, 128, "bfloat16"), (16, 32, 128, 128, "float32"),
@@ -171,13 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         shapes = [tuple(int(x) for x in a.split(",")[:4]) + (a.split(",")[4],) for a in argv]
     bad = 0
-    for shape in shapes:
-        print(f"H, HV, K, V, dtype = {shape}")
-        for launch in chain_launches(*shape):
+    from . import state
+
+    for shape, fuse in [(s, False) for s in shapes] + [(shapes[0], True)]:
+        print(f"H, HV, K, V, dtype = {shape}" + (", state.FUSE_OUTPUT" if fuse else ""))
+        state.FUSE_OUTPUT = fuse
+        try:
+            launches = chain_launches(*shape)
+        finally:
+            state.FUSE_OUTPUT = False
+        for launch in launches:
             c = cross_compile(launch)
             flag = ""
             if c.shared > SM90_SHARED_BYTES:
                 flag, bad = "  <-- too much shared memory", bad + 1
+            elif c.hazards:
+                flag, bad = f"  <-- single-buffered async wgmma operand {c.hazards}", bad + 1
             elif c.spill_bytes:
                 flag = "  <-- spills"
             print("  " + c.line() + flag)

@@ -20,8 +20,9 @@ Sections (each prints its own result; an error is printed and the next section r
     split in two calls chained through the state (last: a fault there cannot hide the rest)
 
 Optional (only when named: ``python tests/gpu/triton_gpu_check.py tuning_sweep``, ~2 min):
- 9. tuning_sweep: each kernel's time under a few tile / warp / stage configurations at
-    1x32768 and 4x8192 (the TILES overrides of wu.py, state.py, output.py), to pick defaults
+ 9. tuning_sweep: each kernel's time under the SWEEP tile / warp / stage / precision
+    configurations (the TILES overrides of intra.py, wu.py, state.py, output.py) at 1x32768,
+    4x8192 and 128x256, then the chain with each kernel's fastest one, against FLA
 
 Exit status: the number of failed sections. Arguments: only the sections named (e.g. timings).
 GDN_GPU_CHECK_SMOKE=1 runs the script's own logic on the CPU in Triton's interpreter at tiny
@@ -188,9 +189,9 @@ def correctness_vs_float64():
 def one_compilation_per_call_pattern():
     if SMOKE:
         return "SKIP"
-    from gdn.triton_backend import output, state, wu
+    from gdn.triton_backend import intra, output, state, wu
 
-    kernels = [wu._prepare_kernel, state._state_kernel, output._output_kernel]
+    kernels = [intra._intra_kernel, wu._wu_kernel, state._state_kernel, output._output_kernel]
     for kern in kernels:
         kern.device_caches[DEV.index][0].clear()
     for i, lens in enumerate(([100, 20], [31, 64, 1, 7, 0, 1290])):
@@ -198,8 +199,8 @@ def one_compilation_per_call_pattern():
         gdn.prefill(*batch, cu_seqlens=cu, initial_state=h0, use_qk_l2norm=True,
                     backend="triton")
     counts = [len(kern.device_caches[DEV.index][0]) for kern in kernels]
-    print(f"  JIT cache entries after two batches (prepare, state, output): {counts}")
-    if counts != [1, 1, 1]:
+    print(f"  JIT cache entries after two batches (intra, wu, state, output): {counts}")
+    if counts != [1, 1, 1, 1]:
         raise AssertionError("a kernel compiled more than once")
 
 
@@ -233,6 +234,8 @@ def cuda_graph_capture_and_replay():
 
 @section
 def sync_detector():
+    """About 50 ms of bf16 8192^3 matmuls (~1.4 ms each) queued, then the prefill: the host
+    must get control back long before the queue drains (a sync would wait it out)."""
     if SMOKE:
         return "SKIP"
     lens = [256, 2048, 8192, 8192]
@@ -241,27 +244,31 @@ def sync_detector():
     run = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
     run()
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):  # cuBLAS warm-up, then the time of one matmul
+        a @ a
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    per = (time.perf_counter() - t0) / 10
+    n = min(400, max(20, int(0.05 / per) + 1))
+    worst = 0.0
     for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    per = (time.perf_counter() - t0) / 3
-    n = max(1, int(0.05 / per))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        a @ a
-    t_queued = time.perf_counter()
-    run()
-    t_back = time.perf_counter()
-    torch.cuda.synchronize()
-    t_done = time.perf_counter()
-    host_ms = (t_back - t_queued) * 1e3
-    queue_ms = (t_done - t0) * 1e3
-    print(f"  {queue_ms:.1f} ms of GPU work queued; the prefill returned after {host_ms:.2f} ms "
-          f"(a sync would wait for the queue to drain)")
-    if host_ms > 0.5 * queue_ms:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a @ a
+        t_queued = time.perf_counter()
+        run()
+        t_back = time.perf_counter()
+        torch.cuda.synchronize()
+        queue_ms = (time.perf_counter() - t0) * 1e3
+        host_ms = (t_back - t_queued) * 1e3
+        worst = max(worst, host_ms / queue_ms)
+        print(f"  {n} matmuls ({per * 1e3:.2f} ms each): {queue_ms:.1f} ms of GPU work queued; "
+              f"the prefill returned after {host_ms:.2f} ms")
+    if worst > 0.2:
         raise AssertionError("the prefill waited for the GPU: a device-to-host sync")
 
 
@@ -327,8 +334,6 @@ def sync():
 
 @section
 def timings():
-    from gdn.api import validate
-
     if SMOKE:
         def do_bench(fn, return_mode=None):
             t0 = time.perf_counter()
@@ -336,7 +341,7 @@ def timings():
             return (time.perf_counter() - t0) * 1e3
     else:
         from triton.testing import do_bench
-    from gdn.triton_backend import output, state, wu
+    from gdn.triton_backend import state
 
     fla = _fla()
     layouts = [(1, 200), (3, 70)] if SMOKE else [(1, 32768), (4, 8192), (8, 4096), (128, 256)]
@@ -365,16 +370,9 @@ def timings():
                 traceback.print_exc()
         rows.append((f"{n}x{t}", ms, ms_fused, ms_f, host, host_f))
         # our kernels one by one (the chain's own arguments)
-        _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
-        q, k, v, g, beta = (x[0] for x in batch)
-        gc, _, w, u, _ = wu.prepare(k, v, g, beta, plan)
-        hs, v_new, _ = state.state_pass(k, w, u, gc, plan, initial_state=h0)
-        t_prep = do_bench(lambda: wu.prepare(k, v, g, beta, plan), return_mode="median")
-        t_state = do_bench(lambda: state.state_pass(k, w, u, gc, plan, initial_state=h0),
-                           return_mode="median")
-        t_out = do_bench(lambda: output.output(q, k, v_new, hs, gc, plan, args.scale),
-                         return_mode="median")
-        stages.append((f"{n}x{t}", t_prep, t_state, t_out))
+        calls = stage_calls(batch, h0, plan)
+        stages.append((f"{n}x{t}",) + tuple(do_bench(fn, return_mode="median")
+                                            for fn in calls.values()))
     print(f"\n  H={H} HV={HV} K={K} V={V}, bf16 inputs, fp32 initial and final state")
     print("  | layout   | gdn triton ms | fused-output variant ms | FLA ms | FLA / gdn | "
           "gdn host us/call | FLA host us/call |")
@@ -384,10 +382,34 @@ def timings():
         print(f"  | {name:8s} | {ms:13.3f} | {ms_fused:23.3f} | {ms_f:6.3f} | {ms_f / ms:8.2f}x | "
               f"{host:16.0f} | {host_f:16.0f} |")
     print("\n  our kernels, do_bench median ms")
-    print("  | layout   | prepare | state | output |")
-    print("  |----------|---------|-------|--------|")
-    for name, a, b, c in stages:
-        print(f"  | {name:8s} | {a:7.3f} | {b:5.3f} | {c:6.3f} |")
+    print("  | layout   | intra | wu    | state | output |")
+    print("  |----------|-------|-------|-------|--------|")
+    for name, a, b, c, d in stages:
+        print(f"  | {name:8s} | {a:5.3f} | {b:5.3f} | {c:5.3f} | {d:6.3f} |")
+
+
+def stage_calls(batch, h0, plan) -> dict:
+    """Each kernel of the chain alone on the chain's own intermediates: name -> callable."""
+    from gdn.api import validate
+    from gdn.triton_backend._common import device_plan
+    from gdn.triton_backend.intra import launch_intra
+    from gdn.triton_backend.output import launch_output
+    from gdn.triton_backend.state import launch_state
+    from gdn.triton_backend.wu import launch_wu
+
+    _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
+    q, k, v, g, beta = (x[0] for x in batch)
+    p = device_plan(plan, q.device)
+    gc, ai, _ = launch_intra(k, g, beta, p, from_g=True, ai_dtype=k.dtype, l2norm=False)
+    w, u = launch_wu(k, v, beta, gc, ai, p, None)
+    hs, v_new, _ = launch_state(k, w, u, gc, p, h0, True, None)
+    return {
+        "intra": lambda: launch_intra(k, g, beta, p, from_g=True, ai_dtype=k.dtype,
+                                      l2norm=False),
+        "wu": lambda: launch_wu(k, v, beta, gc, ai, p, None),
+        "state": lambda: launch_state(k, w, u, gc, p, h0, True, None),
+        "output": lambda: launch_output(q, k, v_new, hs, gc, p, args.scale, None, None),
+    }
 
 
 @section
@@ -425,11 +447,28 @@ def plan_rows(cu) -> int:
     return gdn.plan(cu).num_chunks
 
 
+#: the configurations the sweep times, per kernel (module TILES overrides; {} = the default)
+SWEEP = {
+    "intra": [{}, {"INV": 0}, {"num_warps": 2}, {"num_warps": 1}, {"num_warps": 1, "INV": 0},
+              {"SPREC": "ieee"}, {"num_warps": 2, "num_stages": 1},
+              {"num_warps": 1, "num_stages": 1}],
+    "wu": [{}, {"NP": 1}, {"BK": 128, "BV": 128}, {"BK": 128, "BV": 128, "num_warps": 8},
+           {"num_stages": 2}],
+    "state": [{}, {"BV": 32}, {"BV": 32, "num_stages": 3}, {"BV": 32, "num_stages": 4},
+              {"num_stages": 3}, {"num_warps": 8}, {"BV": 16, "num_stages": 3}],
+    "output": [{}, {"BV": 128, "num_warps": 8}, {"BK": 128, "BV": 128, "num_warps": 8},
+               {"BK": 128}, {"HILO": False}, {"num_stages": 3},
+               {"BV": 128, "num_warps": 8, "HILO": False}],
+}
+
+
 @optional_section
 def tuning_sweep():
-    from gdn.api import validate
-    from gdn.triton_backend import output, state, wu
+    """Each kernel alone under the SWEEP configurations, then the whole chain with each
+    kernel's fastest configuration of that layout, against FLA (same inputs)."""
+    from gdn.triton_backend import intra, output, state, wu
 
+    mods = {"intra": intra, "wu": wu, "state": state, "output": output}
     if SMOKE:
         def bench(fn):
             t0 = time.perf_counter()
@@ -441,51 +480,44 @@ def tuning_sweep():
 
         def bench(fn):
             return do_bench(fn, return_mode="median")
-        layouts = [(1, 32768), (4, 8192)]
-    sweeps = {
-        "prepare": (wu, [{}, {"num_warps": 8}, {"num_warps": 2}, {"num_stages": 2}]),
-        "state": (state, [{}, {"num_stages": 3}, {"BV": 32}, {"BV": 32, "num_stages": 3},
-                          {"num_warps": 8}]),
-        "output": (output, [{}, {"BV": 128, "num_warps": 8}, {"BV": 128}, {"num_stages": 3}]),
-    }
+        layouts = [(1, 32768), (4, 8192), (128, 256)]
+    fla = _fla()
+    summary = []
     for n, t in layouts:
         batch, h0, cu = qwen_batch([t] * n, seed=7)
         plan = gdn.plan(cu)
-        chain = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
-        for fuse, cfg in [(False, {}), (True, {}), (True, {"BV": 32}), (True, {"num_warps": 4}),
-                          (True, {"BV": 32, "num_warps": 4})]:
-            state.FUSE_OUTPUT = fuse
-            state.TILES.clear()
-            state.TILES.update(cfg)
-            try:
-                ms = f"{bench(chain):8.3f} ms"
-            except Exception as e:  # noqa: BLE001
-                ms = f"failed: {type(e).__name__}: {str(e)[:80]}"
-            finally:
-                state.FUSE_OUTPUT = False
-                state.TILES.clear()
-            what = ("fused output, state " if fuse else "separate output ") + str(cfg or "default")
-            print(f"  {n}x{t:<6d} chain    {what:36s} {ms}", flush=True)
-        _, args = validate(*batch, plan=plan, initial_state=h0, backend="triton")
-        q, k, v, g, beta = (x[0] for x in batch)
-        gc, _, w, u, _ = wu.prepare(k, v, g, beta, plan)
-        hs, v_new, _ = state.state_pass(k, w, u, gc, plan, initial_state=h0)
-        calls = {
-            "prepare": lambda: wu.prepare(k, v, g, beta, plan),
-            "state": lambda: state.state_pass(k, w, u, gc, plan, initial_state=h0),
-            "output": lambda: output.output(q, k, v_new, hs, gc, plan, args.scale),
-        }
-        for name, (mod, configs) in sweeps.items():
+        best = {}
+        for name, configs in SWEEP.items():
+            mod = mods[name]
+            times = []
             for cfg in configs:
                 mod.TILES.clear()
                 mod.TILES.update(cfg)
                 try:
-                    ms = f"{bench(calls[name]):8.3f} ms"
+                    ms = bench(stage_calls(batch, h0, plan)[name])
+                    times.append((ms, cfg))
+                    txt = f"{ms:8.3f} ms"
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                    ms = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                    txt = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 finally:
                     mod.TILES.clear()
-                print(f"  {n}x{t:<6d} {name:8s} {str(cfg or 'default'):36s} {ms}", flush=True)
+                print(f"  {n}x{t:<6d} {name:7s} {str(cfg or 'default'):48s} {txt}", flush=True)
+            best[name] = min(times, key=lambda x: x[0]) if times else (float("nan"), {})
+        chain = lambda: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton")  # noqa
+        ms_default = bench(chain)
+        for name, (_, cfg) in best.items():
+            mods[name].TILES.update(cfg)
+        try:
+            ms_best = bench(chain)
+        finally:
+            for mod in mods.values():
+                mod.TILES.clear()
+        ms_f = bench(_fla_call(fla, batch, h0, cu)) if fla is not None else float("nan")
+        summary.append((f"{n}x{t}", ms_default, ms_best, ms_f,
+                        {k: v[1] for k, v in best.items()}))
+    print("\n  | layout   | chain default ms | chain per-kernel best ms | FLA ms | best configs")
+    for name, a, b, c, cfgs in summary:
+        print(f"  | {name:8s} | {a:16.3f} | {b:24.3f} | {c:6.3f} | {cfgs}")
 
 
 def main(argv: list[str]) -> int:
