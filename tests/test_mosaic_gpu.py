@@ -37,6 +37,8 @@ CASES = [
      dict(), "bfloat16", "batch"),
     ("jit_traced_plan_no_final", dict(lens=[40, 150], h=1, hv=2, k=64, v=64, initial_state=True, seed=3),
      dict(output_final_state=False), "bfloat16", "jit"),
+    ("two_kernels_varlen", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
+     dict(), "bfloat16", "packed:two_kernels"),
 ]
 
 
@@ -58,12 +60,14 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
     ref_o, ref_f = R.recurrent(*qkv, x.g, x.beta, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state,
                                scale=kw.get("scale"), use_qk_l2norm=kw.get("use_qk_l2norm", False))
     q_before = np.asarray(q).copy()
+    layout, _, variant = layout.partition(":")
+    opts = dict(variant=variant) if variant else {}
     if layout == "batch":
         nb = len(mk["lens"])
         resh = lambda a: a.reshape(nb, a.shape[1] // nb, *a.shape[2:])  # noqa: E731
         _, args = api.validate(resh(q), resh(k), resh(v), resh(g), resh(beta), initial_state=h0,
                                backend="jax", **kw)
-        o, f = M.run(args, interpret=interpret)
+        o, f = M.run(args, interpret=interpret, **opts)
         o = o.reshape(1, -1, *o.shape[2:])
     elif layout == "jit":
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
@@ -73,12 +77,12 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
         @jax.jit
         def fn(q, k, v, g, beta, h0, p):
             _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax", **kw)
-            return M.run(args, interpret=interpret)
+            return M.run(args, interpret=interpret, **opts)
 
         o, f = fn(q, k, v, g, beta, h0, p)
     else:
         _, args = api.validate(q, k, v, g, beta, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="jax", **kw)
-        o, f = M.run(args, interpret=interpret)
+        o, f = M.run(args, interpret=interpret, **opts)
     o = np.asarray(o, np.float64)
     out = dict(name=name, dtype=dtype, o=R.rms_ratio(o[:, :t_real], ref_o[:, :t_real]),
                tail=float(np.abs(o[:, t_real:]).max()) if o.shape[1] > t_real else 0.0,

@@ -259,6 +259,14 @@ def _bench_fla(lens, h, hv, dk, seed, iters=10, reps=3):
     return statistics.median(ts)
 
 
+VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
+    "fused": {},
+    "fused_st2": dict(stages=2),
+    "fused_r40": dict(regs=(40, 136, 168)),
+    "fused_r40b": dict(regs=(40, 152, 160)),
+    "two_kernels": dict(variant="two_kernels"),
+}
+
 SHAPES = [  # (label, lens, H, HV, target ms)
     ("4x8192", [8192] * 4, 16, 32, 0.35),
     ("8x4096", [4096] * 8, 16, 32, 0.35),
@@ -381,11 +389,12 @@ def main():
     ap.add_argument("--shapes", default="")
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
     ap.add_argument("--tag", default="all")
+    ap.add_argument("--variants", default="fused")
     a = ap.parse_args()
     only = set(a.only.split(","))
     os.makedirs(a.out, exist_ok=True)
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
-    variants = [("mosaic", {})]
+    variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
     for name, fn, args in (("env", sec_env, ()), ("intra", sec_intra, ()), ("small", sec_small, ()),
                            ("qwen", sec_qwen, ()), ("sync", sec_sync, ()), ("kernels", sec_kernels, ()),
                            ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))), ("ptxas", sec_ptxas, (a.out,))):

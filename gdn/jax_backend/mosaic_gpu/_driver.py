@@ -7,6 +7,7 @@ import numpy as np
 
 from ...api import PrefillArgs
 from .chunk_loop import chunk_loop
+from .fused import fused
 from .common import C
 from .intra import intra
 
@@ -23,7 +24,10 @@ def _plan_arrays(plan):
     return jnp.asarray(cu, jnp.int32)
 
 
-def prefill_arrays(args: PrefillArgs, *, interpret=None, bv: int = 64, stages: int | None = None):
+def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "fused", bv: int = 64,
+                   stages: int | None = None, regs=None):
+    """The Mosaic GPU prefill. ``variant``: "fused" (one kernel, default) or "two_kernels" (the intra
+    kernel, then the chunk loop of 64 V columns per CTA)."""
     plan = args.plan
     h, hv, dk, dv = args.dims
     t_arr = args.batch * args.seqlen
@@ -43,18 +47,22 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, bv: int = 64, stages: i
         g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
     g_hm, beta_hm = g.T, beta.T
     cu = _plan_arrays(plan)
-    seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
-
-    ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
-
     h0 = args.initial_state
     if h0 is not None:
         h0 = jnp.asarray(h0, jnp.float32)
     n_out = None
     if args.output_final_state:
         n_out = plan.num_seqs if plan.num_seqs is not None else plan.padded_seqs
-    o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=args.scale, group=group, n_out=n_out,
-                          t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
+    if variant == "fused":
+        o, final = fused(q, k, v, g_hm, beta_hm, cu, h0, scale=args.scale, group=group, n_out=n_out,
+                         stages=stages, regs=regs, interpret=interpret)
+    elif variant == "two_kernels":
+        seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
+        ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+        o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=args.scale, group=group, n_out=n_out,
+                              t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
+    else:
+        raise ValueError(f"variant must be 'fused' or 'two_kernels', got {variant!r}")
     if pad:
         o = o[:t_arr]
     o = o.reshape(args.batch, args.seqlen, hv, dv)
