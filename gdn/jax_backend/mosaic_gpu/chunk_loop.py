@@ -31,7 +31,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_exp, mm, rows, tile, tracing_for_interpreter)
+                     iota, masked_exp, mm, produce, rows, tile, tracing_for_interpreter)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -136,20 +136,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 for buf in (gc_state, gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
 
-            for i in range(stages):
-                @pl.when(i < nt)
-                def _():
-                    issue(i, i)
-
-            @pl.loop(stages, jnp.maximum(nt, stages))
-            def _refill(i):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(in_free.at[slot])
-                issue(i, slot)
-
-            @pl.loop(jnp.maximum(nt - stages, 0), nt)
-            def _drain(i):  # observe the releases nobody refilled
-                plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])
+            produce(nt, stages, issue, in_free)
 
         @pl.when(wg == 0)
         def _state():

@@ -122,3 +122,26 @@ def interpret_params(interpret):
 
 def is_interpret(interpret) -> bool:
     return bool(interpret)
+
+
+def produce(nt, stages: int, issue, in_free) -> None:
+    """The producer warpgroup's ring: ``issue(i, slot)`` loads tile i once its slot was released.
+
+    The first ``stages`` tiles go out at once; tile i >= stages waits for the release of tile
+    i - stages; the releases nobody refills are observed at the end (a barrier's waiter must see
+    every phase).
+    """
+    for i in range(stages):
+        @pl.when(i < nt)
+        def _():
+            issue(i, i)
+
+    @pl.loop(stages, jnp.maximum(nt, stages))
+    def _refill(i):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(in_free.at[slot])
+        issue(i, slot)
+
+    @pl.loop(jnp.maximum(nt - stages, 0), nt)
+    def _drain(i):
+        plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])

@@ -32,7 +32,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_exp, mm, rows, tile, tracing_for_interpreter)
+                     iota, masked_exp, mm, produce, rows, tile, tracing_for_interpreter)
 from .solve import BLOCK, diag_block_inverse, merge, same_block
 
 BV = 64  # V columns per state warpgroup
@@ -147,20 +147,7 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                 for src, dst in ((g_ref, g_r), (g_ref, g_c), (b_ref, b_r), (b_ref, b_c)):
                     plgpu.copy_gmem_to_smem(src.at[j, tok], dst.at[slot], bar)
 
-            for i in range(stages):
-                @pl.when(i < nt)
-                def _():
-                    issue(i, i)
-
-            @pl.loop(stages, jnp.maximum(nt, stages))
-            def _refill(i):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(in_free.at[slot])
-                issue(i, slot)
-
-            @pl.loop(jnp.maximum(nt - stages, 0), nt)
-            def _drain(i):
-                plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])
+            produce(nt, stages, issue, in_free)
 
         # ---------------------------------------------------------------- aux: inverse, P, gc
         @pl.when(wg == wg_aux)
