@@ -312,13 +312,15 @@ def test_pallas_triton_cross_lowers_and_compiles_for_h200(cfg, monkeypatch, tmp_
                             output_final_state=True, return_stages=False,
                             interpret=False).lower(lowering_platforms=("cuda",))
     text = low.as_text()
-    # prepare (stages 1-3 fused), state, zero_tail, output
-    assert text.count("__gpu$xla.gpu.triton") == 4 and len(ttir) == 4
+    # intra (stages 1-2), wu (stage 3), state, zero_tail, output
+    assert text.count("__gpu$xla.gpu.triton") == 5 and len(ttir) == 5
     params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
-    assert len(params) == 4
+    assert len(params) == 5
 
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
+
+    from gdn.triton_backend.xcompile import pipeline_hazards
 
     for i, (src, (stages, warps)) in enumerate(zip(ttir, params)):
         path = tmp_path / f"k{i}.ttir"
@@ -327,6 +329,8 @@ def test_pallas_triton_cross_lowers_and_compiles_for_h200(cfg, monkeypatch, tmp_
                               options=dict(num_warps=int(warps), num_stages=int(stages)))
         assert kern.asm["cubin"], f"kernel {i} produced no cubin"
         assert kern.metadata.shared <= 227 * 1024, f"kernel {i}: too much shared memory"
+        # the sm_90 race behind the Triton backend's l2norm bug (gdn/triton_backend/xcompile.py)
+        assert not pipeline_hazards(kern.asm["ttgir"]), f"kernel {i}: pipeline hazard"
 
 
 # -- on a real GPU (skipped on CPU-only machines; run by ./run gpu) ---------------------------

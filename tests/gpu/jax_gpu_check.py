@@ -15,8 +15,10 @@ Sections (each in its own try/except, so one failure does not hide the rest):
   4. first-call (trace + compile + run) time of each implementation
   5. timings at 1x32768, 4x8192, 8x4096, 128x256 (packed, Qwen3.5 shape, bf16): a loop of calls
      of the jitted prefill with one block_until_ready, median of several rounds; one table
-  6. pallas_triton per-stage times at 1x32768 and 128x256
-Prints PASS / FAIL per check and a summary; exit status 1 if anything failed. About 2-3 minutes.
+     (xla, ~17 ms per call, is checked above but not timed)
+  6. pallas_triton per-kernel times (intra, wu, state, output) at 1x32768 and 128x256
+Sections 2 and 6 run last (5, 6, 2 order after 1, 3); --impls / --skip narrow a run.
+Prints PASS / FAIL per check and a summary; exit status 1 if anything failed. About 3 minutes.
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ def long_chain(impls, quick: bool):
     x = make_inputs([total], seed=7, **QWEN)
     dtype = "bfloat16"
     arrs, _ = device_args(x, dtype)
-    for impl in impls:
+    for impl in [i for i in impls if i != "xla" or len(impls) == 1]:  # xla: slow, checked above
         try:
             t0 = time.perf_counter()
             o_all, f_all = gdn.prefill(*arrs, cu_seqlens=[0, total], impl=impl)
@@ -235,6 +237,9 @@ CONFIGS = [("1x32768", [32768]), ("4x8192", [8192] * 4), ("8x4096", [4096] * 8),
 @section("4+5. first-call compile time and timings (Qwen3.5 shape, bf16, fp32 state)")
 def timings(impls, quick: bool):
     configs = CONFIGS[:2] if quick else CONFIGS
+    if "xla" in impls and len(impls) > 1:  # ~17 ms per call at 32k tokens: checked, not timed
+        print("  (xla left out: a reference path, 10x slower)")
+        impls = [i for i in impls if i != "xla"]
     # one jitted function per impl for all configs: the first three share a bucket (T = 32768,
     # N_pad = 8, NT_pad = 512), so only their first call compiles
     fns = {impl: jax.jit(lambda q, k, v, g, b, plan, h, impl=impl: gdn.prefill(
@@ -288,11 +293,15 @@ def stage_times(impls, quick: bool, all_stages: bool):
         hv = v.shape[1]
         st = {}
         with pallas_triton_warnings():
-            f_pre = jax.jit(lambda k, v, g, b, p: PT.prepare(k, v, g, b, None, p,
-                                                             store_ai_stage=False,
-                                                             interpret=interp)[:3])
-            gc, w, u = f_pre(k, v, g, beta, dp)
-            st["prepare"] = _bench(f_pre, (k, v, g, beta, dp))
+            f_in = jax.jit(lambda k, g, b, p: PT.intra_inverse(
+                k, g, b, None, p, num_v_heads=hv, interpret=interp, from_g=True,
+                ai_dtype=k.dtype))
+            gc, ai = f_in(k, g, beta, dp)
+            st["intra"] = _bench(f_in, (k, g, beta, dp))
+            f_wu = jax.jit(lambda k, v, b, gc, ai, p: PT.recompute_wu(
+                k, v, b, gc, ai, None, p, interpret=interp))
+            w, u = f_wu(k, v, beta, gc, ai, dp)
+            st["wu"] = _bench(f_wu, (k, v, beta, gc, ai, dp))
             f_st = jax.jit(lambda k, w, u, gc, p: PT.state_recurrence(
                 k, w, u, gc, None, None, p, output_final_state=True, interpret=interp))
             h, vn, _ = f_st(k, w, u, gc, dp)
@@ -300,22 +309,15 @@ def stage_times(impls, quick: bool, all_stages: bool):
             f_o = jax.jit(lambda q, k, vn, h, gc, p: PT.chunk_output(
                 q, k, vn, h, gc, None, None, p, scale=0.088, interpret=interp))
             st["output"] = _bench(f_o, (q, k, vn, h, gc, dp))
-            if all_stages:  # the stage kernels alone (not on the fast path)
+            if all_stages:  # the cumsum stage kernel alone (not on the fast path)
                 f_cs = jax.jit(lambda g, p: PT.chunk_cumsum(g, p, interpret=interp))
                 st["(cumsum)"] = _bench(f_cs, (g, dp))
-                f_in = jax.jit(lambda k, gc, b, p: PT.intra_inverse(
-                    k, gc, b, None, p, num_v_heads=hv, interpret=interp))
-                ai = f_in(k, gc, beta, dp)
-                st["(intra)"] = _bench(f_in, (k, gc, beta, dp))
-                f_wu = jax.jit(lambda k, v, b, gc, ai, p: PT.recompute_wu(
-                    k, v, b, gc, ai, None, p, interpret=interp))
-                st["(wu)"] = _bench(f_wu, (k, v, beta, gc, ai, dp))
         report_stages(cname, st)
 
 
 def report_stages(cname, st):
     RESULTS["stages_ms"][cname] = st
-    chain = st["prepare"] + st["state"] + st["output"]
+    chain = st["intra"] + st["wu"] + st["state"] + st["output"]
     print(f"  {cname:8} " + "  ".join(f"{n} {t:.3f}" for n, t in st.items())
           + f"  (chain {chain:.3f} ms)", flush=True)
 
@@ -339,7 +341,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller long-sequence and timing runs")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: check the script on a CPU")
     ap.add_argument("--stages", action="store_true",
-                    help="section 6 also times the stage kernels alone (cumsum, intra, wu)")
+                    help="section 6 also times the cumsum stage kernel alone")
+    ap.add_argument("--impls", default="",
+                    help="comma-separated implementations to check (default: every usable one)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: edges,nosync,timings,long,stages")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."),
                                                    "jax_gpu_check.json"))
     a = ap.parse_args()
@@ -351,13 +357,21 @@ def main() -> int:
     if devs[0].platform != "gpu":
         print("no GPU: this script is meant for the H200 machine (see its docstring)")
     impls = usable_impls()
+    if a.impls:
+        impls = [i for i in impls if i in a.impls.split(",")]
+    skip = set(a.skip.split(","))
     print(f"implementations: {impls}")
     # the most telling sections first: a run cut short by a time limit still reports them
-    edge_cases(impls)
-    no_sync(impls)
-    timings(impls, a.quick)
-    long_chain(impls, a.quick)
-    stage_times(impls, a.quick, a.stages)
+    if "edges" not in skip:
+        edge_cases(impls)
+    if "nosync" not in skip:
+        no_sync(impls)
+    if "timings" not in skip:
+        timings(impls, a.quick)
+    if "stages" not in skip:
+        stage_times(impls, a.quick, a.stages)
+    if "long" not in skip:
+        long_chain(impls, a.quick)
     RESULTS["failed"] = FAILED
     RESULTS["wall_s"] = time.perf_counter() - t0
     try:

@@ -1,20 +1,22 @@
 """impl="pallas_triton": Pallas kernels with the Triton lowering, mirroring the Triton backend
 (gdn/triton_backend) one to one: the same stages, intermediate tensors and dtypes (the stage
-contract in gdn/reference.py) and the same three-kernel chain:
+contract in gdn/reference.py) and the same four-kernel chain:
 
-  prepare   (wu.py) stages 1-3 fused: gc [T, HV] fp32 (cumsum.py), Ai = (I + A)^-1 in registers
-            by blockwise forward substitution in IEEE fp32 (intra.py; [T, HV, BT] fp32, written
-            only when the stage tensors are asked for), w [T, HV, K] and u [T, HV, V] in the
-            input dtype
+  intra     (intra.py) gc [T, HV] fp32 (cumsum.py) and Ai = (I + A)^-1 by blockwise forward
+            substitution in fp32 (merges at tf32x3 for 16-bit inputs, IEEE for fp32), stored in
+            the input dtype ([T, HV, BT] fp32 when the stage tensors are asked for)
+  wu        (wu.py) w [T, HV, K] and u [T, HV, V] in the input dtype, 64-row tensor-core tiles
   state     (state.py) h [NT_pad, HV, K, V] and v_new [T, HV, V] in the input dtype (sentinel
             rows of h are not written), the final state [N_pad, HV, K, V] fp32
   output    (output.py) o [T, HV, V] in q's dtype, zero past cu_seqlens[-1]
 
 Each stage also exists as its own kernel (chunk_cumsum, intra_inverse, recompute_wu) for the
 stage-by-stage comparisons. With use_qk_l2norm q and k are not rewritten: one XLA reduction
-each gives their fp32 row scales 1/||x||, which the kernels apply next to the gates. Every grid
-is static, from the plan's padded counts; the plan's int32 arrays are read inside the kernels.
-K and V up to 256 of any size (tiles padded to powers of two, masked).
+each gives their fp32 row scales 1/||x||, which the kernels apply next to the gates (so no tile
+feeds both a dot and other arithmetic in a pipelined loop: Triton 3.6 races there on sm_90, see
+gdn/triton_backend/xcompile.py). Every grid is static, from the plan's padded counts; the plan's
+int32 arrays are read inside the kernels. K and V up to 256 of any size (tiles padded to powers of
+two, masked).
 
 On a GPU the kernels are compiled by Triton; on a CPU they run in Pallas interpret mode (only
 when this impl is asked for by name: ``impl=None`` takes "xla" there). Pallas-Triton is

@@ -26,7 +26,8 @@ from jax.experimental.pallas import fuser as _fuser  # noqa: F401
 
 from ..common import next_pow2
 
-__all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "load", "store", "dim_tile",
+__all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "sdot", "solve_precision", "load", "store",
+           "dim_tile",
            "compiler_params", "pl", "plgpu", "BT", "BC", "NB", "Dims", "dims", "sub_masks",
            "load_sub", "on_chunk_row"]
 
@@ -109,6 +110,20 @@ def mdot(a, b, fp32: bool):
     """a @ b with fp32 accumulation; IEEE fp32 (HIGHEST, not TF32) when ``fp32``."""
     prec = lax.Precision.HIGHEST if fp32 else None
     return jnp.dot(a, b, precision=prec, preferred_element_type=jnp.float32)
+
+
+def solve_precision(fp32: bool, interpret: bool):
+    """Dots of the triangular solve (fp32 operands): IEEE fp32 (HIGHEST) for fp32 inputs and in
+    interpret mode; else tf32x3 (three TF32 tensor-core products, fp32-accurate), since the
+    solve's result is rounded to the 16-bit input dtype for the w / u products anyway."""
+    if fp32 or interpret:
+        return lax.Precision.HIGHEST
+    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def sdot(a, b, precision):
+    """a @ b of fp32 operands at a :func:`solve_precision`."""
+    return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 def mdot_t(a, b, fp32: bool, contract: int):
