@@ -449,16 +449,13 @@ def plan_rows(cu) -> int:
 
 #: the configurations the sweep times, per kernel (module TILES overrides; {} = the default)
 SWEEP = {
-    "intra": [{}, {"INV": 0}, {"num_warps": 2}, {"num_warps": 1}, {"num_warps": 1, "INV": 0},
-              {"SPREC": "ieee"}, {"num_warps": 2, "num_stages": 1},
+    "intra": [{}, {"INV": 0}, {"num_warps": 2}, {"num_warps": 1}, {"SPREC": "ieee"},
               {"num_warps": 1, "num_stages": 1}],
-    "wu": [{}, {"NP": 1}, {"BK": 128, "BV": 128}, {"BK": 128, "BV": 128, "num_warps": 8},
-           {"num_stages": 2}],
+    "wu": [{}, {"NP": 1}, {"BK": 128, "BV": 128}, {"BK": 128, "BV": 128, "num_warps": 8}],
     "state": [{}, {"BV": 32}, {"BV": 32, "num_stages": 3}, {"BV": 32, "num_stages": 4},
-              {"num_stages": 3}, {"num_warps": 8}, {"BV": 16, "num_stages": 3}],
+              {"num_stages": 3}, {"BV": 16, "num_stages": 3}],
     "output": [{}, {"BV": 128, "num_warps": 8}, {"BK": 128, "BV": 128, "num_warps": 8},
-               {"BK": 128}, {"HILO": False}, {"num_stages": 3},
-               {"BV": 128, "num_warps": 8, "HILO": False}],
+               {"HILO": False}, {"BV": 128, "num_warps": 8, "HILO": False}, {"num_stages": 3}],
 }
 
 
