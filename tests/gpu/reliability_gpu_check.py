@@ -70,49 +70,50 @@ if SMOKE:
 else:
     DEV = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     QWEN = dict(h=16, hv=32, k=128, v=128)
-RESULTS: list[tuple[str, str]] = []
+RESULTS: dict[str, str] = {}
 SECTIONS: list = []
 
 
-def section(fn):
-    SECTIONS.append(fn)
-    return fn
-
-
-def run_section(fn):
-    name = fn.__name__
-    print(f"\n=== {name} " + "=" * max(0, 70 - len(name)), flush=True)
-    t0 = time.perf_counter()
-    try:
-        status = fn() or "PASS"
-    except Exception:  # noqa: BLE001 - a section must never hide the next ones
-        traceback.print_exc()
-        status = "FAIL"
-    if DEV is not None and DEV.type == "cuda":
-        try:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        except Exception:  # a sticky CUDA error: later sections will report it too
-            traceback.print_exc()
-            status = "FAIL"
-    print(f"--- {name}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    RESULTS.append((name, status))
-
-
 class Checks:
-    """Collects the checks of one section: ``ok(name, cond, detail)``; ``status()`` at the end."""
+    """The checks of one section: ``ok(name, cond, detail)`` prints one line and records it."""
 
     def __init__(self):
-        self.failed = []
+        self.failed: list[str] = []
+        self.count = 0
 
     def ok(self, name, cond, detail=""):
+        self.count += 1
         print(f"  {'ok  ' if cond else 'FAIL'}  {name}  {detail}", flush=True)
         if not cond:
             self.failed.append(name)
         return cond
 
-    def status(self):
-        return "FAIL" if self.failed else "PASS"
+
+def section(fn):
+    """A section ``fn(checks)``: registered in order; run by :func:`run` under a guard."""
+    SECTIONS.append(fn)
+    return fn
+
+
+def run(fn) -> None:
+    """One section: an exception or a sticky CUDA error is a failed check, never the end."""
+    c, t0 = Checks(), time.perf_counter()
+    print(f"\n=== {fn.__name__}", flush=True)
+    for step in (lambda: fn(c), _drain):
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - a section must never hide the next ones
+            traceback.print_exc()
+            c.ok("no exception", False, f"{type(e).__name__}")
+    status = "FAIL" if c.failed else ("PASS" if c.count else "SKIP")
+    print(f"--- {fn.__name__}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    RESULTS[fn.__name__] = status
+
+
+def _drain():
+    if DEV is not None and DEV.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _jax():
@@ -173,7 +174,7 @@ def takes(impl, dtype, k=64, v=64):
 
 # ------------------------------------------------------------------------------------------
 @section
-def environment():
+def environment(c):
     import triton
 
     line = f"torch {torch.__version__}, triton {triton.__version__}, device {DEV}"
@@ -187,14 +188,11 @@ def environment():
         print(f"  jax unusable: {e}")
     for i in gdn.implementations():
         print(f"  {i.backend:7s} {i.impl:14s} {'usable' if i.available else i.reason}")
-    if DEV is None:
-        print("  no CUDA device: the GPU sections fail")
-        return "FAIL"
+    c.ok("a CUDA device (or the CPU smoke mode)", DEV is not None, str(DEV))
 
 
 @section
-def device_mismatch():
-    c = Checks()
+def device_mismatch(c):
     from gdn.triton_backend import _common
 
     launched = []
@@ -272,12 +270,10 @@ def device_mismatch():
         c.ok("jax: all on the GPU runs there", o.devices() == {gpus[0]}, str(o.devices()))
     elif not SMOKE:
         c.ok("jax sees a GPU", False, str(jax.devices()))
-    return c.status()
 
 
 @section
-def empty_calls():
-    c = Checks()
+def empty_calls(c):
     from gdn.triton_backend import _common
 
     launched = []
@@ -297,14 +293,12 @@ def empty_calls():
                      and np.array_equal(f, h0) and not launched, f"o {o.shape}, final {f.shape}")
     finally:
         _common.set_launch_hook(prev)
-    return c.status()
 
 
 @section
-def nan_isolation():
+def nan_isolation(c):
     from test_reliability import NAN_LENS, POISON, TAIL, _poisoned
 
-    c = Checks()
     x = make_inputs(NAN_LENS, h=2, hv=4, k=64, v=64, initial_state=True, pad_tokens=TAIL, seed=6)
     plan = gdn.plan(x.cu_seqlens, num_tokens=x.q.shape[1])
     (clean, h_clean), (dirty, h_dirty) = _poisoned(x, plan)
@@ -327,14 +321,12 @@ def nan_isolation():
             finite = bool(np.all(np.isfinite(o_c)) and np.all(np.isfinite(f_c)))
             c.ok(f"{label(backend, impl)} {dtype}", not bad and tail and finite,
                  f"changed clean sequences {bad}, tail zero {tail}, clean run finite {finite}")
-    return c.status()
 
 
 @section
-def extreme_values():
+def extreme_values(c):
     from test_reliability import EXTREME, _extreme
 
-    c = Checks()
     x = make_inputs([70, 1, 64, 0, 130], h=2, hv=4, k=64, v=64, initial_state=True, seed=5)
     for name in EXTREME:
         arrays32, l2 = _extreme(name, x)
@@ -356,14 +348,12 @@ def extreme_values():
                 c.ok(f"{name:16s} {dtype:8s} {label(backend, impl):13s}",
                      eo < bar and ef < bar and np.array_equal(f[3], x.initial_state[3]),
                      f"o {eo:.1e} final {ef:.1e} (bar {bar:.0e})")
-    return c.status()
 
 
 @section
-def grids_past_65535():
+def grids_past_65535(c):
     from test_reliability import _one_token_truth
 
-    c = Checks()
     n = 20 if SMOKE else 70_000
     x = make_inputs([1] * n, h=1, hv=2, k=64, v=64, initial_state=True, seed=9)
     dtype = "bfloat16"
@@ -407,7 +397,6 @@ def grids_past_65535():
         except Exception as e:  # noqa: BLE001
             c.ok(f"one sequence of {t // 64} chunks, {label(backend, impl)}", False,
                  f"{type(e).__name__}: {e}")
-    return c.status()
 
 
 # -- large inputs stay on the GPU: torch tensors in, jax impls through dlpack ----------------
@@ -540,8 +529,7 @@ def _jax_memory(impl: str) -> dict:
 
 
 @section
-def memory():
-    c = Checks()
+def memory(c):
     lens, p = _memory_shape()
     gen = torch.Generator(device=DEV).manual_seed(0)
     t = p.num_tokens
@@ -591,13 +579,11 @@ def memory():
             meas = run_peak if run_peak is not None else planned
             ok = 0.6 * stated <= meas <= 1.15 * stated
         c.ok(f"{impl}: peak extra memory vs statement", ok, detail)
-    return c.status()
 
 
 # ------------------------------------------------------------------------------------------
 @section
-def one_million_tokens():
-    c = Checks()
+def one_million_tokens(c):
     t = 1 << (9 if SMOKE else 20)
     piece = t // 8
     h, hv, k, v = QWEN["h"], QWEN["hv"], QWEN["k"], QWEN["v"]
@@ -646,7 +632,6 @@ def one_million_tokens():
         worst = max(worst, _rms_torch(o[:, a:b], on), _rms_torch(f[n:n + 1], fn))
     c.ok("triton: packed [9/16, 5/16, 1/8 - 5, 5] of T vs each sequence alone",
          worst < RMS_BETWEEN["bfloat16"], f"worst {worst:.1e} (starts {cu[1:-1]})")
-    return c.status()
 
 
 def main(argv: list[str]) -> int:
@@ -656,11 +641,11 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     for fn in SECTIONS:
         if not argv or fn.__name__ in argv or fn.__name__ == "environment":
-            run_section(fn)
+            run(fn)
     print(f"\n=== summary ({time.perf_counter() - t0:.0f} s)")
-    for name, status in RESULTS:
+    for name, status in RESULTS.items():
         print(f"  {status:4s}  {name}")
-    return sum(status == "FAIL" for _, status in RESULTS)
+    return sum(status == "FAIL" for status in RESULTS.values())
 
 
 if __name__ == "__main__":
