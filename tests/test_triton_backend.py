@@ -303,6 +303,18 @@ def test_kernels_cross_compile_for_sm90():
     assert res.stdout.count("_state_kernel") == 3 and "NORM=True" in res.stdout, res.stdout
 
 
+@pytest.mark.parametrize("mod, cfg", [("intra", {"INV": 0, "num_warps": 1}),
+                                      ("wu", {"NP": 1}), ("output", {"HILO": False}),
+                                      ("state", {"BV": 16})])
+def test_tuning_variants_stay_correct(mod, cfg, monkeypatch):
+    """The non-default TILES variants the GPU sweep times compute the same function."""
+    monkeypatch.setattr(globals()[mod], "TILES", dict(cfg))
+    tens, kw, ref = _inputs([100, 0, 1, 65], h=1, hv=2, k=40, v=24, l2=True, initial_state=True,
+                            seed=21)
+    o, f = gdn.prefill(*tens, backend="triton", **kw)
+    _check(o, f, *_reference(ref), "bfloat16", f"{mod} {cfg}")
+
+
 def test_pipeline_hazard_detector_sees_the_l2norm_race():
     """The bug behind the H200's wrong use_qk_l2norm output (o 3e-2 to 7e-2, interpreter
     fine): Triton 3.6's pipeliner gives a tile that feeds a dot AND other arithmetic in a
