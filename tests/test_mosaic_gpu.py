@@ -37,8 +37,8 @@ CASES = [
      dict(), "bfloat16", "batch"),
     ("jit_traced_plan_no_final", dict(lens=[40, 150], h=1, hv=2, k=64, v=64, initial_state=True, seed=3),
      dict(output_final_state=False), "bfloat16", "jit"),
-    ("two_kernels_varlen", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
-     dict(), "bfloat16", "packed:two_kernels"),
+    ("fused_varlen_V128", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
+     dict(), "bfloat16", "packed:fused"),
 ]
 
 
@@ -186,11 +186,12 @@ def _lower_for_cuda(fn, *args):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("dk,dv,h,hv,dtype,with_h0,final", [
-    (128, 128, 16, 32, "bfloat16", True, True),   # the Qwen3.5 head shape
-    (64, 128, 1, 3, "float16", False, False),
+@pytest.mark.parametrize("dk,dv,h,hv,dtype,with_h0,final,variant", [
+    (128, 128, 16, 32, "bfloat16", True, True, "two_kernels"),   # the Qwen3.5 head shape
+    (64, 128, 1, 3, "float16", False, False, "two_kernels"),
+    (128, 128, 16, 32, "bfloat16", True, True, "fused"),
 ])
-def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final):
+def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
     import jax.numpy as jnp
 
@@ -209,7 +210,7 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
-        return prefill_arrays(args)
+        return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
     text = lowered.as_text()

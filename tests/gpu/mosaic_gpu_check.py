@@ -260,10 +260,9 @@ def _bench_fla(lens, h, hv, dk, seed, iters=10, reps=3):
 
 
 VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
-    "fused": {},
-    "fused_st2": dict(stages=2),
-    "fused_r40": dict(regs=(40, 136, 168)),
-    "fused_r40b": dict(regs=(40, 152, 160)),
+    "default": {},
+    "fused": dict(variant="fused"),
+    "fused_r40": dict(variant="fused", regs=(40, 136, 168)),
     "two_kernels": dict(variant="two_kernels"),
 }
 
@@ -389,7 +388,7 @@ def main():
     ap.add_argument("--shapes", default="")
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
     ap.add_argument("--tag", default="all")
-    ap.add_argument("--variants", default="fused")
+    ap.add_argument("--variants", default="default")
     a = ap.parse_args()
     only = set(a.only.split(","))
     os.makedirs(a.out, exist_ok=True)

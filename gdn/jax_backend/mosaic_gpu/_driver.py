@@ -24,10 +24,11 @@ def _plan_arrays(plan):
     return jnp.asarray(cu, jnp.int32)
 
 
-def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "fused", bv: int = 64,
+def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None):
-    """The Mosaic GPU prefill. ``variant``: "fused" (one kernel, default) or "two_kernels" (the intra
-    kernel, then the chunk loop of 64 V columns per CTA)."""
+    """The Mosaic GPU prefill. ``variant``: "two_kernels" (default, the faster one measured on the H200:
+    the intra kernel, then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and
+    sequence; see benchmarks/mosaic_notes.md for why it is slower today)."""
     plan = args.plan
     h, hv, dk, dv = args.dims
     t_arr = args.batch * args.seqlen

@@ -95,7 +95,8 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
         gc_pub=plgpu.SMEM((2, C), F32),
         x_s=plgpu.SMEM((C, C), F32),
         # per state warpgroup: the swizzled output tile or the plain one of the row stores
-        o_st=plgpu.RefUnion(*((tile((C, BV), dtype), plgpu.SMEM((C, BV), dtype)) for _ in range(nsw))),
+        # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
+        o_st=tuple(plgpu.RefUnion(tile((C, BV), dtype), plgpu.SMEM((C, BV), dtype)) for _ in range(nsw)),
         in_bar=plgpu.Barrier(num_arrivals=2 + nsw + 4, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=nsw + 1, num_barriers=stages),
         aux_ready=plgpu.Barrier(num_barriers=2),
