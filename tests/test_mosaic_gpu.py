@@ -217,6 +217,31 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     assert "mosaic_gpu" in text or "custom_call" in text
 
 
+@pytest.mark.gpu
+def test_prefill_picks_mosaic_gpu_on_hopper():
+    """On an H200: gdn.prefill(impl=None) runs this implementation and matches float64."""
+    import jax.numpy as jnp
+
+    import gdn
+    from gdn import reference as R
+    from gdn.inputs import make_inputs, round_to_dtype
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.tolerances import vs_f64
+
+    if M.status() is not None:
+        pytest.skip(M.status())
+    x = make_inputs([300, 0, 65, 1], h=2, hv=4, k=128, v=128, initial_state=True, seed=7)
+    qkv = [round_to_dtype(a, "bfloat16") for a in (x.q, x.k, x.v)]
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv)
+    args = (q, k, v, jnp.asarray(x.g), jnp.asarray(x.beta))
+    kw = dict(cu_seqlens=x.cu_seqlens, initial_state=jnp.asarray(x.initial_state), backend="jax")
+    o, f = gdn.prefill(*args, impl="mosaic_gpu", **kw)
+    o2, f2 = gdn.prefill(*args, **kw)  # impl=None on Hopper: the same kernels
+    ro, rf = R.recurrent(*qkv, x.g, x.beta, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
+    assert R.rms_ratio(o, ro) < vs_f64("bfloat16") and R.rms_ratio(f, rf) < vs_f64("bfloat16")
+    assert np.array_equal(np.asarray(o, np.float32), np.asarray(o2, np.float32))
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpret-cases":
     sys.path.insert(0, ROOT)
     _main_interpret_cases(sys.argv[2])
