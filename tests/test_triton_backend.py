@@ -258,6 +258,20 @@ def test_one_compilation_per_call_pattern():
     assert d["_intra_kernel"] == a["_intra_kernel"] and d["_wu_kernel"] == a["_wu_kernel"]
 
 
+def test_state_pass_tiles_by_occupancy_regime():
+    """The state pass has two configurations per model shape: when the whole pass fits in one
+    wave of the GPU at BV = 32 (one long sequence), BV = 32 and a deeper pipeline; else the
+    64-wide default. So it compiles at most twice per call pattern, never per batch."""
+    few = state.state_tiles(128, 128, torch.bfloat16, programs_per_v32=1 * 32 * 4, sms=132)
+    many = state.state_tiles(128, 128, torch.bfloat16, programs_per_v32=4 * 32 * 4, sms=132)
+    assert (few["BV"], few["num_stages"]) == (32, 4) and (many["BV"], many["num_stages"]) == (64, 2)
+    assert state.state_tiles(128, 128, torch.float32, programs_per_v32=1)["BV"] == 64
+    a = _launch_keys([100])
+    b = _launch_keys([3] * 40)  # 40 sequences x 4 heads x 1 tile > 132: the default
+    assert a["_state_kernel"] != b["_state_kernel"]
+    assert all(a[n] == b[n] for n in a if n != "_state_kernel")
+
+
 def test_device_errors_name_the_argument():
     q = torch.zeros(1, 4, 1, 16, device=DEV)
     meta = torch.zeros(1, 1, 16, 16, device="meta")

@@ -3,10 +3,12 @@
     o = scale * ( exp(gc) * (Q h) + ((Q K^T) * exp(gc_r - gc_s) * [r >= s]) v_new )
 
 Q h and Q K^T accumulate over K tiles in fp32 (input-dtype tensor-core dots; IEEE fp32 for
-fp32 inputs). The causal, gated Q K^T (fp32) enters its product with v_new as two 16-bit
-operands, its rounding and the rounding's error (one more small dot in a memory-bound kernel;
-FLA rounds it once: this removes about a tenth of the bf16 output error). Exponents are
-selected to the causal part before exp. Rows of tokens past a sequence's end are never stored;
+fp32 inputs). The causal, gated Q K^T (fp32) is rounded to the input dtype for its product with
+v_new, like FLA (``HILO``, off by default: it enters as two 16-bit operands, its rounding and
+the rounding's error, which removes about a tenth of the bf16 output error but doubled the
+kernel's time on the H200 at V tiles of 128). With use_qk_l2norm, ||q||^2 comes from the
+diagonal of Q Q^T (the q tile feeds dots only: see intra.py). Exponents are selected to the
+causal part before exp. Rows of tokens past a sequence's end are never stored;
 sentinel chunk rows exit.
 """
 from __future__ import annotations
@@ -102,11 +104,14 @@ def chunk_output(qh, qk, q_sq, b_g, k_r, v_dt, m_t, scale, dt: tl.constexpr, BT:
 
 
 def output_tiles(dk: int, dv: int, dtype: torch.dtype) -> dict:
-    """K and V tiles of 64 (the whole padded dim when smaller), 4 warps (8 for fp32 inputs,
-    whose IEEE dots hold their operands in registers), 2 pipeline stages, the hi + lo split of
-    the gated Q K^T on."""
-    meta = tiles(dict(BK=min(64, pow2(dk)), BV=64, NV=0, HILO=True,
-                      num_warps=8 if dtype == torch.float32 else 4, num_stages=2), TILES, dv)
+    """16-bit inputs: K tiles of 64, the whole V (up to 128) in one tile, so Q K^T is
+    computed once per chunk and head, 8 warps, 2 pipeline stages, the gated Q K^T rounded once
+    (H200, Qwen3.5 shape: 0.47 ms; 0.56 with V tiles of 64 and 4 warps; the hi + lo split costs
+    0.89 ms in this configuration). fp32 inputs (IEEE dots hold their operands in registers):
+    V tiles of 64, 8 warps."""
+    fp32 = dtype == torch.float32
+    meta = tiles(dict(BK=min(64, pow2(dk)), BV=64 if fp32 else 128, NV=0, HILO=False,
+                      num_warps=8, num_stages=2), TILES, dv)
     meta["BK"] = min(meta["BK"], pow2(dk))
     return meta
 

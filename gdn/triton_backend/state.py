@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_precision, dummy,
                       interpreted, launch, mma, packed, pow2, tiles, to_dt)
-from .output import chunk_output, gram_diag, new_output
+from .output import chunk_output, gram_diag, new_output, output_tiles
 
 __all__ = ["state_pass", "state_tiles"]
 
@@ -29,7 +29,8 @@ __all__ = ["state_pass", "state_tiles"]
 def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, q, o, scale, head, kh,
                 iv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr):
+                NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr,
+                HILO: tl.constexpr):
     """One chunk of the state pass: h and v_new (stored unless fused without STORE_HV), the
     chunk's o with FUSE, and the next state.
 
@@ -71,7 +72,7 @@ def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, q, o, scal
         if NORM:  # from Q Q^T: the q tile feeds dots only (a pipelined loop, see intra.py)
             q_sq = gram_diag(mma(b_q, tl.trans(b_q), zero_tt, PREC), BT)
         out = chunk_output(mma(b_q, s_dt, tl.zeros_like(b_u), PREC), mma(b_q, b_kt, zero_tt, PREC),
-                           q_sq, b_g, k_r, v_dt, m_t, scale, dt, BT, PREC, NORM, True)
+                           q_sq, b_g, k_r, v_dt, m_t, scale, dt, BT, PREC, NORM, HILO)
         tl.store(o + p_u, to_dt(out, o.dtype.element_ty), mask=m_tv)
     # decay to the chunk end (gate of its last valid token), then add the chunk's keys
     g_last = tl.load(gc + (tok0 + n_valid - 1) * HV + head)
@@ -85,7 +86,8 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                   PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                  NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr):
+                  NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr,
+                  HILO: tl.constexpr):
     pid = tl.program_id(0)
     iv = pid % NV
     head = (pid // NV) % HV
@@ -114,32 +116,55 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk
             tok0 = bos + (row - row0).to(tl.int64) * BT
             s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
                             k_rstd, q, o, scale, head, kh, iv, H, HV, K, V, BT, BK, BV, PREC,
-                            NORM, FUSE, STORE_HV)
+                            NORM, FUSE, STORE_HV, HILO)
             row += 1
     else:
         for row in range(row0, row1):  # a counted loop: the compiler pipelines its loads
             tok0 = bos + (row - row0).to(tl.int64) * BT
             s = _chunk_step(s, row, tok0, tl.minimum(eos - tok0, BT), k, w, u, gc, h, v_new,
                             k_rstd, q, o, scale, head, kh, iv, H, HV, K, V, BT, BK, BV, PREC,
-                            NORM, FUSE, STORE_HV)
+                            NORM, FUSE, STORE_HV, HILO)
 
     if STORE_FINAL:
         tl.store(ht + state_idx * (K * V) + kv_off, s, mask=m_kv)
 
 
-def state_tiles(dk: int, dv: int, dtype: torch.dtype, fuse: bool = False) -> dict:
+def state_tiles(dk: int, dv: int, dtype: torch.dtype, fuse: bool = False,
+                programs_per_v32: int | None = None, sms: int = 132) -> dict:
     """Tile sizes and launch options of the state pass for head dims (K, V) and an input dtype.
 
     The state tile is [K_pad, BV] fp32 in registers: BV = 64 up to K = 128, 32 beyond (the
-    register budget of 4 warps). Two pipeline stages for 16-bit inputs. fp32 inputs (IEEE fp32
-    dots on CUDA cores, operands in registers) get 8 warps and one stage, as does the fused
-    output mode (its q tile and output accumulators).
+    register budget of 4 warps), two pipeline stages for 16-bit inputs. When the whole pass
+    with BV = 32 fits in one wave (``programs_per_v32`` = sequences x HV x ceil(V / 32) <= the
+    ``sms``; 1x32768 at HV = 32: 128 programs), each program is latency-bound on its chunk
+    loop: BV = 32 and 4 stages (the next three chunks' w, u, k in flight) take it from 0.97 to
+    0.66 ms on the H200; with more sequences the 64-wide default is faster (4x8192: 0.42 ms
+    against 0.67). fp32 inputs (IEEE fp32 dots on CUDA cores, operands in registers) get 8
+    warps and one stage, as does the fused output mode (its q tile and output accumulators).
     """
     bk = pow2(dk)
     fp32 = dtype == torch.float32
     stages = 1 if fp32 or (fuse and bk > 128) else 2
-    return tiles(dict(BK=bk, BV=64 if bk <= 128 else 32, NV=0,
-                      num_warps=8 if fp32 or fuse else 4, num_stages=stages), TILES, dv)
+    bv = 64 if bk <= 128 else 32
+    few = (programs_per_v32 is not None and programs_per_v32 <= sms and not (fp32 or fuse)
+           and bk <= 128)
+    if few:
+        bv, stages = 32, 4
+    return tiles(dict(BK=bk, BV=bv, NV=0, num_warps=8 if fp32 or fuse else 4,
+                      num_stages=stages), TILES, dv)
+
+
+_SMS: dict = {}
+
+
+def sm_count(dev: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (host query, memoized; 132 elsewhere)."""
+    if dev.type != "cuda":
+        return 132
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
 
 
 #: tuning override of :func:`state_tiles` (e.g. {"BV": 32, "num_stages": 3}); empty by default
@@ -191,13 +216,14 @@ def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd
     final = (torch.empty(n_seq, hv, dk, dv, dtype=torch.float32, device=dev)
              if output_final_state else dummy(dev))
     o = new_output(q, t, hv, dv, p) if fuse else dummy(dev)
-    meta = state_tiles(dk, dv, w.dtype, fuse)
+    meta = state_tiles(dk, dv, w.dtype, fuse, n_seq * hv * -(-dv // 32), sm_count(dev))
     norm = k_rstd is not None
     launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, hs, v_new, h0, final,
            k_rstd if norm else dummy(dev), q if fuse else dummy(dev), o, p.cu_seqlens,
            p.chunk_offsets, float(scale), H=h_heads, HV=hv, K=dk, V=dv, BT=BT,
            PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
-           STORE_FINAL=output_final_state, NORM=norm, FUSE=fuse, STORE_HV=store_hv, **meta)
+           STORE_FINAL=output_final_state, NORM=norm, FUSE=fuse, STORE_HV=store_hv,
+           HILO=fuse and output_tiles(dk, dv, w.dtype)["HILO"], **meta)
     out = (hs if store_hv else None, v_new if store_hv else None,
            final if output_final_state else None)
     return out + (o,) if fuse else out
