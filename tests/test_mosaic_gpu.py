@@ -39,6 +39,9 @@ CASES = [
      dict(output_final_state=False), "bfloat16", "jit"),
     ("fused_varlen_V128", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
      dict(), "bfloat16", "packed:fused"),
+    # the exact split (gdn.split) with its pieces run by this impl: values [v | 0], states [0 | I]
+    ("split_pieces", dict(lens=[300, 40], h=1, hv=2, k=64, v=64, initial_state=True, seed=5),
+     dict(), "bfloat16", "split"),
 ]
 
 
@@ -69,6 +72,18 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
                                backend="jax", **kw)
         o, f = M.run(args, interpret=interpret, **opts)
         o = o.reshape(1, -1, *o.shape[2:])
+    elif layout == "split":
+        from gdn.planner import split_pieces
+        from gdn.split import split_prefill
+
+        def run_pieces(q, k, v, g, beta, *, plan, initial_state, scale, use_qk_l2norm):
+            _, a = api.validate(q, k, v, g, beta, plan=plan, initial_state=initial_state, scale=scale,
+                                use_qk_l2norm=use_qk_l2norm, backend="jax")
+            return M.run(a, interpret=interpret, **opts)
+
+        p = make_plan(x.cu_seqlens, num_tokens=q.shape[1])
+        o, f = split_prefill(jnp, run_pieces, q, k, v, g, beta, plan=p, split=split_pieces(x.cu_seqlens, 2),
+                             initial_state=h0, scale=mk["k"] ** -0.5, use_qk_l2norm=False)
     elif layout == "jit":
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
         if h0 is not None:  # under jit the plan's real count is unknown: states have N_pad rows
@@ -163,7 +178,10 @@ def test_unsupported_calls_raise_not_implemented():
 
     assert M.unsupported_reason(args_for(jnp.bfloat16)) is None
     assert "fp32" in M.unsupported_reason(args_for(jnp.float32))
-    assert "K, V" in M.unsupported_reason(args_for(jnp.bfloat16, k=40))
+    assert "K in" in M.unsupported_reason(args_for(jnp.bfloat16, k=40))
+    assert M.unsupported_reason(args_for(jnp.bfloat16, v=256)) is None  # the split's V + K columns
+    with pytest.raises(NotImplementedError, match="fused"):
+        M.run(args_for(jnp.bfloat16, v=256), interpret=True, variant="fused")
     with pytest.raises(NotImplementedError):
         M.run(args_for(jnp.float32), interpret=True)
     with pytest.raises(NotImplementedError):

@@ -13,12 +13,15 @@ XLA around them only reshapes, moves g and beta to head-major fp32 and builds th
 id from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).
 
 Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
-have: NotImplementedError, so ``impl=None`` falls back), K and V in {64, 128}, any G = HV / H,
-varlen plans, initial and final states, ``use_qk_l2norm`` (applied in XLA before the kernels).
+have: NotImplementedError, so ``impl=None`` falls back), K in {64, 128}, V in {64, 128, 192, 256},
+any G = HV / H, varlen plans, initial and final states, ``use_qk_l2norm`` (applied in XLA before
+the kernels).
 
-Split-ready: the chunk loop walks a token range ``[cu[n], cu[n+1])`` from a given state row; the
-exact sequence split (gdn issue 6) adds a pass that emits each piece's affine map
-``S_end = M S_start + E`` and a scan over pieces, then runs this same loop per piece.
+Split-ready (gdn issue 6): a CTA walks any token range ``[cu[n], cu[n+1])`` from any state row, so
+the exact split (gdn.split) runs its pieces as the sequences of a finer plan, with the values
+augmented to ``[v | 0]`` and the initial states to ``[0 | I]``: one call returns every piece's
+``E`` and its K x K map ``M`` (S_end = M S_start + E) and the output's dependence on S_start;
+tests/test_mosaic_gpu.py checks that path end to end under the interpreter.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ __all__ = ["IMPLS", "status", "impl_status", "run", "unsupported_reason", "prefi
 
 IMPLS = ("mosaic_gpu",)
 HEAD_DIMS = (64, 128)
+#: V: any multiple of 64 up to 256 (one 64-column CTA each), so the exact split's augmented values
+#: [v | 0] (V + K columns, gdn.split) run in one call at K = V = 128.
+VALUE_DIMS = (64, 128, 192, 256)
 DTYPES = ("bfloat16", "float16")
 
 
@@ -64,8 +70,8 @@ def unsupported_reason(args: PrefillArgs) -> str | None:
     if dt not in DTYPES:
         return (f"mosaic_gpu runs bf16/fp16 inputs only (got {dt}: fp32 needs IEEE fp32 products, "
                 f"which Hopper tensor cores lack)")
-    if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
-        return f"mosaic_gpu supports K, V in {HEAD_DIMS}, got K={dk}, V={dv}"
+    if dk not in HEAD_DIMS or dv not in VALUE_DIMS:
+        return f"mosaic_gpu supports K in {HEAD_DIMS} and V in {VALUE_DIMS}, got K={dk}, V={dv}"
     if args.plan.chunk_size != 64:
         return f"mosaic_gpu needs chunk_size 64, got {args.plan.chunk_size}"
     if args.plan.padded_seqs + 1 > 65535 * 1024:
@@ -89,6 +95,8 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
         if why is not None:
             raise NotImplementedError(why)
     why = unsupported_reason(args)
+    if why is None and options.get("variant") == "fused" and args.dims[3] > 128:
+        why = "mosaic_gpu variant 'fused' runs V <= 128 (one state warpgroup per 64 columns)"
     if why is not None:
         raise NotImplementedError(why)
     from ._driver import prefill_arrays
