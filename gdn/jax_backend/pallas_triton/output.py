@@ -1,7 +1,8 @@
 """Stage 5 (FLA's chunk_fwd_o): o = scale (exp(gc) (q h) + (causal(q k^T) * decay) v_new),
 decay_rs = exp(gc_r - gc_s).
 
-Grid (NT_pad, HV, ceil(V / BV)). q h and q k^T accumulate over K tiles of at most 64 columns;
+Grid (NT_pad, HV, ceil(V / BV)), BV = 128 for 16-bit inputs (64 for fp32). q h and q k^T
+accumulate over K tiles of at most 64 columns;
 the intra-chunk attention is rounded to the input dtype for its dot with v_new (IEEE fp32 dots
 for fp32 inputs). With use_qk_l2norm, 1/||q|| scales the rows and 1/||k|| the columns of the
 fp32 accumulators. Only the valid rows of a chunk are written; the tokens past cu_seqlens[-1],
@@ -45,7 +46,9 @@ def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, inte
     d = dims(q, v_new)
     n_tok, hv, kdim, vdim, grp, fp32, kp = d.tokens, d.hv, d.k, d.v, d.grp, d.fp32, d.kp
     dt = d.dtype
-    bk, bv = min(kp, 64), min(d.vp, 64)
+    # 16-bit inputs: the whole V (up to 128) in one tile, so q k^T is computed once per chunk and
+    # head, 8 warps (the Triton backend's output defaults, from the H200 sweep); fp32: tiles of 64
+    bk, bv = min(kp, 64), min(d.vp, 64 if fp32 else 128)
     l2 = q_rstd is not None
 
     def kernel(ci_ref, cu_ref, q_ref, k_ref, vn_ref, h_ref, gc_ref, *rest):
@@ -91,5 +94,5 @@ def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, inte
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv, vdim), dt),
         grid=(plan.padded_chunks, hv, pl.cdiv(vdim, bv)), input_output_aliases={len(ins) - 1: 0},
-        interpret=interpret, compiler_params=compiler_params(num_warps=4), name="gdn_output",
+        interpret=interpret, compiler_params=compiler_params(num_warps=8), name="gdn_output",
     )(*ins)

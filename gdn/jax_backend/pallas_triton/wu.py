@@ -6,7 +6,7 @@ Grid (NT_pad, HV, parts). Ai is read once per program as a [64, 64] tile (the lo
 and the valid rows masked), rounded to the input dtype; the row-scaled K / V tiles ([64, 64]
 columns at a time) are rounded to the input dtype and multiplied on tensor cores with 64-row
 tiles and fp32 accumulation (IEEE when the inputs are fp32); w and u are stored in the input
-dtype. ``parts=2``: w and u in separate programs (twice the programs); 1: both in one. With
+dtype. ``parts=1`` (default): w and u in one program; 2: in separate programs. With
 use_qk_l2norm, 1/||k|| joins beta exp(gc) in the row scale of K.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from .intra import intra_inverse
 from .kernel_utils import (BT, chunk_bounds, compiler_params, dim_tile, dims, iota, load, mdot,
                            pl, store)
 
-#: programs per (chunk, head) of recompute_wu (the Triton backend's wu default): 2 = w and u apart
-WU_PARTS = 2
+#: programs per (chunk, head) of recompute_wu (the Triton backend's wu default): 1 = w and u in
+#: one program (2 = apart)
+WU_PARTS = 1
 
 
 def _out_shapes(d):
