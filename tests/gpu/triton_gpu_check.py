@@ -447,15 +447,16 @@ def plan_rows(cu) -> int:
     return gdn.plan(cu).num_chunks
 
 
-#: the configurations the sweep times, per kernel (module TILES overrides; {} = the default)
+#: the configurations the sweep times, per kernel (module TILES overrides on top of the defaults,
+#: {} = the default). The 2026-11-28 H200 sweep chose the defaults (gdn/triton_backend/README.md).
 SWEEP = {
-    "intra": [{}, {"INV": 0}, {"num_warps": 2}, {"num_warps": 1}, {"SPREC": "ieee"},
-              {"num_warps": 1, "num_stages": 1}],
-    "wu": [{}, {"NP": 1}, {"BK": 128, "BV": 128}, {"BK": 128, "BV": 128, "num_warps": 8}],
-    "state": [{}, {"BV": 32}, {"BV": 32, "num_stages": 3}, {"BV": 32, "num_stages": 4},
-              {"num_stages": 3}, {"BV": 16, "num_stages": 3}],
-    "output": [{}, {"BV": 128, "num_warps": 8}, {"BK": 128, "BV": 128, "num_warps": 8},
-               {"HILO": False}, {"BV": 128, "num_warps": 8, "HILO": False}, {"num_stages": 3}],
+    "intra": [{}, {"num_warps": 2}, {"num_warps": 4}, {"SPREC": "ieee"}, {"num_stages": 1},
+              {"INV": 0}],
+    "wu": [{}, {"NP": 2}, {"BK": 128, "BV": 128}, {"BK": 128, "BV": 128, "num_warps": 8}],
+    "state": [{}, {"BV": 32, "num_stages": 4}, {"BV": 64, "num_stages": 2},
+              {"BV": 32, "num_stages": 3}, {"BV": 16, "num_stages": 3}],
+    "output": [{}, {"HILO": True}, {"BV": 64, "num_warps": 4}, {"num_stages": 3},
+               {"BK": 128}],
 }
 
 
