@@ -233,14 +233,14 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
     backend, args = validate(q, k, v, g, beta, cu_seqlens=cu_seqlens, plan=plan,
                              initial_state=initial_state, output_final_state=output_final_state,
                              scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, impl=impl)
-    if mesh is not None:
-        if backend != "jax":
-            raise ValueError(f"mesh is a JAX sharding: it needs backend='jax', got {backend!r}")
-        from .jax_backend.sharded import run_sharded
-
-        return run_sharded(args, mesh, head_axis, seq_axis)
-    if head_axis is not None or seq_axis is not None:
+    if mesh is not None and backend != "jax":
+        raise ValueError(f"mesh is a JAX sharding: it needs backend='jax', got {backend!r}")
+    if mesh is None and (head_axis is not None or seq_axis is not None):
         raise ValueError("head_axis/seq_axis need mesh=jax.sharding.Mesh(...)")
     if is_empty(args):  # no token to compute: no backend, no launch (docs/RELIABILITY.md)
         return empty_result(args, "torch" if backend == "triton" else "jax")
+    if mesh is not None:
+        from .jax_backend.sharded import run_sharded
+
+        return run_sharded(args, mesh, head_axis, seq_axis)
     return load_backend(backend).run(args)

@@ -505,6 +505,17 @@ def test_nothing_to_compute_needs_no_launch(name, backend, launches):
     assert f.shape == (n, 2, 8, 8) and not np.any(F.np(f))
 
 
+def test_nothing_to_compute_with_a_mesh():
+    """The sharded path (a one-device mesh here) takes the same shortcut (it raised IndexError)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    z = [jnp.zeros(s, jnp.float32) for s in [(1, 0, 1, 8), (1, 0, 1, 8), (1, 0, 2, 8), (1, 0, 2),
+                                              (1, 0, 2)]]
+    h0 = jnp.ones((2, 2, 8, 8))
+    for axes in (dict(head_axis="x"), dict(seq_axis="x")):
+        o, f = gdn.prefill(*z, cu_seqlens=[0, 0, 0], initial_state=h0, mesh=mesh, **axes)
+        assert o.shape == (1, 0, 2, 8) and np.array_equal(np.asarray(f), np.asarray(h0))
+
+
 def test_nothing_to_compute_under_jit_with_a_traced_plan():
     """Inside the caller's jit the plan's real sizes are unknown: T = 0 is still known (a
     static shape) and the final state has the plan's N_pad rows (h0 must have them too)."""
