@@ -404,6 +404,24 @@ def test_extreme_values_match_float64(name, dtype, backend):
     assert np.array_equal(fn[3], x.initial_state[3])  # the empty sequence
 
 
+# the ends of the shape ranges: K = V = 1, odd dims with G = 8, K = 256 with V = 1
+DIM_EXTREMES = [dict(h=1, hv=1, k=1, v=1, lens=[1]), dict(h=1, hv=8, k=3, v=5, lens=[2, 0, 65]),
+                dict(h=1, hv=2, k=256, v=1, lens=[64, 1])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", DIM_EXTREMES, ids=lambda d: f"H{d['h']}-HV{d['hv']}-K{d['k']}-V{d['v']}")
+def test_extreme_shapes_match_float64(dims, backend):
+    dims = dict(dims)
+    x = make_inputs(dims.pop("lens"), initial_state=True, seed=1, **dims)
+    F = Fw(backend)
+    o, f = gdn.prefill(*(F.arr(a) for a in x.arrays),
+                       **F.kw(cu_seqlens=x.cu_seqlens, initial_state=F.arr(x.initial_state)))
+    ro, rf = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
+    bar = RMS_VS_F64["float32"]
+    assert R.rms_ratio(o, ro) < bar and R.rms_ratio(f, rf) < bar
+
+
 # ------------------------------------------------------------------------------------------
 # NaN / inf in one sequence never leaks into another (docs/RELIABILITY.md, "Non-finite input")
 # ------------------------------------------------------------------------------------------
