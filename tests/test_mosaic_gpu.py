@@ -42,7 +42,15 @@ CASES = [
     # the exact split (gdn.split) with its pieces run by this impl: values [v | 0], states [0 | I]
     ("split_pieces", dict(lens=[300, 40], h=1, hv=2, k=64, v=64, initial_state=True, seed=5),
      dict(), "bfloat16", "split"),
+    # intra_variant="grouped" (intra_grouped.py) with 2 tiles per CTA: 7 tiles -> CTAs of 2, 2, 2, 1
+    ("grouped_varlen_G3_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64, initial_state=True,
+                                      pad_tokens=20, seed=6), dict(), "bfloat16", "packed:grouped"),
+    ("grouped_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
+     dict(output_final_state=False), "float16", "jit:grouped"),
 ]
+
+#: layout suffix -> options of M.run
+VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "grouped": dict(intra_variant="grouped", intra_tiles=2)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -64,7 +72,7 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
                                scale=kw.get("scale"), use_qk_l2norm=kw.get("use_qk_l2norm", False))
     q_before = np.asarray(q).copy()
     layout, _, variant = layout.partition(":")
-    opts = dict(variant=variant) if variant else {}
+    opts = VARIANT_OPTS[variant]
     if layout == "batch":
         nb = len(mk["lens"])
         resh = lambda a: a.reshape(nb, a.shape[1] // nb, *a.shape[2:])  # noqa: E731
@@ -112,10 +120,70 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
     return out
 
 
+def _intra_stage_errors(kernel="grouped", interpret=True, lens=(100, 0, 1, 63, 64, 65), h=1, hv=3, dk=64,
+                        tiles_per_cta=2, seed=8):
+    """One intra kernel (Ai, Ag, gc) against the float64 stage tensors of gdn.reference.chunked.
+
+    The kernels tile the PACKED token axis; the reference chunks each sequence from its start. Both
+    agree on the plan whose sequences are also cut at every multiple of 64 (each piece then lies in one
+    kernel tile and is one reference chunk). Tokens past the last sequence (one extra tile here) form
+    their own block: Ai = I there, Ag = gc = 0 (g = beta = 0).
+    """
+    import jax.numpy as jnp
+
+    from gdn import reference as R
+    from gdn.inputs import make_inputs, round_to_dtype
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
+
+    x = make_inputs(list(lens), h=h, hv=hv, k=dk, v=32, seed=seed)
+    cu = x.cu_seqlens
+    t = int(cu[-1])
+    tp = -(-t // 64) * 64 + 64
+    k16 = round_to_dtype(x.k, "bfloat16")
+    g32, b32 = x.g.astype(np.float32), x.beta.astype(np.float32)
+    cuts = np.unique(np.concatenate([cu, np.arange(0, t, 64), [t]]))
+    *_, st = R.chunked(x.q, k16, x.v, g32, b32, cu_seqlens=cuts, stages=True)
+    ai_ref = np.zeros((hv, tp, 64))
+    gc_ref = np.zeros((hv, tp))
+    for s0, s1 in zip(cuts[:-1], cuts[1:]):
+        off = s0 % 64
+        ai_ref[:, s0:s1, off:off + s1 - s0] = st["Ai"][s0:s1, :, : s1 - s0].transpose(1, 0, 2)
+        gc_ref[:, s0:s1] = st["gc"][s0:s1].T
+    for r in range(t, tp):
+        ai_ref[:, r, r % 64] = 1.0
+    beta_hm = np.zeros((hv, tp), np.float32)
+    beta_hm[:, :t] = b32[0, :t].T
+    ag_ref = ai_ref * np.stack([beta_hm[:, (r // 64) * 64:(r // 64) * 64 + 64] for r in range(tp)], 1)
+    kp = np.zeros((tp, h, dk), np.float32)
+    kp[:t] = k16[0, :t]
+    g_hm = np.zeros((hv, tp), np.float32)
+    g_hm[:, :t] = g32[0, :t].T
+    seg = np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32)
+    args = (jnp.asarray(kp, jnp.bfloat16), jnp.asarray(g_hm), jnp.asarray(beta_hm), jnp.asarray(seg))
+    if kernel == "grouped":
+        out = intra_grouped(*args, group=hv // h, tiles_per_cta=tiles_per_cta, interpret=interpret,
+                            debug_inverse=True)
+    else:
+        out = intra(*args, group=hv // h, interpret=interpret, debug_inverse=True)
+    ag, gc, ai = (np.asarray(a, np.float64) for a in out)
+    return dict(ai=R.rms_ratio(ai, ai_ref), ag=R.rms_ratio(ag, ag_ref), gc=R.rms_ratio(gc, gc_ref),
+                ai_max=float(np.abs(ai - ai_ref).max()), ag_max=float(np.abs(ag - ag_ref).max()),
+                gc_max=float(np.abs(gc - gc_ref).max()))
+
+
 def _main_interpret_cases(path):
     import jax
 
     results = {}
+    t0 = time.time()
+    try:
+        res = _intra_stage_errors()
+    except Exception as e:
+        res = dict(error=f"{type(e).__name__}: {e}"[:2000])
+    res["seconds"] = round(time.time() - t0, 1)
+    results["intra_grouped_stage"] = res
+    print(json.dumps(res), flush=True)
     for case in CASES:
         t0 = time.time()
         try:
@@ -162,6 +230,17 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_is_none"]
     if case.startswith("varlen"):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
+
+
+def test_grouped_intra_matches_float64_stages(interp_results):
+    """intra_grouped (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen 0/1/63/64/65, a padding tile)
+    against gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
+    from gdn.tolerances import vs_f64
+
+    res = interp_results["intra_grouped_stage"]
+    assert "error" not in res, res.get("error")
+    assert res["ai"] < vs_f64("bfloat16") and res["ag"] < vs_f64("bfloat16"), res
+    assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
 
 
 def test_unsupported_calls_raise_not_implemented():
@@ -233,6 +312,43 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
     text = lowered.as_text()
     assert "mosaic_gpu" in text or "custom_call" in text
+
+
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles", [
+    (512, 16, 2, 128, "bfloat16", None),  # the Qwen3.5 head shape, default tiles per CTA
+    (320, 1, 3, 64, "float16", 2),        # G = 3, a short last CTA
+])
+def test_grouped_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles):
+    """intra_grouped through Mosaic layout inference and lowering for an H200 (debug output too), and
+    the whole prefill with intra_variant="grouped" at the Qwen3.5 shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
+
+    sds = jax.ShapeDtypeStruct
+    dt = getattr(jnp, dtype)
+    hv = h * group
+    fn = lambda k, g, b, s: intra_grouped(k, g, b, s, group=group, tiles_per_cta=tiles,  # noqa: E731
+                                          debug_inverse=tiles is not None)
+    text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
+                           sds((t,), jnp.int32)).as_text()
+    assert "mosaic_gpu" in text or "custom_call" in text
+    if h == 16:
+        from gdn import api, plan as make_plan
+        from gdn.jax_backend.mosaic_gpu._driver import prefill_arrays
+
+        p = make_plan([0, 100, 100, 256], num_tokens=256)
+        q = sds((1, 256, h, dk), dt)
+
+        def pf(q, k, v, g, beta, h0, plan):
+            _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, backend="jax")
+            return prefill_arrays(args, intra_variant="grouped")
+
+        text = _lower_for_cuda(pf, q, q, sds((1, 256, hv, dk), dt), sds((1, 256, hv), jnp.float32),
+                               sds((1, 256, hv), jnp.float32), sds((p.padded_seqs, hv, dk, dk), jnp.float32),
+                               p.to_jax()).as_text()
+        assert "gdn_intra_grouped" in text or "custom_call" in text
 
 
 @pytest.mark.gpu

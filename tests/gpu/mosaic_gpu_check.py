@@ -12,7 +12,14 @@ Results: a table at the end, and JSON under $OUT (or --out).
 Sections: env, intra (the inverse kernel alone vs float64), small (the CPU test cases, compiled),
 qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA), sync (no host sync), time (the anchor
 shapes, jitted loop + one block_until_ready, median of reps; FLA in the same run), ptxas (register and
-spill report of both kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1).
+spill report of both kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per
+--variants entry), intra_cmp (the default and the grouped intra kernels vs the float64 stages, then
+each timed alone at 4x8192, 128x256 and 4x2048).
+
+Default vs grouped intra (intra_variant="grouped", not yet timed on the GPU), in one call:
+
+    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,intra_cmp,small,time,ptxas \
+        --variants default,grouped,grouped_t2,grouped_t8 --shapes 4x8192,128x256,4x2048 --fla-shapes none
 """
 from __future__ import annotations
 
@@ -264,6 +271,9 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "fused": dict(variant="fused"),
     "fused_r40": dict(variant="fused", regs=(40, 136, 168)),
     "two_kernels": dict(variant="two_kernels"),
+    "grouped": dict(intra_variant="grouped"),  # intra_grouped.py, TILES_PER_CTA tiles per CTA
+    "grouped_t2": dict(intra_variant="grouped", intra_tiles=2),
+    "grouped_t8": dict(intra_variant="grouped", intra_tiles=8),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -334,6 +344,57 @@ def sec_kernels():
     TABLE.append(f"kernels at 4x8192: intra {res['intra']:.3f} ms, chunk loop {res['chunk_loop']:.3f} ms")
 
 
+def _test_module():
+    spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
+    tmg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tmg)
+    return tmg
+
+
+INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
+
+
+@section("intra_cmp")
+def sec_intra_cmp():
+    """Default vs grouped intra kernel: float64 stage check (varlen, K=128, G=2), then each alone timed."""
+    import jax
+    import jax.numpy as jnp
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
+    tmg = _test_module()
+    out = {}
+    for kern in ("default", "grouped"):
+        err = tmg._intra_stage_errors(kern, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
+        out["check_" + kern] = err
+        TABLE.append(f"intra {kern:8s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
+                     f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
+        log(kern, err)
+    kernels = [("default", lambda k, g, b, s: intra(k, g, b, s, group=2))]
+    for tpc in (2, 4, 8):
+        kernels.append((f"grouped_t{tpc}", lambda k, g, b, s, tpc=tpc: intra_grouped(k, g, b, s, group=2,
+                                                                                    tiles_per_cta=tpc)))
+    for label, lens, h in INTRA_CMP_SHAPES:
+        q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, 2 * h, 128, seed=2)
+        t = q.shape[1]
+        args = (k.reshape(t, h, 128), g[0].T, beta[0].T,
+                jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32))
+        row = {}
+        ref = None
+        for name, fn in kernels:
+            f = jax.jit(fn)
+            row[name] = _bench(f, args)[0]
+            ag, gc = f(*args)
+            if ref is None:
+                ref = (np.asarray(ag, np.float32), np.asarray(gc))
+            else:  # same kernel math: the outputs agree to a bf16 ulp
+                row[name + "_maxdiff_ag"] = float(np.abs(np.asarray(ag, np.float32) - ref[0]).max())
+                row[name + "_maxdiff_gc"] = float(np.abs(np.asarray(gc) - ref[1]).max())
+        out[label] = row
+        log(label, row)
+        TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in kernels) + " ms")
+    RESULTS["intra_cmp"] = out
+
+
 @section("sync")
 def sec_sync():
     """The jitted prefill returns to the host long before queued GPU work drains (no host sync)."""
@@ -361,29 +422,32 @@ def sec_sync():
 
 
 @section("ptxas")
-def sec_ptxas(out_dir):
-    code = (
-        "import sys; sys.path.insert(0, '.');"
-        "from tests.gpu.mosaic_gpu_check import _jitted;"
-        "fn, args, _ = _jitted([256, 256], 16, 32, 128, seed=4);"
-        "import jax; jax.block_until_ready(fn(*args))"
-    )
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    text = proc.stdout + proc.stderr
-    with open(os.path.join(out_dir, "ptxas.txt"), "w") as fh:
-        fh.write(text)
-    keep = [ln.strip() for ln in text.splitlines()
-            if any(s in ln for s in ("registers", "spill", "stack frame", "Compiling entry", "smem", "warning"))]
-    RESULTS["ptxas"] = keep[:40]
-    for ln in keep[:20]:
-        log(ln)
-    TABLE.append("ptxas: " + " ; ".join(ln for ln in keep if "registers" in ln or "spill" in ln)[:400])
+def sec_ptxas(out_dir, variants=(("default", {}),)):
+    for vname, kw in variants:
+        code = (
+            "import sys; sys.path.insert(0, '.');"
+            "from tests.gpu.mosaic_gpu_check import _jitted;"
+            f"fn, args, _ = _jitted([256, 256], 16, 32, 128, seed=4, **{kw!r});"
+            "import jax; jax.block_until_ready(fn(*args))"
+        )
+        env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        text = proc.stdout + proc.stderr
+        with open(os.path.join(out_dir, f"ptxas_{vname}.txt"), "w") as fh:
+            fh.write(text)
+        keep = [ln.strip() for ln in text.splitlines()
+                if any(s in ln for s in ("registers", "spill", "stack frame", "Compiling entry", "smem", "warning"))]
+        RESULTS.setdefault("ptxas", {})[vname] = keep[:40]
+        for ln in keep[:20]:
+            log(ln)
+        TABLE.append(f"ptxas {vname}: " + " ; ".join(ln for ln in keep if "registers" in ln or "spill" in ln)[:400])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas")
+    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas,intra_cmp")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--shapes", default="")
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
@@ -396,7 +460,8 @@ def main():
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
     for name, fn, args in (("env", sec_env, ()), ("intra", sec_intra, ()), ("small", sec_small, ()),
                            ("qwen", sec_qwen, ()), ("sync", sec_sync, ()), ("kernels", sec_kernels, ()),
-                           ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))), ("ptxas", sec_ptxas, (a.out,))):
+                           ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
+                           ("intra_cmp", sec_intra_cmp, ()), ("ptxas", sec_ptxas, (a.out, variants))):
         if name in only:
             fn(*args)
             with open(os.path.join(a.out, f"mosaic_{a.tag}.json"), "w") as fh:

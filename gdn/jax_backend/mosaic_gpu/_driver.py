@@ -10,6 +10,7 @@ from .chunk_loop import chunk_loop
 from .fused import fused
 from .common import C
 from .intra import intra
+from .intra_grouped import intra_grouped
 
 
 def _l2norm(x):
@@ -25,10 +26,13 @@ def _plan_arrays(plan):
 
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
-                   stages: int | None = None, regs=None):
+                   stages: int | None = None, regs=None, intra_variant: str = "default",
+                   intra_tiles: int | None = None):
     """The Mosaic GPU prefill. ``variant``: "two_kernels" (default, the faster one measured on the H200:
     the intra kernel, then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and
-    sequence; see benchmarks/mosaic_notes.md for why it is slower today)."""
+    sequence; see benchmarks/mosaic_notes.md for why it is slower today). ``intra_variant`` (two_kernels
+    only): "default" (:func:`intra.intra`) or "grouped" (:func:`intra_grouped.intra_grouped`, one CTA per
+    k head and ``intra_tiles`` tiles; not yet timed on the GPU)."""
     plan = args.plan
     h, hv, dk, dv = args.dims
     t_arr = args.batch * args.seqlen
@@ -59,7 +63,13 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                          stages=stages, regs=regs, interpret=interpret)
     elif variant == "two_kernels":
         seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
-        ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+        if intra_variant == "grouped":
+            ag, gc = intra_grouped(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles,
+                                   interpret=interpret)[:2]
+        elif intra_variant == "default":
+            ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+        else:
+            raise ValueError(f"intra_variant must be 'default' or 'grouped', got {intra_variant!r}")
         o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=args.scale, group=group, n_out=n_out,
                               t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
     else:

@@ -1,0 +1,170 @@
+"""Intra-tile kernel, grouped variant (``intra_variant="grouped"``; UNTIMED on the GPU so far).
+
+Computes exactly what :func:`gdn.jax_backend.mosaic_gpu.intra.intra` computes (same outputs, same
+layouts: ``Ag [HV, T_pad, 64]`` in k's dtype, ``gc [HV, T_pad]`` fp32), organised for latency:
+
+* grid ``(H, ceil(tiles / tiles_per_cta))``: one CTA per q/k head and run of ``tiles_per_cta``
+  consecutive 64-token tiles. The k tile is loaded once and ``K K^T`` formed once per tile, then the
+  ``G = HV / H`` v heads of the group (which differ only in g and beta) are done from it, statically
+  unrolled.
+* the next tile's loads are in flight while the current one computes: g / beta / sequence ids are
+  double-buffered (issued at the start of a tile), the single k buffer is refilled as soon as this
+  tile's ``K K^T`` has been read out of it.
+* output stores are never waited for until their SMEM buffer is rewritten (``wait_read_only``), the
+  one full wait is at the end of the CTA.
+* the column-layout copy of the cumsum is the row-layout one moved through SMEM (the default kernel
+  reduces a second time along columns, a cross-warp reduction); both layouts then hold the same
+  fp32 values, so the diagonal decay is exactly ``exp(0)``.
+* the strictly lower ``A`` is kept in the input dtype for the merges (the merges round it there
+  anyway), halving its registers across the substitution.
+
+The 16x16 diagonal-block substitution and the 16 -> 32 -> 64 merges are the default kernel's
+(:mod:`gdn.jax_backend.mosaic_gpu.solve`), unchanged: the inline-MLIR substitution is the one part
+the interpreter cannot run, and that code is the one already verified on the H200.
+SMEM per CTA at K = 128, 16-bit inputs: ~66 KB (3 CTAs per SM), against ~64 KB for the default.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, masked_exp, mm,
+                     rows, tile, tracing_for_interpreter)
+from .solve import BLOCK, diag_block_inverse, merge, same_block
+
+#: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads)
+TILES_PER_CTA = 4
+
+
+def intra_grouped(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, interpret=None,
+                  debug_inverse: bool = False):
+    """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai`` fp32 with debug_inverse).
+
+    Same contract as :func:`gdn.jax_backend.mosaic_gpu.intra.intra`: k [T_pad, H, K] (T_pad a multiple
+    of 64); g_hm, beta_hm [HV, T_pad] fp32 with HV = H * group; seg [T_pad] int32 sequence ids.
+    """
+    t_pad, h, dk = k.shape
+    hv = g_hm.shape[0]
+    if hv != h * group:
+        raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
+    n_tiles = t_pad // C
+    tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
+    n_cta = -(-n_tiles // tpc)
+    if h > MAX_GRID_YZ:
+        raise NotImplementedError("too many heads for one launch")
+    dtype = k.dtype
+    out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
+    if debug_inverse:
+        out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
+    scratch = dict(
+        k_s=tile((C, dk), dtype),
+        g_s=plgpu.SMEM((2, group, C), F32),
+        b_r=plgpu.SMEM((2, group, C), F32),
+        b_c=plgpu.SMEM((2, group, C), F32),
+        s_r=plgpu.SMEM((2, C), jnp.int32),
+        s_c=plgpu.SMEM((2, C), jnp.int32),
+        lo_s=tile((C, C), dtype),
+        ag_s=tile((C, C), dtype),
+        gc_s=plgpu.SMEM((C,), F32),
+        na_s=plgpu.SMEM((C, C), F32),
+        x_s=plgpu.SMEM((C, C), F32),
+        bar_k=plgpu.Barrier(num_arrivals=1),
+        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
+    )
+    if debug_inverse:
+        scratch["ai_s"] = plgpu.SMEM((C, C), F32)
+    interp = bool(interpret)
+    sq = (C, C)
+
+    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s,
+             x_s, bar_k, bar_s, ai_s=None):
+        ai_ref = rest[0] if debug_inverse else None
+        hk, cta = lax.axis_index("h"), lax.axis_index("m")
+        first = cta * tpc
+        count = jnp.minimum(tpc, n_tiles - first)
+        heads = pl.ds(hk * group, group)
+
+        def tok_of(i):
+            return pl.ds(pl.multiple_of((first + i) * C, C), C)
+
+        def issue_k(i):
+            plgpu.copy_gmem_to_smem(k_ref.at[tok_of(i), hk], k_s, bar_k)
+
+        def issue_small(i, slot):
+            tok = tok_of(i)
+            plgpu.copy_gmem_to_smem(g_ref.at[heads, tok], g_s.at[slot], bar_s.at[slot])
+            for src, dst in ((b_ref.at[heads, tok], b_r), (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r),
+                             (seg_ref.at[tok], s_c)):
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
+
+        issue_k(0)
+        issue_small(0, 0)
+
+        def one_head(e, kk, same, r, c, slot, tok):
+            """v head ``hk * group + e`` of the tile (``e`` static)."""
+            j = hk * group + e
+            g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
+            gam_r = jnp.where((c <= r) & same, cols(g_col, sq), 0.0).sum(axis=1)  # segmented cumsum
+            # the previous head's stores must have read ag_s / gc_s (/ ai_s) before they are rewritten
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            gc_s[...] = gam_r
+            plgpu.commit_smem()
+            gam_c = plgpu.load(gc_s, layout=COLS)  # the same fp32 values, column layout
+            beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
+            beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
+            gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
+            low = (r > c) & same
+            a_low = kk * rows(beta_row, sq) * masked_exp(low, gr - gcc)
+            if interp:
+                na_t = None
+            else:
+                up = (c > r) & same & same_block(BLOCK)
+                na_t = -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
+            a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
+            x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp)
+            x = merge(x, a_lo16, lo_s, dtype)
+            ag_s[...] = (x * cols(beta_col, sq)).astype(dtype)
+            if debug_inverse:
+                ai_s[...] = x
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ag_s, ag_ref.at[j, tok])
+            plgpu.copy_smem_to_gmem(gc_s, gc_ref.at[j, tok])
+            if debug_inverse:
+                plgpu.copy_smem_to_gmem(ai_s, ai_ref.at[j, tok])
+
+        @pl.loop(0, count)
+        def _tile(i):
+            slot = lax.rem(i, 2)
+            tok = tok_of(i)
+
+            # the other slot was last read by tile i - 1, which ended with a warpgroup barrier
+            @pl.when(i + 1 < count)
+            def _():
+                issue_small(i + 1, 1 - slot)
+
+            plgpu.barrier_wait(bar_k)
+            plgpu.barrier_wait(bar_s.at[slot])
+            kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
+            plgpu.commit_smem()  # every warp is past its read of k_s
+
+            @pl.when(i + 1 < count)
+            def _():
+                issue_k(i + 1)
+
+            r, c = iota(sq, 0), iota(sq, 1)
+            same = (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
+                    == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
+            for e in range(group):
+                one_head(e, kk, same, r, c, slot, tok)
+
+        plgpu.wait_smem_to_gmem(0)
+
+    with tracing_for_interpreter(interp):
+        return plgpu.kernel(
+            body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
+            compiler_params=compiler_params(), interpret=interpret_params(interpret),
+            kernel_name="gdn_intra_grouped",
+        )(k, g_hm, beta_hm, seg)
