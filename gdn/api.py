@@ -209,7 +209,8 @@ def load_backend(name: str):
 def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, initial_state=None,
             output_final_state: bool = True, scale: float | None = None,
             use_qk_l2norm: bool = False, backend: str | None = None, impl: str | None = None,
-            mesh=None, head_axis: str | None = None, seq_axis: str | None = None):
+            mesh=None, head_axis: str | None = None, seq_axis: str | None = None,
+            split: bool | int | None = None):
     """Gated DeltaNet chunked prefill.
 
     Args:
@@ -225,6 +226,9 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
       mesh, head_axis, seq_axis: JAX only. Shard the heads over mesh axis ``head_axis`` (each
         device keeps whole GVA groups, no communication) and/or the packed tokens over
         ``seq_axis`` (exact: pieces' affine state maps are all-gathered and scanned).
+      split: the exact sequence split on one device (gdn/split.py): True lets
+        ``gdn.planner.split_policy`` decide, an int sets the piece size in chunks; None/False off.
+        Needs a packed batch with a host plan; not yet the default (its gain is unmeasured).
 
     Returns (o [B, T, HV, V] in q's dtype, final_state fp32 [N, HV, K, V] or None). Tokens past
     ``cu_seqlens[-1]`` get zero output. Under ``jax.jit`` with the plan passed as an argument the
@@ -240,7 +244,19 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
     if is_empty(args):  # no token to compute: no backend, no launch (docs/RELIABILITY.md)
         return empty_result(args, "torch" if backend == "triton" else "jax")
     if mesh is not None:
+        if split:
+            raise ValueError("split and mesh do not combine: seq_axis already splits the tokens")
         from .jax_backend.sharded import run_sharded
 
         return run_sharded(args, mesh, head_axis, seq_axis)
+    if split:
+        if isinstance(split, bool):
+            piece_chunks = None
+        elif isinstance(split, numbers.Integral) and split > 0:
+            piece_chunks = int(split)
+        else:
+            raise ValueError(f"split must be True, False, None or a positive int, got {split!r}")
+        from .split import run_split
+
+        return run_split(backend, args, piece_chunks)
     return load_backend(backend).run(args)

@@ -82,3 +82,17 @@ def test_split_falls_back_to_two_calls_when_v_plus_k_columns_are_unsupported():
                                scale=0.35)
     assert calls == [14, 6, 8]
     assert np.abs(o - o_ref).max() < 1e-6 and np.abs(f - f_ref).max() < 1e-9
+
+
+def test_prefill_split_option():
+    jnp = pytest.importorskip("jax.numpy")
+    x = make_inputs([300, 0, 40], h=1, hv=2, k=16, v=16, initial_state=True, seed=5)
+    a = [jnp.asarray(t) for t in x.arrays]
+    h0 = jnp.asarray(x.initial_state)
+    o_u, f_u = gdn.prefill(*a, cu_seqlens=x.cu_seqlens, initial_state=h0, impl="xla")
+    o_s, f_s = gdn.prefill(*a, cu_seqlens=x.cu_seqlens, initial_state=h0, impl="xla", split=2)
+    assert R.rms_ratio(o_s, o_u) < 1e-5 and R.rms_ratio(f_s, f_u) < 1e-5
+    o_p, _ = gdn.prefill(*a, cu_seqlens=x.cu_seqlens, initial_state=h0, impl="xla", split=True)
+    assert R.rms_ratio(o_p, o_u) < 1e-5  # the policy keeps this small batch unsplit
+    with pytest.raises(ValueError, match="split must be"):
+        gdn.prefill(*a, cu_seqlens=x.cu_seqlens, impl="xla", split=-3)
