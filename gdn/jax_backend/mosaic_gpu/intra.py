@@ -21,9 +21,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, cols, compiler_params, interpret_params, iota, masked_exp, mm, rows, tile,
+from .common import (C, COLS, F32, ROWS, cols, compiler_params, interpret_params, iota, mm, rows, tile,
                      tracing_for_interpreter)
-from .solve import BLOCK, diag_block_inverse, merge, same_block
+from .solve import decayed_a, diag_block_inverse, merge
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, interpret=None, debug_inverse: bool = False):
@@ -78,14 +78,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, interpret=None, debug_inverse: b
 
         kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T
         gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
-        low = (r > c) & same
-        a_low = kk * rows(beta_row, sq) * masked_exp(low, gr - gcc)
-        if interp:
-            na_t = None
-        else:
-            # -A^T[j, i] = -beta_i (k_i . k_j) exp(gam_i - gam_j), i > j, on the diagonal blocks
-            up = (c > r) & same & same_block(BLOCK)
-            na_t = -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
+        a_low, na_t = decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp)
         x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp)
         x = merge(x, a_low, lo_s, dtype)
         ag = x * cols(beta_col, sq)

@@ -31,9 +31,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, masked_exp, mm,
+from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
                      rows, tile, tracing_for_interpreter)
-from .solve import BLOCK, diag_block_inverse, merge, same_block
+from .solve import decayed_a, diag_block_inverse, merge
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads)
 TILES_PER_CTA = 4
@@ -116,13 +116,7 @@ def intra_grouped(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | Non
             beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
             beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
             gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
-            low = (r > c) & same
-            a_low = kk * rows(beta_row, sq) * masked_exp(low, gr - gcc)
-            if interp:
-                na_t = None
-            else:
-                up = (c > r) & same & same_block(BLOCK)
-                na_t = -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
+            a_low, na_t = decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp)
             a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
             x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp)
             x = merge(x, a_lo16, lo_s, dtype)

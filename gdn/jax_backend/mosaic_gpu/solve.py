@@ -20,7 +20,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 from jaxlib.mlir.dialects import math as mlir_math
 
-from .common import C, F32, WG, iota, mm
+from .common import C, F32, WG, cols, iota, masked_exp, mm, rows
 
 BLOCK = 16
 
@@ -109,3 +109,17 @@ def merge(x, a_lower, lo_smem, dtype):
         plgpu.commit_smem()
         x = x - mm(x.astype(dtype), lo_smem, (C, C))  # X - X (L X)
     return x
+
+
+def decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp: bool):
+    """(a_low, na_t): the decayed strictly lower A of one tile and what diag_block_inverse needs.
+
+    a_low[i, j] = beta_i (k_i . k_j) exp(gam_i - gam_j) for i > j in one sequence; na_t holds
+    -A^T on the 16x16 diagonal blocks (None under the interpreter, which solves from a_low).
+    ``kk`` = K K^T (symmetric), ``gr`` / ``gcc`` the cumsum broadcast along rows / columns.
+    """
+    a_low = kk * rows(beta_row, sq) * masked_exp((r > c) & same, gr - gcc)
+    if interp:
+        return a_low, None
+    up = (c > r) & same & same_block(BLOCK)
+    return a_low, -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
