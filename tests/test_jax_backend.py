@@ -181,24 +181,27 @@ def test_inside_jit_with_the_plan_as_argument_compiles_once_per_bucket(impl):
 
 def test_eager_calls_in_one_bucket_trace_each_core_once():
     # a fresh process: the first calls ever must not trace twice (jax registers a config lazily
-    # on the first pallas_call, see pallas_triton/kernel_utils.py)
+    # on the first pallas_call, see gdn/jax_backend/common.py). mosaic_gpu runs in its interpreter
+    # (GDN_MOSAIC_INTERPRET=1): an eager call of it once took 4 s on the H200, a new trace and
+    # compilation per call.
     code = """
 import jax.numpy as jnp, gdn
 from gdn.inputs import make_inputs
 from gdn.jax_backend import common
-for impl in ("xla", "pallas_triton"):
+for impl in ("xla", "pallas_triton", "mosaic_gpu"):
     for lens in ([90, 30], [40, 0, 70]):  # N = 2 and 3 rows of initial state: padded outside
-        x = make_inputs(lens, seed=1, initial_state=True, pad_tokens=192 - sum(lens))
+        x = make_inputs(lens, k=64, v=64, seed=1, initial_state=True, pad_tokens=192 - sum(lens))
         a = [jnp.asarray(y, jnp.bfloat16) for y in x.arrays[:3]]
         a += [jnp.asarray(y) for y in x.arrays[3:]]
         o, f = gdn.prefill(*a, cu_seqlens=x.cu_seqlens, initial_state=jnp.asarray(x.initial_state),
                            impl=impl)
         assert f.shape[0] == len(lens)
 print(common.TRACE_COUNTS)
-assert common.TRACE_COUNTS == {"xla": 1, "pallas_triton": 1}, common.TRACE_COUNTS
+assert common.TRACE_COUNTS == {"xla": 1, "pallas_triton": 1, "mosaic_gpu": 1}, common.TRACE_COUNTS
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+    # 4 CPU devices: the Mosaic GPU interpreter's warpgroup threads (see tests/test_mosaic_gpu.py)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GDN_MOSAIC_INTERPRET="1", JAX_NUM_CPU_DEVICES="4",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=600)

@@ -613,7 +613,7 @@ def test_triton_grids_past_65535_sequences_and_chunks():
              g=np.zeros((1, BIG_N, 2), np.float32))  # values are never read: a dry run
     t = [torch.from_numpy(a) for a in (x["q"], x["q"], x["v"], x["g"], x["g"])]
     plan = gdn.plan(np.arange(BIG_N + 1))
-    prev = tcommon.set_launch_hook(hook)
+    prev = tcommon.set_launch_hook(hook, host_tensors=True)
     try:
         gdn.prefill(*t, plan=plan, backend="triton")
     finally:

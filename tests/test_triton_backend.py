@@ -288,6 +288,24 @@ def test_device_errors_name_the_argument():
         gdn.prefill(*tens, backend="triton", **kw)
 
 
+def test_cpu_tensors_without_interpreter_rejected_while_a_launch_hook_records(monkeypatch):
+    """A hook that only records launches (the reliability check's "no launch" probe) must not
+    switch the CPU-tensor check off; only a dry-run hook (host_tensors=True) does. Found on the
+    H200: with a recording hook, CPU tensors reached Triton's own 'cannot be accessed' error."""
+    from gdn.triton_backend import _chain, _common
+
+    monkeypatch.setattr(_chain, "interpreted", lambda kernel: False)  # as on a GPU machine
+    launched = []
+    prev = _common.set_launch_hook(lambda *a: launched.append(a[0]) or False)
+    try:
+        tens, kw, _ = _inputs([10], dtype="float32")
+        with pytest.raises(ValueError, match="q is a CPU tensor"):
+            gdn.prefill(*[t.cpu() for t in tens], backend="triton", **kw)
+        assert not launched
+    finally:
+        _common.set_launch_hook(prev)
+
+
 def test_registry_and_impl_errors():
     impls = [i for i in gdn.implementations() if i.backend == "triton"]
     assert [i.impl for i in impls] == ["triton"] and impls[0].available

@@ -31,6 +31,13 @@ __all__ = ["run_core", "pack", "rstd", "dot", "token_valid", "pallas_triton_warn
 
 planner._maybe_register()  # the Plan is a pytree from here on (jax is imported)
 
+try:  # Importing Pallas' fuser defines a config that is part of jax's trace context. When that
+    # import first happens inside a call (Mosaic GPU's lowering does it), every jit cache entry made
+    # before it misses once more: a second compilation of the same bucket. Import it up front.
+    import jax.experimental.pallas.fuser  # noqa: F401
+except ImportError:  # pragma: no cover - a jax without it has no such config either
+    pass
+
 #: core name -> number of times it was traced (tests check that a bucket compiles once)
 TRACE_COUNTS: dict[str, int] = {}
 

@@ -46,7 +46,7 @@ def check_device(ref: torch.Tensor, interp: bool, **tensors: Any) -> torch.devic
     """All tensors on q's device: CUDA, or CPU under the interpreter (ValueError naming it)."""
     dev = ref.device
     if dev.type == "cpu":
-        if not interp and _HOOK is None:
+        if not interp and not _HOOK_TAKES_HOST:
             raise ValueError(
                 "q is a CPU tensor: the triton backend runs on CUDA tensors (CPU tensors only "
                 "under Triton's interpreter: TRITON_INTERPRET=1 set before gdn.triton_backend "
@@ -122,15 +122,18 @@ def dummy(device: torch.device) -> torch.Tensor:
 
 
 _HOOK: Callable | None = None
+_HOOK_TAKES_HOST = False  # the hook dry-runs CPU tensors: check_device lets them through
 
 
-def set_launch_hook(hook: Callable | None) -> Callable | None:
+def set_launch_hook(hook: Callable | None, *, host_tensors: bool = False) -> Callable | None:
     """Install ``hook(kernel, grid, args, kwargs) -> bool`` called before every launch (tests:
-    recording launches for the compile-key check; returning True skips the launch: a dry run
-    that lets CPU tensors through without the interpreter, for cross-compiling to sm_90).
-    Returns the previous hook."""
-    global _HOOK
+    recording launches for the compile-key check; returning True skips the launch). With
+    ``host_tensors=True`` the hook promises a dry run, so CPU tensors pass the device check without
+    the interpreter (cross-compiling to sm_90, grid checks); a hook that only records launches
+    leaves the check as it is. Returns the previous hook (restoring it resets ``host_tensors``)."""
+    global _HOOK, _HOOK_TAKES_HOST
     prev, _HOOK = _HOOK, hook
+    _HOOK_TAKES_HOST = bool(host_tensors) and hook is not None
     return prev
 
 

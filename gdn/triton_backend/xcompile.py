@@ -58,7 +58,7 @@ def record(fn: Callable[[], Any], *, dry: bool = False) -> tuple[Any, list[Launc
         launches.append(Launch(kernel, tuple(grid), tuple(args), dict(kwargs)))
         return dry
 
-    prev = _common.set_launch_hook(hook)
+    prev = _common.set_launch_hook(hook, host_tensors=dry)
     try:
         out = fn()
     finally:

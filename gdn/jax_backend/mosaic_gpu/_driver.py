@@ -1,16 +1,27 @@
-"""XLA glue around the two Mosaic GPU kernels (reshapes, head-major gates, sequence ids)."""
+"""XLA glue around the Mosaic GPU kernels (reshapes, head-major gates, sequence ids), jitted.
+
+:func:`core` is one ``jax.jit``-ed function per bucket and option set, like the other
+implementations' cores (gdn.jax_backend.common): an eager ``gdn.prefill`` call then costs one
+cached dispatch instead of a chain of eager ops (each eager op is a host round trip, and
+scalar operands of eager ops are host-to-device transfers).
+"""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ...api import PrefillArgs
+from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
-from .fused import fused
 from .common import C
+from .fused import fused
 from .intra import intra
 from .intra_grouped import intra_grouped
+
+VARIANTS = ("two_kernels", "fused")
+INTRA_VARIANTS = ("default", "grouped")
 
 
 def _l2norm(x):
@@ -18,63 +29,69 @@ def _l2norm(x):
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
-def _plan_arrays(plan):
-    cu = plan.cu_seqlens
-    if isinstance(cu, np.ndarray):
-        cu = plan.to_jax().cu_seqlens
-    return jnp.asarray(cu, jnp.int32)
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
+    "stages", "regs", "intra_variant", "intra_tiles"))
+def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
+         output_final_state: bool, return_stages: bool = False, interpret=None,
+         variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
+         intra_variant: str = "default", intra_tiles: int | None = None):
+    """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
+    h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
+    del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
+    count_trace("mosaic_gpu")
+    bsz, t_in, h, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    t_arr = bsz * t_in
+    group = hv // h
+    q = q.reshape(t_arr, h, dk)
+    k = k.reshape(t_arr, h, dk)
+    v = v.astype(q.dtype).reshape(t_arr, hv, dv)
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    t_pad = max(C, -(-t_arr // C) * C)
+    pad = t_pad - t_arr
+    g = g.reshape(t_arr, hv).astype(jnp.float32)
+    beta = beta.reshape(t_arr, hv).astype(jnp.float32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
+    g_hm, beta_hm = g.T, beta.T
+    cu = plan.cu_seqlens.astype(jnp.int32)
+    if h0 is not None:
+        h0 = h0.astype(jnp.float32)
+    n_out = plan.padded_seqs if output_final_state else None
+    if variant == "fused":
+        o, final = fused(q, k, v, g_hm, beta_hm, cu, h0, scale=scale, group=group, n_out=n_out,
+                         stages=stages, regs=regs, interpret=interpret)
+    else:
+        seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
+                               side="right").astype(jnp.int32)
+        if intra_variant == "grouped":
+            ag, gc = intra_grouped(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles,
+                                   interpret=interpret)[:2]
+        else:
+            ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+        o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
+                              t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
+    if pad:
+        o = o[:t_arr]
+    return o.reshape(bsz, t_in, hv, dv), final, None
 
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_variant: str = "default",
                    intra_tiles: int | None = None):
-    """The Mosaic GPU prefill. ``variant``: "two_kernels" (default, the faster one measured on the H200:
-    the intra kernel, then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and
-    sequence; see benchmarks/mosaic_notes.md for why it is slower today). ``intra_variant`` (two_kernels
-    only): "default" (:func:`intra.intra`) or "grouped" (:func:`intra_grouped.intra_grouped`, one CTA per
-    k head and ``intra_tiles`` tiles; not yet timed on the GPU)."""
-    plan = args.plan
-    h, hv, dk, dv = args.dims
-    t_arr = args.batch * args.seqlen
-    group = hv // h
-    dtype = jnp.dtype(args.q.dtype)
-    q = jnp.asarray(args.q).reshape(t_arr, h, dk)
-    k = jnp.asarray(args.k).reshape(t_arr, h, dk)
-    v = jnp.asarray(args.v, dtype).reshape(t_arr, hv, dv)
-    if args.use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
-    t_pad = max(C, -(-t_arr // C) * C)
-    pad = t_pad - t_arr
-    g = jnp.asarray(args.g).reshape(t_arr, hv).astype(jnp.float32)
-    beta = jnp.asarray(args.beta).reshape(t_arr, hv).astype(jnp.float32)
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
-    g_hm, beta_hm = g.T, beta.T
-    cu = _plan_arrays(plan)
-    h0 = args.initial_state
-    if h0 is not None:
-        h0 = jnp.asarray(h0, jnp.float32)
-    n_out = None
-    if args.output_final_state:
-        n_out = plan.num_seqs if plan.num_seqs is not None else plan.padded_seqs
-    if variant == "fused":
-        o, final = fused(q, k, v, g_hm, beta_hm, cu, h0, scale=args.scale, group=group, n_out=n_out,
-                         stages=stages, regs=regs, interpret=interpret)
-    elif variant == "two_kernels":
-        seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
-        if intra_variant == "grouped":
-            ag, gc = intra_grouped(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles,
-                                   interpret=interpret)[:2]
-        elif intra_variant == "default":
-            ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
-        else:
-            raise ValueError(f"intra_variant must be 'default' or 'grouped', got {intra_variant!r}")
-        o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=args.scale, group=group, n_out=n_out,
-                              t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
-    else:
-        raise ValueError(f"variant must be 'fused' or 'two_kernels', got {variant!r}")
-    if pad:
-        o = o[:t_arr]
-    o = o.reshape(args.batch, args.seqlen, hv, dv)
-    return o, final
+    """The Mosaic GPU prefill on validated arguments -> (o, final or None).
+
+    ``variant``: "two_kernels" (default, the faster one measured on the H200: the intra kernel,
+    then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and sequence;
+    benchmarks/mosaic_notes.md says why it is slower today). ``intra_variant`` (two_kernels only):
+    "default" (:func:`intra.intra`) or "grouped" (:func:`intra_grouped.intra_grouped`, one CTA per
+    k head and ``intra_tiles`` tiles)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if intra_variant not in INTRA_VARIANTS:
+        raise ValueError(f"intra_variant must be one of {INTRA_VARIANTS}, got {intra_variant!r}")
+    return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
+                    regs=regs, intra_variant=intra_variant, intra_tiles=intra_tiles)

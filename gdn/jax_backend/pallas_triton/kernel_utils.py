@@ -19,12 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# jax 0.11.2 imports its Pallas fuser lazily during the first pallas_call, which registers one more
-# trace-context config and so invalidates the jit cache once: the first two calls of a core would
-# each trace and compile. Importing it here keeps that to one.
-from jax.experimental.pallas import fuser as _fuser  # noqa: F401
-
-from ..common import next_pow2
+from ..common import next_pow2  # (importing common also pins jax's trace context: see there)
 
 __all__ = ["chunk_bounds", "iota", "mdot", "mdot_t", "sdot", "solve_precision", "load", "store",
            "dim_tile",
