@@ -1,6 +1,6 @@
 """The exact sequence split on the GPU: split vs unsplit, accuracy and time, one table.
 
-    PYTHONPATH=. python3 benchmarks/split_check.py
+    PYTHONPATH=. python3 benchmarks/split_check.py [LAYOUT ...] [--impls triton,jax:mosaic_gpu]
 
 For each implementation that runs here (triton, jax:mosaic_gpu, jax:pallas_triton), at H=16,
 HV=32, K=V=128, bf16: 1x32768, 28672+4096, 1x8192, 4x2048, with the split off and with a few
@@ -41,12 +41,20 @@ def timed(fn, reps=20):
     return float(np.median(best))
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """argv: layout names to run (default all) and optionally --impls backend:impl,... ."""
+    impls = IMPLS
+    if "--impls" in argv:
+        i = argv.index("--impls")
+        wanted = argv[i + 1].split(",")
+        impls = [bi for bi in IMPLS if f"{bi[0]}:{bi[1]}" in wanted or bi[0] in wanted]
+        argv = argv[:i] + argv[i + 2:]
+    layouts = {n: LAYOUTS[n] for n in argv} if argv else LAYOUTS
     rows = []
-    for name, lens in LAYOUTS.items():
+    for name, lens in layouts.items():
         x = make_inputs(lens, 16, 32, 128, 128, initial_state=True, seed=1)
         policy = split_policy(lens, 32)
-        for backend, impl in IMPLS:
+        for backend, impl in impls:
             try:
                 arrs = [convert(a, backend, "bfloat16") for a in x.arrays[:3]] + \
                        [convert(a, backend, "float32") for a in x.arrays[3:]]
@@ -75,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
