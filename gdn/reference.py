@@ -134,28 +134,31 @@ def chunked(q, k, v, g, beta, *, plan: Plan | None = None, cu_seqlens=None, init
         L = s1 - s0
         gam = np.cumsum(g[sl], axis=0)  # [L, HV]
         gc[sl] = gam
-        kc, qc, vc, bc = k[sl], q[sl], v[sl], beta[sl]
+        # head-major [HV, L, ...] so that every product below is a batched BLAS matmul
+        # (contiguous copies: NumPy's matmul takes BLAS only for contiguous operands)
+        kc, qc, vc = (np.ascontiguousarray(x[sl].transpose(1, 0, 2)) for x in (k, q, v))
+        kt = np.ascontiguousarray(kc.transpose(0, 2, 1))  # [HV, K, L]
+        bc, gh = beta[sl].T, gam.T  # [HV, L]
         # decay matrix exp(gam_r - gam_s) for r >= s (upper triangle selected away first)
-        diff = gam[:, None, :] - gam[None, :, :]  # [L, L, HV]
+        diff = gh[:, :, None] - gh[:, None, :]  # [HV, L, L]
         tril = np.tril(np.ones((L, L), bool))
-        dec = np.where(tril[:, :, None], np.exp(np.where(tril[:, :, None], diff, 0.0)), 0.0)
-        kk = np.einsum("rhk,shk->rsh", kc, kc)
-        strict = np.tril(np.ones((L, L), bool), -1)[:, :, None]
-        a = np.where(strict, bc[:, None, :] * kk * dec, 0.0)  # [L, L, HV]
-        for j in range(hv):
-            inv = np.linalg.inv(np.eye(L) + a[:, :, j])
-            ai[sl, j, :L] = inv
-            w[sl, j] = inv @ ((bc[:, j] * np.exp(gam[:, j]))[:, None] * kc[:, j])
-            u[sl, j] = inv @ (bc[:, j][:, None] * vc[:, j])
+        dec = np.where(tril, np.exp(np.where(tril, diff, 0.0)), 0.0)
+        kk = kc @ kt
+        strict = np.tril(np.ones((L, L), bool), -1)
+        a = np.where(strict, bc[:, :, None] * kk * dec, 0.0)  # [HV, L, L]
+        inv = np.linalg.inv(np.eye(L) + a)
+        ai[sl, :, :L] = inv.transpose(1, 0, 2)
+        wh = inv @ ((bc * np.exp(gh))[:, :, None] * kc)  # [HV, L, K]
+        uh = inv @ (bc[:, :, None] * vc)  # [HV, L, V]
+        w[sl], u[sl] = wh.transpose(1, 0, 2), uh.transpose(1, 0, 2)
         hs[row] = state
-        vn = u[sl] - np.einsum("rhk,hkv->rhv", w[sl], state)
-        v_new[sl] = vn
-        qk = np.einsum("rhk,shk->rsh", qc, kc) * dec
-        o[sl] = scale * (np.exp(gam)[:, :, None] * np.einsum("rhk,hkv->rhv", qc, state)
-                         + np.einsum("rsh,shv->rhv", qk, vn))
+        vn = uh - wh @ state
+        v_new[sl] = vn.transpose(1, 0, 2)
+        qk = (qc @ kt) * dec
+        o[sl] = (scale * (np.exp(gh)[:, :, None] * (qc @ state) + qk @ vn)).transpose(1, 0, 2)
         last = gam[L - 1]  # [HV]: the gate of the last valid token closes the chunk
         state = (np.exp(last)[:, None, None] * state
-                 + np.einsum("rhk,rh,rhv->hkv", kc, np.exp(last[None, :] - gam), vn))
+                 + (kt * np.exp(last[:, None] - gh)[:, None, :]) @ vn)
         if s1 == cu[n + 1]:
             final[n] = state
     o_out = o.reshape(b, t, hv, dv)
