@@ -18,6 +18,10 @@ gdn/triton_backend/xcompile.py). Every grid is static, from the plan's padded co
 int32 arrays are read inside the kernels. K and V up to 256 of any size (tiles padded to powers of
 two, masked).
 
+Launch configurations (grid order, tiles, warps, pipeline stages) mirror the Triton backend's
+chosen defaults (each stage's ``*_tiles`` function); each stage module's ``TILES`` dict overrides
+them for tuning sweeps (benchmarks/pallas_sweep.py; see kernel_utils on jax's trace caches).
+
 On a GPU the kernels are compiled by Triton; on a CPU they run in Pallas interpret mode (only
 when this impl is asked for by name: ``impl=None`` takes "xla" there). Pallas-Triton is
 deprecated in jax 0.11 (it still works in the pinned 0.11.2): our calls silence exactly that

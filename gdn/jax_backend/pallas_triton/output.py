@@ -1,23 +1,44 @@
 """Stage 5 (FLA's chunk_fwd_o): o = scale (exp(gc) (q h) + (causal(q k^T) * decay) v_new),
 decay_rs = exp(gc_r - gc_s).
 
-Grid (NT_pad, HV, ceil(V / BV)), BV = 128 for 16-bit inputs (64 for fp32). q h and q k^T
-accumulate over K tiles of at most 64 columns;
-the intra-chunk attention is rounded to the input dtype for its dot with v_new (IEEE fp32 dots
-for fp32 inputs). With use_qk_l2norm, 1/||q|| scales the rows and 1/||k|| the columns of the
-fp32 accumulators. Only the valid rows of a chunk are written; the tokens past cu_seqlens[-1],
-which no chunk row covers, are zeroed by a small kernel first (its buffer is aliased into the
-output kernel), so the output is never memset as a whole.
+One program per (chunk row, v head, V tile of BV columns), launched like the Triton backend's
+``_output_kernel`` (:func:`output_tiles`: BV = 128 for 16-bit inputs, 64 for fp32). q h and
+q k^T accumulate over K tiles of BK (at most 64) columns; the intra-chunk attention is rounded
+to the input dtype for its dot with v_new (IEEE fp32 dots for fp32 inputs). With
+use_qk_l2norm, 1/||q|| scales the rows and 1/||k|| the columns of the fp32 accumulators. Only
+the valid rows of a chunk are written; the tokens past cu_seqlens[-1], which no chunk row
+covers, are zeroed by a small kernel first (its buffer is aliased into the output kernel), so
+the output is never memset as a whole.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .kernel_utils import (BT, chunk_bounds, compiler_params, dims, iota, load, mdot, mdot_t,
-                           pl, store)
+from .kernel_utils import (BT, chunk_bounds, compiler_params, dims, grid_of, iota, load, mdot,
+                           mdot_t, pl, program_ids, store, tile_loop, tiles)
 
 _ZERO_COLS = 256  # columns of [T, HV * V] per program of the tail-zeroing kernel
+
+#: launch overrides of :func:`chunk_output` over :func:`output_tiles` (keys BK, BV, num_warps,
+#: num_stages, order, loop), for sweeps; empty by default. Read at trace time (see kernel_utils).
+TILES: dict = {}
+
+
+def output_tiles(d) -> dict:
+    """Launch meta of :func:`chunk_output` for kernel_utils.Dims ``d``, the Triton backend's
+    ``output_tiles`` defaults: K tiles of 64 in a pipelined loop, 8 warps, 2 stages; 16-bit
+    inputs: the whole V (up to 128) in one tile, so q k^T is computed once per chunk and head
+    (Triton backend on the H200: 0.47 ms; 0.56 with V tiles of 64 and 4 warps); fp32 inputs
+    (IEEE dots hold their operands in registers): V tiles of 64; the Triton program order
+    (kernel_utils.ORDERS). 2026-11-28 (H200, H=16 HV=32 K=V=128 bf16): this kernel 0.913 ms at
+    every layout with the same tiles and warps but Triton's default 3 stages (no loop: nothing
+    to pipeline) and the row-fastest order, against the Triton backend's 0.470."""
+    meta = tiles(dict(BK=64, BV=64 if d.fp32 else 128, num_warps=8, num_stages=2,
+                      order="triton", loop=True), TILES, "output")
+    meta["BK"] = min(meta["BK"], d.kp)
+    meta["BV"] = min(meta["BV"], d.vp)
+    return meta
 
 
 def zero_tail(plan, n_tok: int, width: int, dtype, *, interpret: bool):
@@ -46,14 +67,13 @@ def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, inte
     d = dims(q, v_new)
     n_tok, hv, kdim, vdim, grp, fp32, kp = d.tokens, d.hv, d.k, d.v, d.grp, d.fp32, d.kp
     dt = d.dtype
-    # 16-bit inputs: the whole V (up to 128) in one tile, so q k^T is computed once per chunk and
-    # head, 8 warps (the Triton backend's output defaults, from the H200 sweep); fp32: tiles of 64
-    bk, bv = min(kp, 64), min(d.vp, 64 if fp32 else 128)
+    meta = output_tiles(d)
+    bk, bv = meta["BK"], meta["BV"]
     l2 = q_rstd is not None
 
     def kernel(ci_ref, cu_ref, q_ref, k_ref, vn_ref, h_ref, gc_ref, *rest):
         rq_ref, rk_ref, _, o_ref = rest if l2 else (None, None, *rest)  # _: aliased to o_ref
-        row, head, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        row, head, vb = program_ids(3, meta["order"])
         n, t0, length = chunk_bounds(ci_ref, cu_ref, row)
 
         @pl.when(n >= 0)
@@ -63,17 +83,20 @@ def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, inte
             m = iota(BT) < length
             vcols = pl.ds(vb * bv, bv)
             vmask = vb * bv + iota(bv) < vdim
-            acc_o = jnp.zeros((BT, bv), jnp.float32)
-            acc_a = jnp.zeros((BT, BT), jnp.float32)
-            for c0 in range(0, kp, bk):
+
+            def k_tile(c, acc):
+                c0 = c * bk
                 kcols = pl.ds(c0, bk)
                 kmask = c0 + iota(bk) < kdim
                 mk = m[:, None] & kmask[None, :]
                 qt = load(q_ref.at[rows, hk, kcols], mk)
                 kt = load(k_ref.at[rows, hk, kcols], mk)
                 ht = load(h_ref.at[row, head, kcols, vcols], kmask[:, None] & vmask[None, :])
-                acc_o = acc_o + mdot(qt, ht, fp32)
-                acc_a = acc_a + mdot_t(qt, kt, fp32, contract=1)
+                return acc[0] + mdot(qt, ht, fp32), acc[1] + mdot_t(qt, kt, fp32, contract=1)
+
+            acc_o, acc_a = tile_loop(kp // bk, k_tile, (jnp.zeros((BT, bv), jnp.float32),
+                                                        jnp.zeros((BT, BT), jnp.float32)),
+                                     meta["loop"])
             g = load(gc_ref.at[rows, head], m, 0.0)
             row_scale = jnp.exp(g)
             if l2:
@@ -93,6 +116,7 @@ def chunk_output(q, k, v_new, h, gc, q_rstd, k_rstd, plan, *, scale: float, inte
     ins += ([q_rstd, k_rstd] if l2 else []) + [o]
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_tok, hv, vdim), dt),
-        grid=(plan.padded_chunks, hv, pl.cdiv(vdim, bv)), input_output_aliases={len(ins) - 1: 0},
-        interpret=interpret, compiler_params=compiler_params(num_warps=8), name="gdn_output",
+        grid=grid_of((plan.padded_chunks, hv, pl.cdiv(vdim, bv)), meta["order"]),
+        input_output_aliases={len(ins) - 1: 0}, interpret=interpret,
+        compiler_params=compiler_params(meta["num_warps"], meta["num_stages"]), name="gdn_output",
     )(*ins)
