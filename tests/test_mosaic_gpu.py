@@ -8,6 +8,9 @@ Two kinds of checks:
   the default single CPU device a 2-core machine has too few of them and a warp-specialized kernel
   deadlocks. So the interpreter cases run in ONE subprocess with ``JAX_NUM_CPU_DEVICES=4`` (this
   file run as a script), under a timeout.
+* NaN / inf in one sequence of a tile shared with clean ones, under the interpreter (the default and
+  fused prefills; the grouped intra kernel's Ag and gc): the clean sequences' results bitwise those
+  of a clean call.
 * the whole prefill (both kernels and the XLA around them) is lowered for CUDA on this host
   (``.trace(...).lower(lowering_platforms=("cuda",))`` inside an abstract H200 mesh), so a kernel
   that Mosaic GPU cannot lower fails CI. (PTX assembly happens on the GPU only.)
@@ -172,27 +175,126 @@ def _intra_stage_errors(kernel="grouped", interpret=True, lens=(100, 0, 1, 63, 6
                 gc_max=float(np.abs(gc - gc_ref).max()))
 
 
+# NaN / inf isolation (docs/RELIABILITY.md §2) in tiles shared by several sequences: 4 tiles of 64,
+# each poisoned sequence between clean ones in a shared tile, sequence 0 with a whole tile of its own.
+# Poisons that reach other sequences by different paths (k, v, g, beta) have a sequence each; q and
+# the initial state, read by their own rows / CTA only, share one (few sequences: the interpreter's
+# time grows with the CTAs).
+NAN_LENS = [94, 12, 30, 9, 20, 14, 25, 6, 30]  # + 16 NaN tokens past cu[-1]: 256 in all
+NAN_POISON = {1: (("k", np.nan), ("q", np.nan)), 3: (("v", np.inf), ("h0", np.nan)),
+              5: (("g", np.nan), ("g", -np.inf)), 7: (("beta", np.nan),)}
+
+
+def _nan_inputs(poison: bool):
+    """(inputs of NAN_LENS, q/k/v/g/beta arrays, initial state), with NAN_POISON applied (the first
+    poison of a sequence at its middle token, the second at its first) and NaN past cu[-1] when
+    ``poison``."""
+    from gdn.inputs import make_inputs
+
+    x = make_inputs(NAN_LENS, h=1, hv=2, k=64, v=64, initial_state=True, pad_tokens=16, seed=9)
+    cu = x.cu_seqlens
+    arrs = [a.copy() for a in x.arrays]
+    h0 = x.initial_state.copy()
+    if poison:
+        for n, poisons in NAN_POISON.items():
+            for (what, val), t in zip(poisons, ((cu[n] + cu[n + 1]) // 2, cu[n])):
+                if what == "h0":
+                    h0[n, 1, 2, 3] = val
+                else:
+                    arrs[("q", "k", "v", "g", "beta").index(what)][0, t] = val
+        for a in arrs:
+            a[0, cu[-1]:] = np.nan
+    return x, arrs, h0
+
+
+def _nan_isolation(variant="", interpret=True):
+    """A clean call and a poisoned one (:func:`_nan_inputs`): which clean sequences' o or final state
+    changed in any bit, which are not finite, whether the poisoned ones did turn non-finite."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+
+    runs = []
+    for poison in (False, True):
+        x, arrs, h0 = _nan_inputs(poison)
+        cu = x.cu_seqlens
+        p = make_plan(cu, num_tokens=x.q.shape[1])
+        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
+        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
+                               initial_state=jnp.asarray(h0), backend="jax")
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            o, f = M.run(args, interpret=interpret, **VARIANT_OPTS[variant])
+            runs.append((np.asarray(o, np.float32)[0], np.asarray(f)))
+    (o_c, f_c), (o_p, f_p) = runs
+    seqs = range(len(NAN_LENS))
+    return dict(
+        changed=[n for n in seqs if n not in NAN_POISON and not (
+            np.array_equal(o_p[cu[n]:cu[n + 1]], o_c[cu[n]:cu[n + 1]]) and np.array_equal(f_p[n], f_c[n]))],
+        clean_finite=bool(np.isfinite(o_c).all() and np.isfinite(f_c).all()),
+        dirty_finite=[n for n in seqs if n not in NAN_POISON and not (
+            np.isfinite(o_p[cu[n]:cu[n + 1]]).all() and np.isfinite(f_p[n]).all())],
+        poisoned_nonfinite=[n for n in NAN_POISON if not (
+            np.isfinite(o_p[cu[n]:cu[n + 1]]).all() and np.isfinite(f_p[n]).all())],
+        tail_zero=bool(np.all(o_p[cu[-1]:] == 0)))
+
+
+def _intra_nan_isolation(kernel="grouped", interpret=True):
+    """One intra kernel on the clean and the poisoned k / g / beta of :func:`_nan_inputs`: the clean
+    sequences' rows of Ag and gc must be bitwise equal (and finite). The chunk loop behind it is the
+    one the full default-variant check runs (the whole prefill per variant is too slow here)."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
+
+    outs = []
+    for poison in (False, True):
+        x, arrs, _ = _nan_inputs(poison)
+        cu = x.cu_seqlens
+        t = x.q.shape[1]
+        k = jnp.asarray(arrs[1][0], jnp.bfloat16)
+        g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
+        seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32)
+        if kernel == "grouped":
+            out = intra_grouped(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, interpret=interpret)
+        else:
+            out = intra(k, g_hm, b_hm, seg, group=2, interpret=interpret)
+        outs.append([np.asarray(a, np.float32) for a in out[:2]])
+    (ag_c, gc_c), (ag_p, gc_p) = outs
+    clean = [n for n in range(len(NAN_LENS)) if n not in NAN_POISON]
+    rows = np.concatenate([np.arange(cu[n], cu[n + 1]) for n in clean])
+    return dict(rows_changed=int(np.sum(~(np.all(ag_p[:, rows] == ag_c[:, rows], axis=(0, 2))
+                                          & np.all(gc_p[:, rows] == gc_c[:, rows], axis=0)))),
+                clean_finite=bool(np.isfinite(ag_c).all() and np.isfinite(gc_c).all()),
+                dirty_finite=bool(np.isfinite(ag_p[:, rows]).all() and np.isfinite(gc_p[:, rows]).all()))
+
+
+def _timed(results, name, fn):
+    """results[name] = fn() (or the error it raised), with its seconds; printed as it goes."""
+    t0 = time.time()
+    try:
+        res = fn()
+    except Exception as e:  # reported to the test, which fails with the message
+        res = dict(name=name, error=f"{type(e).__name__}: {e}"[:2000])
+    res["seconds"] = round(time.time() - t0, 1)
+    results[name] = res
+    print(json.dumps(res), flush=True)
+
+
 def _main_interpret_cases(path):
     import jax
 
     results = {}
-    t0 = time.time()
-    try:
-        res = _intra_stage_errors()
-    except Exception as e:
-        res = dict(error=f"{type(e).__name__}: {e}"[:2000])
-    res["seconds"] = round(time.time() - t0, 1)
-    results["intra_grouped_stage"] = res
-    print(json.dumps(res), flush=True)
+    _timed(results, "intra_grouped_stage", _intra_stage_errors)
     for case in CASES:
-        t0 = time.time()
-        try:
-            res = _run_case(*case)
-        except Exception as e:  # reported to the test, which fails with the message
-            res = dict(name=case[0], error=f"{type(e).__name__}: {e}"[:2000])
-        res["seconds"] = round(time.time() - t0, 1)
-        results[case[0]] = res
-        print(json.dumps(res), flush=True)
+        _timed(results, case[0], lambda case=case: _run_case(*case))
+    _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
+    _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
+    _timed(results, "nan_isolation_intra_grouped", lambda: _intra_nan_isolation("grouped"))
     with open(path, "w") as fh:
         json.dump(results, fh)
     assert jax.device_count() >= 3
@@ -241,6 +343,28 @@ def test_grouped_intra_matches_float64_stages(interp_results):
     assert "error" not in res, res.get("error")
     assert res["ai"] < vs_f64("bfloat16") and res["ag"] < vs_f64("bfloat16"), res
     assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
+
+
+@pytest.mark.parametrize("variant", ["default", "fused"])
+def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
+    """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
+    every other sequence's o and final state bitwise those of the clean call, the tail zero; the
+    tiles mix poisoned and clean sequences (gdn issue 10, nan_isolation on the H200). The GPU-only
+    code (the inline-MLIR substitution's select) is covered by tests/gpu/reliability_gpu_check.py."""
+    res = interp_results["nan_isolation_" + variant]
+    assert "error" not in res, res.get("error")
+    assert res["clean_finite"], res
+    assert res["changed"] == [] and res["dirty_finite"] == [], res
+    assert res["tail_zero"], res
+    assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
+
+
+def test_interpreter_grouped_intra_nan_stays_in_its_sequence(interp_results):
+    """intra_grouped on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc
+    bitwise those of the clean call (what the chunk loop of the default check needs)."""
+    res = interp_results["nan_isolation_intra_grouped"]
+    assert "error" not in res, res.get("error")
+    assert res["rows_changed"] == 0 and res["clean_finite"] and res["dirty_finite"], res
 
 
 def test_unsupported_calls_raise_not_implemented():

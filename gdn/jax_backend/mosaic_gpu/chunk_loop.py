@@ -17,6 +17,12 @@ Three warpgroups:
   ``o = scale (diag(exp(gc)) Q S + P Vnew)``; a tile wholly inside the sequence leaves by one TMA
   store, a partial tile row by row (rows of neighbouring sequences are never written).
 
+NaN / inf in a neighbouring sequence of a shared tile (docs/RELIABILITY.md §2) is removed by selects
+before it meets this sequence's values: rows / columns of other tokens in W^T, Vnew^T and P (a select
+on fp32 registers, cheap), and, on a boundary tile only, the k rows of other sequences zeroed in SMEM
+by WG0 (the state update contracts over tokens, where a zero factor does not remove a NaN); WG1 then
+reads that tile's k after ``s_ready``. The intra kernel's ``Ag`` is exactly 0 across sequences.
+
 The last grid row ``n = N_pad`` writes zeros to the tokens past ``cu[N]`` (they must read zero). The
 initial state row ``n`` (zeros past ``N_h0``) enters, the final state leaves as ``[K, V]`` fp32
 directly (no transposition outside). No per-tile state touches HBM. Every warpgroup waits for the
@@ -31,7 +37,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_exp, mm, produce, rows, tile, tracing_for_interpreter)
+                     iota, masked_decay, masked_exp, mm, produce, rows, tile, tracing_for_interpreter,
+                     zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -145,7 +152,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, bv)], st_s, st_bar)
                 plgpu.barrier_wait(st_bar)
                 s0 = plgpu.layout_cast(plgpu.load(st_s.T, layout=WGT), WG)  # [bv, K]
-                s0 = s0 * (n < n_h0).astype(F32)  # rows past N_h0 start from zero
+                # rows past N_h0 start from zero: a select (the clamped row read may hold NaN), its
+                # predicate a full array (Mosaic's warpgroup select does not broadcast a scalar)
+                live = plgpu.broadcasted_iota(jnp.int32, s0.shape, 0, layout=WG) < jnp.where(n < n_h0, bv, 0)
+                s0 = jnp.where(live, s0, 0.0)
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
             sh = (bv, C)
@@ -161,6 +171,14 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 def _():  # WG1 is done with the tiles published two steps ago
                     plgpu.barrier_wait(s_free.at[half])
 
+                # A boundary tile (at most two per sequence): the update Vnew^T K below contracts k's
+                # token rows, so rows of other sequences must be 0 in k itself (a 0 in Vnew^T does not
+                # remove a NaN row of k). One load / select / store of the SMEM tile, done here and not
+                # on every tile: a tile wholly inside the sequence has no foreign rows and pays nothing.
+                @pl.when((lo > 0) | (hi < C))
+                def _():
+                    zero_rows_outside(k_s.at[slot], lo, hi)
+
                 s_lo = s_t.astype(dtype)
                 s_pub.at[half][...] = s_lo
                 valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
@@ -169,7 +187,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
                 w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
-                vn_t = mm(w_t, a_s.at[slot].T, sh)  # Vnew^T = W^T Ag^T
+                # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be NaN
+                # (0 * NaN through the zeros of W^T), and both P Vnew and the state update contract them
+                vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
                 vn_pub.at[half].T[...] = vn_t.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(s_ready.at[half])
@@ -229,9 +249,14 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                 g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
                 mask = (r >= c) & (c >= lo) & (c < hi)
+                # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
+                # read k_s only after it (no SMEM race; P loses its overlap with WG0 there only).
+                # The select keeps P's NaN columns (k of another sequence) out either way.
+                partial = (lo > 0) | (hi < C)
+                pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                p_lo = (p * masked_exp(mask, rows(g_r, sq) - cols(g_c, sq))).astype(dtype)
-                plgpu.barrier_wait(s_ready.at[half])
+                p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 o = mm(q_s.at[slot], s_pub.at[half].T, (C, bv))
                 o = mm(p_lo, vn_pub.at[half], (C, bv), init=o * rows(jnp.exp(g_r), (C, bv)))
                 plgpu.barrier_arrive(s_free.at[half])

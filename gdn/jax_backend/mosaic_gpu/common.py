@@ -103,6 +103,30 @@ def masked_exp(mask, x):
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+def masked_decay(mask, p, x):
+    """``p * exp(x)`` where ``mask``, else exactly 0, never exponentiating a masked value.
+
+    A select, not a product with a 0/1 factor: a tile holds tokens of neighbouring sequences, and a
+    NaN / inf of theirs in ``p`` or ``x`` must not survive outside ``mask`` (``NaN * 0 = NaN``).
+    """
+    return jnp.where(mask, p * jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def zero_rows_outside(ref, lo, hi) -> None:
+    """Zero the rows outside ``[lo, hi)`` of a ``[64, D]`` 16-bit SMEM tile in place, then commit.
+
+    For an operand whose token rows are CONTRACTED by a WGMMA (``k`` in the state update
+    ``S += Vnew^T K``): a zero factor on the other side does not remove a NaN row (``0 * NaN``), so
+    the rows of other sequences must be zero in the operand itself. Load, select and store of the
+    whole tile (each thread rewrites the elements it read, so no barrier between them), meant for
+    the boundary tiles of a sequence only: a tile wholly inside it skips this.
+    """
+    t = plgpu.load(ref, layout=WG)
+    rvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROWS)
+    ref[...] = jnp.where(rows((rvec >= lo) & (rvec < hi), t.shape), t, jnp.zeros_like(t))
+    plgpu.commit_smem()
+
+
 def finish_together(done) -> None:
     """Every warpgroup arrives at ``done`` and waits for the others (warp-specialized kernels must
     not let one warpgroup exit while another still issues WGMMAs)."""

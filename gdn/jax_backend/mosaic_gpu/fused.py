@@ -19,6 +19,11 @@ sequence (``cu[n] // 64 .. (cu[n+1] - 1) // 64``, read on the device), masking t
 * the producer warpgroup: TMA loads of q, k, the v column blocks, g and beta into ``stages`` ring
   slots, refilled when every consumer released a slot.
 
+NaN / inf of a neighbouring sequence in a shared tile never meets this sequence's values: its g and
+beta are selected away at load, A and P by selects, and on a boundary tile the aux warpgroup zeroes
+k's rows of other sequences in SMEM (the state update contracts them); the state warpgroups then
+read that tile's k after ``aux_ready`` (docs/RELIABILITY.md §2).
+
 The initial state enters, and the final state leaves, through SMEM that aliases the ring slots (the
 producer starts only after the initial state was read; the final state is staged after every
 warpgroup finished its loop). Every warpgroup waits for the others before it exits.
@@ -32,7 +37,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_exp, mm, produce, rows, tile, tracing_for_interpreter)
+                     iota, masked_decay, masked_exp, mm, produce, rows, tile, tracing_for_interpreter,
+                     zero_rows_outside)
 from .solve import BLOCK, diag_block_inverse, merge, same_block
 
 BV = 64  # V columns per state warpgroup
@@ -169,6 +175,15 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                 def _():  # both state warpgroups are done with the products of tile i - 2
                     plgpu.barrier_wait(aux_free.at[pb])
 
+                partial = (lo > 0) | (hi < C)
+
+                # a boundary tile: zero k's rows of other sequences in SMEM (the state warpgroups'
+                # update contracts them: a 0 factor does not remove a NaN row); they read this tile's
+                # k only after aux_ready then. Tiles wholly inside the sequence skip it.
+                @pl.when(partial)
+                def _():
+                    zero_rows_outside(k_s.at[slot], lo, hi)
+
                 vr = (rvec >= lo) & (rvec < hi)
                 vc = (cvec >= lo) & (cvec < hi)
                 g_row = jnp.where(vr, plgpu.load(g_r.at[slot], layout=ROWS), 0.0)
@@ -182,17 +197,19 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                 dec = masked_exp((r >= c) & valid, gr - gcc)  # exp(gc_r - gc_s), r >= s
 
                 kk = mm(k_s.at[slot], k_s.at[slot].T, sq)  # symmetric: serves A and A^T
-                a_low = jnp.where(r > c, kk * rows(beta_row, sq) * dec, 0.0)
+                # a select (not the 0 of dec: kk of another sequence's token may be NaN): A, and so the
+                # inverse, Ag and Vnew, are finite when this CTA's sequence is; the solve needs no seg
+                a_low = jnp.where((r > c) & valid, kk * rows(beta_row, sq) * dec, 0.0)
                 if interp:
                     na_t = None
                 else:  # -A^T on the diagonal blocks: (j, i) = -beta_i (k_i . k_j) exp(gc_i - gc_j), i > j
                     up = (c > r) & valid & same_block(BLOCK)
-                    na_t = -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
+                    na_t = -masked_decay(up, kk * cols(beta_col, sq), gcc - gr)
                 x = diag_block_inverse(a_low, na_t, na_s.at[pb], x_s, interpret=interp)
                 x = merge(x, a_low, agp_lo.at[2 * pb], dtype)
                 agp_lo.at[2 * pb][...] = (x * cols(beta_col, sq)).astype(dtype)
                 p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                agp_lo.at[2 * pb + 1][...] = (p * dec).astype(dtype)
+                agp_lo.at[2 * pb + 1][...] = jnp.where((r >= c) & valid, p * dec, 0.0).astype(dtype)
                 gc_pub.at[pb][...] = gam_r
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(aux_ready.at[pb])
@@ -218,7 +235,10 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                                         h0_bar.at[w])
                 plgpu.barrier_wait(h0_bar.at[w])
                 s0 = plgpu.layout_cast(plgpu.load(st_s[w].T, layout=WGT), WG)  # [64, K]
-                s0 = s0 * (n < n_h0).astype(F32)  # rows past N_h0 start from zero
+                # rows past N_h0 start from zero: a select (the clamped row read may hold NaN), its
+                # predicate a full array (Mosaic's warpgroup select does not broadcast a scalar)
+                live = plgpu.broadcasted_iota(jnp.int32, s0.shape, 0, layout=WG) < jnp.where(n < n_h0, BV, 0)
+                s0 = jnp.where(live, s0, 0.0)
                 plgpu.barrier_arrive(h0_done)
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((BV, dk), F32), WG)
@@ -252,11 +272,13 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                 pb = lax.rem(i, 2)
                 t0, tok, lo, hi = tile_rows(i)
                 plgpu.barrier_wait(in_bar.at[slot])
+                partial = (lo > 0) | (hi < C)  # the aux warpgroup rewrites k_s: wait for it first
+                pl.when(partial)(lambda: plgpu.barrier_wait(aux_ready.at[pb]))
                 s_lo = s_t.astype(dtype)
                 ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 qs = mm(s_lo, q_s.at[slot].T, sh)  # S^T Q^T = (Q S)^T
                 v_t = plgpu.load(v_s.at[slot, w].T, layout=WG).astype(F32)
-                plgpu.barrier_wait(aux_ready.at[pb])
+                pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(aux_ready.at[pb]))
                 valid = (tvec >= lo) & (tvec < hi)
                 g_vec = plgpu.load(gc_pub.at[pb], layout=COLS)
                 g_last = gc_pub[pb, hi - 1]  # the gate of the last valid token closes the tile

@@ -9,7 +9,9 @@ true when tokens r and s of the tile belong to one sequence (``seg`` ids from th
     Ag_rs  = Ai_rs beta_s                                          (stored in the input dtype)
 
 so the chunk loop forms ``v_new = Ag (v - diag(exp(gam)) K S)`` of the sequence's rows (DESIGN.md §1:
-``U - W S0 = Ai diag(beta) (V - diag(exp(gam)) K S0)``). Every exponent used is <= 0. ``gam`` is
+``U - W S0 = Ai diag(beta) (V - diag(exp(gam)) K S0)``). Every exponent used is <= 0. Entries
+across two sequences are exactly 0 by selects (never by a 0 factor), so NaN / inf in one sequence's
+k, g or beta leave the other sequences' rows of ``Ag`` and ``gc`` bitwise unchanged. ``gam`` is
 written as fp32 ``gc [HV, T_pad]`` for the chunk loop. The triangular solve is in
 :mod:`gdn.jax_backend.mosaic_gpu.solve`.
 """
@@ -79,9 +81,11 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, interpret=None, debug_inverse: b
         kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T
         gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
         a_low, na_t = decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp)
-        x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp)
-        x = merge(x, a_low, lo_s, dtype)
-        ag = x * cols(beta_col, sq)
+        # NaN isolation (solve.py): A, the inverse and Ag are exactly 0 across two sequences by
+        # selects, so a clean sequence's rows do not depend on a poisoned neighbour in the tile
+        x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp, same=same, seg_ref=s_r)
+        x = merge(x, a_low, lo_s, dtype, same=same)
+        ag = jnp.where(same, x * cols(beta_col, sq), 0.0)  # beta of another sequence may be NaN
         ag_s[...] = ag.astype(dtype)
         gc_s[...] = gam_r
         if debug_inverse:

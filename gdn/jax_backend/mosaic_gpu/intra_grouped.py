@@ -118,9 +118,10 @@ def intra_grouped(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | Non
             gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
             a_low, na_t = decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp)
             a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
-            x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp)
-            x = merge(x, a_lo16, lo_s, dtype)
-            ag_s[...] = (x * cols(beta_col, sq)).astype(dtype)
+            # NaN isolation as in intra.py: selects by sequence in the solve, the merges and Ag
+            x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp, same=same, seg_ref=s_r.at[slot])
+            x = merge(x, a_lo16, lo_s, dtype, same=same)
+            ag_s[...] = jnp.where(same, x * cols(beta_col, sq), 0.0).astype(dtype)
             if debug_inverse:
                 ai_s[...] = x
             plgpu.commit_smem()

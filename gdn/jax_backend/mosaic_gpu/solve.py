@@ -7,11 +7,18 @@ off-diagonal block of ``A`` at that level (:func:`merge`). The merges take 16-bi
 merges in its input dtype too); everything else is fp32.
 
 Under the Mosaic GPU interpreter (which cannot run the raw MLIR of the substitution) the diagonal
-blocks are inverted with ``jax.scipy.linalg.solve_triangular`` instead; the merges are the same code.
+blocks are inverted by the same substitution written with jnp; the merges are the same code.
+
+Sequences sharing a tile (the intra kernels' ``same`` / ``seg``): ``A`` is block diagonal per
+sequence, and so is its inverse, but a NaN / inf in one sequence's block would still reach its
+neighbours through the zeros of the other blocks (``0 * NaN = NaN`` inside the substitution and the
+merge products). So every value that is exactly zero in exact arithmetic because two tokens belong
+to different sequences is made zero by a SELECT: the substitution's ``x_j`` of a row of another
+sequence than the column, and the merge products ``L X`` and ``X - X (L X)``. A clean sequence's
+rows then see the same operands, bit for bit, whatever its neighbours hold (docs/RELIABILITY.md §2).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.experimental.mosaic.gpu as mgpu
@@ -20,16 +27,21 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 from jaxlib.mlir.dialects import math as mlir_math
 
-from .common import C, F32, WG, cols, iota, masked_exp, mm, rows
+from .common import C, F32, cols, iota, masked_decay, mm, rows
 
 BLOCK = 16
 
 
-@plgpu.inline_mgpu(
-    arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
-    return_type=plgpu.ShapeDtypeStruct((C, C), F32, layout=plgpu.Layout.WGMMA),
-)
-def _diag_solve_mgpu(ctx, na_t, na_ref, x_ref):
+def _diag_solve_mgpu(with_seg: bool):
+    """The inline-MLIR substitution (see :func:`_diag_solve_body`); ``with_seg`` adds the seg ref."""
+    refs = (plgpu.RefType(), plgpu.RefType()) + ((plgpu.RefType(),) if with_seg else ())
+    return plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,) + refs,
+        return_type=plgpu.ShapeDtypeStruct((C, C), F32, layout=plgpu.Layout.WGMMA),
+    )(_diag_solve_body)
+
+
+def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None):
     """Thread t < 64 of the warpgroup solves column t of its 16x16 diagonal block.
 
     ``na_t`` holds ``-A^T`` on the diagonal blocks (zero elsewhere), so row j of ``na_ref`` is column
@@ -37,6 +49,10 @@ def _diag_solve_mgpu(ctx, na_t, na_ref, x_ref):
     one row segment per step, the same address for the 16 threads of a block (a broadcast). Steps
     above the thread's column run on zeros (``x_j = 0`` there), so all threads run the same
     unrolled code. Only the diagonal blocks of ``x_ref`` are written; the caller masks the rest.
+    With ``seg_ref`` (int32 [64] sequence ids of the tile's tokens) ``x_j`` is selected to 0 where
+    token j is of another sequence than column t: ``-A_ij`` is 0 there, but a NaN ``r_j`` (a
+    poisoned neighbour's block times this column's zeros) would make ``0 * NaN``. 16 selects a
+    thread; the ids are read once.
     """
     del ctx
     na_t.store_untiled(na_ref, optimized=False)
@@ -55,20 +71,47 @@ def _diag_solve_mgpu(ctx, na_t, na_ref, x_ref):
     with mu.when(arith.cmpi(arith.CmpIPredicate.ult, tid, c(C, i32))):
         r = [arith.select(arith.cmpi(arith.CmpIPredicate.eq, within, c(i, i32)), one, zero)
              for i in range(BLOCK)]
+        if seg_ref is not None:
+            seg_col = memref.load(seg_ref, [col])
         for j in range(BLOCK):
-            x_j = r[j]
-            memref.store(x_j, x_ref, [arith.addi(base, c(j, index)), col])
             row = arith.addi(base, c(j, index))
+            x_j = r[j]
+            if seg_ref is not None:
+                same = arith.cmpi(arith.CmpIPredicate.eq, memref.load(seg_ref, [row]), seg_col)
+                x_j = arith.select(same, x_j, zero)
+            memref.store(x_j, x_ref, [row, col])
             for i0 in range((j + 1) // 4 * 4, BLOCK, 4):
-                seg = vector.load(vec4, na_ref, [row, arith.addi(base, c(i0, index))])
+                part = vector.load(vec4, na_ref, [row, arith.addi(base, c(i0, index))])
                 for d in range(4):
                     i = i0 + d
                     if i > j:
-                        a = vector.extract(seg, dynamic_position=[],
+                        a = vector.extract(part, dynamic_position=[],
                                            static_position=ir.DenseI64ArrayAttr.get([d]))
                         r[i] = mlir_math.fma(a, x_j, r[i])
     mu.warpgroup_barrier()
     return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
+
+
+_DIAG_SOLVE = {flag: _diag_solve_mgpu(flag) for flag in (False, True)}
+
+
+def _diag_solve_interpret(a_lower, same):
+    """The substitution of :func:`_diag_solve_body` in jnp, all 64 columns at once (interpreter).
+
+    Step j: ``x_j`` of column c is row ``base(c) + j`` of the right-hand sides (selected to 0 where
+    that token is not of column c's sequence), and ``r_i -= A[i, base(i) + j] x_j`` for the rows
+    i > j of the same 16-block (``base(i) = base(c)`` there, so the factor is one value per row).
+    Row ``base(c) + j`` is final once step j read it, so ``x`` is the result, selected, at the end.
+    """
+    r, c = iota((C, C), 0), iota((C, C), 1)
+    keep = same_block(BLOCK) if same is None else same_block(BLOCK) & same
+    res = jnp.where(r == c, 1.0, 0.0)
+    for j in range(BLOCK):
+        x_j = jnp.where(keep & (r % BLOCK == j), res, 0.0).sum(axis=0)  # one term per column: exact
+        a_j = jnp.where(c == (r // BLOCK) * BLOCK + j, a_lower, 0.0).sum(axis=1)  # A[i, base(i) + j]
+        below = same_block(BLOCK) & (r % BLOCK > j)
+        res = res - jnp.where(below, rows(a_j, (C, C)) * cols(x_j, (C, C)), 0.0)
+    return jnp.where(keep, res, 0.0)
 
 
 def same_block(size: int):
@@ -76,38 +119,44 @@ def same_block(size: int):
     return (r // size) == (c // size)
 
 
-def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret):
+def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, seg_ref=None):
     """Inverse of ``I + A`` on each 16x16 diagonal block (zero elsewhere), fp32 WGMMA layout.
 
     ``a_lower``: strictly lower ``A`` (only used by the interpreter path); ``na_t``: ``-A^T`` on the
-    diagonal blocks (the GPU path). ``na_ref``, ``x_ref``: [64, 64] fp32 SMEM scratch.
+    diagonal blocks (the GPU path). ``na_ref``, ``x_ref``: [64, 64] fp32 SMEM scratch. For a tile
+    shared by several sequences (some possibly NaN), ``same`` ([64, 64] bool, interpreter) and
+    ``seg_ref`` (SMEM int32 [64] sequence ids, GPU) keep every entry across two sequences exactly 0
+    (module docstring); without them the tile must be finite wherever it is read.
     """
     blk = same_block(BLOCK)
     if interpret:
-        eye = jnp.where(iota((C, C), 0) == iota((C, C), 1), 1.0, 0.0)
-        m = eye + jnp.where(blk, a_lower, 0.0)
-        x = jax.scipy.linalg.solve_triangular(m, eye, lower=True)
+        x = _diag_solve_interpret(a_lower, same)
     else:
-        x = _diag_solve_mgpu(na_t, na_ref, x_ref)
+        refs = (na_ref, x_ref) if seg_ref is None else (na_ref, x_ref, seg_ref)
+        x = _DIAG_SOLVE[seg_ref is not None](na_t, *refs)
     return jnp.where(blk & (iota((C, C), 0) >= iota((C, C), 1)), x, 0.0)
 
 
-def merge(x, a_lower, lo_smem, dtype):
+def merge(x, a_lower, lo_smem, dtype, same=None):
     """``(I + A)^-1`` from its 16x16 diagonal-block inverse ``x`` (fp32), merging 16 -> 32 -> 64.
 
-    ``lo_smem``: a [64, 64] 16-bit tile (swizzled) for the right-hand operands.
+    ``lo_smem``: a [64, 64] 16-bit tile (swizzled) for the right-hand operands. ``same`` ([64, 64]
+    bool, tokens of one sequence): both products are selected by it, so a NaN block of one sequence
+    never reaches another through the zeros of the block structure (module docstring; a select on
+    fp32 registers, 32 per thread, twice per level).
     """
     r, c = iota((C, C), 0), iota((C, C), 1)
+    keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
     for size in (2 * BLOCK, 4 * BLOCK):
         half = size // 2
         off = ((r // size) == (c // size)) & (r % size >= half) & (c % size < half)
         link = jnp.where(off, a_lower, 0.0).astype(dtype)
         lo_smem[...] = x.astype(dtype)
         plgpu.commit_smem()
-        lx = mm(link, lo_smem, (C, C))  # L X
+        lx = keep(mm(link, lo_smem, (C, C)))  # L X
         lo_smem[...] = lx.astype(dtype)
         plgpu.commit_smem()
-        x = x - mm(x.astype(dtype), lo_smem, (C, C))  # X - X (L X)
+        x = keep(x - mm(x.astype(dtype), lo_smem, (C, C)))  # X - X (L X)
     return x
 
 
@@ -118,8 +167,9 @@ def decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp: bool):
     -A^T on the 16x16 diagonal blocks (None under the interpreter, which solves from a_low).
     ``kk`` = K K^T (symmetric), ``gr`` / ``gcc`` the cumsum broadcast along rows / columns.
     """
-    a_low = kk * rows(beta_row, sq) * masked_exp((r > c) & same, gr - gcc)
+    # selects, not products with a mask: kk, beta or the cumsum of another sequence may be NaN / inf
+    a_low = masked_decay((r > c) & same, kk * rows(beta_row, sq), gr - gcc)
     if interp:
         return a_low, None
     up = (c > r) & same & same_block(BLOCK)
-    return a_low, -(kk * cols(beta_col, sq) * masked_exp(up, gcc - gr))
+    return a_low, -masked_decay(up, kk * cols(beta_col, sq), gcc - gr)
