@@ -45,6 +45,11 @@ if SMOKE:
 else:
     os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and jax share the GPU
+if "--jax-memory" not in sys.argv:
+    # jax's default (BFC) pool never returns memory: after the jax sections it held ~89 GiB and
+    # the 1M-token triton call ran out of memory (H200, 2026-11-28). The platform allocator frees
+    # on delete. The memory section's subprocesses keep the default pool (its peak statistics).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -470,6 +475,7 @@ def stated_bytes(impl, *, t, n, nt, nt_pad, n_pad, h, hv, k, v, itemsize, l2=Fal
         tp = -(-t // 64) * 64
         # Ag [HV, T_pad, 64] input dtype, gc + g, beta head-major fp32, sequence ids int32
         scratch = tp * hv * 64 * s + 3 * tp * hv * f4 + tp * 4
+        scratch += n_pad * hv * k * v * f4  # the jitted core's N_pad-row final state before the cut
         scratch += 2 * t * h * k * s if l2 else 0  # normalized q, k
         if tp != t:  # padded copies of q, k, v, g, beta and of o before the slice
             scratch += tp * (2 * h * k + hv * v) * s + 2 * tp * hv * f4 + tp * hv * v * s
@@ -558,6 +564,7 @@ def memory(c):
         stated, scratch = _stated(impl, p)
         try:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+            env.pop("XLA_PYTHON_CLIENT_ALLOCATOR", None)  # the BFC pool: it keeps peak statistics
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--jax-memory", impl],
                                  capture_output=True, text=True, env=env, timeout=300)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]

@@ -73,7 +73,10 @@ def state_tiles(d, n_pad: int, sms: int) -> dict:
     else:
         mode = "dynamic"
     if meta["num_stages"] is None:
-        meta["num_stages"] = 1 if fp32 else (4 if mode == "thin" else 2)
+        # dynamic: 3 stages, from the H200 sweep of 2026-11-28 (benchmarks/pallas_sweep.py; this
+        # kernel 0.623 / 0.438 / 0.581 ms at 1x32768 / 4x8192 / 128x256 against 1.058 / 0.438 /
+        # 0.575 with 2: the thin walk gains a stage, the wide one loses nothing)
+        meta["num_stages"] = 1 if fp32 else {"thin": 4, "dynamic": 3}.get(mode, 2)
     unit = min(wide, thin) if mode == "dynamic" else (wide if mode == "wide" else thin)
     return dict(meta, unit=unit, wide=wide, thin=thin, mode=mode, per_seq=per_seq)
 
