@@ -210,7 +210,7 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
             output_final_state: bool = True, scale: float | None = None,
             use_qk_l2norm: bool = False, backend: str | None = None, impl: str | None = None,
             mesh=None, head_axis: str | None = None, seq_axis: str | None = None,
-            split: bool | int | None = None):
+            seq_collective: str = "all_gather", split: bool | int | None = None):
     """Gated DeltaNet chunked prefill.
 
     Args:
@@ -225,7 +225,9 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
       impl: a backend implementation name, or None for the best one that supports the call.
       mesh, head_axis, seq_axis: JAX only. Shard the heads over mesh axis ``head_axis`` (each
         device keeps whole GVA groups, no communication) and/or the packed tokens over
-        ``seq_axis`` (exact: pieces' affine state maps are all-gathered and scanned).
+        ``seq_axis`` (exact: pieces' affine state maps are combined across devices).
+      seq_collective: how ``seq_axis`` combines them: "all_gather" (every piece's map to every
+        device, then one scan) or "ppermute" (a chain of sends to the right neighbour).
       split: the exact sequence split on one device (gdn/split.py): True lets
         ``gdn.planner.split_policy`` decide, an int sets the piece size in chunks; None/False off.
         Needs a packed batch with a host plan; not yet the default (its gain is unmeasured).
@@ -241,6 +243,9 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
         raise ValueError(f"mesh is a JAX sharding: it needs backend='jax', got {backend!r}")
     if mesh is None and (head_axis is not None or seq_axis is not None):
         raise ValueError("head_axis/seq_axis need mesh=jax.sharding.Mesh(...)")
+    from .jax_backend.sharded import check_seq_collective  # light: numpy and the planner
+
+    check_seq_collective(seq_collective)  # a bad value raises with or without a mesh
     if is_empty(args):  # no token to compute: no backend, no launch (docs/RELIABILITY.md)
         return empty_result(args, "torch" if backend == "triton" else "jax")
     if mesh is not None:
@@ -248,7 +253,7 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
             raise ValueError("split and mesh do not combine: seq_axis already splits the tokens")
         from .jax_backend.sharded import run_sharded
 
-        return run_sharded(args, mesh, head_axis, seq_axis)
+        return run_sharded(args, mesh, head_axis, seq_axis, seq_collective)
     if split:
         if isinstance(split, bool):
             piece_chunks = None
