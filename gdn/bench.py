@@ -616,12 +616,14 @@ def run_matrix(shapes, layouts: dict[str, tuple[int, ...]], rlist: list[Runner],
                 if why:
                     rows.append(dict(row, status="skip", note=why))
                     continue
+                t_row = time.perf_counter()
                 try:
                     row.update(measure(r, wl, opts))
                 except Exception as e:
                     progress.log(f"{r.name} on {wl.heads} {name}: {type(e).__name__}: {e}\n"
                                  + traceback.format_exc(limit=4))
                     row.update(status="error", note=f"{type(e).__name__}: {str(e)[:160]}")
+                row["wall_s"] = time.perf_counter() - t_row  # what the row cost the run's budget
                 rows.append(row)
             wl.release()
             _free_gpu()
@@ -647,6 +649,7 @@ class Progress:
 
     def __init__(self, total: int):
         self.total, self.done, self.bar = total, 0, None
+        self.t0 = time.perf_counter()
         if sys.stderr.isatty():
             try:
                 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP,
@@ -666,7 +669,8 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, description=what)
         else:
-            print(f"[{self.done}/{self.total}] {what}", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f} s] {what}",
+                  file=sys.stderr, flush=True)
 
     def log(self, msg: str) -> None:
         (self.bar.console.print if self.bar is not None else
