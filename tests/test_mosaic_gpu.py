@@ -8,9 +8,9 @@ Two kinds of checks:
   the default single CPU device a 2-core machine has too few of them and a warp-specialized kernel
   deadlocks. So the interpreter cases run in ONE subprocess with ``JAX_NUM_CPU_DEVICES=4`` (this
   file run as a script), under a timeout.
-* NaN / inf in one sequence of a tile shared with clean ones, under the interpreter (the default and
-  fused prefills; the grouped intra kernel's Ag and gc): the clean sequences' results bitwise those
-  of a clean call.
+* NaN / inf in one sequence of a tile shared with clean ones, under the interpreter (the default,
+  fused and chunk_variant="wide" prefills; the grouped intra kernel's Ag and gc): the clean
+  sequences' results bitwise those of a clean call.
 * the whole prefill (both kernels and the XLA around them) is lowered for CUDA on this host
   (``.trace(...).lower(lowering_platforms=("cuda",))`` inside an abstract H200 mesh), so a kernel
   that Mosaic GPU cannot lower fails CI. (PTX assembly happens on the GPU only.)
@@ -50,10 +50,17 @@ CASES = [
                                       pad_tokens=20, seed=6), dict(), "bfloat16", "packed:grouped"),
     ("grouped_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
      dict(output_final_state=False), "float16", "jit:grouped"),
+    # chunk_variant="wide" (chunk_loop_wide.py): one CTA per sequence and v head, two state warpgroups
+    ("wide_varlen_G2_K64_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=64, v=128,
+                                            initial_state=True, pad_tokens=20, seed=10), dict(), "bfloat16",
+     "packed:wide"),
+    ("wide_jit_G2_K128_fp16", dict(lens=[130, 70], h=1, hv=2, k=128, v=128, initial_state=True, seed=11),
+     dict(output_final_state=False), "float16", "jit:wide"),
 ]
 
 #: layout suffix -> options of M.run
-VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "grouped": dict(intra_variant="grouped", intra_tiles=2)}
+VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "grouped": dict(intra_variant="grouped", intra_tiles=2),
+                "wide": dict(chunk_variant="wide")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -185,13 +192,13 @@ NAN_POISON = {1: (("k", np.nan), ("q", np.nan)), 3: (("v", np.inf), ("h0", np.na
               5: (("g", np.nan), ("g", -np.inf)), 7: (("beta", np.nan),)}
 
 
-def _nan_inputs(poison: bool):
+def _nan_inputs(poison: bool, dv: int = 64):
     """(inputs of NAN_LENS, q/k/v/g/beta arrays, initial state), with NAN_POISON applied (the first
     poison of a sequence at its middle token, the second at its first) and NaN past cu[-1] when
-    ``poison``."""
+    ``poison``; V = ``dv``."""
     from gdn.inputs import make_inputs
 
-    x = make_inputs(NAN_LENS, h=1, hv=2, k=64, v=64, initial_state=True, pad_tokens=16, seed=9)
+    x = make_inputs(NAN_LENS, h=1, hv=2, k=64, v=dv, initial_state=True, pad_tokens=16, seed=9)
     cu = x.cu_seqlens
     arrs = [a.copy() for a in x.arrays]
     h0 = x.initial_state.copy()
@@ -207,9 +214,9 @@ def _nan_inputs(poison: bool):
     return x, arrs, h0
 
 
-def _nan_isolation(variant="", interpret=True):
-    """A clean call and a poisoned one (:func:`_nan_inputs`): which clean sequences' o or final state
-    changed in any bit, which are not finite, whether the poisoned ones did turn non-finite."""
+def _nan_isolation(variant="", interpret=True, dv=64):
+    """A clean call and a poisoned one (:func:`_nan_inputs`, V = ``dv``): which clean sequences' o or
+    final state changed in any bit, which are not finite, whether the poisoned ones did turn non-finite."""
     import warnings
 
     import jax.numpy as jnp
@@ -219,7 +226,7 @@ def _nan_isolation(variant="", interpret=True):
 
     runs = []
     for poison in (False, True):
-        x, arrs, h0 = _nan_inputs(poison)
+        x, arrs, h0 = _nan_inputs(poison, dv)
         cu = x.cu_seqlens
         p = make_plan(cu, num_tokens=x.q.shape[1])
         q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
@@ -294,6 +301,8 @@ def _main_interpret_cases(path):
         _timed(results, case[0], lambda case=case: _run_case(*case))
     _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
+    # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
+    _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
     _timed(results, "nan_isolation_intra_grouped", lambda: _intra_nan_isolation("grouped"))
     with open(path, "w") as fh:
         json.dump(results, fh)
@@ -345,7 +354,7 @@ def test_grouped_intra_matches_float64_stages(interp_results):
     assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
 
 
-@pytest.mark.parametrize("variant", ["default", "fused"])
+@pytest.mark.parametrize("variant", ["default", "fused", "wide"])
 def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
@@ -385,6 +394,10 @@ def test_unsupported_calls_raise_not_implemented():
     assert M.unsupported_reason(args_for(jnp.bfloat16, v=256)) is None  # the split's V + K columns
     with pytest.raises(NotImplementedError, match="fused"):
         M.run(args_for(jnp.bfloat16, v=256), interpret=True, variant="fused")
+    with pytest.raises(NotImplementedError, match="wide"):
+        M.run(args_for(jnp.bfloat16, v=256), interpret=True, chunk_variant="wide")
+    with pytest.raises(ValueError, match="chunk_variant"):
+        M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
     with pytest.raises(NotImplementedError):
         M.run(args_for(jnp.float32), interpret=True)
     with pytest.raises(NotImplementedError):
@@ -411,6 +424,8 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "two_kernels"),   # the Qwen3.5 head shape
     (64, 128, 1, 3, "float16", False, False, "two_kernels"),
     (128, 128, 16, 32, "bfloat16", True, True, "fused"),
+    (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
+    (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -431,11 +446,15 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
+        if variant == "wide":
+            return prefill_arrays(args, chunk_variant="wide")
         return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
     text = lowered.as_text()
     assert "mosaic_gpu" in text or "custom_call" in text
+    if variant == "wide":
+        assert "gdn_chunk_loop_wide" in text
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles", [

@@ -20,6 +20,12 @@ Default vs grouped intra (intra_variant="grouped", not yet timed on the GPU), in
 
     PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,intra_cmp,small,time,ptxas \
         --variants default,grouped,grouped_t2,grouped_t8 --shapes 4x8192,128x256,4x2048 --fla-shapes none
+
+The wide chunk loop (chunk_variant="wide", not yet run on the GPU): correctness (its CPU cases under
+small), alone at 4x8192 (kernels), whole prefill and its ptxas report:
+
+    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,small,kernels,time,ptxas \
+        --variants default,wide --shapes 4x8192,128x256,4x2048 --fla-shapes none
 """
 from __future__ import annotations
 
@@ -274,6 +280,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "grouped": dict(intra_variant="grouped"),  # intra_grouped.py, TILES_PER_CTA tiles per CTA
     "grouped_t2": dict(intra_variant="grouped", intra_tiles=2),
     "grouped_t8": dict(intra_variant="grouped", intra_tiles=8),
+    "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), 2 state WGs
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -321,10 +328,11 @@ def sec_time(shapes, variants, fla_shapes):
 
 @section("kernels")
 def sec_kernels():
-    """The two kernels timed alone at 4x8192 (where the time goes)."""
+    """The two kernels timed alone at 4x8192 (where the time goes), and the wide chunk loop."""
     import jax
     import jax.numpy as jnp
     from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
     from gdn.jax_backend.mosaic_gpu.intra import intra
     lens = [8192] * 4
     q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=2)
@@ -339,9 +347,18 @@ def sec_kernels():
                                                                   n_out=4, t_valid=t))
     res = dict(intra=_bench(f_intra, (k3, g_hm, b_hm, seg))[0],
                chunk_loop=_bench(f_loop, (q3, k3, v3, ag, gc, cu_j, h0))[0])
+    f_wide = jax.jit(lambda q, k, v, ag, gc, cu, h0: chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5,
+                                                                     group=2, n_out=4, t_valid=t))
+    try:  # chunk_variant="wide", not the default: its failure must not hide the numbers above
+        res["chunk_loop_wide"] = _bench(f_wide, (q3, k3, v3, ag, gc, cu_j, h0))[0]
+    except Exception as e:
+        res["chunk_loop_wide"] = f"{type(e).__name__}: {e}"[:500]
     RESULTS["kernels"] = res
     log(res)
-    TABLE.append(f"kernels at 4x8192: intra {res['intra']:.3f} ms, chunk loop {res['chunk_loop']:.3f} ms")
+    wide = res["chunk_loop_wide"]
+    wide = f"{wide:.3f} ms" if isinstance(wide, float) else f"failed ({wide})"
+    TABLE.append(f"kernels at 4x8192: intra {res['intra']:.3f} ms, chunk loop {res['chunk_loop']:.3f} ms, "
+                 f"wide chunk loop {wide}")
 
 
 def _test_module():

@@ -8,6 +8,9 @@ Two kernels per call, no per-chunk state in HBM:
 2. :func:`chunk_loop.chunk_loop`, grid (V / 64, HV, N_pad + 1): one CTA per sequence, v head and
    64-column V tile walks its sequence's tiles with the fp32 state in registers (warp-specialized:
    TMA producer, state chain, output), writes the output once and the final state once.
+   ``chunk_variant="wide"`` (:mod:`.chunk_loop_wide`, not the default, V in {64, 128}): grid (HV, N_pad + 1),
+   one CTA per sequence and v head, a state warpgroup per 64 V columns forming its own output (no state
+   publication), q / k / Ag read once per CTA.
 
 XLA around them only reshapes, moves g and beta to head-major fp32 and builds the per-token sequence
 id from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).
@@ -86,7 +89,8 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
     """gdn's backend entry for impl="mosaic_gpu" (see the module docstring).
 
     ``interpret=True`` (or GDN_MOSAIC_INTERPRET=1) runs the kernels under the Mosaic GPU interpreter
-    on any machine (tests). ``options`` are tuning knobs passed to the kernels (bv, stages).
+    on any machine (tests). ``options`` are tuning knobs passed to the kernels (bv, stages, the
+    variants: see :func:`._driver.prefill_arrays`).
     """
     if return_stages:
         raise NotImplementedError("mosaic_gpu fuses the chunk loop: it has no per-chunk stage tensors "
@@ -100,6 +104,8 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
     why = unsupported_reason(args)
     if why is None and options.get("variant") == "fused" and args.dims[3] > 128:
         why = "mosaic_gpu variant 'fused' runs V <= 128 (one state warpgroup per 64 columns)"
+    if why is None and options.get("chunk_variant") == "wide" and args.dims[3] > 128:
+        why = "mosaic_gpu chunk_variant 'wide' runs V <= 128 (one state warpgroup per 64 columns)"
     if why is not None:
         raise NotImplementedError(why)
     from ._driver import prefill_arrays

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ...api import PrefillArgs
 from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
+from .chunk_loop_wide import chunk_loop_wide
 from .common import C
 from .fused import fused
 from .intra import intra
@@ -22,6 +23,7 @@ from .intra_grouped import intra_grouped
 
 VARIANTS = ("two_kernels", "fused")
 INTRA_VARIANTS = ("default", "grouped")
+CHUNK_VARIANTS = ("default", "wide")
 
 
 def _l2norm(x):
@@ -31,11 +33,11 @@ def _l2norm(x):
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
-    "stages", "regs", "intra_variant", "intra_tiles"))
+    "stages", "regs", "intra_variant", "intra_tiles", "chunk_variant"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
-         intra_variant: str = "default", intra_tiles: int | None = None):
+         intra_variant: str = "default", intra_tiles: int | None = None, chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -72,8 +74,12 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                    interpret=interpret)[:2]
         else:
             ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
-        o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                              t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
+        if chunk_variant == "wide":
+            o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
+                                       t_valid=t_pad, stages=stages, regs=regs, interpret=interpret)
+        else:
+            o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
+                                  t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
     if pad:
         o = o[:t_arr]
     return o.reshape(bsz, t_in, hv, dv), final, None
@@ -81,17 +87,22 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_variant: str = "default",
-                   intra_tiles: int | None = None):
+                   intra_tiles: int | None = None, chunk_variant: str = "default"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default, the faster one measured on the H200: the intra kernel,
     then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and sequence;
     benchmarks/mosaic_notes.md says why it is slower today). ``intra_variant`` (two_kernels only):
     "default" (:func:`intra.intra`) or "grouped" (:func:`intra_grouped.intra_grouped`, one CTA per
-    k head and ``intra_tiles`` tiles)."""
+    k head and ``intra_tiles`` tiles). ``chunk_variant`` (two_kernels only): "default"
+    (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`,
+    one CTA per sequence and v head with a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` =
+    (producer, state) registers)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if intra_variant not in INTRA_VARIANTS:
         raise ValueError(f"intra_variant must be one of {INTRA_VARIANTS}, got {intra_variant!r}")
+    if chunk_variant not in CHUNK_VARIANTS:
+        raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
-                    regs=regs, intra_variant=intra_variant, intra_tiles=intra_tiles)
+                    regs=regs, intra_variant=intra_variant, intra_tiles=intra_tiles, chunk_variant=chunk_variant)

@@ -134,6 +134,33 @@ def finish_together(done) -> None:
     plgpu.barrier_wait(done)
 
 
+def for_tail_tiles(z0, t_end, emit) -> None:
+    """``emit(t0, lo)`` for each 64-token tile t0 holding tokens of [z0, t_end) (the tokens past
+    the last sequence, zeroed by the tail program); ``lo``: the first such row of the tile."""
+    zm0 = lax.div(z0, C)
+    zt = jnp.where(t_end > z0, lax.div(t_end - 1, C) - zm0 + 1, 0)
+
+    @pl.loop(0, zt)
+    def _z(i):
+        t0 = (zm0 + i) * C
+        emit(t0, jnp.maximum(z0 - t0, 0))
+
+
+def store_final_state(loop_done, stage, s_t, dst, write) -> None:
+    """End of a state warpgroup's walk: wait until every state warpgroup has left the input ring
+    (``stage``, the SMEM staging buffer, shares its bytes), then, when ``write``, send the fp32
+    state ``s_t`` (S^T in WGMMA registers) through ``stage`` to ``dst`` by TMA."""
+    plgpu.barrier_arrive(loop_done)
+    plgpu.barrier_wait(loop_done)
+
+    @pl.when(write)
+    def _():
+        stage.T[...] = plgpu.layout_cast(s_t, WGT)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+
 def compiler_params():
     return plgpu.CompilerParams(approx_math=True)
 

@@ -36,9 +36,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_decay, masked_exp, mm, produce, rows, tile, tracing_for_interpreter,
-                     zero_rows_outside)
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
+                     for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, produce,
+                     rows, store_final_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .solve import BLOCK, diag_block_inverse, merge, same_block
 
 BV = 64  # V columns per state warpgroup
@@ -298,27 +298,13 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
 
             @pl.when(jnp.logical_not(is_seq))
             def _tail():  # zeros for the tokens past the last sequence
-                z0 = cu_ref[ns - 1]
-                zm0 = lax.div(z0, C)
-                zt = jnp.where(t_pad > z0, lax.div(t_pad - 1, C) - zm0 + 1, 0)
                 zero = plgpu.layout_cast(jnp.zeros((BV, C), dtype), WG)
-
-                @pl.loop(0, zt)
-                def _z(i):
-                    t0 = (zm0 + i) * C
-                    store(zero, pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(z0 - t0, 0), C, t0)
+                for_tail_tiles(cu_ref[ns - 1], t_pad,
+                               lambda t0, lo: store(zero, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
 
             plgpu.wait_smem_to_gmem(0)
             if out_final:
-                plgpu.barrier_arrive(loop_done)
-                plgpu.barrier_wait(loop_done)  # everyone left the ring before it becomes the staging
-
-                @pl.when(n < n_out)
-                def _():
-                    st_s[w].T[...] = plgpu.layout_cast(s_t, WGT)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(st_s[w], ht_ref.at[n, j, :, pl.ds(v0, BV)])
-                    plgpu.wait_smem_to_gmem(0)
+                store_final_state(loop_done, st_s[w], s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)], n < n_out)
 
         for w in range(nsw):
             pl.when(wg == w)(lambda w=w: state(w))
