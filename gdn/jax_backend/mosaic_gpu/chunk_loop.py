@@ -36,9 +36,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together, interpret_params,
-                     iota, masked_decay, masked_exp, mm, produce, rows, tile, tracing_for_interpreter,
-                     zero_rows_outside)
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
+                     interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
+                     store_rows, tile, tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -233,13 +233,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_part of an earlier tile was sent
                     o_part[...] = o_lo
                     plgpu.commit_smem()
-                    end = jnp.minimum(hi, t_valid - t0)
-
-                    @pl.loop(lo, jnp.maximum(end, lo))
-                    def _row(rr):
-                        plgpu.copy_smem_to_gmem(o_part.at[pl.ds(rr, 1)], o_ref.at[pl.ds(t0 + rr, 1), j, pl.ds(v0, bv)],
-                                                commit_group=False)
-                    plgpu.commit_smem_to_gmem_group()
+                    store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, bv)], lo,
+                               jnp.minimum(hi, t_valid - t0))
 
             def step(i, carry):
                 slot = lax.rem(i, stages)

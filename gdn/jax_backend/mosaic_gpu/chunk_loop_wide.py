@@ -39,7 +39,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
                      for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, produce,
-                     rows, store_final_state, tile, tracing_for_interpreter, zero_rows_outside)
+                     rows, store_final_state, store_rows, tile, tracing_for_interpreter,
+                     zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups; more would be 4+ warpgroups (ptxas caps them at 128 registers)
@@ -191,13 +192,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 def _():
                     o_part.T[...] = plgpu.layout_cast(o_lo_t, WGT)
                     plgpu.commit_smem()
-                    end = jnp.minimum(hi, t_valid - t0)
-
-                    @pl.loop(lo, jnp.maximum(end, lo))
-                    def _row(rr):
-                        plgpu.copy_smem_to_gmem(o_part.at[pl.ds(rr, 1)], o_ref.at[pl.ds(t0 + rr, 1), j, pl.ds(v0, BV)],
-                                                commit_group=False)
-                    plgpu.commit_smem_to_gmem_group()
+                    store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, BV)], lo,
+                               jnp.minimum(hi, t_valid - t0))
 
             def step(i, s_t):
                 slot = lax.rem(i, stages)

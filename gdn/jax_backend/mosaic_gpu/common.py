@@ -134,6 +134,16 @@ def finish_together(done) -> None:
     plgpu.barrier_wait(done)
 
 
+def store_rows(src, dst_rows, lo, end) -> None:
+    """TMA-store rows [lo, end) of the SMEM tile ``src`` one row at a time (a partial tile: a whole
+    tile would overwrite a neighbour sequence's rows), ``dst_rows(r)`` being the global ref of row
+    r; one commit group for all of them."""
+    @pl.loop(lo, jnp.maximum(end, lo))
+    def _row(rr):
+        plgpu.copy_smem_to_gmem(src.at[pl.ds(rr, 1)], dst_rows(rr), commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+
+
 def for_tail_tiles(z0, t_end, emit) -> None:
     """``emit(t0, lo)`` for each 64-token tile t0 holding tokens of [z0, t_end) (the tokens past
     the last sequence, zeroed by the tail program); ``lo``: the first such row of the tile."""

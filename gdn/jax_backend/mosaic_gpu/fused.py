@@ -38,7 +38,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
                      for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, produce,
-                     rows, store_final_state, tile, tracing_for_interpreter, zero_rows_outside)
+                     rows, store_final_state, store_rows, tile, tracing_for_interpreter,
+                     zero_rows_outside)
 from .solve import BLOCK, diag_block_inverse, merge, same_block
 
 BV = 64  # V columns per state warpgroup
@@ -260,12 +261,7 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
                 def _():
                     o_part.T[...] = plgpu.layout_cast(o_lo_t, WGT)
                     plgpu.commit_smem()
-
-                    @pl.loop(lo, hi)
-                    def _row(rr):
-                        plgpu.copy_smem_to_gmem(o_part.at[pl.ds(rr, 1)], o_ref.at[pl.ds(t0 + rr, 1), j, pl.ds(v0, BV)],
-                                                commit_group=False)
-                    plgpu.commit_smem_to_gmem_group()
+                    store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, BV)], lo, hi)
 
             def step(i, s_t):
                 slot = lax.rem(i, stages)
