@@ -37,7 +37,7 @@ CASES = [
     ("G3_K128_fp16_l2norm", dict(lens=[130, 70], h=1, hv=3, k=128, v=64, l2norm_qk=False, seed=1),
      dict(use_qk_l2norm=True, scale=0.2), "float16", "packed"),
     ("batch_G1_V128_strong", dict(lens=[96, 96], h=2, hv=2, k=64, v=128, gates="strong", seed=2),
-     dict(), "bfloat16", "batch"),
+     dict(), "bfloat16", "batch:per_head"),
     ("jit_traced_plan_no_final", dict(lens=[40, 150], h=1, hv=2, k=64, v=64, initial_state=True, seed=3),
      dict(output_final_state=False), "bfloat16", "jit"),
     ("fused_varlen_V128", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
@@ -60,6 +60,7 @@ CASES = [
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "grouped": dict(intra_variant="grouped", intra_tiles=2),
+                "per_head": dict(intra_variant="per_head"),
                 "wide": dict(chunk_variant="wide")}
 
 
@@ -303,7 +304,8 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    _timed(results, "nan_isolation_intra_grouped", lambda: _intra_nan_isolation("grouped"))
+    # the whole-prefill case above runs the default (grouped) intra kernel; this one the per-head kernel
+    _timed(results, "nan_isolation_intra_per_head", lambda: _intra_nan_isolation("per_head"))
     with open(path, "w") as fh:
         json.dump(results, fh)
     assert jax.device_count() >= 3
@@ -368,10 +370,11 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
 
 
-def test_interpreter_grouped_intra_nan_stays_in_its_sequence(interp_results):
-    """intra_grouped on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc
-    bitwise those of the clean call (what the chunk loop of the default check needs)."""
-    res = interp_results["nan_isolation_intra_grouped"]
+def test_interpreter_per_head_intra_nan_stays_in_its_sequence(interp_results):
+    """intra.py (intra_variant="per_head"; the default grouped kernel is covered by the whole-prefill
+    case above) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise
+    those of the clean call (what the chunk loop needs)."""
+    res = interp_results["nan_isolation_intra_per_head"]
     assert "error" not in res, res.get("error")
     assert res["rows_changed"] == 0 and res["clean_finite"] and res["dirty_finite"], res
 

@@ -14,7 +14,8 @@ qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA), sync (no host sync)
 shapes, jitted loop + one block_until_ready, median of reps; FLA in the same run), ptxas (register and
 spill report of both kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per
 --variants entry), intra_cmp (the default and the grouped intra kernels vs the float64 stages, then
-each timed alone at 4x8192, 128x256 and 4x2048).
+each timed alone at 4x8192, 128x256 and 4x2048), profile (Mosaic's in-kernel profiler on the default path
+at 4x2048: the time of each named scope per warpgroup, in a subprocess with GDN_MOSAIC_PROFILE_DIR).
 
 Default vs grouped intra (intra_variant="grouped", not yet timed on the GPU), in one call:
 
@@ -277,7 +278,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "fused": dict(variant="fused"),
     "fused_r40": dict(variant="fused", regs=(40, 136, 168)),
     "two_kernels": dict(variant="two_kernels"),
-    "grouped": dict(intra_variant="grouped"),  # intra_grouped.py, TILES_PER_CTA tiles per CTA
+    "grouped": dict(intra_variant="grouped"),  # intra_grouped.py, TILES_PER_CTA tiles per CTA (the default)
+    "per_head": dict(intra_variant="per_head"),  # intra.py: one CTA per tile and v head (the default before 2026-12-03)
     "grouped_t2": dict(intra_variant="grouped", intra_tiles=2),
     "grouped_t8": dict(intra_variant="grouped", intra_tiles=8),
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), 2 state WGs
@@ -380,13 +382,13 @@ def sec_intra_cmp():
     from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
     tmg = _test_module()
     out = {}
-    for kern in ("default", "grouped"):
+    for kern in ("per_head", "grouped"):
         err = tmg._intra_stage_errors(kern, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
         out["check_" + kern] = err
         TABLE.append(f"intra {kern:8s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
         log(kern, err)
-    kernels = [("default", lambda k, g, b, s: intra(k, g, b, s, group=2))]
+    kernels = [("per_head", lambda k, g, b, s: intra(k, g, b, s, group=2))]
     for tpc in (2, 4, 8):
         kernels.append((f"grouped_t{tpc}", lambda k, g, b, s, tpc=tpc: intra_grouped(k, g, b, s, group=2,
                                                                                     tiles_per_cta=tpc)))
@@ -462,9 +464,72 @@ def sec_ptxas(out_dir, variants=(("default", {}),)):
         TABLE.append(f"ptxas {vname}: " + " ; ".join(ln for ln in keep if "registers" in ln or "spill" in ln)[:400])
 
 
+def summarize_trace(path: str) -> dict:
+    """One Mosaic in-kernel profiler trace (Chrome JSON of B/E events, one ``tid`` per CTA and
+    warpgroup) -> per region: count, mean and total ns, share of the warpgroups' lifetime; and the
+    warpgroups' mean lifetime (first to last event)."""
+    with open(path) as fh:
+        events = json.load(fh)["traceEvents"]
+    regions: dict = {}
+    spans: dict = {}
+    stacks: dict = {}
+    for ev in events:
+        tid, ts = ev["tid"], ev["ts"] * 1e3  # ns
+        lo, hi = spans.get(tid, (ts, ts))
+        spans[tid] = (min(lo, ts), max(hi, ts))
+        st = stacks.setdefault(tid, [])
+        if ev["ph"] == "B":
+            st.append((ev["name"], ts))
+        elif st:
+            name, t0 = st.pop()
+            r = regions.setdefault(name, [0, 0.0])
+            r[0] += 1
+            r[1] += ts - t0
+    life = sum(hi - lo for lo, hi in spans.values())
+    out = {name: dict(count=n, mean_ns=tot / n, total_ms=tot / 1e6, share=tot / life if life else 0.0)
+           for name, (n, tot) in sorted(regions.items(), key=lambda kv: -kv[1][1])}
+    return dict(regions=out, traces=len(spans), mean_life_us=life / max(len(spans), 1) / 1e3)
+
+
+@section("profile")
+def sec_profile(out_dir):
+    """Mosaic's in-kernel profiler on the default path at 4x2048 (chunk loop at 2 stages to leave SMEM
+    for the trace buffers): where each warpgroup's time goes, per named scope of the kernels."""
+    import glob
+    import tempfile
+    prof = tempfile.mkdtemp(prefix="gdn_prof_")
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from tests.gpu.mosaic_gpu_check import _jitted;"
+        "fn, args, _ = _jitted([2048] * 4, 16, 32, 128, seed=5, stages=2);"
+        "import jax; jax.block_until_ready(fn(*args))"
+    )
+    env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    res = {}
+    for path in sorted(glob.glob(os.path.join(prof, "*-trace.json"))):
+        kern = "chunk_loop" if "chunk_loop" in os.path.basename(path) else (
+            "intra" if "intra" in os.path.basename(path) else os.path.basename(path))
+        summ = summarize_trace(path)
+        res[kern] = summ
+        log(kern, json.dumps(summ)[:3000])
+        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns x{r['count'] // max(summ['traces'], 1)} ({100 * r['share']:.0f}%)"
+                        for n, r in list(summ["regions"].items())[:9])
+        TABLE.append(f"profile {kern} (4x2048, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): {top}")
+    if not res:
+        raise RuntimeError("no trace written; stderr: " + proc.stderr[-1500:])
+    RESULTS["profile"] = res
+    with open(os.path.join(out_dir, "profile_summary.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas,intra_cmp")
+    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas,intra_cmp,profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--shapes", default="")
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
@@ -478,7 +543,8 @@ def main():
     for name, fn, args in (("env", sec_env, ()), ("intra", sec_intra, ()), ("small", sec_small, ()),
                            ("qwen", sec_qwen, ()), ("sync", sec_sync, ()), ("kernels", sec_kernels, ()),
                            ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
-                           ("intra_cmp", sec_intra_cmp, ()), ("ptxas", sec_ptxas, (a.out, variants))):
+                           ("intra_cmp", sec_intra_cmp, ()), ("ptxas", sec_ptxas, (a.out, variants)),
+                           ("profile", sec_profile, (a.out,))):
         if name in only:
             fn(*args)
             with open(os.path.join(a.out, f"mosaic_{a.tag}.json"), "w") as fh:

@@ -22,7 +22,9 @@ from .intra import intra
 from .intra_grouped import intra_grouped
 
 VARIANTS = ("two_kernels", "fused")
-INTRA_VARIANTS = ("default", "grouped")
+#: "grouped" (intra_grouped.py) is the default: 0.37 vs 0.52 ms alone, 0.90 vs 1.04 ms for the whole
+#: prefill at 4x8192 (H200, 2026-12-03, benchmarks/mosaic_notes.md); "per_head" is intra.py.
+INTRA_VARIANTS = ("grouped", "per_head")
 CHUNK_VARIANTS = ("default", "wide")
 
 
@@ -37,7 +39,7 @@ def _l2norm(x):
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
-         intra_variant: str = "default", intra_tiles: int | None = None, chunk_variant: str = "default"):
+         intra_variant: str = "grouped", intra_tiles: int | None = None, chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -86,15 +88,15 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
-                   stages: int | None = None, regs=None, intra_variant: str = "default",
+                   stages: int | None = None, regs=None, intra_variant: str = "grouped",
                    intra_tiles: int | None = None, chunk_variant: str = "default"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default, the faster one measured on the H200: the intra kernel,
     then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and sequence;
     benchmarks/mosaic_notes.md says why it is slower today). ``intra_variant`` (two_kernels only):
-    "default" (:func:`intra.intra`) or "grouped" (:func:`intra_grouped.intra_grouped`, one CTA per
-    k head and ``intra_tiles`` tiles). ``chunk_variant`` (two_kernels only): "default"
+    "grouped" (default: :func:`intra_grouped.intra_grouped`, one CTA per k head and ``intra_tiles``
+    tiles, the faster one on the H200) or "per_head" (:func:`intra.intra`, one CTA per tile and v head). ``chunk_variant`` (two_kernels only): "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`,
     one CTA per sequence and v head with a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` =
     (producer, state) registers)."""

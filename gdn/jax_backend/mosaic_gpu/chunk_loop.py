@@ -161,15 +161,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             sh = (bv, C)
             tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
 
-            def step(i, s_t):
+            def step(i, s_t):  # named scopes: regions of Mosaic's in-kernel profiler (no code without it)
                 slot = lax.rem(i, stages)
                 half = lax.rem(i, 2)
                 _, lo, hi = rows_of(i)
-                plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("s_wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
 
-                @pl.when(i >= 2)
-                def _():  # WG1 is done with the tiles published two steps ago
-                    plgpu.barrier_wait(s_free.at[half])
+                    @pl.when(i >= 2)
+                    def _():  # WG1 is done with the tiles published two steps ago
+                        plgpu.barrier_wait(s_free.at[half])
 
                 # A boundary tile (at most two per sequence): the update Vnew^T K below contracts k's
                 # token rows, so rows of other sequences must be 0 in k itself (a 0 in Vnew^T does not
@@ -179,23 +180,28 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 def _():
                     zero_rows_outside(k_s.at[slot], lo, hi)
 
-                s_lo = s_t.astype(dtype)
-                s_pub.at[half][...] = s_lo
-                valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
-                g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
-                g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
-                ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
-                v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-                w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
-                # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be NaN
-                # (0 * NaN through the zeros of W^T), and both P Vnew and the state update contract them
-                vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
-                vn_pub.at[half].T[...] = vn_t.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(s_ready.at[half])
-                vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                s_new = mm(vd_t, k_s.at[slot], (bv, dk), init=s_t * jnp.exp(g_last))
-                plgpu.barrier_arrive(in_free.at[slot])
+                with jax.named_scope("s_ks"):
+                    s_lo = s_t.astype(dtype)
+                    s_pub.at[half][...] = s_lo
+                    valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
+                    g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
+                    g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
+                    ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
+                with jax.named_scope("s_vnew"):
+                    v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
+                    w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
+                    # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be
+                    # NaN (0 * NaN through the zeros of W^T), and both P Vnew and the state update
+                    # contract them
+                    vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
+                with jax.named_scope("s_publish"):
+                    vn_pub.at[half].T[...] = vn_t.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(s_ready.at[half])
+                with jax.named_scope("s_update"):
+                    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
+                    s_new = mm(vd_t, k_s.at[slot], (bv, dk), init=s_t * jnp.exp(g_last))
+                    plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
             s_t = lax.fori_loop(0, nt, step, s0)
@@ -240,7 +246,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 slot = lax.rem(i, stages)
                 half = lax.rem(i, 2)
                 tok, lo, hi = rows_of(i)
-                plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("o_wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                 g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
                 mask = (r >= c) & (c >= lo) & (c < hi)
@@ -249,15 +256,19 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 # The select keeps P's NaN columns (k of another sequence) out either way.
                 partial = (lo > 0) | (hi < C)
                 pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
-                p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
-                pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
-                o = mm(q_s.at[slot], s_pub.at[half].T, (C, bv))
-                o = mm(p_lo, vn_pub.at[half], (C, bv), init=o * rows(jnp.exp(g_r), (C, bv)))
-                plgpu.barrier_arrive(s_free.at[half])
-                plgpu.barrier_arrive(in_free.at[slot])
-                o_lo = (o * scale).astype(out_dtype)
-                store(o_lo, tok, lo, hi, half, (m0 + i) * C)
+                with jax.named_scope("o_p"):
+                    p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                    p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                with jax.named_scope("o_wait_s"):
+                    pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
+                with jax.named_scope("o_mm"):
+                    o = mm(q_s.at[slot], s_pub.at[half].T, (C, bv))
+                    o = mm(p_lo, vn_pub.at[half], (C, bv), init=o * rows(jnp.exp(g_r), (C, bv)))
+                    plgpu.barrier_arrive(s_free.at[half])
+                    plgpu.barrier_arrive(in_free.at[slot])
+                with jax.named_scope("o_store"):
+                    o_lo = (o * scale).astype(out_dtype)
+                    store(o_lo, tok, lo, hi, half, (m0 + i) * C)
                 return carry
 
             lax.fori_loop(0, nt, step, None)

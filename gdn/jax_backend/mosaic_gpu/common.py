@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,15 @@ def store_final_state(loop_done, stage, s_t, dst, write) -> None:
 
 
 def compiler_params():
+    """approx_math; with GDN_MOSAIC_PROFILE_DIR set (a diagnostic: tests/gpu/mosaic_gpu_check.py
+    --only profile), Mosaic's in-kernel profiler records the kernels' named scopes per warpgroup
+    (GDN_MOSAIC_PROFILE_SPACE ranges each, default 512; it costs 16 bytes of SMEM per range and
+    warpgroup) and writes one trace per kernel launch there. Read at trace time: set it in a fresh
+    process."""
+    prof = os.environ.get("GDN_MOSAIC_PROFILE_DIR")
+    if prof:
+        return plgpu.CompilerParams(approx_math=True, profile_dir=prof,
+                                    profile_space=int(os.environ.get("GDN_MOSAIC_PROFILE_SPACE", "512")))
     return plgpu.CompilerParams(approx_math=True)
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The open issues' GPU checks in ONE H200 call, inside a time budget (default 570 s, under the
+# 10-minute cap of one command). Timings first, alone on the GPU; then the correctness runs side by
+# side (they share the GPU, which changes no result): the full parity suite in the background,
+# the reliability sections and the split check in the foreground.
+#
+#   bash benchmarks/h200_checks.sh            # from the repository root on the H200 machine
+#
+# Peers: wheels in .whl/ (fla-core, einops, jax-linear-attention), installed into /tmp/peers.
+# Everything lands in $OUT (default out/h200-checks); the end of the output is a summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/h200-checks}
+mkdir -p "$OUT"
+BUDGET=${GDN_BUDGET_S:-570}
+left() { echo $(( BUDGET - SECONDS )); }
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET JAX_PLATFORMS
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/peers
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/machine.txt" 2>&1
+
+# 1. mosaic_gpu timings (FLA in the same process) and the in-kernel profile: alone on the GPU
+timeout --signal=INT --kill-after=10 "${GDN_TIME_S:-200}" "$PY" tests/gpu/mosaic_gpu_check.py --only env,time,profile \
+  --variants default --shapes "${GDN_SHAPES:-4x8192,128x256,4x2048,1x32768,4x8192_HV48,4x8192_HV16}" \
+  --fla-shapes 4x8192,1x32768 --out "$OUT" > "$OUT/mosaic.log" 2>&1
+echo "mosaic check exit $? at ${SECONDS}s"
+
+# 2. the full parity suite (every implementation here, FLA included) in the background
+timeout --signal=INT --kill-after=10 $(( $(left) - 15 )) "$PY" -m gdn parity --json "$OUT/parity.json" \
+  > "$OUT/parity.txt" 2> "$OUT/parity.log" &
+parity=$!
+
+# 3. reliability (issue 10) and the exact split (issue 6) beside it
+timeout --signal=INT --kill-after=10 "${GDN_REL_S:-240}" "$PY" tests/gpu/reliability_gpu_check.py \
+  memory one_million_tokens grids_past_65535 > "$OUT/reliability.txt" 2>&1
+echo "reliability exit $? at ${SECONDS}s"
+timeout --signal=INT --kill-after=10 $(( $(left) - 25 )) "$PY" benchmarks/split_check.py 1x32768 \
+  --impls jax:mosaic_gpu > "$OUT/split.txt" 2>&1
+echo "split check exit $? at ${SECONDS}s (its times overlap the parity run: not for the record)"
+
+wait $parity
+echo "parity exit $? at ${SECONDS}s (124: cut by the budget)"
+echo "== mosaic"; sed -n '/SUMMARY/,$p' "$OUT/mosaic.log"
+echo "== reliability"; sed -n '/=== summary/,$p' "$OUT/reliability.txt"; grep -E "FAIL|memory" "$OUT/reliability.txt" | head -12
+echo "== split"; grep "^|" "$OUT/split.txt" | tail -8
+echo "== parity"; tail -n 3 "$OUT/parity.txt"; grep -c " ok" "$OUT/parity.txt"; grep -E "FAIL" "$OUT/parity.txt" | head -10
