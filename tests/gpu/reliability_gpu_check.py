@@ -508,13 +508,18 @@ def _jax_memory(impl: str) -> dict:
     jax, jnp = _jax()
     lens, p = _memory_shape()
     t = p.num_tokens
-    key = jax.random.split(jax.random.PRNGKey(0), 5)
     h, hv, k, v = QWEN["h"], QWEN["hv"], QWEN["k"], QWEN["v"]
-    q = jax.random.normal(key[0], (1, t, h, k), jnp.bfloat16)
-    kk = jax.random.normal(key[1], (1, t, h, k), jnp.bfloat16)
-    vv = jax.random.normal(key[2], (1, t, hv, v), jnp.bfloat16)
-    g = -jax.nn.softplus(jax.random.normal(key[3], (1, t, hv), jnp.float32))
-    beta = jax.nn.sigmoid(jax.random.normal(key[4], (1, t, hv), jnp.float32))
+    # Inputs made on the HOST and copied in: device-side generation leaves freed fp32 temporaries
+    # in jax's BFC pool, and BFC places a later allocation in a free chunk of up to twice its size
+    # without splitting it (when the rest is under 128 MiB), counting the whole chunk as in use.
+    # mosaic_gpu's 148 MiB temp landed in such a chunk on the H200 (2026-11-28 and 2026-12-03:
+    # run peak 88 MiB over XLA's plan, nothing left allocated after the call).
+    rng = np.random.default_rng(0)
+    rn = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    q, kk = (jnp.asarray(rn(1, t, h, k), jnp.bfloat16) for _ in range(2))
+    vv = jnp.asarray(rn(1, t, hv, v), jnp.bfloat16)
+    g = jnp.asarray(-np.logaddexp(0.0, rn(1, t, hv)))
+    beta = jnp.asarray(1.0 / (1.0 + np.exp(-rn(1, t, hv))))
     dev = jax.devices()[0]
     # the host plan closed over: the real N is known, the final state has N rows
     fn = jax.jit(lambda *a: gdn.prefill(*a, plan=p, impl=impl))
