@@ -5,6 +5,8 @@
 # the reliability sections and the split check in the foreground.
 #
 #   bash benchmarks/h200_checks.sh            # from the repository root on the H200 machine
+#   GDN_PARITY_ARGS="--case fp16 --case K64" bash benchmarks/h200_checks.sh   # a part of the parity matrix
+#   GDN_TIME_S=0 ...                          # skip the timings (and the profile)
 #
 # Peers: wheels in .whl/ (fla-core, einops, jax-linear-attention), installed into /tmp/peers.
 # Everything lands in $OUT (default out/h200-checks); the end of the output is a summary.
@@ -21,17 +23,18 @@ unset TRITON_INTERPRET JAX_PLATFORMS
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/peers
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/machine.txt" 2>&1
+# (at most 8 files come back from a call: the machine goes to stdout, parity's progress into its table file)
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv 2>&1
 
 # 1. mosaic_gpu timings (FLA in the same process) and the in-kernel profile: alone on the GPU
-timeout --signal=INT --kill-after=10 "${GDN_TIME_S:-200}" "$PY" tests/gpu/mosaic_gpu_check.py --only env,time,profile \
+[ "${GDN_TIME_S:-200}" -gt 0 ] && timeout --signal=INT --kill-after=10 "${GDN_TIME_S:-200}" "$PY" tests/gpu/mosaic_gpu_check.py --only env,time,profile \
   --variants default --shapes "${GDN_SHAPES:-4x8192,128x256,4x2048,1x32768,4x8192_HV48,4x8192_HV16}" \
   --fla-shapes 4x8192,1x32768 --out "$OUT" > "$OUT/mosaic.log" 2>&1
 echo "mosaic check exit $? at ${SECONDS}s"
 
 # 2. the full parity suite (every implementation here, FLA included) in the background
-timeout --signal=INT --kill-after=10 $(( $(left) - 15 )) "$PY" -m gdn parity --json "$OUT/parity.json" \
-  > "$OUT/parity.txt" 2> "$OUT/parity.log" &
+timeout --signal=INT --kill-after=10 $(( $(left) - 15 )) "$PY" -m gdn parity ${GDN_PARITY_ARGS:-} --json "$OUT/parity.json" \
+  > "$OUT/parity.txt" 2>&1 &
 parity=$!
 
 # 3. reliability (issue 10) and the exact split (issue 6) beside it
