@@ -2,9 +2,11 @@
 
 Two kernels per call, no per-chunk state in HBM:
 
-1. :func:`intra.intra`, grid (HV, tiles): per aligned 64-token tile and v head, the decayed inverse
-   with beta folded in (``Ag = (I + A)^-1 diag(beta)``, input dtype) and the segmented gate cumsum
-   (``gc``, fp32). Sequence boundaries inside a tile split it into independent blocks.
+1. :func:`intra_grouped.intra_grouped` (the default), grid (H, tile runs): per aligned 64-token tile
+   and v head, the decayed inverse with beta folded in (``Ag = (I + A)^-1 diag(beta)``, input dtype)
+   and the segmented gate cumsum (``gc``, fp32), one CTA per k head and run of tiles doing the G v
+   heads from one ``K K^T``. Sequence boundaries inside a tile split it into independent blocks.
+   ``intra_variant="per_head"`` runs :func:`intra.intra` (grid (HV, tiles)), slower on the H200.
 2. :func:`chunk_loop.chunk_loop`, grid (V / 64, HV, N_pad + 1): one CTA per sequence, v head and
    64-column V tile walks its sequence's tiles with the fp32 state in registers (warp-specialized:
    TMA producer, state chain, output), writes the output once and the final state once.
