@@ -6,6 +6,7 @@ CUDA (Qwen3.5 head sizes, real JIT cache, CUDA graphs) and skip here.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -353,8 +354,18 @@ def test_pipeline_hazard_detector_sees_the_l2norm_race():
     pipelined loop one slot fewer than its peers, so the next copy overwrites it while the
     asynchronous wgmma still reads it. The detector finds it in the sm_90 TTGIR of a repro
     kernel (2 and 3 stages) and not without the extra use; the chain's kernels are checked
-    by test_kernels_cross_compile_for_sm90 (xcompile fails on a hazard)."""
-    res = xcompile.hazard_selftest()
+    by test_kernels_cross_compile_for_sm90 (xcompile fails on a hazard). In a process of its
+    own without TRITON_INTERPRET: with it set, a compile that misses Triton's cache fails in the
+    code generator (seen on a fresh machine, 2026-12-03), so the in-process test passed only when
+    an earlier compile had filled the cache."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    code = "import json; from gdn.triton_backend import xcompile; print(json.dumps(xcompile.hazard_selftest()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res[0] and res[1] and not res[2] and not res[3], res
 
 
@@ -426,7 +437,10 @@ def test_fused_output_mode(monkeypatch, dtype):
     _, launches = xcompile.record(lambda: gdn.prefill(*tens, backend="triton", **kw))
     o2, f2 = gdn.prefill(*tens, backend="triton", **kw)
     assert [lc.name for lc in launches] == ["_intra_kernel", "_wu_kernel", "_state_kernel"]
-    assert torch.equal(f1, f2) and R.rms_ratio(o2, o1) < 1e-6
+    # up to summation order, the final state too: the interpreter's dots are NumPy matmuls whose
+    # kernel (and rounding) can follow the tile shapes and the machine's CPU (bitwise equal on one
+    # CI machine, 9e-8 apart on another)
+    assert R.rms_ratio(f2, f1) < 1e-6 and R.rms_ratio(o2, o1) < 1e-6
     assert torch.all(o2[:, 167:] == 0)
     ro, rf = _reference(ref)
     _check(o2, f2, ro, rf, dtype)
