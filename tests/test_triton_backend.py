@@ -318,6 +318,16 @@ def test_registry_and_impl_errors():
                     **kw)
 
 
+def _run_compiled(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python argv`` from the repository root in a process WITHOUT TRITON_INTERPRET, so the
+    kernels are JITFunctions that Triton's real compiler takes (cross-compilation needs it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=900)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile for real")
 def test_kernels_cross_compile_for_sm90():
@@ -326,12 +336,7 @@ def test_kernels_cross_compile_for_sm90():
     odd one, within the H200's shared memory and free of the pipeline race of
     test_pipeline_hazard_detector_sees_the_l2norm_race (use_qk_l2norm on): the interpreter
     catches neither compile errors nor that race."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-m", "gdn.triton_backend.xcompile",
-                          "16,32,128,128,bfloat16", "2,6,256,100,float32"],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    res = _run_compiled(["-m", "gdn.triton_backend.xcompile", "16,32,128,128,bfloat16", "2,6,256,100,float32"])
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("_state_kernel") == 3 and "NORM=True" in res.stdout, res.stdout
 
@@ -358,12 +363,8 @@ def test_pipeline_hazard_detector_sees_the_l2norm_race():
     own without TRITON_INTERPRET: with it set, a compile that misses Triton's cache fails in the
     code generator (seen on a fresh machine, 2026-12-03), so the in-process test passed only when
     an earlier compile had filled the cache."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     code = "import json; from gdn.triton_backend import xcompile; print(json.dumps(xcompile.hazard_selftest()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=900)
+    proc = _run_compiled(["-c", code])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res[0] and res[1] and not res[2] and not res[3], res

@@ -517,7 +517,7 @@ def sec_profile(out_dir):
         summ = summarize_trace(path)
         res[kern] = summ
         log(kern, json.dumps(summ)[:3000])
-        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns x{r['count'] // max(summ['traces'], 1)} ({100 * r['share']:.0f}%)"
+        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns ({100 * r['share']:.0f}%)"
                         for n, r in list(summ["regions"].items())[:9])
         TABLE.append(f"profile {kern} (4x2048, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): {top}")
     if not res:

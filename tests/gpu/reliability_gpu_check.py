@@ -534,21 +534,16 @@ def _jax_memory(impl: str) -> dict:
     stats = dev.memory_stats() or {}
     peak1 = stats.get("peak_bytes_in_use", 0)
     # where a run peak above XLA's plan comes from (mosaic_gpu, 2026-11-28: ~88 MiB unexplained):
-    # what stays allocated with the outputs alive (a persistent runtime allocation shows here), and
-    # the peak of a second call after the first one's outputs are freed
-    in_use_with_out = (dev.memory_stats() or {}).get("bytes_in_use", 0)
+    # what stays allocated with the outputs alive (a persistent runtime allocation shows here) and
+    # after they are freed
+    in_use_with_out = stats.get("bytes_in_use", 0)
     del o, f
     in_use_after_del = (dev.memory_stats() or {}).get("bytes_in_use", 0)
-    o, f = compiled(q, kk, vv, g, beta)
-    o.block_until_ready()
-    peak2 = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
-    return dict(impl=impl, base=base, peak_before=peak0, peak_after=peak1, peak_after_second=peak2,
+    return dict(impl=impl, base=base, peak_before=peak0, peak_after=peak1,
                 in_use_with_out=in_use_with_out, in_use_after_del=in_use_after_del,
                 temp=getattr(ma, "temp_size_in_bytes", None),
                 output=getattr(ma, "output_size_in_bytes", None),
-                alias=getattr(ma, "alias_size_in_bytes", None),
-                argument=getattr(ma, "argument_size_in_bytes", None),
-                num_allocs=stats.get("num_allocs"), largest_alloc=stats.get("largest_alloc_size"))
+                alias=getattr(ma, "alias_size_in_bytes", None), largest_alloc=stats.get("largest_alloc_size"))
 
 
 @section

@@ -96,10 +96,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and sequence;
     benchmarks/mosaic_notes.md says why it is slower today). ``intra_variant`` (two_kernels only):
     "grouped" (default: :func:`intra_grouped.intra_grouped`, one CTA per k head and ``intra_tiles``
-    tiles, the faster one on the H200) or "per_head" (:func:`intra.intra`, one CTA per tile and v head). ``chunk_variant`` (two_kernels only): "default"
-    (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`,
-    one CTA per sequence and v head with a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` =
-    (producer, state) registers)."""
+    tiles, the faster one on the H200) or "per_head" (:func:`intra.intra`, one CTA per tile and
+    v head). ``chunk_variant`` (two_kernels only): "default" (:func:`chunk_loop.chunk_loop`, one
+    CTA per 64 V columns) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence
+    and v head with a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (producer, state)
+    registers)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if intra_variant not in INTRA_VARIANTS:
