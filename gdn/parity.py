@@ -16,7 +16,7 @@ One table, a row per comparison:
   it (gdn.tolerances.RMS_BETWEEN).
 - ``FLA`` vs ``f64`` (a peer row: shown, never failing the suite) and ``impl ~ FLA`` vs ``FLA``:
   max / mean absolute differences with vLLM's bar (gdn.tolerances.VS_FLA), applied to bf16 cases
-  with realistic gates where FLA itself meets the f64 bar.
+  with realistic gates and beta where FLA itself meets the f64 bar.
 - metamorphic checks (``Case.checks``): ``determinism`` (the public gdn.prefill twice: bitwise
   equal), ``chain`` (every sequence split in two calls chained through the final state),
   ``permute`` (sequences packed in reverse order), ``pad`` (extra tokens past the end and empty
@@ -741,9 +741,13 @@ def _fla_rows(fla, prep: Prepared, outs: dict[str, Outputs], log) -> list[Row]:
     eo, es, _, over = _errors(got, ref, tolerances.vs_f64(c.dtype), c, False)
     rows = [Row(c.name, "FLA", "f64", "peer", eo, es,
                 detail=f"FLA {'OFF the f64 bar' if over else 'within the f64 bar'}")]
-    applies = c.dtype == "bfloat16" and c.gates == "qwen" and not over
+    # vLLM's bar was set on its realistic generator (g AND beta, DESIGN.md §3). At beta near 1 on
+    # every token (case beta-high, H200 2026-12-04) every gdn implementation and FLA are each
+    # 4.2-4.3e-3 from float64, and two such independent roundings differ by a mean 7.5e-5 (o) and
+    # 8.3e-4 (state), over the realistic-gate bar: there the f64 bar is the test, FLA only shown.
+    applies = c.dtype == "bfloat16" and c.gates == "qwen" and c.beta is None and not over
     why = ("" if applies else "info only: FLA off the truth here" if over else
-           "info only: vLLM's bar is for bf16 inputs with realistic gates")
+           "info only: vLLM's bar is for bf16 inputs with realistic gates and beta")
     for label, out in outs.items():
         d = _abs_diffs(out, got)
         bad = [k for k, v in d.items() if not v < tolerances.VS_FLA[k]]

@@ -9,8 +9,8 @@ Two kinds of checks:
   deadlocks. So the interpreter cases run in ONE subprocess with ``JAX_NUM_CPU_DEVICES=4`` (this
   file run as a script), under a timeout.
 * NaN / inf in one sequence of a tile shared with clean ones, under the interpreter (the default,
-  fused and chunk_variant="wide" prefills; the grouped intra kernel's Ag and gc): the clean
-  sequences' results bitwise those of a clean call.
+  fused and chunk_variant="wide" prefills; the intra kernel's Ag with its heads walked in a loop,
+  and the XLA gate cumsum): the clean sequences' results bitwise those of a clean call.
 * the whole prefill (both kernels and the XLA around them) is lowered for CUDA on this host
   (``.trace(...).lower(lowering_platforms=("cuda",))`` inside an abstract H200 mesh), so a kernel
   that Mosaic GPU cannot lower fails CI. (PTX assembly happens on the GPU only.)
@@ -37,7 +37,7 @@ CASES = [
     ("G3_K128_fp16_l2norm", dict(lens=[130, 70], h=1, hv=3, k=128, v=64, l2norm_qk=False, seed=1),
      dict(use_qk_l2norm=True, scale=0.2), "float16", "packed"),
     ("batch_G1_V128_strong", dict(lens=[96, 96], h=2, hv=2, k=64, v=128, gates="strong", seed=2),
-     dict(), "bfloat16", "batch:per_head"),
+     dict(), "bfloat16", "batch"),
     ("jit_traced_plan_no_final", dict(lens=[40, 150], h=1, hv=2, k=64, v=64, initial_state=True, seed=3),
      dict(output_final_state=False), "bfloat16", "jit"),
     ("fused_varlen_V128", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
@@ -45,12 +45,13 @@ CASES = [
     # the exact split (gdn.split) with its pieces run by this impl: values [v | 0], states [0 | I]
     ("split_pieces", dict(lens=[300, 40], h=1, hv=2, k=64, v=64, initial_state=True, seed=5),
      dict(), "bfloat16", "split"),
-    # intra_variant="grouped" (intra_grouped.py) with 2 tiles per CTA: 7 tiles -> CTAs of 2, 2, 2, 1
-    ("grouped_varlen_G3_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64, initial_state=True,
-                                      pad_tokens=20, seed=6), dict(), "bfloat16", "packed:grouped"),
-    ("grouped_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
-     dict(output_final_state=False), "float16", "jit:grouped"),
-    # chunk_variant="wide" (chunk_loop_wide.py): one CTA per sequence and v head, two state warpgroups
+    # the intra kernel with 2 tiles per CTA (7 tiles -> CTAs of 2, 2, 2, 1), its heads in a loop
+    ("intra_t2_varlen_G3_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64, initial_state=True,
+                                       pad_tokens=20, seed=6), dict(), "bfloat16", "packed:t2"),
+    ("intra_loop_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
+     dict(output_final_state=False), "float16", "jit:loop"),
+    # chunk_variant="wide" (chunk_loop_wide.py): one CTA per sequence and v head: a prep warpgroup
+    # and one or two state warpgroups
     ("wide_varlen_G2_K64_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=64, v=128,
                                             initial_state=True, pad_tokens=20, seed=10), dict(), "bfloat16",
      "packed:wide"),
@@ -59,9 +60,8 @@ CASES = [
 ]
 
 #: layout suffix -> options of M.run
-VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "grouped": dict(intra_variant="grouped", intra_tiles=2),
-                "per_head": dict(intra_variant="per_head"),
-                "wide": dict(chunk_variant="wide")}
+VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
+                "loop": dict(head_loop="loop", intra_tiles=2), "wide": dict(chunk_variant="wide")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -131,9 +131,10 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
     return out
 
 
-def _intra_stage_errors(kernel="grouped", interpret=True, lens=(100, 0, 1, 63, 64, 65), h=1, hv=3, dk=64,
+def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63, 64, 65), h=1, hv=3, dk=64,
                         tiles_per_cta=2, seed=8):
-    """One intra kernel (Ai, Ag, gc) against the float64 stage tensors of gdn.reference.chunked.
+    """The gate cumsum (XLA) and the intra kernel (Ai, Ag) against the float64 stage tensors of
+    gdn.reference.chunked.
 
     The kernels tile the PACKED token axis; the reference chunks each sequence from its start. Both
     agree on the plan whose sequences are also cut at every multiple of 64 (each piece then lies in one
@@ -144,8 +145,8 @@ def _intra_stage_errors(kernel="grouped", interpret=True, lens=(100, 0, 1, 63, 6
 
     from gdn import reference as R
     from gdn.inputs import make_inputs, round_to_dtype
+    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
-    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
 
     x = make_inputs(list(lens), h=h, hv=hv, k=dk, v=32, seed=seed)
     cu = x.cu_seqlens
@@ -170,14 +171,11 @@ def _intra_stage_errors(kernel="grouped", interpret=True, lens=(100, 0, 1, 63, 6
     kp[:t] = k16[0, :t]
     g_hm = np.zeros((hv, tp), np.float32)
     g_hm[:, :t] = g32[0, :t].T
-    seg = np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32)
-    args = (jnp.asarray(kp, jnp.bfloat16), jnp.asarray(g_hm), jnp.asarray(beta_hm), jnp.asarray(seg))
-    if kernel == "grouped":
-        out = intra_grouped(*args, group=hv // h, tiles_per_cta=tiles_per_cta, interpret=interpret,
-                            debug_inverse=True)
-    else:
-        out = intra(*args, group=hv // h, interpret=interpret, debug_inverse=True)
-    ag, gc, ai = (np.asarray(a, np.float64) for a in out)
+    seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32))
+    gc = chunk_cumsum(jnp.asarray(g_hm), seg)
+    ag, ai = intra(jnp.asarray(kp, jnp.bfloat16), gc, jnp.asarray(beta_hm), seg, group=hv // h,
+                   tiles_per_cta=tiles_per_cta, head_loop=head_loop, interpret=interpret, debug_inverse=True)
+    ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
     return dict(ai=R.rms_ratio(ai, ai_ref), ag=R.rms_ratio(ag, ag_ref), gc=R.rms_ratio(gc, gc_ref),
                 ai_max=float(np.abs(ai - ai_ref).max()), ag_max=float(np.abs(ag - ag_ref).max()),
                 gc_max=float(np.abs(gc - gc_ref).max()))
@@ -250,14 +248,14 @@ def _nan_isolation(variant="", interpret=True, dv=64):
         tail_zero=bool(np.all(o_p[cu[-1]:] == 0)))
 
 
-def _intra_nan_isolation(kernel="grouped", interpret=True):
-    """One intra kernel on the clean and the poisoned k / g / beta of :func:`_nan_inputs`: the clean
-    sequences' rows of Ag and gc must be bitwise equal (and finite). The chunk loop behind it is the
-    one the full default-variant check runs (the whole prefill per variant is too slow here)."""
+def _intra_nan_isolation(head_loop="loop", interpret=True):
+    """The gate cumsum and the intra kernel on the clean and the poisoned k / g / beta of
+    :func:`_nan_inputs`: the clean sequences' rows of Ag and gc must be bitwise equal (and finite).
+    The chunk loop behind them is the one the whole-prefill checks run."""
     import jax.numpy as jnp
 
+    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
-    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
 
     outs = []
     for poison in (False, True):
@@ -267,11 +265,9 @@ def _intra_nan_isolation(kernel="grouped", interpret=True):
         k = jnp.asarray(arrs[1][0], jnp.bfloat16)
         g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
         seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32)
-        if kernel == "grouped":
-            out = intra_grouped(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, interpret=interpret)
-        else:
-            out = intra(k, g_hm, b_hm, seg, group=2, interpret=interpret)
-        outs.append([np.asarray(a, np.float32) for a in out[:2]])
+        gc = chunk_cumsum(g_hm, seg)
+        ag = intra(k, gc, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret)
+        outs.append([np.asarray(a, np.float32) for a in (ag, gc)])
     (ag_c, gc_c), (ag_p, gc_p) = outs
     clean = [n for n in range(len(NAN_LENS)) if n not in NAN_POISON]
     rows = np.concatenate([np.arange(cu[n], cu[n + 1]) for n in clean])
@@ -297,15 +293,15 @@ def _main_interpret_cases(path):
     import jax
 
     results = {}
-    _timed(results, "intra_grouped_stage", _intra_stage_errors)
+    _timed(results, "intra_stage", _intra_stage_errors)
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
     _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    # the whole-prefill case above runs the default (grouped) intra kernel; this one the per-head kernel
-    _timed(results, "nan_isolation_intra_per_head", lambda: _intra_nan_isolation("per_head"))
+    # the whole-prefill cases above unroll the intra kernel's heads; this one walks them in a loop
+    _timed(results, "nan_isolation_intra_loop", lambda: _intra_nan_isolation("loop"))
     with open(path, "w") as fh:
         json.dump(results, fh)
     assert jax.device_count() >= 3
@@ -345,12 +341,13 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-def test_grouped_intra_matches_float64_stages(interp_results):
-    """intra_grouped (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen 0/1/63/64/65, a padding tile)
-    against gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
+def test_intra_matches_float64_stages(interp_results):
+    """The XLA gate cumsum and the intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
+    0/1/63/64/65, a padding tile) against gdn.reference.chunked(stages=True): Ai and Ag at the bf16
+    bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
-    res = interp_results["intra_grouped_stage"]
+    res = interp_results["intra_stage"]
     assert "error" not in res, res.get("error")
     assert res["ai"] < vs_f64("bfloat16") and res["ag"] < vs_f64("bfloat16"), res
     assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
@@ -370,11 +367,11 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
 
 
-def test_interpreter_per_head_intra_nan_stays_in_its_sequence(interp_results):
-    """intra.py (intra_variant="per_head"; the default grouped kernel is covered by the whole-prefill
-    case above) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise
-    those of the clean call (what the chunk loop needs)."""
-    res = interp_results["nan_isolation_intra_per_head"]
+def test_interpreter_intra_loop_nan_stays_in_its_sequence(interp_results):
+    """The gate cumsum and the intra kernel with head_loop="loop" (the whole-prefill cases above
+    unroll the heads) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc
+    bitwise those of the clean call (what the chunk loop needs)."""
+    res = interp_results["nan_isolation_intra_loop"]
     assert "error" not in res, res.get("error")
     assert res["rows_changed"] == 0 and res["clean_finite"] and res["dirty_finite"], res
 
@@ -458,43 +455,30 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     assert "mosaic_gpu" in text or "custom_call" in text
     if variant == "wide":
         assert "gdn_chunk_loop_wide" in text
+    if variant != "fused":
+        assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("t,h,group,dk,dtype,tiles", [
-    (512, 16, 2, 128, "bfloat16", None),  # the Qwen3.5 head shape, default tiles per CTA
-    (320, 1, 3, 64, "float16", 2),        # G = 3, a short last CTA
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop", [
+    (512, 16, 2, 128, "bfloat16", None, "unroll"),  # the Qwen3.5 head shape, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "loop"),
+    (320, 1, 3, 64, "float16", 2, "unroll"),        # G = 3, a short last CTA, the debug output
 ])
-def test_grouped_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles):
-    """intra_grouped through Mosaic layout inference and lowering for an H200 (debug output too), and
-    the whole prefill with intra_variant="grouped" at the Qwen3.5 shape."""
+def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop):
+    """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
     import jax
     import jax.numpy as jnp
 
-    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
+    from gdn.jax_backend.mosaic_gpu.intra import intra
 
     sds = jax.ShapeDtypeStruct
     dt = getattr(jnp, dtype)
     hv = h * group
-    fn = lambda k, g, b, s: intra_grouped(k, g, b, s, group=group, tiles_per_cta=tiles,  # noqa: E731
-                                          debug_inverse=tiles is not None)
+    fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
+                                  debug_inverse=tiles is not None)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()
-    assert "mosaic_gpu" in text or "custom_call" in text
-    if h == 16:
-        from gdn import api, plan as make_plan
-        from gdn.jax_backend.mosaic_gpu._driver import prefill_arrays
-
-        p = make_plan([0, 100, 100, 256], num_tokens=256)
-        q = sds((1, 256, h, dk), dt)
-
-        def pf(q, k, v, g, beta, h0, plan):
-            _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, backend="jax")
-            return prefill_arrays(args, intra_variant="grouped")
-
-        text = _lower_for_cuda(pf, q, q, sds((1, 256, hv, dk), dt), sds((1, 256, hv), jnp.float32),
-                               sds((1, 256, hv), jnp.float32), sds((p.padded_seqs, hv, dk, dk), jnp.float32),
-                               p.to_jax()).as_text()
-        assert "gdn_intra_grouped" in text or "custom_call" in text
+    assert "gdn_intra" in text
 
 
 @pytest.mark.gpu

@@ -278,6 +278,11 @@ def test_fla_comparison_rows(fakes, monkeypatch):
     assert rows[1].status == "pass" and rows[1].o_err < 2e-3
     assert rows[2].status == "FAIL" and "o_mean" in rows[2].detail
     assert seen["cpu"].tolist() == prep.cu.tolist()
+    # beta near 1 is not vLLM's realistic generator: the bar is shown, the f64 rows decide
+    high = parity.prepare(next(c for c in QUICK if c.name == "beta-high"), whole=True)
+    _, out = parity.run_impl(high, fakes["off_by_1pct"], all_cases=True, log=lambda s: None)
+    rows = parity._fla_rows(fake_fla, high, {"fake:off_by_1pct": out}, log=lambda s: None)
+    assert rows[1].status == "info" and "realistic gates and beta" in rows[1].detail
 
 
 def test_fused_impl_without_stages_is_still_checked(fakes, monkeypatch):

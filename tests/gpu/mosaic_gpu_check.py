@@ -9,24 +9,19 @@ FLA (for the same-run yardstick) is used when importable: carry the wheels (``.w
 ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` first, PYTHONPATH=/tmp/site:.
 Results: a table at the end, and JSON under $OUT (or --out).
 
-Sections: env, intra (the inverse kernel alone vs float64), small (the CPU test cases, compiled),
-qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA), sync (no host sync), time (the anchor
-shapes, jitted loop + one block_until_ready, median of reps; FLA in the same run), ptxas (register and
-spill report of both kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per
---variants entry), intra_cmp (the default and the grouped intra kernels vs the float64 stages, then
-each timed alone at 4x8192, 128x256 and 4x2048), profile (Mosaic's in-kernel profiler on the default path
-at 4x2048: the time of each named scope per warpgroup, in a subprocess with GDN_MOSAIC_PROFILE_DIR).
+Sections: env, intra (the gate cumsum and the inverse kernel vs float64), small (the CPU test cases,
+compiled), qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA, every --variants entry), sync
+(no host sync), kernels (each stage alone at 4x8192), time (the anchor shapes, jitted loop + one
+block_until_ready, median of reps; FLA in the same run), ptxas (register and spill report of the
+kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per --variants entry),
+intra_cmp (the intra kernel's head walks vs the float64 stages, then configurations timed alone),
+profile (Mosaic's in-kernel profiler at 4x2048: the time of each named scope per warpgroup, in a
+subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
 
-Default vs grouped intra (intra_variant="grouped", not yet timed on the GPU), in one call:
+The default against the wide chunk loop and the intra kernel's head loop, in one call:
 
-    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,intra_cmp,small,time,ptxas \
-        --variants default,grouped,grouped_t2,grouped_t8 --shapes 4x8192,128x256,4x2048 --fla-shapes none
-
-The wide chunk loop (chunk_variant="wide", not yet run on the GPU): correctness (its CPU cases under
-small), alone at 4x8192 (kernels), whole prefill and its ptxas report:
-
-    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,small,kernels,time,ptxas \
-        --variants default,wide --shapes 4x8192,128x256,4x2048 --fla-shapes none
+    PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,intra,small,qwen,kernels,time,ptxas \
+        --variants default,wide,loop,wide_loop --shapes 4x8192,128x256,4x2048 --fla-shapes 4x8192
 """
 from __future__ import annotations
 
@@ -95,9 +90,10 @@ def sec_env():
 
 @section("intra")
 def sec_intra():
-    """The inverse kernel alone (inline-MLIR fp32 substitution + bf16 merges) vs float64."""
+    """The gate cumsum (XLA) and the inverse kernel (inline-MLIR fp32 substitution + merges) vs float64."""
     import jax.numpy as jnp
     from gdn.inputs import make_inputs
+    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
     lens = [100, 0, 1, 63, 64, 65, 300]
     x = make_inputs(lens, h=2, hv=4, k=128, v=128, seed=5)
@@ -112,7 +108,8 @@ def sec_intra():
     b[:, :t] = x.beta[0].T
     seg = np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32)
     kb = jnp.asarray(k, jnp.bfloat16)
-    ag, gc, ai = intra(kb, jnp.asarray(g), jnp.asarray(b), jnp.asarray(seg), group=2, debug_inverse=True)
+    gc = chunk_cumsum(jnp.asarray(g), jnp.asarray(seg))
+    ag, ai = intra(kb, gc, jnp.asarray(b), jnp.asarray(seg), group=2, debug_inverse=True)
     ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
     kf = np.asarray(kb, np.float64)
     worst = dict(ai=0.0, ag=0.0, gc=0.0)
@@ -174,8 +171,8 @@ def _qwen_inputs(lens, h, hv, dk, seed, initial_state=True):
 
 
 @section("qwen")
-def sec_qwen():
-    """2x1024 at the Qwen3.5 shape vs the float64 token loop, and vs FLA (vLLM's absolute bar)."""
+def sec_qwen(variants=(("default", {}),)):
+    """2x1024 at the Qwen3.5 shape vs the float64 token loop, and vs FLA (vLLM's absolute bar), per variant."""
     import jax.numpy as jnp
     from gdn import api, reference as R
     from gdn.jax_backend import mosaic_gpu as M
@@ -183,11 +180,9 @@ def sec_qwen():
     lens = [1024, 1024]
     q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=11)
     _, args = api.validate(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, backend="jax")
-    o, f = M.run(args)
-    o, f = np.asarray(o, np.float64), np.asarray(f, np.float64)
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     ro, rf = R.recurrent(f64(q), f64(k), f64(v), f64(g), f64(beta), cu_seqlens=cu, initial_state=f64(h0))
-    res = dict(o=R.rms_ratio(o, ro), final=R.rms_ratio(f, rf), finite=bool(np.isfinite(o).all()))
+    fo = ff = None
     fla = _fla()
     if fla is not None:
         torch, fla_fn, prep = fla
@@ -198,18 +193,26 @@ def sec_qwen():
                         output_final_state=True, cu_seqlens=cu_t, chunk_indices=prep(cu_t, 64))
         fo = fo.float().cpu().numpy().astype(np.float64)
         ff = ff.float().cpu().numpy().astype(np.float64)
-        res.update(fla_o=R.rms_ratio(fo, ro), fla_final=R.rms_ratio(ff, rf),
-                   vs_fla_o_max=float(np.abs(o - fo).max()), vs_fla_o_mean=float(np.abs(o - fo).mean()),
-                   vs_fla_state_max=float(np.abs(f - ff).max()), vs_fla_state_mean=float(np.abs(f - ff).mean()))
-        res["vs_fla_ok"] = bool(res["vs_fla_o_max"] < VS_FLA["o_max"] and res["vs_fla_o_mean"] < VS_FLA["o_mean"]
-                                and res["vs_fla_state_max"] < VS_FLA["state_max"]
-                                and res["vs_fla_state_mean"] < VS_FLA["state_mean"])
-    RESULTS["qwen"] = res
-    log(res)
-    TABLE.append(f"qwen 2x1024 vs f64: o {res['o']:.2e} final {res['final']:.2e}"
-                 + (f" | FLA o {res['fla_o']:.2e} final {res['fla_final']:.2e} | vs FLA o max "
-                    f"{res['vs_fla_o_max']:.1e} mean {res['vs_fla_o_mean']:.1e} state max "
-                    f"{res['vs_fla_state_max']:.1e} mean {res['vs_fla_state_mean']:.1e}" if "fla_o" in res else ""))
+    out = {}
+    for vname, kw in variants:
+        o, f = M.run(args, **kw)
+        o, f = np.asarray(o, np.float64), np.asarray(f, np.float64)
+        res = dict(o=R.rms_ratio(o, ro), final=R.rms_ratio(f, rf), finite=bool(np.isfinite(o).all()))
+        if fo is not None:
+            res.update(fla_o=R.rms_ratio(fo, ro), fla_final=R.rms_ratio(ff, rf),
+                       vs_fla_o_max=float(np.abs(o - fo).max()), vs_fla_o_mean=float(np.abs(o - fo).mean()),
+                       vs_fla_state_max=float(np.abs(f - ff).max()), vs_fla_state_mean=float(np.abs(f - ff).mean()))
+            res["vs_fla_ok"] = bool(res["vs_fla_o_max"] < VS_FLA["o_max"] and res["vs_fla_o_mean"] < VS_FLA["o_mean"]
+                                    and res["vs_fla_state_max"] < VS_FLA["state_max"]
+                                    and res["vs_fla_state_mean"] < VS_FLA["state_mean"])
+        out[vname] = res
+        log(vname, res)
+        TABLE.append(f"qwen 2x1024 {vname} vs f64: o {res['o']:.2e} final {res['final']:.2e}"
+                     + (f" | FLA o {res['fla_o']:.2e} final {res['fla_final']:.2e} | vs FLA o max "
+                        f"{res['vs_fla_o_max']:.1e} mean {res['vs_fla_o_mean']:.1e} state max "
+                        f"{res['vs_fla_state_max']:.1e} mean {res['vs_fla_state_mean']:.1e} "
+                        f"{'OK' if res['vs_fla_ok'] else 'FAIL'}" if "fla_o" in res else ""))
+    RESULTS["qwen"] = out
 
 
 def _jitted(lens, h, hv, dk, seed, **kw):
@@ -276,13 +279,13 @@ def _bench_fla(lens, h, hv, dk, seed, iters=10, reps=3):
 VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "default": {},
     "fused": dict(variant="fused"),
-    "fused_r40": dict(variant="fused", regs=(40, 136, 168)),
-    "two_kernels": dict(variant="two_kernels"),
-    "grouped": dict(intra_variant="grouped"),  # intra_grouped.py, TILES_PER_CTA tiles per CTA (the default)
-    "per_head": dict(intra_variant="per_head"),  # intra.py: one CTA per tile and v head (the default before 2026-12-03)
-    "grouped_t2": dict(intra_variant="grouped", intra_tiles=2),
-    "grouped_t8": dict(intra_variant="grouped", intra_tiles=8),
-    "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), 2 state WGs
+    "loop": dict(head_loop="loop"),  # the intra kernel walks a group's v heads in a loop (fewer registers?)
+    "t2": dict(intra_tiles=2),
+    "t8": dict(intra_tiles=8),
+    "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
+    "wide_loop": dict(chunk_variant="wide", head_loop="loop"),
+    "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
+    "wide_r120": dict(chunk_variant="wide", regs=(120, 192)),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -328,39 +331,49 @@ def sec_time(shapes, variants, fla_shapes):
     RESULTS["time"] = out
 
 
+def _kernel_inputs(lens, h, hv, seed=2):
+    """Device inputs of the kernels alone (what _driver.core hands them) at the Qwen3.5 head size."""
+    import jax.numpy as jnp
+    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, 128, seed=seed)
+    t = q.shape[1]
+    q3, k3, v3 = q.reshape(t, h, 128), k.reshape(t, h, 128), v.reshape(t, hv, 128)
+    g_hm, b_hm = g[0].T, beta[0].T
+    cu_j = jnp.asarray(np.concatenate([cu, np.full(4, cu[-1])]), jnp.int32)  # 4 padding sequences
+    seg = jnp.searchsorted(cu_j[1:], jnp.arange(t, dtype=jnp.int32), side="right").astype(jnp.int32)
+    gc = chunk_cumsum(g_hm, seg)
+    return dict(q=q3, k=k3, v=v3, g_hm=g_hm, b_hm=b_hm, cu=cu_j, seg=seg, gc=gc, h0=h0, t=t, n=len(lens))
+
+
 @section("kernels")
 def sec_kernels():
-    """The two kernels timed alone at 4x8192 (where the time goes), and the wide chunk loop."""
+    """Each stage timed alone at 4x8192 (where the time goes): the XLA cumsum, the intra kernel (heads
+    unrolled / in a loop), the default and the wide chunk loop."""
     import jax
-    import jax.numpy as jnp
     from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
     from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
-    lens = [8192] * 4
-    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=2)
-    t = q.shape[1]
-    q3, k3, v3 = q.reshape(t, 16, 128), k.reshape(t, 16, 128), v.reshape(t, 32, 128)
-    g_hm, b_hm = g[0].T, beta[0].T
-    cu_j = jnp.asarray(np.concatenate([cu, np.full(4, cu[-1])]), jnp.int32)  # N_pad = 8
-    seg = jnp.searchsorted(cu_j[1:], jnp.arange(t, dtype=jnp.int32), side="right").astype(jnp.int32)
-    f_intra = jax.jit(lambda k, g, b, s: intra(k, g, b, s, group=2))
-    ag, gc = f_intra(k3, g_hm, b_hm, seg)
-    f_loop = jax.jit(lambda q, k, v, ag, gc, cu, h0: chunk_loop(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2,
-                                                                  n_out=4, t_valid=t))
-    res = dict(intra=_bench(f_intra, (k3, g_hm, b_hm, seg))[0],
-               chunk_loop=_bench(f_loop, (q3, k3, v3, ag, gc, cu_j, h0))[0])
-    f_wide = jax.jit(lambda q, k, v, ag, gc, cu, h0: chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5,
-                                                                     group=2, n_out=4, t_valid=t))
-    try:  # chunk_variant="wide", not the default: its failure must not hide the numbers above
-        res["chunk_loop_wide"] = _bench(f_wide, (q3, k3, v3, ag, gc, cu_j, h0))[0]
-    except Exception as e:
-        res["chunk_loop_wide"] = f"{type(e).__name__}: {e}"[:500]
+    x = _kernel_inputs([8192] * 4, 16, 32)
+    res = dict(cumsum=_bench(jax.jit(chunk_cumsum), (x["g_hm"], x["seg"]))[0])
+    ag = None
+    for hl in ("unroll", "loop"):
+        f_intra = jax.jit(lambda k, gc, b, s, hl=hl: intra(k, gc, b, s, group=2, head_loop=hl))
+        args = (x["k"], x["gc"], x["b_hm"], x["seg"])
+        res["intra_" + hl] = _bench(f_intra, args)[0]
+        ag = f_intra(*args) if ag is None else ag
+    loops = dict(chunk_loop=chunk_loop, chunk_loop_wide=chunk_loop_wide)
+    for name, loop in loops.items():
+        f = jax.jit(lambda q, k, v, ag, gc, cu, h0, loop=loop: loop(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5,
+                                                                   group=2, n_out=4, t_valid=x["t"]))
+        try:  # one failing loop must not hide the other's number
+            res[name] = _bench(f, (x["q"], x["k"], x["v"], ag, x["gc"], x["cu"], x["h0"]))[0]
+        except Exception as e:
+            res[name] = f"{type(e).__name__}: {e}"[:500]
     RESULTS["kernels"] = res
     log(res)
-    wide = res["chunk_loop_wide"]
-    wide = f"{wide:.3f} ms" if isinstance(wide, float) else f"failed ({wide})"
-    TABLE.append(f"kernels at 4x8192: intra {res['intra']:.3f} ms, chunk loop {res['chunk_loop']:.3f} ms, "
-                 f"wide chunk loop {wide}")
+    TABLE.append("kernels alone at 4x8192: " + ", ".join(
+        f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()))
 
 
 def _test_module():
@@ -371,46 +384,39 @@ def _test_module():
 
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
+INTRA_CMP = [("unroll_t4", dict()), ("loop_t4", dict(head_loop="loop")), ("unroll_t2", dict(tiles_per_cta=2)),
+             ("loop_t8", dict(head_loop="loop", tiles_per_cta=8))]
 
 
 @section("intra_cmp")
 def sec_intra_cmp():
-    """Default vs grouped intra kernel: float64 stage check (varlen, K=128, G=2), then each alone timed."""
+    """The intra kernel's head walks (unrolled, loop) vs the float64 stages, then configurations timed alone."""
     import jax
-    import jax.numpy as jnp
     from gdn.jax_backend.mosaic_gpu.intra import intra
-    from gdn.jax_backend.mosaic_gpu.intra_grouped import intra_grouped
     tmg = _test_module()
     out = {}
-    for kern in ("per_head", "grouped"):
-        err = tmg._intra_stage_errors(kern, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
-        out["check_" + kern] = err
-        TABLE.append(f"intra {kern:8s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
+    for hl in ("unroll", "loop"):
+        err = tmg._intra_stage_errors(hl, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
+        out["check_" + hl] = err
+        TABLE.append(f"intra {hl:6s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
-        log(kern, err)
-    kernels = [("per_head", lambda k, g, b, s: intra(k, g, b, s, group=2))]
-    for tpc in (2, 4, 8):
-        kernels.append((f"grouped_t{tpc}", lambda k, g, b, s, tpc=tpc: intra_grouped(k, g, b, s, group=2,
-                                                                                    tiles_per_cta=tpc)))
+        log(hl, err)
     for label, lens, h in INTRA_CMP_SHAPES:
-        q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, 2 * h, 128, seed=2)
-        t = q.shape[1]
-        args = (k.reshape(t, h, 128), g[0].T, beta[0].T,
-                jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32))
+        x = _kernel_inputs(lens, h, 2 * h)
+        args = (x["k"], x["gc"], x["b_hm"], x["seg"])
         row = {}
         ref = None
-        for name, fn in kernels:
-            f = jax.jit(fn)
+        for name, kw in INTRA_CMP:
+            f = jax.jit(lambda k, gc, b, s, kw=kw: intra(k, gc, b, s, group=2, **kw))
             row[name] = _bench(f, args)[0]
-            ag, gc = f(*args)
+            ag = np.asarray(f(*args), np.float32)
             if ref is None:
-                ref = (np.asarray(ag, np.float32), np.asarray(gc))
-            else:  # same kernel math: the outputs agree to a bf16 ulp
-                row[name + "_maxdiff_ag"] = float(np.abs(np.asarray(ag, np.float32) - ref[0]).max())
-                row[name + "_maxdiff_gc"] = float(np.abs(np.asarray(gc) - ref[1]).max())
+                ref = ag
+            else:  # same math: the outputs agree to a bf16 ulp
+                row[name + "_maxdiff"] = float(np.abs(ag - ref).max())
         out[label] = row
         log(label, row)
-        TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in kernels) + " ms")
+        TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in INTRA_CMP) + " ms")
     RESULTS["intra_cmp"] = out
 
 
@@ -492,7 +498,7 @@ def summarize_trace(path: str) -> dict:
 
 
 @section("profile")
-def sec_profile(out_dir):
+def sec_profile(out_dir, variant="default"):
     """Mosaic's in-kernel profiler on the default path at 4x2048 (chunk loop at 2 stages to leave SMEM
     for the trace buffers): where each warpgroup's time goes, per named scope of the kernels."""
     import glob
@@ -501,7 +507,7 @@ def sec_profile(out_dir):
     code = (
         "import sys; sys.path.insert(0, '.');"
         "from tests.gpu.mosaic_gpu_check import _jitted;"
-        "fn, args, _ = _jitted([2048] * 4, 16, 32, 128, seed=5, stages=2);"
+        f"fn, args, _ = _jitted([2048] * 4, 16, 32, 128, seed=5, stages=2, **{VARIANTS[variant]!r});"
         "import jax; jax.block_until_ready(fn(*args))"
     )
     env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
@@ -535,20 +541,24 @@ def main():
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")
     ap.add_argument("--tag", default="all")
     ap.add_argument("--variants", default="default")
+    ap.add_argument("--profile-variant", default="default")
     a = ap.parse_args()
-    only = set(a.only.split(","))
     os.makedirs(a.out, exist_ok=True)
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
-    for name, fn, args in (("env", sec_env, ()), ("intra", sec_intra, ()), ("small", sec_small, ()),
-                           ("qwen", sec_qwen, ()), ("sync", sec_sync, ()), ("kernels", sec_kernels, ()),
-                           ("time", sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
-                           ("intra_cmp", sec_intra_cmp, ()), ("ptxas", sec_ptxas, (a.out, variants)),
-                           ("profile", sec_profile, (a.out,))):
-        if name in only:
+    sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
+                "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
+                "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
+                "intra_cmp": (sec_intra_cmp, ()), "ptxas": (sec_ptxas, (a.out, variants)),
+                "profile": (sec_profile, (a.out, a.profile_variant))}
+    try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
+        for name in a.only.split(","):
+            fn, args = sections[name]
             fn(*args)
             with open(os.path.join(a.out, f"mosaic_{a.tag}.json"), "w") as fh:
                 json.dump(RESULTS, fh, indent=1, default=str)
+    except KeyboardInterrupt:
+        TABLE.append("INTERRUPTED (time budget): the sections after this point did not run")
     log("\n==================== SUMMARY ====================")
     for line in TABLE:
         log(line)

@@ -15,16 +15,13 @@ import jax.numpy as jnp
 from ...api import PrefillArgs
 from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
-from .chunk_loop_wide import chunk_loop_wide
+from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
+from .cumsum import chunk_cumsum
 from .fused import fused
-from .intra import intra
-from .intra_grouped import intra_grouped
+from .intra import HEAD_LOOPS, intra
 
 VARIANTS = ("two_kernels", "fused")
-#: "grouped" (intra_grouped.py) is the default: 0.37 vs 0.52 ms alone, 0.90 vs 1.04 ms for the whole
-#: prefill at 4x8192 (H200, 2026-12-03, benchmarks/mosaic_notes.md); "per_head" is intra.py.
-INTRA_VARIANTS = ("grouped", "per_head")
 CHUNK_VARIANTS = ("default", "wide")
 
 
@@ -35,11 +32,11 @@ def _l2norm(x):
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
-    "stages", "regs", "intra_variant", "intra_tiles", "chunk_variant"))
+    "stages", "regs", "intra_tiles", "head_loop", "chunk_variant"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
-         intra_variant: str = "grouped", intra_tiles: int | None = None, chunk_variant: str = "default"):
+         intra_tiles: int | None = None, head_loop: str = "unroll", chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -71,11 +68,9 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     else:
         seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
                                side="right").astype(jnp.int32)
-        if intra_variant == "grouped":
-            ag, gc = intra_grouped(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles,
-                                   interpret=interpret)[:2]
-        else:
-            ag, gc = intra(k, g_hm, beta_hm, seg, group=group, interpret=interpret)[:2]
+        gc = chunk_cumsum(g_hm, seg)
+        ag = intra(k, gc, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
+                   interpret=interpret)
         if chunk_variant == "wide":
             o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
                                        t_valid=t_pad, stages=stages, regs=regs, interpret=interpret)
@@ -88,24 +83,24 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
-                   stages: int | None = None, regs=None, intra_variant: str = "grouped",
-                   intra_tiles: int | None = None, chunk_variant: str = "default"):
+                   stages: int | None = None, regs=None, intra_tiles: int | None = None,
+                   head_loop: str = "unroll", chunk_variant: str = "default"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
-    ``variant``: "two_kernels" (default, the faster one measured on the H200: the intra kernel,
-    then the chunk loop of 64 V columns per CTA) or "fused" (one kernel per head and sequence;
-    benchmarks/mosaic_notes.md says why it is slower today). ``intra_variant`` (two_kernels only):
-    "grouped" (default: :func:`intra_grouped.intra_grouped`, one CTA per k head and ``intra_tiles``
-    tiles, the faster one on the H200) or "per_head" (:func:`intra.intra`, one CTA per tile and
-    v head). ``chunk_variant`` (two_kernels only): "default" (:func:`chunk_loop.chunk_loop`, one
-    CTA per 64 V columns) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence
-    and v head with a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (producer, state)
-    registers)."""
+    ``variant``: "two_kernels" (default: the gate cumsum in XLA, the intra kernel, then the chunk
+    loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
+    slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
+    intra kernel (:func:`intra.intra`). ``chunk_variant`` (two_kernels only): "default"
+    (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
+    (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and a
+    state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if intra_variant not in INTRA_VARIANTS:
-        raise ValueError(f"intra_variant must be one of {INTRA_VARIANTS}, got {intra_variant!r}")
+    if head_loop not in HEAD_LOOPS:
+        raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
+    if chunk_variant == "wide" and args.dims[3] not in WIDE_VALUE_DIMS:
+        raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
-                    regs=regs, intra_variant=intra_variant, intra_tiles=intra_tiles, chunk_variant=chunk_variant)
+                    regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, chunk_variant=chunk_variant)

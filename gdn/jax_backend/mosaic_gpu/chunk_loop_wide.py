@@ -1,33 +1,41 @@
-"""The "wide" chunk loop (``chunk_variant="wide"``, gdn issue 5): one CTA per (sequence, v head) owning all V columns.
+"""The "wide" chunk loop (``chunk_variant="wide"``): one CTA per (sequence, v head) owning all V columns,
+two state chains per SM, each tile's V-independent work done once by a prep warpgroup.
 
-Same inputs, outputs and numerics as :func:`.chunk_loop.chunk_loop`; grid ``(HV, N_pad + 1)`` instead
-of ``(V / 64, HV, N_pad + 1)``. Warpgroups (``nsw = V / 64`` state warpgroups, V in {64, 128}):
+Same inputs, outputs and numerics contract as :func:`.chunk_loop.chunk_loop`; grid ``(HV, N_pad + 1)``
+instead of ``(V / 64, HV, N_pad + 1)``: at 4x8192 with 32 v heads, 128 CTAs in one wave on 132 SMs.
+Warpgroups (``nsw = V / 64`` state warpgroups, V in {64, 128}):
 
-* the producer (40 registers): TMA loads of q, k (head ``j // G``), the ``nsw`` 64-column v blocks,
-  the intra kernel's ``Ag`` and ``gc`` into ``stages`` ring slots shared by every state warpgroup,
-  so q, k and Ag are read once per CTA instead of once per 64-column V tile.
-* state warpgroup ``w`` (V columns ``[64 w, 64 w + 64)``) keeps its ``S^T`` ([64, K] fp32) in
-  registers for the whole sequence and forms its own output columns, so nothing is published to
-  another warpgroup (the default loop publishes S^T and Vnew to its output warpgroup every tile).
-  Per tile, with ``Sl = S^T`` rounded to the input dtype:
-      P      = mask((Q K^T) exp(gc_r - gc_s))        -> own SMEM, input dtype (read as P^T below)
-      W^T    = mask(V^T - (Sl K^T) diag(exp(gc)))
-      Vnew^T = mask(W^T Ag^T)
-      o^T    = scale ((Sl Q^T) diag(exp(gc)) + Vnew^T P^T)       (= (Q S + P Vnew)^T)
-      S^T   <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K
-  the same products, dtypes and masks as the default loop (there ``o`` is formed untransposed by the
-  output warpgroup from the published ``Sl`` and ``Vnew``); ``o^T`` leaves through a transposed
-  SMEM store and one TMA store (row stores on a partial tile). Two chains run side by side on an SM.
+* the prep warpgroup (``nsw``): TMA loads of q, k (head ``j // G``), the ``nsw`` 64-column v blocks,
+  the intra kernel's ``Ag`` and ``gc`` into a ``stages``-deep ring; then, per tile and once for all
+  state warpgroups, what does not depend on the state:
+      P  = mask((Q K^T) exp(gc_r - gc_s))                  -> SMEM (input dtype)
+      Q <- diag(exp(gc)) Q                                  (in place, input dtype)
+      k, v rows of other sequences <- 0                     (boundary tiles only)
+  and signals ``ready``. It refills a slot once both state warpgroups released it.
+* state warpgroup ``w`` (V columns ``[64 w, 64 w + 64)``) keeps ``S^T`` ([64, K] fp32) in registers
+  for the whole sequence and forms its own output columns (nothing is published to another
+  warpgroup). Per tile, with ``Sl = S^T`` in the input dtype, three dependent groups of products,
+  each issued back to back and waited for once (:func:`.common.products`):
+      1.  U^T = V^T Ag^T  (both from SMEM: needs no state)   and   X = Sl K^T
+      2.  Vnew^T = U^T - mask(X diag(exp(gc))) Ag^T          (= ((I+A)^-1 diag(beta) (V - diag(e) K S))^T)
+      3.  S^T <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K
+          o^T  = Sl (diag(exp(gc)) Q)^T + Vnew^T P^T          (= (diag(e) Q S + P Vnew)^T)
+  ``o^T`` leaves through a transposed SMEM store and one TMA store (row stores on a partial tile).
+  The two state warpgroups' chains interleave on the SM's tensor cores.
 
-NaN / inf of a neighbouring sequence in a shared tile (docs/RELIABILITY.md §2): the selects of the
-default loop (W^T, Vnew^T, P), and on a boundary tile the k rows of other sequences zeroed in SMEM by
-state warpgroup 0 (the update contracts over tokens, where a 0 factor does not remove a NaN); the
-other state warpgroups read that tile's k only after ``k_ready`` (a hop on boundary tiles only).
+The products and their operand dtypes are the default loop's, except two roundings that move:
+``diag(exp(gc)) Q`` is rounded to the input dtype once (the default loop scales ``Q S`` in fp32), and
+``V`` enters the product ``U = Ag V`` unrounded (the default loop rounds ``V - diag(e) K S``).
+
+NaN / inf of a neighbouring sequence in a shared tile (docs/RELIABILITY.md §2): the prep warpgroup
+zeroes the k and v rows of other sequences in SMEM on a boundary tile before any product contracts
+them, P's columns of other tokens are selected to 0, and the state warpgroups select the columns of
+other tokens away in ``X`` and ``Vnew^T``; the intra kernel's ``Ag`` is exactly 0 across sequences.
 
 The initial / final state of each state warpgroup is staged ([K, 64] fp32) in SMEM aliasing the ring:
-the producer starts only after every initial state was read, the final states are staged only after
-every state warpgroup left its loop. The last grid row writes zeros to the tokens past ``cu[N]``.
-Every warpgroup waits for the others before exiting.
+the prep warpgroup starts loading only after every initial state was read, the final states are staged
+only after every state warpgroup left its loop. The last grid row writes zeros to the tokens past
+``cu[N]``. Every warpgroup waits for the others before exiting.
 """
 from __future__ import annotations
 
@@ -38,21 +46,22 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
-                     for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, produce,
+                     for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
                      rows, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
-VALUE_DIMS = (64, 128)  # one or two state warpgroups; more would be 4+ warpgroups (ptxas caps them at 128 registers)
-SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
+VALUE_DIMS = (64, 128)  # one or two state warpgroups
+SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
+#: (prep, state) registers per thread at V = 128 (three warpgroups share 512 per thread of a warpgroup)
+REGS = (104, 200)
 
 
 def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
     nsw = dv // BV
-    per_stage = (2 * C * dk + C * dv + C * C) * itemsize + 2 * C * 4
+    per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + 2 * C * 4  # q, k, v, Ag, P, gc x2
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
-    per_wg = C * C * itemsize + C * BV * out_itemsize  # P, the output tile
-    return ring + nsw * per_wg
+    return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
 
 
 def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
@@ -68,7 +77,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
-    [N_h0, HV, K, V]); ``regs``: (producer, state) register counts for setmaxnreg.
+    [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -82,39 +91,38 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     if stages is None:
         stages = pick_stages(dk, dv, isz, osz)
-    r_mem, r_state = regs if regs is not None else (40, 232)
+    r_prep, r_state = regs if regs is not None else REGS
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
     interp = bool(interpret)
-    wg_mem = nsw
+    wg_prep = nsw
 
     out_type = [jax.ShapeDtypeStruct((t_pad, hv, dv), out_dtype)]
     if out_final:
         out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
     vec = plgpu.SMEM((stages, C), F32)
     ring = (tile((stages, C, dk), dtype), tile((stages, C, dk), dtype), tile((stages, nsw, C, BV), dtype),
-            tile((stages, C, C), dtype), vec, vec)
+            tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec)
     scratch = dict(
-        # the ring (q, k, v blocks, Ag, gc rows, gc cols) or, before the first and after the last tile,
-        # the fp32 [K, 64] staging of each state warpgroup's initial / final state
+        # the ring (q, k, v blocks, Ag, P, gc rows, gc cols) or, before the first and after the last
+        # tile, the fp32 [K, 64] staging of each state warpgroup's initial / final state
         ring=plgpu.RefUnion(ring, tuple(plgpu.SMEM((dk, BV), F32) for _ in range(nsw))),
-        p_s=tuple(tile((C, C), dtype) for _ in range(nsw)),  # each state warpgroup's own P
         # per state warpgroup: the swizzled output tile or the plain one of the row stores
         # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
         o_st=tuple(plgpu.RefUnion(tile((C, BV), out_dtype), plgpu.SMEM((C, BV), out_dtype)) for _ in range(nsw)),
-        in_bar=plgpu.Barrier(num_arrivals=3 + nsw + 2, num_barriers=stages),  # one arrival per TMA copy of a slot
+        in_bar=plgpu.Barrier(num_arrivals=5 + nsw, num_barriers=stages),  # one arrival per TMA copy of a slot
+        ready=plgpu.Barrier(num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=nsw, num_barriers=stages),
-        k_ready=plgpu.Barrier(num_barriers=stages),
         h0_bar=plgpu.Barrier(num_barriers=nsw),
         h0_done=plgpu.Barrier(num_arrivals=nsw),
         loop_done=plgpu.Barrier(num_arrivals=nsw),
         done=plgpu.Barrier(num_arrivals=nsw + 1),
     )
 
-    def body(*refs, ring, p_s, o_st, in_bar, in_free, k_ready, h0_bar, h0_done, loop_done, done):
-        (q_s, k_s, v_s, a_s, gc_rows, gc_cols), st_s = ring
-        p_s, o_st = tuple(p_s), tuple(o_st)
+    def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
+        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols), st_s = ring
+        o_st = tuple(o_st)
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         h0_ref = refs.pop(0) if has_h0 else None
@@ -134,12 +142,13 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             t0 = (m0 + i) * C
             return t0, pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
 
-        @pl.when(wg == wg_mem)
-        def _memory():
+        @pl.when(wg == wg_prep)
+        def _prep():
             if nsw > 1:
-                plgpu.set_max_registers(r_mem, action="decrease")
+                plgpu.set_max_registers(r_prep, action="decrease")
             if has_h0:  # the ring aliases the initial-state staging: wait until it was read
                 plgpu.barrier_wait(h0_done)
+            sq = (C, C)
 
             def issue(i, slot):
                 _, tok, _, _ = rows_of(i)
@@ -152,14 +161,57 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 for buf in (gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
 
-            produce(nt, stages, issue, in_free)
+            for i0 in range(stages):
+                pl.when(i0 < nt)(lambda i0=i0: issue(i0, i0))
+
+            def step(i, carry):
+                slot = lax.rem(i, stages)
+                _, _, lo, hi = rows_of(i)
+                with jax.named_scope("p_wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("p_qk"):
+                    r, c = iota(sq, 0), iota(sq, 1)
+                    g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                    g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                    p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                    # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
+                    # other tokens give output rows nobody stores
+                    mask = (r >= c) & (c >= lo) & (c < hi)
+                    p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
+                    e_r = jnp.exp(g_r)
+                    for h0_ in range(dk // BV):
+                        qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
+                        qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
+
+                @pl.when((lo > 0) | (hi < C))
+                def _():  # a boundary tile: k and v rows of other sequences must be 0 where contracted
+                    zero_rows_outside(k_s.at[slot], lo, hi)
+                    for w in range(nsw):
+                        zero_rows_outside(v_s.at[slot, w], lo, hi)
+
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready.at[slot])
+
+                # the slot of tile i - 1 takes tile i - 1 + stages once both state warpgroups released it
+                @pl.when((i >= 1) & (i - 1 + stages < nt))
+                def _():
+                    prev = lax.rem(i - 1, stages)
+                    plgpu.barrier_wait(in_free.at[prev])
+                    issue(i - 1 + stages, prev)
+                return carry
+
+            lax.fori_loop(0, nt, step, None)
+
+            @pl.loop(jnp.maximum(nt - stages, 0), nt)
+            def _drain(i):  # the releases nobody refilled (a barrier's waiter must see every phase)
+                plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])
 
         def state(w: int):
-            if nsw > 1:  # at V = 64 (two warpgroups, 256 threads) every thread may have 255 already
+            if nsw > 1:
                 plgpu.set_max_registers(r_state, action="increase")
             v0 = w * BV
             o_tile, o_part = o_st[w]
-            p_w = p_s[w]
             if has_h0:
                 plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, BV)], st_s[w],
                                         h0_bar.at[w])
@@ -173,8 +225,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((BV, dk), F32), WG)
             sh = (BV, C)
-            sq = (C, C)
-            r, c = iota(sq, 0), iota(sq, 1)
             tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
 
             def store(o_lo_t, tok, lo, hi, t0):
@@ -198,49 +248,28 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def step(i, s_t):
                 slot = lax.rem(i, stages)
                 t0, tok, lo, hi = rows_of(i)
-                plgpu.barrier_wait(in_bar.at[slot])
-                partial = (lo > 0) | (hi < C)
-
-                # A boundary tile (at most two per sequence): the update Vnew^T K contracts k's token
-                # rows, so rows of other sequences must be 0 in k itself (a 0 in Vnew^T does not remove
-                # a NaN row of k). State warpgroup 0 zeroes them in the shared slot; the others read
-                # that tile's k only after k_ready (per slot: a slot's barrier completes at most once
-                # before every state warpgroup released the slot). Inner tiles pay nothing.
-                if w == 0:
-                    @pl.when(partial)
-                    def _():
-                        zero_rows_outside(k_s.at[slot], lo, hi)
-                        if nsw > 1:
-                            plgpu.barrier_arrive(k_ready.at[slot])
-                else:
-                    pl.when(partial)(lambda: plgpu.barrier_wait(k_ready.at[slot]))
-
+                with jax.named_scope("s_wait"):
+                    plgpu.barrier_wait(ready.at[slot])
                 valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
-                g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                 g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                 g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
-                # P (not on the state chain); its columns of other sequences selected to 0 (k of another
-                # sequence's token may be NaN)
-                p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                mask = (r >= c) & (c >= lo) & (c < hi)
-                p_w[...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_vec, sq)).astype(dtype)
-                plgpu.commit_smem()
-                # ordered for few live registers: the state update before S^T Q^T (same products)
                 s_lo = s_t.astype(dtype)
-                ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
-                e_g = cols(jnp.exp(g_vec), sh)
-                v_t = plgpu.load(v_s.at[slot, w].T, layout=WG).astype(F32)
-                w_t = jnp.where(cols(valid, sh), v_t - ks * e_g, 0.0).astype(dtype)
-                # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be NaN
-                # (0 * NaN through the zeros of W^T), and both Vnew^T P^T and the state update contract them
-                vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
-                vn_lo = vn_t.astype(dtype)
-                vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                s_new = mm(vd_t, k_s.at[slot], (BV, dk), init=s_t * jnp.exp(g_last))
-                qs = mm(s_lo, q_s.at[slot].T, sh)  # S^T Q^T = (Q S)^T
-                o_t = mm(vn_lo, p_w.T, sh, init=qs * e_g)  # + Vnew^T P^T
-                plgpu.barrier_arrive(in_free.at[slot])
-                store((o_t * scale).astype(out_dtype), tok, lo, hi, t0)
+                with jax.named_scope("s_ux"):
+                    u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
+                                        ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
+                with jax.named_scope("s_vnew"):
+                    # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be NaN)
+                    w_neg = jnp.where(cols(valid, sh), x_t * cols(-jnp.exp(g_vec), sh), 0.0).astype(dtype)
+                    vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
+                    vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)
+                    vn_lo = vn_t.astype(dtype)
+                    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
+                with jax.named_scope("s_update"):
+                    s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
+                                          ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
+                    plgpu.barrier_arrive(in_free.at[slot])
+                with jax.named_scope("s_store"):
+                    store((o_t * scale).astype(out_dtype), tok, lo, hi, t0)
                 return s_new
 
             s_t = lax.fori_loop(0, nt, step, s0)

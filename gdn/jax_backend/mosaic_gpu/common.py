@@ -99,6 +99,39 @@ def mm(a, b, shape, init=None):
     return lax.optimization_barrier(out)
 
 
+def products(*accs):
+    """Several tensor-core products issued back to back with ONE wait: each entry of ``accs`` is
+    ``(shape, init, pairs)`` and gives the fp32 ``init + sum(a @ b for a, b in pairs)`` (``init``
+    None: zero). ``a``: SMEM ref or 16-bit registers; ``b``: SMEM ref. Independent products overlap
+    on the tensor cores instead of each paying its own latency (:func:`mm` waits per product).
+
+    The results pass one optimization barrier (see :func:`mm`). Under the Mosaic GPU interpreter the
+    products are plain fp32-accumulated dots of the same 16-bit values.
+    """
+    if _INTERPRET.get():
+        outs = []
+        for shape, init, pairs in accs:
+            out = init
+            for a, b in pairs:
+                av = plgpu.load(a, layout=WG) if _is_ref(a) else a
+                part = jnp.dot(av, plgpu.load(b, layout=WG), preferred_element_type=F32)
+                out = part if out is None else out + part
+            outs.append(out)
+        return tuple(outs)
+
+    def scoped(*refs):
+        for ref, (_, init, _) in zip(refs, accs):
+            if init is not None:
+                ref[...] = init
+        for ref, (_, _, pairs) in zip(refs, accs):
+            for a, b in pairs:
+                plgpu.wgmma(ref, a, b)
+        return tuple(ref[...] for ref in refs)
+
+    outs = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in accs))
+    return lax.optimization_barrier(tuple(outs))
+
+
 def masked_exp(mask, x):
     """``exp(x)`` where ``mask``, else 0, never exponentiating a masked (possibly positive) value."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)

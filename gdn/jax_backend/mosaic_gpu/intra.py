@@ -1,19 +1,25 @@
-"""Intra-tile kernel: the decayed inverse with beta folded in, and the segmented gate cumsum.
+"""The intra-tile stage of impl="mosaic_gpu": per aligned 64-token tile and v head, the decayed inverse
+with beta folded in, ``Ag = (I + A)^-1 diag(beta)`` (k's dtype), for the chunk loop.
 
-For every aligned 64-token tile ``m`` and v head ``j`` (grid ``(HV, tiles)``), with ``same(r, s)``
-true when tokens r and s of the tile belong to one sequence (``seg`` ids from the plan):
+``A[r, s] = beta_r (k_r . k_s) exp(gc_r - gc_s)`` for ``r > s`` in one sequence, 0 otherwise, with
+``gc`` the chunk-local, sequence-segmented gate cumsum of :mod:`.cumsum` (computed in XLA before this
+kernel). Organised for latency (the kernel is latency bound: few warps per SM, a serial inverse):
 
-    gam_r  = sum_{s <= r, same(r, s)} g_s                          (segmented cumsum, fp32)
-    A_rs   = beta_r (k_r . k_s) exp(gam_r - gam_s)   r > s, same(r, s), else 0
-    Ai     = (I + A)^-1                                            (block diagonal per sequence)
-    Ag_rs  = Ai_rs beta_s                                          (stored in the input dtype)
+* grid ``(H, ceil(tiles / tiles_per_cta))``: one CTA (one warpgroup) per q/k head and run of
+  ``tiles_per_cta`` consecutive tiles. The k tile is loaded once and ``K K^T`` formed once per tile,
+  then the ``G = HV / H`` v heads of the group (which differ only in gc and beta) are done from it.
+* the next tile's loads are in flight while the current one computes: gc / beta / sequence ids are
+  double-buffered (issued at the start of a tile), the single k buffer is refilled as soon as this
+  tile's ``K K^T`` has been read out of it.
+* output stores are waited for only before their SMEM is rewritten (``wait_read_only``), fully once
+  at the end of the CTA.
+* ``head_loop="loop"`` walks the group's heads in a loop instead of unrolling them (fewer live
+  registers: a knob for the H200's register report, see benchmarks/mosaic_notes.md).
 
-so the chunk loop forms ``v_new = Ag (v - diag(exp(gam)) K S)`` of the sequence's rows (DESIGN.md §1:
-``U - W S0 = Ai diag(beta) (V - diag(exp(gam)) K S0)``). Every exponent used is <= 0. Entries
-across two sequences are exactly 0 by selects (never by a 0 factor), so NaN / inf in one sequence's
-k, g or beta leave the other sequences' rows of ``Ag`` and ``gc`` bitwise unchanged. ``gam`` is
-written as fp32 ``gc [HV, T_pad]`` for the chunk loop. The triangular solve is in
-:mod:`gdn.jax_backend.mosaic_gpu.solve`.
+The 16x16 diagonal-block substitution and the 16 -> 32 -> 64 merges are :mod:`.solve`'s. Sequences
+sharing a tile split it into independent blocks; every entry across two sequences is made exactly 0
+by a select (solve.py's docstring), so a NaN / inf in one sequence never reaches another's rows.
+SMEM per CTA at K = 128, 16-bit inputs: ~66 KB.
 """
 from __future__ import annotations
 
@@ -23,82 +29,150 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, cols, compiler_params, interpret_params, iota, mm, rows, tile,
-                     tracing_for_interpreter)
+from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
+                     rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge
 
+#: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
+#: 2, 4 and 8 timed within 3% of each other on the H200, 2026-12-03)
+TILES_PER_CTA = 4
+HEAD_LOOPS = ("unroll", "loop")
 
-def intra(k, g_hm, beta_hm, seg, *, group: int, interpret=None, debug_inverse: bool = False):
-    """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai`` fp32 with debug_inverse).
 
-    k: [T_pad, H, K] (T_pad a multiple of 64); g_hm, beta_hm: [HV, T_pad] fp32; seg: [T_pad] int32
-    sequence id of each token (tokens past the last sequence get an id of their own).
+def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "unroll",
+          interpret=None, debug_inverse: bool = False):
+    """``Ag [HV, T_pad, 64]`` in k's dtype (and ``Ai [HV, T_pad, 64]`` fp32 with ``debug_inverse``).
+
+    k: [T_pad, H, K] (T_pad a multiple of 64); gc_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group
+    (gc from :func:`.cumsum.chunk_cumsum`); seg: [T_pad] int32 sequence ids. Row ``t`` of ``Ag[j]``
+    holds the columns of t's tile: ``Ag[j, t, s - 64 (t // 64)]``.
     """
-    t_pad, _, dk = k.shape
-    hv = g_hm.shape[0]
+    t_pad, h, dk = k.shape
+    hv = gc_hm.shape[0]
+    if hv != h * group:
+        raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
+    if head_loop not in HEAD_LOOPS:
+        raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     n_tiles = t_pad // C
+    tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
+    n_cta = -(-n_tiles // tpc)
+    if h > MAX_GRID_YZ:
+        raise NotImplementedError("too many heads for one launch")
     dtype = k.dtype
-    vec = plgpu.SMEM((C,), F32)
-    ivec = plgpu.SMEM((C,), jnp.int32)
-    out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
+    out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
+    vec = plgpu.SMEM((2, group, C), F32)
     scratch = dict(
         k_s=tile((C, dk), dtype),
-        g_r=vec, g_c=vec, b_r=vec, b_c=vec, s_r=ivec, s_c=ivec,
+        g_r=vec, g_c=vec, b_r=vec, b_c=vec,  # one copy per layout it is read in
+        s_r=plgpu.SMEM((2, C), jnp.int32),
+        s_c=plgpu.SMEM((2, C), jnp.int32),
         lo_s=tile((C, C), dtype),
         ag_s=tile((C, C), dtype),
-        gc_s=vec,
         na_s=plgpu.SMEM((C, C), F32),
         x_s=plgpu.SMEM((C, C), F32),
-        bar=plgpu.Barrier(num_arrivals=7),
+        bar_k=plgpu.Barrier(num_arrivals=1),
+        bar_s=plgpu.Barrier(num_arrivals=6, num_barriers=2),
     )
+    if debug_inverse:
+        scratch["ai_s"] = plgpu.SMEM((C, C), F32)
     interp = bool(interpret)
+    sq = (C, C)
 
-    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_r, g_c, b_r, b_c, s_r, s_c,
-             lo_s, ag_s, gc_s, na_s, x_s, bar):
+    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, *rest, k_s, g_r, g_c, b_r, b_c, s_r, s_c, lo_s, ag_s, na_s,
+             x_s, bar_k, bar_s, ai_s=None):
         ai_ref = rest[0] if debug_inverse else None
-        j, m = lax.axis_index("h"), lax.axis_index("m")
-        tok = pl.ds(pl.multiple_of(m * C, C), C)
-        plgpu.copy_gmem_to_smem(k_ref.at[tok, lax.div(j, group)], k_s, bar)
-        for src, dst in ((g_ref, g_r), (g_ref, g_c), (b_ref, b_r), (b_ref, b_c)):
-            plgpu.copy_gmem_to_smem(src.at[j, tok], dst, bar)
-        plgpu.copy_gmem_to_smem(seg_ref.at[tok], s_r, bar)
-        plgpu.copy_gmem_to_smem(seg_ref.at[tok], s_c, bar)
-        plgpu.barrier_wait(bar)
+        hk, cta = lax.axis_index("h"), lax.axis_index("m")
+        first = cta * tpc
+        count = jnp.minimum(tpc, n_tiles - first)
+        heads = pl.ds(hk * group, group)
 
-        sq = (C, C)
-        r, c = iota(sq, 0), iota(sq, 1)
-        same = rows(plgpu.load(s_r, layout=ROWS), sq) == cols(plgpu.load(s_c, layout=COLS), sq)
-        g_row = plgpu.load(g_r, layout=ROWS)
-        g_col = plgpu.load(g_c, layout=COLS)
-        # segmented inclusive cumsum, once per layout (exact fp32 sums of <= 64 terms)
-        gam_r = jnp.where((c <= r) & same, cols(g_col, sq), 0.0).sum(axis=1)
-        gam_c = jnp.where((r <= c) & same, rows(g_row, sq), 0.0).sum(axis=0)
-        beta_row = plgpu.load(b_r, layout=ROWS)
-        beta_col = plgpu.load(b_c, layout=COLS)
+        def tok_of(i):
+            return pl.ds(pl.multiple_of((first + i) * C, C), C)
 
-        kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T
-        gr, gcc = rows(gam_r, sq), cols(gam_c, sq)
-        a_low, na_t = decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp)
-        # NaN isolation (solve.py): A, the inverse and Ag are exactly 0 across two sequences by
-        # selects, so a clean sequence's rows do not depend on a poisoned neighbour in the tile
-        x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp, same=same, seg_ref=s_r)
-        x = merge(x, a_low, lo_s, dtype, same=same)
-        ag = jnp.where(same, x * cols(beta_col, sq), 0.0)  # beta of another sequence may be NaN
-        ag_s[...] = ag.astype(dtype)
-        gc_s[...] = gam_r
-        if debug_inverse:
-            x_s[...] = x
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ag_s, ag_ref.at[j, tok])
-        plgpu.copy_smem_to_gmem(gc_s, gc_ref.at[j, tok])
-        if debug_inverse:
-            plgpu.copy_smem_to_gmem(x_s, ai_ref.at[j, tok])
+        def issue_k(i):
+            plgpu.copy_gmem_to_smem(k_ref.at[tok_of(i), hk], k_s, bar_k)
+
+        def issue_small(i, slot):
+            tok = tok_of(i)
+            for src, dst in ((g_ref.at[heads, tok], g_r), (g_ref.at[heads, tok], g_c), (b_ref.at[heads, tok], b_r),
+                             (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)):
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
+
+        issue_k(0)
+        issue_small(0, 0)
+
+        def same_seq(slot):
+            """[64, 64] bool, tokens r and s of one sequence; re-read from SMEM at each use, so the mask
+            is not one more array kept in registers across the whole tile."""
+            return (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
+                    == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
+
+        def one_head(e, kk, slot, tok):
+            """v head ``hk * group + e`` of the tile. The named scopes are regions of Mosaic's in-kernel
+            profiler (tests/gpu/mosaic_gpu_check.py --only profile); no code without it."""
+            j = hk * group + e
+            r, c = iota(sq, 0), iota(sq, 1)
+            with jax.named_scope("decay_a"):
+                gam_r = plgpu.load(g_r.at[slot, e], layout=ROWS)
+                gam_c = plgpu.load(g_c.at[slot, e], layout=COLS)
+                beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
+                beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
+                a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same_seq(slot),
+                                        r, c, sq, interp)
+                a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
+            with jax.named_scope("diag_solve"):
+                x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp,
+                                       same=same_seq(slot) if interp else None, seg_ref=s_r.at[slot])
+            with jax.named_scope("merge"):
+                x = merge(x, a_lo16, lo_s, dtype, same=same_seq(slot))
+            with jax.named_scope("store"):
+                # the previous head's stores must have read ag_s (/ ai_s) before they are rewritten
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                ag_s[...] = jnp.where(same_seq(slot), x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq),
+                                      0.0).astype(dtype)
+                if debug_inverse:
+                    ai_s[...] = x
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(ag_s, ag_ref.at[j, tok])
+                if debug_inverse:
+                    plgpu.copy_smem_to_gmem(ai_s, ai_ref.at[j, tok])
+
+        @pl.loop(0, count)
+        def _tile(i):
+            slot = lax.rem(i, 2)
+            tok = tok_of(i)
+
+            # the other slot was last read by tile i - 1, which ended with a warpgroup barrier
+            @pl.when(i + 1 < count)
+            def _():
+                issue_small(i + 1, 1 - slot)
+
+            with jax.named_scope("wait_in"):
+                plgpu.barrier_wait(bar_k)
+                plgpu.barrier_wait(bar_s.at[slot])
+            with jax.named_scope("kk"):
+                kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
+                plgpu.commit_smem()  # every warp is past its read of k_s
+
+            @pl.when(i + 1 < count)
+            def _():
+                issue_k(i + 1)
+
+            if head_loop == "loop" and group > 1:
+                @pl.loop(0, group)
+                def _head(e):
+                    one_head(e, kk, slot, tok)
+            else:
+                for e in range(group):
+                    one_head(e, kk, slot, tok)
+
         plgpu.wait_smem_to_gmem(0)
 
     with tracing_for_interpreter(interp):
-        return plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=scratch, grid=(hv, n_tiles), grid_names=("h", "m"),
+        outs = plgpu.kernel(
+            body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret), kernel_name="gdn_intra",
-        )(k, g_hm, beta_hm, seg)
+        )(k, gc_hm, beta_hm, seg)
+    return outs[0] if not debug_inverse else (outs[0], outs[1])
