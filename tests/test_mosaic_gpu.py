@@ -9,8 +9,7 @@ Two kinds of checks:
   deadlocks. So the interpreter cases run in ONE subprocess with ``JAX_NUM_CPU_DEVICES=4`` (this
   file run as a script), under a timeout.
 * NaN / inf in one sequence of a tile shared with clean ones, under the interpreter (the default,
-  fused and chunk_variant="wide" prefills; the intra kernel's Ag with its heads walked in a loop,
-  and the XLA gate cumsum): the clean sequences' results bitwise those of a clean call.
+  fused and chunk_variant="wide" prefills; the intra kernel's Ag and gc with its heads unrolled): the clean sequences' results bitwise those of a clean call.
 * the whole prefill (both kernels and the XLA around them) is lowered for CUDA on this host
   (``.trace(...).lower(lowering_platforms=("cuda",))`` inside an abstract H200 mesh), so a kernel
   that Mosaic GPU cannot lower fails CI. (PTX assembly happens on the GPU only.)
@@ -45,11 +44,11 @@ CASES = [
     # the exact split (gdn.split) with its pieces run by this impl: values [v | 0], states [0 | I]
     ("split_pieces", dict(lens=[300, 40], h=1, hv=2, k=64, v=64, initial_state=True, seed=5),
      dict(), "bfloat16", "split"),
-    # the intra kernel with 2 tiles per CTA (7 tiles -> CTAs of 2, 2, 2, 1), its heads in a loop
+    # the intra kernel with 2 tiles per CTA (7 tiles -> CTAs of 2, 2, 2, 1), its heads unrolled
     ("intra_t2_varlen_G3_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64, initial_state=True,
                                        pad_tokens=20, seed=6), dict(), "bfloat16", "packed:t2"),
-    ("intra_loop_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
-     dict(output_final_state=False), "float16", "jit:loop"),
+    ("intra_unroll_jit_G2_K128_fp16", dict(lens=[130, 0, 70], h=2, hv=4, k=128, v=64, initial_state=True, seed=7),
+     dict(output_final_state=False), "float16", "jit:unroll"),
     # chunk_variant="wide" (chunk_loop_wide.py): one CTA per sequence and v head: a prep warpgroup
     # and one or two state warpgroups
     ("wide_varlen_G2_K64_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=64, v=128,
@@ -61,7 +60,7 @@ CASES = [
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
-                "loop": dict(head_loop="loop", intra_tiles=2), "wide": dict(chunk_variant="wide")}
+                "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -133,7 +132,7 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
 
 def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63, 64, 65), h=1, hv=3, dk=64,
                         tiles_per_cta=2, seed=8):
-    """The gate cumsum (XLA) and the intra kernel (Ai, Ag) against the float64 stage tensors of
+    """The intra kernel (gc, Ai, Ag) against the float64 stage tensors of
     gdn.reference.chunked.
 
     The kernels tile the PACKED token axis; the reference chunks each sequence from its start. Both
@@ -145,7 +144,6 @@ def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63,
 
     from gdn import reference as R
     from gdn.inputs import make_inputs, round_to_dtype
-    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
 
     x = make_inputs(list(lens), h=h, hv=hv, k=dk, v=32, seed=seed)
@@ -172,9 +170,8 @@ def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63,
     g_hm = np.zeros((hv, tp), np.float32)
     g_hm[:, :t] = g32[0, :t].T
     seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32))
-    gc = chunk_cumsum(jnp.asarray(g_hm), seg)
-    ag, ai = intra(jnp.asarray(kp, jnp.bfloat16), gc, jnp.asarray(beta_hm), seg, group=hv // h,
-                   tiles_per_cta=tiles_per_cta, head_loop=head_loop, interpret=interpret, debug_inverse=True)
+    ag, gc, ai = intra(jnp.asarray(kp, jnp.bfloat16), jnp.asarray(g_hm), jnp.asarray(beta_hm), seg, group=hv // h,
+                       tiles_per_cta=tiles_per_cta, head_loop=head_loop, interpret=interpret, debug_inverse=True)
     ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
     return dict(ai=R.rms_ratio(ai, ai_ref), ag=R.rms_ratio(ag, ag_ref), gc=R.rms_ratio(gc, gc_ref),
                 ai_max=float(np.abs(ai - ai_ref).max()), ag_max=float(np.abs(ag - ag_ref).max()),
@@ -248,13 +245,12 @@ def _nan_isolation(variant="", interpret=True, dv=64):
         tail_zero=bool(np.all(o_p[cu[-1]:] == 0)))
 
 
-def _intra_nan_isolation(head_loop="loop", interpret=True):
-    """The gate cumsum and the intra kernel on the clean and the poisoned k / g / beta of
+def _intra_nan_isolation(head_loop="unroll", interpret=True):
+    """The intra kernel on the clean and the poisoned k / g / beta of
     :func:`_nan_inputs`: the clean sequences' rows of Ag and gc must be bitwise equal (and finite).
     The chunk loop behind them is the one the whole-prefill checks run."""
     import jax.numpy as jnp
 
-    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
 
     outs = []
@@ -265,8 +261,7 @@ def _intra_nan_isolation(head_loop="loop", interpret=True):
         k = jnp.asarray(arrs[1][0], jnp.bfloat16)
         g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
         seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32)
-        gc = chunk_cumsum(g_hm, seg)
-        ag = intra(k, gc, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret)
+        ag, gc = intra(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret)
         outs.append([np.asarray(a, np.float32) for a in (ag, gc)])
     (ag_c, gc_c), (ag_p, gc_p) = outs
     clean = [n for n in range(len(NAN_LENS)) if n not in NAN_POISON]
@@ -300,8 +295,8 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    # the whole-prefill cases above unroll the intra kernel's heads; this one walks them in a loop
-    _timed(results, "nan_isolation_intra_loop", lambda: _intra_nan_isolation("loop"))
+    # the whole-prefill cases above walk the intra kernel's heads in a loop (the default); this one unrolls them
+    _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll"))
     with open(path, "w") as fh:
         json.dump(results, fh)
     assert jax.device_count() >= 3
@@ -342,7 +337,7 @@ def test_interpreter_matches_float64(interp_results, case):
 
 
 def test_intra_matches_float64_stages(interp_results):
-    """The XLA gate cumsum and the intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
+    """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
     0/1/63/64/65, a padding tile) against gdn.reference.chunked(stages=True): Ai and Ag at the bf16
     bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
@@ -367,11 +362,11 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
 
 
-def test_interpreter_intra_loop_nan_stays_in_its_sequence(interp_results):
-    """The gate cumsum and the intra kernel with head_loop="loop" (the whole-prefill cases above
-    unroll the heads) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc
-    bitwise those of the clean call (what the chunk loop needs)."""
-    res = interp_results["nan_isolation_intra_loop"]
+def test_interpreter_intra_unroll_nan_stays_in_its_sequence(interp_results):
+    """The intra kernel with head_loop="unroll" (the whole-prefill cases above loop over the heads)
+    on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise those of the
+    clean call (what the chunk loop needs)."""
+    res = interp_results["nan_isolation_intra_unroll"]
     assert "error" not in res, res.get("error")
     assert res["rows_changed"] == 0 and res["clean_finite"] and res["dirty_finite"], res
 
@@ -460,8 +455,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop", [
-    (512, 16, 2, 128, "bfloat16", None, "unroll"),  # the Qwen3.5 head shape, default tiles per CTA
-    (512, 16, 2, 128, "bfloat16", None, "loop"),
+    (512, 16, 2, 128, "bfloat16", None, "loop"),  # the Qwen3.5 head shape, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "unroll"),
     (320, 1, 3, 64, "float16", 2, "unroll"),        # G = 3, a short last CTA, the debug output
 ])
 def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop):
@@ -509,3 +504,17 @@ def test_prefill_picks_mosaic_gpu_on_hopper():
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpret-cases":
     sys.path.insert(0, ROOT)
     _main_interpret_cases(sys.argv[2])
+
+
+def test_chunk_variant_policy():
+    """The wide chunk loop where its one-CTA-per-(sequence, head) grid fills the waves better (the
+    H200's picks of 2026-12-04), the default elsewhere and whenever the sequence count is unknown."""
+    from gdn.jax_backend.mosaic_gpu._driver import pick_chunk_variant
+
+    picks = {(n, hv): pick_chunk_variant(n, hv, 128, 132)
+             for n, hv in ((4, 32), (8, 32), (128, 32), (1, 32), (4, 16), (4, 48), (2, 32))}
+    assert picks == {(4, 32): "wide", (8, 32): "wide", (128, 32): "wide", (1, 32): "default",
+                     (4, 16): "default", (4, 48): "default", (2, 32): "default"}
+    assert pick_chunk_variant(None, 32, 128, 132) == "default"  # a plan traced under jit
+    assert pick_chunk_variant(4, 32, 64, 132) == "default"      # measured at V = 128 only
+    assert pick_chunk_variant(0, 32, 128, 132) == "default"

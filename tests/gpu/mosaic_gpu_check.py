@@ -18,10 +18,10 @@ intra_cmp (the intra kernel's head walks vs the float64 stages, then configurati
 profile (Mosaic's in-kernel profiler at 4x2048: the time of each named scope per warpgroup, in a
 subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
 
-The default against the wide chunk loop and the intra kernel's head loop, in one call:
+The default (the chunk loop picked per call) against each chunk loop forced, in one call:
 
     PYTHONPATH=. python3 tests/gpu/mosaic_gpu_check.py --only env,intra,small,qwen,kernels,time,ptxas \
-        --variants default,wide,loop,wide_loop --shapes 4x8192,128x256,4x2048 --fla-shapes 4x8192
+        --variants default,narrow,wide --shapes 4x8192,128x256,4x2048 --fla-shapes 4x8192
 """
 from __future__ import annotations
 
@@ -90,10 +90,9 @@ def sec_env():
 
 @section("intra")
 def sec_intra():
-    """The gate cumsum (XLA) and the inverse kernel (inline-MLIR fp32 substitution + merges) vs float64."""
+    """The intra kernel (segmented cumsum, inline-MLIR fp32 substitution + merges) vs float64."""
     import jax.numpy as jnp
     from gdn.inputs import make_inputs
-    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
     lens = [100, 0, 1, 63, 64, 65, 300]
     x = make_inputs(lens, h=2, hv=4, k=128, v=128, seed=5)
@@ -108,8 +107,7 @@ def sec_intra():
     b[:, :t] = x.beta[0].T
     seg = np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32)
     kb = jnp.asarray(k, jnp.bfloat16)
-    gc = chunk_cumsum(jnp.asarray(g), jnp.asarray(seg))
-    ag, ai = intra(kb, gc, jnp.asarray(b), jnp.asarray(seg), group=2, debug_inverse=True)
+    ag, gc, ai = intra(kb, jnp.asarray(g), jnp.asarray(b), jnp.asarray(seg), group=2, debug_inverse=True)
     ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
     kf = np.asarray(kb, np.float64)
     worst = dict(ai=0.0, ag=0.0, gc=0.0)
@@ -277,13 +275,13 @@ def _bench_fla(lens, h, hv, dk, seed, iters=10, reps=3):
 
 
 VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
-    "default": {},
+    "default": {},  # chunk_variant="auto" (_driver.pick_chunk_variant), intra heads in a loop
     "fused": dict(variant="fused"),
-    "loop": dict(head_loop="loop"),  # the intra kernel walks a group's v heads in a loop (fewer registers?)
+    "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
+    "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
+    "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
     "t2": dict(intra_tiles=2),
     "t8": dict(intra_tiles=8),
-    "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
-    "wide_loop": dict(chunk_variant="wide", head_loop="loop"),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
     "wide_r120": dict(chunk_variant="wide", regs=(120, 192)),
 }
@@ -334,34 +332,31 @@ def sec_time(shapes, variants, fla_shapes):
 def _kernel_inputs(lens, h, hv, seed=2):
     """Device inputs of the kernels alone (what _driver.core hands them) at the Qwen3.5 head size."""
     import jax.numpy as jnp
-    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
+    from gdn.jax_backend.mosaic_gpu.intra import intra
     q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, 128, seed=seed)
     t = q.shape[1]
     q3, k3, v3 = q.reshape(t, h, 128), k.reshape(t, h, 128), v.reshape(t, hv, 128)
     g_hm, b_hm = g[0].T, beta[0].T
     cu_j = jnp.asarray(np.concatenate([cu, np.full(4, cu[-1])]), jnp.int32)  # 4 padding sequences
     seg = jnp.searchsorted(cu_j[1:], jnp.arange(t, dtype=jnp.int32), side="right").astype(jnp.int32)
-    gc = chunk_cumsum(g_hm, seg)
-    return dict(q=q3, k=k3, v=v3, g_hm=g_hm, b_hm=b_hm, cu=cu_j, seg=seg, gc=gc, h0=h0, t=t, n=len(lens))
+    ag, gc = intra(k3, g_hm, b_hm, seg, group=hv // h)
+    return dict(ag=ag, q=q3, k=k3, v=v3, g_hm=g_hm, b_hm=b_hm, cu=cu_j, seg=seg, gc=gc, h0=h0, t=t, n=len(lens))
 
 
 @section("kernels")
 def sec_kernels():
-    """Each stage timed alone at 4x8192 (where the time goes): the XLA cumsum, the intra kernel (heads
-    unrolled / in a loop), the default and the wide chunk loop."""
+    """Each stage timed alone at 4x8192 (where the time goes): the intra kernel (heads in a loop /
+    unrolled), the default and the wide chunk loop."""
     import jax
     from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
     from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
-    from gdn.jax_backend.mosaic_gpu.cumsum import chunk_cumsum
     from gdn.jax_backend.mosaic_gpu.intra import intra
     x = _kernel_inputs([8192] * 4, 16, 32)
-    res = dict(cumsum=_bench(jax.jit(chunk_cumsum), (x["g_hm"], x["seg"]))[0])
-    ag = None
-    for hl in ("unroll", "loop"):
-        f_intra = jax.jit(lambda k, gc, b, s, hl=hl: intra(k, gc, b, s, group=2, head_loop=hl))
-        args = (x["k"], x["gc"], x["b_hm"], x["seg"])
-        res["intra_" + hl] = _bench(f_intra, args)[0]
-        ag = f_intra(*args) if ag is None else ag
+    res = {}
+    for hl in ("loop", "unroll"):
+        f_intra = jax.jit(lambda k, g, b, s, hl=hl: intra(k, g, b, s, group=2, head_loop=hl))
+        res["intra_" + hl] = _bench(f_intra, (x["k"], x["g_hm"], x["b_hm"], x["seg"]))[0]
+    ag = x["ag"]
     loops = dict(chunk_loop=chunk_loop, chunk_loop_wide=chunk_loop_wide)
     for name, loop in loops.items():
         f = jax.jit(lambda q, k, v, ag, gc, cu, h0, loop=loop: loop(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5,
@@ -384,8 +379,8 @@ def _test_module():
 
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
-INTRA_CMP = [("unroll_t4", dict()), ("loop_t4", dict(head_loop="loop")), ("unroll_t2", dict(tiles_per_cta=2)),
-             ("loop_t8", dict(head_loop="loop", tiles_per_cta=8))]
+INTRA_CMP = [("loop_t4", dict()), ("unroll_t4", dict(head_loop="unroll")), ("loop_t2", dict(tiles_per_cta=2)),
+             ("loop_t8", dict(tiles_per_cta=8))]
 
 
 @section("intra_cmp")
@@ -395,7 +390,7 @@ def sec_intra_cmp():
     from gdn.jax_backend.mosaic_gpu.intra import intra
     tmg = _test_module()
     out = {}
-    for hl in ("unroll", "loop"):
+    for hl in ("loop", "unroll"):
         err = tmg._intra_stage_errors(hl, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
         out["check_" + hl] = err
         TABLE.append(f"intra {hl:6s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
@@ -403,11 +398,11 @@ def sec_intra_cmp():
         log(hl, err)
     for label, lens, h in INTRA_CMP_SHAPES:
         x = _kernel_inputs(lens, h, 2 * h)
-        args = (x["k"], x["gc"], x["b_hm"], x["seg"])
+        args = (x["k"], x["g_hm"], x["b_hm"], x["seg"])
         row = {}
         ref = None
         for name, kw in INTRA_CMP:
-            f = jax.jit(lambda k, gc, b, s, kw=kw: intra(k, gc, b, s, group=2, **kw))
+            f = jax.jit(lambda k, g, b, s, kw=kw: intra(k, g, b, s, group=2, **kw)[0])
             row[name] = _bench(f, args)[0]
             ag = np.asarray(f(*args), np.float32)
             if ref is None:

@@ -2,20 +2,22 @@
 
 Two kernels per call, no per-chunk state in HBM:
 
-1. :func:`intra_grouped.intra_grouped` (the default), grid (H, tile runs): per aligned 64-token tile
-   and v head, the decayed inverse with beta folded in (``Ag = (I + A)^-1 diag(beta)``, input dtype)
-   and the segmented gate cumsum (``gc``, fp32), one CTA per k head and run of tiles doing the G v
-   heads from one ``K K^T``. Sequence boundaries inside a tile split it into independent blocks.
-   ``intra_variant="per_head"`` runs :func:`intra.intra` (grid (HV, tiles)), slower on the H200.
-2. :func:`chunk_loop.chunk_loop`, grid (V / 64, HV, N_pad + 1): one CTA per sequence, v head and
-   64-column V tile walks its sequence's tiles with the fp32 state in registers (warp-specialized:
-   TMA producer, state chain, output), writes the output once and the final state once.
-   ``chunk_variant="wide"`` (:mod:`.chunk_loop_wide`, not the default, V in {64, 128}): grid (HV, N_pad + 1),
-   one CTA per sequence and v head, a state warpgroup per 64 V columns forming its own output (no state
-   publication), q / k / Ag read once per CTA.
+1. :func:`intra.intra`, grid (H, tile runs): per aligned 64-token tile and v head, the segmented
+   gate cumsum (``gc``, fp32) and the decayed inverse with beta folded in (``Ag = (I + A)^-1
+   diag(beta)``, input dtype), one CTA per k head and run of tiles doing the G v heads from one
+   ``K K^T``. Sequence boundaries inside a tile split it into independent blocks.
+2. the chunk loop, which walks each sequence's tiles with the fp32 state in registers and writes the
+   output once and the final state once:
+   ``chunk_variant="auto"`` (the default) picks one of two per call (``_driver.pick_chunk_variant``):
+   :func:`chunk_loop.chunk_loop` (``chunk_variant="default"``), grid (V / 64, HV, N_pad + 1): one CTA
+   per sequence, v head and 64-column V tile (TMA producer, state chain, output warpgroups); or
+   :func:`chunk_loop_wide.chunk_loop_wide` (``chunk_variant="wide"``, V in {64, 128}), grid
+   (HV, N_pad + 1): one CTA per sequence and v head, a prep warpgroup doing each tile's
+   V-independent work once and a state warpgroup per 64 V columns forming its own output.
 
-XLA around them only reshapes, moves g and beta to head-major fp32 and builds the per-token sequence
-id from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).
+XLA around them reshapes, moves g and beta to head-major fp32, builds the per-token sequence id from
+the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from
+static shapes).
 
 Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
 have: NotImplementedError, so ``impl=None`` falls back), K in {64, 128}, V in {64, 128, 192, 256},

@@ -17,12 +17,38 @@ from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
-from .cumsum import chunk_cumsum
 from .fused import fused
 from .intra import HEAD_LOOPS, intra
 
 VARIANTS = ("two_kernels", "fused")
-CHUNK_VARIANTS = ("default", "wide")
+CHUNK_VARIANTS = ("auto", "default", "wide")
+#: Per-tile time of one CTA (H200, 2026-12-04, H = 16, HV = 32, K = V = 128, each loop alone at
+#: 4x8192): the wide loop 0.416 ms for one wave of 128 tiles, the default 0.494 ms for two waves.
+WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
+
+
+def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
+    """"wide" where its CTAs (one per sequence and v head, one per SM) fill the GPU's waves better
+    than the default's (twice as many, a V half each), else "default"; "default" when the real
+    sequence count is unknown (a plan traced under the caller's jit) or V != 128 (the wide loop is
+    measured at V = 128 only). Sequences taken as equally long: a wave model, not a promise.
+
+    On the H200 (2026-12-04) it picks what measured faster at 4x8192, 8x4096, 128x256 and 4x2048
+    (wide) and at 1x32768 and 4x8192 with HV = 16 or 48 (default).
+    """
+    if num_seqs is None or dv != 128 or num_seqs <= 0:
+        return "default"
+    ctas = num_seqs * hv
+    wide = -(-ctas // sms) * WIDE_TILE_US
+    default = -(-2 * ctas // sms) * DEFAULT_TILE_US
+    return "wide" if wide < default else "default"
+
+
+def _sm_count() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    except Exception:  # pragma: no cover - no backend
+        return 132
 
 
 def _l2norm(x):
@@ -36,7 +62,7 @@ def _l2norm(x):
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
-         intra_tiles: int | None = None, head_loop: str = "unroll", chunk_variant: str = "default"):
+         intra_tiles: int | None = None, head_loop: str = "loop", chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -68,9 +94,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     else:
         seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
                                side="right").astype(jnp.int32)
-        gc = chunk_cumsum(g_hm, seg)
-        ag = intra(k, gc, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
-                   interpret=interpret)
+        ag, gc = intra(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
+                       interpret=interpret)[:2]
         if chunk_variant == "wide":
             o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
                                        t_valid=t_pad, stages=stages, regs=regs, interpret=interpret)
@@ -84,13 +109,14 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
-                   head_loop: str = "unroll", chunk_variant: str = "default"):
+                   head_loop: str = "loop", chunk_variant: str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the gate cumsum in XLA, the intra kernel, then the chunk
     loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
     slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
-    intra kernel (:func:`intra.intra`). ``chunk_variant`` (two_kernels only): "default"
+    intra kernel (:func:`intra.intra`). ``chunk_variant`` (two_kernels only): "auto" (the default:
+    :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and a
     state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers)."""
@@ -100,6 +126,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
+    if chunk_variant == "auto":
+        chunk_variant = pick_chunk_variant(args.plan.num_seqs, args.dims[1], args.dims[3], _sm_count())
     if chunk_variant == "wide" and args.dims[3] not in WIDE_VALUE_DIMS:
         raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,

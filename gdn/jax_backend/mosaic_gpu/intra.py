@@ -2,19 +2,22 @@
 with beta folded in, ``Ag = (I + A)^-1 diag(beta)`` (k's dtype), for the chunk loop.
 
 ``A[r, s] = beta_r (k_r . k_s) exp(gc_r - gc_s)`` for ``r > s`` in one sequence, 0 otherwise, with
-``gc`` the chunk-local, sequence-segmented gate cumsum of :mod:`.cumsum` (computed in XLA before this
-kernel). Organised for latency (the kernel is latency bound: few warps per SM, a serial inverse):
+``gc`` the chunk-local, sequence-segmented gate cumsum, which this kernel also computes (a masked
+[64, 64] row sum; an XLA scan instead cost 0.062 ms at 4x8192 on the H200, 2026-12-04, about twice
+what it costs in here) and writes for the chunk loop. Organised for latency (the kernel is latency
+bound: few warps per SM, a serial inverse):
 
 * grid ``(H, ceil(tiles / tiles_per_cta))``: one CTA (one warpgroup) per q/k head and run of
   ``tiles_per_cta`` consecutive tiles. The k tile is loaded once and ``K K^T`` formed once per tile,
-  then the ``G = HV / H`` v heads of the group (which differ only in gc and beta) are done from it.
-* the next tile's loads are in flight while the current one computes: gc / beta / sequence ids are
+  then the ``G = HV / H`` v heads of the group (which differ only in g and beta) are done from it.
+* the next tile's loads are in flight while the current one computes: g / beta / sequence ids are
   double-buffered (issued at the start of a tile), the single k buffer is refilled as soon as this
   tile's ``K K^T`` has been read out of it.
 * output stores are waited for only before their SMEM is rewritten (``wait_read_only``), fully once
   at the end of the CTA.
-* ``head_loop="loop"`` walks the group's heads in a loop instead of unrolling them (fewer live
-  registers: a knob for the H200's register report, see benchmarks/mosaic_notes.md).
+* ``head_loop="loop"`` (the default) walks the group's heads in a loop instead of unrolling them:
+  237 registers instead of 248 and 0.377 vs 0.403 ms alone at 4x8192 (H200, 2026-12-04, with the
+  cumsum outside; benchmarks/mosaic_notes.md).
 
 The 16x16 diagonal-block substitution and the 16 -> 32 -> 64 merges are :mod:`.solve`'s. Sequences
 sharing a tile split it into independent blocks; every entry across two sequences is made exactly 0
@@ -39,16 +42,17 @@ TILES_PER_CTA = 4
 HEAD_LOOPS = ("unroll", "loop")
 
 
-def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "unroll",
+def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           interpret=None, debug_inverse: bool = False):
-    """``Ag [HV, T_pad, 64]`` in k's dtype (and ``Ai [HV, T_pad, 64]`` fp32 with ``debug_inverse``).
+    """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
+    ``debug_inverse``).
 
-    k: [T_pad, H, K] (T_pad a multiple of 64); gc_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group
-    (gc from :func:`.cumsum.chunk_cumsum`); seg: [T_pad] int32 sequence ids. Row ``t`` of ``Ag[j]``
-    holds the columns of t's tile: ``Ag[j, t, s - 64 (t // 64)]``.
+    k: [T_pad, H, K] (T_pad a multiple of 64); g_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group;
+    seg: [T_pad] int32 sequence ids. Row ``t`` of ``Ag[j]`` holds the columns of t's tile:
+    ``Ag[j, t, s - 64 (t // 64)]``; ``gc`` is the chunk-local gate cumsum, segmented by sequence.
     """
     t_pad, h, dk = k.shape
-    hv = gc_hm.shape[0]
+    hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     if head_loop not in HEAD_LOOPS:
@@ -59,29 +63,30 @@ def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = Non
     if h > MAX_GRID_YZ:
         raise NotImplementedError("too many heads for one launch")
     dtype = k.dtype
-    out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype)]
+    out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
     vec = plgpu.SMEM((2, group, C), F32)
     scratch = dict(
         k_s=tile((C, dk), dtype),
-        g_r=vec, g_c=vec, b_r=vec, b_c=vec,  # one copy per layout it is read in
+        g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
         s_r=plgpu.SMEM((2, C), jnp.int32),
         s_c=plgpu.SMEM((2, C), jnp.int32),
         lo_s=tile((C, C), dtype),
         ag_s=tile((C, C), dtype),
+        gc_s=plgpu.SMEM((C,), F32),
         na_s=plgpu.SMEM((C, C), F32),
         x_s=plgpu.SMEM((C, C), F32),
         bar_k=plgpu.Barrier(num_arrivals=1),
-        bar_s=plgpu.Barrier(num_arrivals=6, num_barriers=2),
+        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
     )
     if debug_inverse:
         scratch["ai_s"] = plgpu.SMEM((C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
-    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, *rest, k_s, g_r, g_c, b_r, b_c, s_r, s_c, lo_s, ag_s, na_s,
-             x_s, bar_k, bar_s, ai_s=None):
+    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s,
+             na_s, x_s, bar_k, bar_s, ai_s=None):
         ai_ref = rest[0] if debug_inverse else None
         hk, cta = lax.axis_index("h"), lax.axis_index("m")
         first = cta * tpc
@@ -96,7 +101,7 @@ def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = Non
 
         def issue_small(i, slot):
             tok = tok_of(i)
-            for src, dst in ((g_ref.at[heads, tok], g_r), (g_ref.at[heads, tok], g_c), (b_ref.at[heads, tok], b_r),
+            for src, dst in ((g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r),
                              (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
 
@@ -114,9 +119,15 @@ def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = Non
             profiler (tests/gpu/mosaic_gpu_check.py --only profile); no code without it."""
             j = hk * group + e
             r, c = iota(sq, 0), iota(sq, 1)
+            with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
+                g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
+                gam_r = jnp.where((c <= r) & same_seq(slot), cols(g_col, sq), 0.0).sum(axis=1)
+                # the previous head's stores must have read ag_s / gc_s (/ ai_s) before they are rewritten
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                gc_s[...] = gam_r
+                plgpu.commit_smem()
+                gam_c = plgpu.load(gc_s, layout=COLS)  # the same fp32 values, column layout
             with jax.named_scope("decay_a"):
-                gam_r = plgpu.load(g_r.at[slot, e], layout=ROWS)
-                gam_c = plgpu.load(g_c.at[slot, e], layout=COLS)
                 beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
                 beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
                 a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same_seq(slot),
@@ -128,14 +139,13 @@ def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = Non
             with jax.named_scope("merge"):
                 x = merge(x, a_lo16, lo_s, dtype, same=same_seq(slot))
             with jax.named_scope("store"):
-                # the previous head's stores must have read ag_s (/ ai_s) before they are rewritten
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 ag_s[...] = jnp.where(same_seq(slot), x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq),
                                       0.0).astype(dtype)
                 if debug_inverse:
                     ai_s[...] = x
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(ag_s, ag_ref.at[j, tok])
+                plgpu.copy_smem_to_gmem(gc_s, gc_ref.at[j, tok])
                 if debug_inverse:
                     plgpu.copy_smem_to_gmem(ai_s, ai_ref.at[j, tok])
 
@@ -174,5 +184,5 @@ def intra(k, gc_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = Non
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret), kernel_name="gdn_intra",
-        )(k, gc_hm, beta_hm, seg)
-    return outs[0] if not debug_inverse else (outs[0], outs[1])
+        )(k, g_hm, beta_hm, seg)
+    return tuple(outs)
