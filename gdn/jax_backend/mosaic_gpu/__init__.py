@@ -15,9 +15,8 @@ Two kernels per call, no per-chunk state in HBM:
    (HV, N_pad + 1): one CTA per sequence and v head, a prep warpgroup doing each tile's
    V-independent work once and a state warpgroup per 64 V columns forming its own output.
 
-XLA around them reshapes, moves g and beta to head-major fp32, builds the per-token sequence id from
-the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from
-static shapes).
+XLA around them reshapes, moves g and beta to head-major fp32 and builds the per-token sequence id
+from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).
 
 Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
 have: NotImplementedError, so ``impl=None`` falls back), K in {64, 128}, V in {64, 128, 192, 256},
@@ -108,8 +107,6 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
     why = unsupported_reason(args)
     if why is None and options.get("variant") == "fused" and args.dims[3] > 128:
         why = "mosaic_gpu variant 'fused' runs V <= 128 (one state warpgroup per 64 columns)"
-    if why is None and options.get("chunk_variant") == "wide" and args.dims[3] > 128:
-        why = "mosaic_gpu chunk_variant 'wide' runs V <= 128 (one state warpgroup per 64 columns)"
     if why is not None:
         raise NotImplementedError(why)
     from ._driver import prefill_arrays

@@ -44,6 +44,7 @@ def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
     return "wide" if wide < default else "default"
 
 
+@functools.cache
 def _sm_count() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0) or 132)
@@ -112,8 +113,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    head_loop: str = "loop", chunk_variant: str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
-    ``variant``: "two_kernels" (default: the gate cumsum in XLA, the intra kernel, then the chunk
-    loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
+    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
     slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
     intra kernel (:func:`intra.intra`). ``chunk_variant`` (two_kernels only): "auto" (the default:
     :func:`pick_chunk_variant`), "default"

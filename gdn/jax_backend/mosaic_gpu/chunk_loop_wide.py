@@ -45,7 +45,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, drain_releases, finish_together,
                      for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
                      rows, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
@@ -203,9 +203,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
             lax.fori_loop(0, nt, step, None)
 
-            @pl.loop(jnp.maximum(nt - stages, 0), nt)
-            def _drain(i):  # the releases nobody refilled (a barrier's waiter must see every phase)
-                plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])
+            drain_releases(nt, stages, in_free)
 
         def state(w: int):
             if nsw > 1:

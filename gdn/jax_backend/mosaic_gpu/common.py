@@ -246,6 +246,12 @@ def produce(nt, stages: int, issue, in_free) -> None:
         plgpu.barrier_wait(in_free.at[slot])
         issue(i, slot)
 
+    drain_releases(nt, stages, in_free)
+
+
+def drain_releases(nt, stages: int, in_free) -> None:
+    """Observe the slot releases of the last ``stages`` tiles, which no refill waited for (a
+    barrier's waiter must see every phase)."""
     @pl.loop(jnp.maximum(nt - stages, 0), nt)
     def _drain(i):
         plgpu.barrier_wait(in_free.at[lax.rem(i, stages)])

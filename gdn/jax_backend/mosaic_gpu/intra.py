@@ -15,9 +15,10 @@ bound: few warps per SM, a serial inverse):
   tile's ``K K^T`` has been read out of it.
 * output stores are waited for only before their SMEM is rewritten (``wait_read_only``), fully once
   at the end of the CTA.
-* ``head_loop="loop"`` (the default) walks the group's heads in a loop instead of unrolling them:
-  237 registers instead of 248 and 0.377 vs 0.403 ms alone at 4x8192 (H200, 2026-12-04, with the
-  cumsum outside; benchmarks/mosaic_notes.md).
+* ``head_loop="loop"`` (the default) walks the group's heads in a loop instead of unrolling them.
+  H200, 2026-12-04, 4x8192: with the cumsum outside the kernel (call 2) 237 registers instead of
+  248 and 0.377 vs 0.403 ms alone; with it inside (today's kernel, call 3) 0.406 ms both ways, its
+  register count not read (benchmarks/mosaic_notes.md).
 
 The 16x16 diagonal-block substitution and the 16 -> 32 -> 64 merges are :mod:`.solve`'s. Sequences
 sharing a tile split it into independent blocks; every entry across two sequences is made exactly 0
