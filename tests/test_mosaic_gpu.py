@@ -131,7 +131,7 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
 
 
 def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63, 64, 65), h=1, hv=3, dk=64,
-                        tiles_per_cta=2, seed=8):
+                        tiles_per_cta=2, seed=8, **intra_kw):
     """The intra kernel (gc, Ai, Ag) against the float64 stage tensors of
     gdn.reference.chunked.
 
@@ -171,7 +171,8 @@ def _intra_stage_errors(head_loop="unroll", interpret=True, lens=(100, 0, 1, 63,
     g_hm[:, :t] = g32[0, :t].T
     seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(tp), side="right").astype(np.int32))
     ag, gc, ai = intra(jnp.asarray(kp, jnp.bfloat16), jnp.asarray(g_hm), jnp.asarray(beta_hm), seg, group=hv // h,
-                       tiles_per_cta=tiles_per_cta, head_loop=head_loop, interpret=interpret, debug_inverse=True)
+                       tiles_per_cta=tiles_per_cta, head_loop=head_loop, interpret=interpret, debug_inverse=True,
+                       **intra_kw)
     ag, gc, ai = (np.asarray(a, np.float64) for a in (ag, gc, ai))
     return dict(ai=R.rms_ratio(ai, ai_ref), ag=R.rms_ratio(ag, ag_ref), gc=R.rms_ratio(gc, gc_ref),
                 ai_max=float(np.abs(ai - ai_ref).max()), ag_max=float(np.abs(ag - ag_ref).max()),
@@ -245,7 +246,7 @@ def _nan_isolation(variant="", interpret=True, dv=64):
         tail_zero=bool(np.all(o_p[cu[-1]:] == 0)))
 
 
-def _intra_nan_isolation(head_loop="unroll", interpret=True):
+def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
     """The intra kernel on the clean and the poisoned k / g / beta of
     :func:`_nan_inputs`: the clean sequences' rows of Ag and gc must be bitwise equal (and finite).
     The chunk loop behind them is the one the whole-prefill checks run."""
@@ -261,7 +262,8 @@ def _intra_nan_isolation(head_loop="unroll", interpret=True):
         k = jnp.asarray(arrs[1][0], jnp.bfloat16)
         g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
         seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32)
-        ag, gc = intra(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret)
+        ag, gc = intra(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret,
+                       **intra_kw)
         outs.append([np.asarray(a, np.float32) for a in (ag, gc)])
     (ag_c, gc_c), (ag_p, gc_p) = outs
     clean = [n for n in range(len(NAN_LENS)) if n not in NAN_POISON]
@@ -289,14 +291,16 @@ def _main_interpret_cases(path):
 
     results = {}
     _timed(results, "intra_stage", _intra_stage_errors)
+    _timed(results, "intra_stage_levels", lambda: _intra_stage_errors(merge_variant="levels"))
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
     _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    # the whole-prefill cases above walk the intra kernel's heads in a loop (the default); this one unrolls them
-    _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll"))
+    # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
+    # chain (the defaults); this one unrolls them and merges by levels
+    _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
     with open(path, "w") as fh:
         json.dump(results, fh)
     assert jax.device_count() >= 3
@@ -336,13 +340,14 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-def test_intra_matches_float64_stages(interp_results):
+@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels"])
+def test_intra_matches_float64_stages(interp_results, case):
     """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
-    0/1/63/64/65, a padding tile) against gdn.reference.chunked(stages=True): Ai and Ag at the bf16
-    bar, gc to fp32 rounding."""
+    0/1/63/64/65, a padding tile; the default chain merge and the levels one) against
+    gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
-    res = interp_results["intra_stage"]
+    res = interp_results[case]
     assert "error" not in res, res.get("error")
     assert res["ai"] < vs_f64("bfloat16") and res["ag"] < vs_f64("bfloat16"), res
     assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
@@ -363,8 +368,8 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
 
 
 def test_interpreter_intra_unroll_nan_stays_in_its_sequence(interp_results):
-    """The intra kernel with head_loop="unroll" (the whole-prefill cases above loop over the heads)
-    on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise those of the
+    """The intra kernel with head_loop="unroll" and merge_variant="levels" (the whole-prefill cases
+    above loop over the heads and merge in a chain) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise those of the
     clean call (what the chunk loop needs)."""
     res = interp_results["nan_isolation_intra_unroll"]
     assert "error" not in res, res.get("error")
@@ -454,12 +459,12 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop", [
-    (512, 16, 2, 128, "bfloat16", None, "loop"),  # the Qwen3.5 head shape, default tiles per CTA
-    (512, 16, 2, 128, "bfloat16", None, "unroll"),
-    (320, 1, 3, 64, "float16", 2, "unroll"),        # G = 3, a short last CTA, the debug output
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge", [
+    (512, 16, 2, 128, "bfloat16", None, "loop", "levels"),  # the Qwen3.5 head shape, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain"),   # + the substitution reading -A by columns
+    (320, 1, 3, 64, "float16", 2, "unroll", "levels"),        # G = 3, a short last CTA, the debug output
 ])
-def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop):
+def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
     import jax
     import jax.numpy as jnp
@@ -470,6 +475,7 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop):
     dt = getattr(jnp, dtype)
     hv = h * group
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
+                                  merge_variant=merge, solve_columns=merge == "chain",
                                   debug_inverse=tiles is not None)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()

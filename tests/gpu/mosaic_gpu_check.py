@@ -284,6 +284,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "t8": dict(intra_tiles=8),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
     "wide_r120": dict(chunk_variant="wide", regs=(120, 192)),
+    "levels": dict(intra_merge="levels"),  # the intra kernel's merges by levels 16 -> 32 -> 64 (solve.merge)
+    "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
+    "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
+    "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -297,20 +301,38 @@ SHAPES = [  # (label, lens, H, HV, target ms)
 ]
 
 
+def _interleaved(fns, args, rounds):
+    """{name: (median, best) ms}: ``rounds`` rounds, each timing every function once in turn (one
+    jitted loop of 10 calls each), so a drift of the clock or the machine hits all of them alike."""
+    ts = {name: [] for name in fns}
+    for name, fn in fns.items():
+        _bench(fn, args, reps=1)  # compile and warm
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            ts[name].append(_bench(fn, args, reps=1)[0])
+    return {name: (statistics.median(v), min(v)) for name, v in ts.items()}
+
+
 @section("time")
-def sec_time(shapes, variants, fla_shapes):
+def sec_time(shapes, variants, fla_shapes, rounds=3):
+    """Each shape: the variants built first, then timed interleaved (:func:`_interleaved`)."""
     out = {}
     for label, lens, h, hv, target in shapes:
         row = dict(target=target)
+        fns, args = {}, None
         for vname, kw in variants:
             try:
-                fn, args, _ = _jitted(lens, h, hv, 128, seed=1, **kw)
-                med, best = _bench(fn, args)
-                row[vname] = med
-                row[vname + "_best"] = best
+                fns[vname], args, _ = _jitted(lens, h, hv, 128, seed=1, **kw)
             except Exception as e:
                 row[vname] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
+        try:
+            for vname, (med, best) in _interleaved(fns, args, rounds).items():
+                row[vname], row[vname + "_best"] = med, best
+        except Exception as e:
+            for vname in fns:
+                row[vname] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
         try:
             row["fla"] = _bench_fla(lens, h, hv, 128, seed=1) if label in fla_shapes else None
         except Exception as e:
@@ -378,37 +400,49 @@ def _test_module():
     return tmg
 
 
-INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
-INTRA_CMP = [("loop_t4", dict()), ("unroll_t4", dict(head_loop="unroll")), ("loop_t2", dict(tiles_per_cta=2)),
-             ("loop_t8", dict(tiles_per_cta=8))]
+INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16)]
+INTRA_CMP = [("default", dict()), ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)),
+             ("levels", dict(merge_variant="levels"))]
 
 
 @section("intra_cmp")
 def sec_intra_cmp():
-    """The intra kernel's head walks (unrolled, loop) vs the float64 stages, then configurations timed alone."""
+    """The intra kernel's configurations (INTRA_CMP) vs the float64 stages and (the first and the
+    "levels" one) its NaN isolation compiled, then each timed alone."""
     import jax
     from gdn.jax_backend.mosaic_gpu.intra import intra
     tmg = _test_module()
     out = {}
-    for hl in ("loop", "unroll"):
-        err = tmg._intra_stage_errors(hl, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128)
-        out["check_" + hl] = err
-        TABLE.append(f"intra {hl:6s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
+    for name, kw in INTRA_CMP:
+        kw = dict(kw)
+        hl = kw.pop("head_loop", "loop")
+        err = tmg._intra_stage_errors(hl, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128,
+                                      **kw)
+        out["check_" + name] = err
+        TABLE.append(f"intra {name:12s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
-        log(hl, err)
+        log(name, err)
+        if name in (INTRA_CMP[0][0], "levels"):
+            nan = tmg._intra_nan_isolation(hl, interpret=False, **kw)
+            out["nan_" + name] = nan
+            ok = nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"]
+            TABLE.append(f"intra {name:12s} NaN isolation: {'PASS' if ok else 'FAIL'} {nan}")
+            log(name, nan)
     for label, lens, h in INTRA_CMP_SHAPES:
         x = _kernel_inputs(lens, h, 2 * h)
         args = (x["k"], x["g_hm"], x["b_hm"], x["seg"])
         row = {}
         ref = None
+        fns = {}
         for name, kw in INTRA_CMP:
-            f = jax.jit(lambda k, g, b, s, kw=kw: intra(k, g, b, s, group=2, **kw)[0])
-            row[name] = _bench(f, args)[0]
+            fns[name] = f = jax.jit(lambda k, g, b, s, kw=kw: intra(k, g, b, s, group=2, **kw)[0])
             ag = np.asarray(f(*args), np.float32)
             if ref is None:
                 ref = ag
             else:  # same math: the outputs agree to a bf16 ulp
                 row[name + "_maxdiff"] = float(np.abs(ag - ref).max())
+        for name, (med, best) in _interleaved(fns, args, 5).items():
+            row[name], row[name + "_best"] = med, best
         out[label] = row
         log(label, row)
         TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in INTRA_CMP) + " ms")

@@ -18,7 +18,7 @@ from .chunk_loop import chunk_loop
 from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
 from .fused import fused
-from .intra import HEAD_LOOPS, intra
+from .intra import HEAD_LOOPS, MERGES, SOLVE_PAD, intra
 
 VARIANTS = ("two_kernels", "fused")
 CHUNK_VARIANTS = ("auto", "default", "wide")
@@ -59,11 +59,13 @@ def _l2norm(x):
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
-    "stages", "regs", "intra_tiles", "head_loop", "chunk_variant"))
+    "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
+    "chunk_variant"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
-         intra_tiles: int | None = None, head_loop: str = "loop", chunk_variant: str = "default"):
+         intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
+         intra_merge: str = "chain", intra_columns: bool = True, chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -96,7 +98,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
                                side="right").astype(jnp.int32)
         ag, gc = intra(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
-                       interpret=interpret)[:2]
+                       solve_pad=intra_pad, merge_variant=intra_merge,
+                       solve_columns=intra_columns, interpret=interpret)[:2]
         if chunk_variant == "wide":
             o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
                                        t_valid=t_pad, stages=stages, regs=regs, interpret=interpret)
@@ -110,12 +113,14 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
-                   head_loop: str = "loop", chunk_variant: str = "auto"):
+                   head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
+                   intra_columns: bool = True, chunk_variant: str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
     slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
-    intra kernel (:func:`intra.intra`). ``chunk_variant`` (two_kernels only): "auto" (the default:
+    intra kernel (:func:`intra.intra`), ``intra_pad`` / ``intra_merge`` / ``intra_columns`` its
+    ``solve_pad`` / ``merge_variant`` / ``solve_columns``. ``chunk_variant`` (two_kernels only): "auto" (the default:
     :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and a
@@ -124,6 +129,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
+    if intra_merge not in MERGES:
+        raise ValueError(f"intra_merge must be one of {MERGES}, got {intra_merge!r}")
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":
@@ -131,4 +138,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if chunk_variant == "wide" and args.dims[3] not in WIDE_VALUE_DIMS:
         raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
-                    regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, chunk_variant=chunk_variant)
+                    regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
+                    intra_merge=intra_merge, intra_columns=intra_columns, chunk_variant=chunk_variant)

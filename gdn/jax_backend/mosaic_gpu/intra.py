@@ -19,11 +19,17 @@ bound: few warps per SM, a serial inverse):
   H200, 2026-12-04, 4x8192: with the cumsum outside the kernel (call 2) 237 registers instead of
   248 and 0.377 vs 0.403 ms alone; with it inside (today's kernel, call 3) 0.406 ms both ways, its
   register count not read (benchmarks/mosaic_notes.md).
+* the inverse (:mod:`.solve`): the 16x16 diagonal blocks by substitution from padded fp32 SMEM
+  (``solve_pad``), reading ``-A`` by columns so ``A``'s decay is exponentiated once
+  (``solve_columns``), then merged in three dependent product groups (``merge_variant="chain"``).
+  H200, 2026-12-04 (session 2, calls 2 and 4), against the same kernel without the three: intra
+  alone at 4x8192 0.371 ms with the padding vs 0.400 without (bit-identical output); whole prefill,
+  timed interleaved, 0.819 / 1.031 / 0.278 ms at 4x8192 / 128x256 / 4x2048 against 0.853 / 1.089 /
+  0.302. ptxas: 253-255 registers, so still 2 CTAs per SM.
 
-The 16x16 diagonal-block substitution and the 16 -> 32 -> 64 merges are :mod:`.solve`'s. Sequences
-sharing a tile split it into independent blocks; every entry across two sequences is made exactly 0
-by a select (solve.py's docstring), so a NaN / inf in one sequence never reaches another's rows.
-SMEM per CTA at K = 128, 16-bit inputs: ~66 KB.
+Sequences sharing a tile split it into independent blocks; every entry across two sequences is made
+exactly 0 by a select (solve.py's docstring), so a NaN / inf in one sequence never reaches another's
+rows. SMEM per CTA at K = 128, 16-bit inputs: ~70 KB.
 """
 from __future__ import annotations
 
@@ -35,22 +41,32 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
                      rows, tile, tracing_for_interpreter)
-from .solve import decayed_a, diag_block_inverse, merge
+from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
 #: 2, 4 and 8 timed within 3% of each other on the H200, 2026-12-03)
 TILES_PER_CTA = 4
 HEAD_LOOPS = ("unroll", "loop")
+MERGES = ("levels", "chain")
+#: fp32 words of padding per row of the substitution's SMEM buffers: the WGMMA register layout stores
+#: 8 rows per warp instruction, which at the unpadded 256-byte row stride all hit the same banks
+#: (8-way conflicts; jax-linear-attention's kkt kernel measured them at 30% of its time on an H100).
+SOLVE_PAD = 8
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
-          interpret=None, debug_inverse: bool = False):
+          solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True, interpret=None,
+          debug_inverse: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
     k: [T_pad, H, K] (T_pad a multiple of 64); g_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group;
     seg: [T_pad] int32 sequence ids. Row ``t`` of ``Ag[j]`` holds the columns of t's tile:
     ``Ag[j, t, s - 64 (t // 64)]``; ``gc`` is the chunk-local gate cumsum, segmented by sequence.
+    ``solve_pad``: row padding of the substitution's fp32 buffers (:data:`SOLVE_PAD`); ``merge_variant``:
+    "levels" (:func:`solve.merge`, 16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three
+    dependent product groups); ``solve_columns``: the substitution reads ``-A`` a column at a time
+    (one masked exponential per element instead of two; :func:`solve._diag_solve_body`).
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
@@ -58,6 +74,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
+    if merge_variant not in MERGES:
+        raise ValueError(f"merge_variant must be one of {MERGES}, got {merge_variant!r}")
+    if solve_pad < 0 or solve_pad % 4:
+        raise ValueError(f"solve_pad must be a non-negative multiple of 4 (16-byte rows), got {solve_pad}")
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
@@ -76,8 +96,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         lo_s=tile((C, C), dtype),
         ag_s=tile((C, C), dtype),
         gc_s=plgpu.SMEM((C,), F32),
-        na_s=plgpu.SMEM((C, C), F32),
-        x_s=plgpu.SMEM((C, C), F32),
+        na_s=plgpu.SMEM((C, C + solve_pad), F32),
+        x_s=plgpu.SMEM((C, C + solve_pad), F32),
         bar_k=plgpu.Barrier(num_arrivals=1),
         bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
     )
@@ -132,13 +152,17 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
                 beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
                 a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same_seq(slot),
-                                        r, c, sq, interp)
+                                        r, c, sq, interp, from_columns=solve_columns)
                 a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
             with jax.named_scope("diag_solve"):
-                x = diag_block_inverse(a_low, na_t, na_s, x_s, interpret=interp,
-                                       same=same_seq(slot) if interp else None, seg_ref=s_r.at[slot])
+                x = diag_block_inverse(a_low, na_t, na_s.at[:, :C], x_s.at[:, :C], interpret=interp,
+                                       same=same_seq(slot) if interp else None, seg_ref=s_r.at[slot],
+                                       from_columns=solve_columns)
             with jax.named_scope("merge"):
-                x = merge(x, a_lo16, lo_s, dtype, same=same_seq(slot))
+                if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
+                    x = merge_chain(x, a_lo16, lo_s, ag_s, dtype, same=same_seq(slot))
+                else:
+                    x = merge(x, a_lo16, lo_s, dtype, same=same_seq(slot))
             with jax.named_scope("store"):
                 ag_s[...] = jnp.where(same_seq(slot), x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq),
                                       0.0).astype(dtype)

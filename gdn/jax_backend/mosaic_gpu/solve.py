@@ -2,9 +2,11 @@
 
 Blocked like FLA's solve_tril: the four 16x16 diagonal blocks are inverted in IEEE fp32 on the CUDA
 cores (forward substitution, one column per thread, :func:`diag_block_inverse`); the blocks are then
-merged 16 -> 32 -> 64 on the tensor cores with ``X <- X - X (L X)``, ``L`` the strictly lower
-off-diagonal block of ``A`` at that level (:func:`merge`). The merges take 16-bit operands (FLA
-merges in its input dtype too); everything else is fp32.
+merged on the tensor cores, either 16 -> 32 -> 64 with ``X <- X - X (L X)``, ``L`` the strictly
+lower off-diagonal block of ``A`` at that level (:func:`merge`, four dependent products), or all at
+once as ``X0 (I - M)(I + M^2)`` with ``M = Ao X0`` (:func:`merge_chain`, three dependent product
+groups; the intra kernel's default). The merges take 16-bit operands (FLA merges in its input dtype
+too); everything else is fp32.
 
 Under the Mosaic GPU interpreter (which cannot run the raw MLIR of the substitution) the diagonal
 blocks are inverted by the same substitution written with jnp; the merges are the same code.
@@ -14,7 +16,8 @@ sequence, and so is its inverse, but a NaN / inf in one sequence's block would s
 neighbours through the zeros of the other blocks (``0 * NaN = NaN`` inside the substitution and the
 merge products). So every value that is exactly zero in exact arithmetic because two tokens belong
 to different sequences is made zero by a SELECT: the substitution's ``x_j`` of a row of another
-sequence than the column, and the merge products ``L X`` and ``X - X (L X)``. A clean sequence's
+sequence than the column, and every merge product (``L X``, ``X - X (L X)``; ``M``, ``M^2``,
+``X0 M``, ``Z M^2``). A clean sequence's
 rows then see the same operands, bit for bit, whatever its neighbours hold (docs/RELIABILITY.md §2).
 """
 from __future__ import annotations
@@ -27,21 +30,26 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 from jaxlib.mlir.dialects import math as mlir_math
 
-from .common import C, F32, cols, iota, masked_decay, mm, rows
+from .common import C, F32, cols, iota, masked_decay, mm, products, rows
 
 BLOCK = 16
 
 
-def _diag_solve_mgpu(with_seg: bool):
-    """The inline-MLIR substitution (see :func:`_diag_solve_body`); ``with_seg`` adds the seg ref."""
+def _diag_solve_mgpu(with_seg: bool, from_columns: bool):
+    """The inline-MLIR substitution (see :func:`_diag_solve_body`); ``with_seg`` adds the seg ref;
+    ``from_columns``: the operand is ``-A`` (not ``-A^T``), read a column at a time."""
     refs = (plgpu.RefType(), plgpu.RefType()) + ((plgpu.RefType(),) if with_seg else ())
+    body = _diag_solve_body
+    if from_columns:
+        def body(ctx, *args):
+            return _diag_solve_body(ctx, *args, from_columns=True)
     return plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA,) + refs,
         return_type=plgpu.ShapeDtypeStruct((C, C), F32, layout=plgpu.Layout.WGMMA),
-    )(_diag_solve_body)
+    )(body)
 
 
-def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None):
+def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None, from_columns: bool = False):
     """Thread t < 64 of the warpgroup solves column t of its 16x16 diagonal block.
 
     ``na_t`` holds ``-A^T`` on the diagonal blocks (zero elsewhere), so row j of ``na_ref`` is column
@@ -52,7 +60,10 @@ def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None):
     With ``seg_ref`` (int32 [64] sequence ids of the tile's tokens) ``x_j`` is selected to 0 where
     token j is of another sequence than column t: ``-A_ij`` is 0 there, but a NaN ``r_j`` (a
     poisoned neighbour's block times this column's zeros) would make ``0 * NaN``. 16 selects a
-    thread; the ids are read once.
+    thread; the ids are read once. ``from_columns``: ``na_t`` holds ``-A`` itself (lower diagonal
+    blocks), and step j reads column j of the block with scalar loads (the same address for a block's
+    16 threads, conflict-free across blocks with padded rows) instead of a row of ``-A^T``: the caller
+    then needs no second, transposed decay ``exp(gc_c - gc_r)``.
     """
     del ctx
     na_t.store_untiled(na_ref, optimized=False)
@@ -80,6 +91,11 @@ def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None):
                 same = arith.cmpi(arith.CmpIPredicate.eq, memref.load(seg_ref, [row]), seg_col)
                 x_j = arith.select(same, x_j, zero)
             memref.store(x_j, x_ref, [row, col])
+            if from_columns:
+                for i in range(j + 1, BLOCK):
+                    a = memref.load(na_ref, [arith.addi(base, c(i, index)), row])
+                    r[i] = mlir_math.fma(a, x_j, r[i])
+                continue
             for i0 in range((j + 1) // 4 * 4, BLOCK, 4):
                 part = vector.load(vec4, na_ref, [row, arith.addi(base, c(i0, index))])
                 for d in range(4):
@@ -92,7 +108,7 @@ def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None):
     return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
 
 
-_DIAG_SOLVE = {flag: _diag_solve_mgpu(flag) for flag in (False, True)}
+_DIAG_SOLVE = {(seg, cols_): _diag_solve_mgpu(seg, cols_) for seg in (False, True) for cols_ in (False, True)}
 
 
 def _diag_solve_interpret(a_lower, same):
@@ -119,7 +135,8 @@ def same_block(size: int):
     return (r // size) == (c // size)
 
 
-def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, seg_ref=None):
+def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, seg_ref=None,
+                       from_columns: bool = False):
     """Inverse of ``I + A`` on each 16x16 diagonal block (zero elsewhere), fp32 WGMMA layout.
 
     ``a_lower``: strictly lower ``A`` (only used by the interpreter path); ``na_t``: ``-A^T`` on the
@@ -127,14 +144,43 @@ def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, se
     shared by several sequences (some possibly NaN), ``same`` ([64, 64] bool, interpreter) and
     ``seg_ref`` (SMEM int32 [64] sequence ids, GPU) keep every entry across two sequences exactly 0
     (module docstring); without them the tile must be finite wherever it is read.
+    ``from_columns``: ``na_t`` is ``-A`` on the diagonal blocks instead (:func:`_diag_solve_body`).
     """
     blk = same_block(BLOCK)
     if interpret:
         x = _diag_solve_interpret(a_lower, same)
     else:
         refs = (na_ref, x_ref) if seg_ref is None else (na_ref, x_ref, seg_ref)
-        x = _DIAG_SOLVE[seg_ref is not None](na_t, *refs)
+        x = _DIAG_SOLVE[seg_ref is not None, from_columns](na_t, *refs)
     return jnp.where(blk & (iota((C, C), 0) >= iota((C, C), 1)), x, 0.0)
+
+
+def merge_chain(x0, a_lower, buf_a, buf_b, dtype, same=None):
+    """``(I + A)^-1`` from its 16x16 diagonal-block inverse ``x0`` (fp32) in three dependent product
+    groups instead of :func:`merge`'s four.
+
+    With ``A = Ad + Ao`` (16x16 diagonal blocks, strictly block-lower rest) and ``X0 = (I + Ad)^-1``:
+    ``I + A = (I + M)(I + Ad)`` with ``M = Ao X0``, strictly block-lower over 4 block rows, so
+    ``M^4 = 0`` and ``(I + A)^-1 = X0 (I - M)(I + M^2)``: ``M = Ao X0``; then ``M^2`` and ``X0 M``
+    together (both read ``M`` from SMEM, one wait); ``Z = X0 - X0 M``; ``X = Z + Z M^2``. Operands are
+    rounded to ``dtype`` as in :func:`merge`. ``buf_a``, ``buf_b``: [64, 64] 16-bit swizzled tiles.
+    ``same``: every product selected by it (the NaN isolation of the module docstring).
+    """
+    r, c = iota((C, C), 0), iota((C, C), 1)
+    keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
+    ao = jnp.where((r // BLOCK) > (c // BLOCK), a_lower, 0.0).astype(dtype)
+    x16 = x0.astype(dtype)
+    buf_a[...] = x16
+    plgpu.commit_smem()
+    m = keep(mm(ao, buf_a, (C, C)))  # M = Ao X0
+    m16 = m.astype(dtype)
+    buf_b[...] = m16
+    plgpu.commit_smem()
+    m2, xm = products(((C, C), None, ((m16, buf_b),)), ((C, C), None, ((x16, buf_b),)))
+    z = keep(x0 - keep(xm))  # X0 (I - M)
+    buf_a[...] = keep(m2).astype(dtype)  # buf_a's X0 was read by the first product, which was waited for
+    plgpu.commit_smem()
+    return keep(z + mm(z.astype(dtype), buf_a, (C, C)))  # Z (I + M^2)
 
 
 def merge(x, a_lower, lo_smem, dtype, same=None):
@@ -160,16 +206,19 @@ def merge(x, a_lower, lo_smem, dtype, same=None):
     return x
 
 
-def decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp: bool):
+def decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp: bool, from_columns: bool = False):
     """(a_low, na_t): the decayed strictly lower A of one tile and what diag_block_inverse needs.
 
     a_low[i, j] = beta_i (k_i . k_j) exp(gam_i - gam_j) for i > j in one sequence; na_t holds
-    -A^T on the 16x16 diagonal blocks (None under the interpreter, which solves from a_low).
+    -A^T on the 16x16 diagonal blocks (None under the interpreter, which solves from a_low), or
+    with ``from_columns`` -A there (a select of a_low: no second exponential).
     ``kk`` = K K^T (symmetric), ``gr`` / ``gcc`` the cumsum broadcast along rows / columns.
     """
     # selects, not products with a mask: kk, beta or the cumsum of another sequence may be NaN / inf
     a_low = masked_decay((r > c) & same, kk * rows(beta_row, sq), gr - gcc)
     if interp:
         return a_low, None
+    if from_columns:
+        return a_low, jnp.where(same_block(BLOCK), -a_low, 0.0)
     up = (c > r) & same & same_block(BLOCK)
     return a_low, -masked_decay(up, kk * cols(beta_col, sq), gcc - gr)
