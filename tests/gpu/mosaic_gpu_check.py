@@ -14,7 +14,8 @@ compiled), qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA, every --v
 (no host sync), kernels (each stage alone at 4x8192), time (the anchor shapes, jitted loop + one
 block_until_ready, median of reps; FLA in the same run), ptxas (register and spill report of the
 kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per --variants entry),
-intra_cmp (the intra kernel's head walks vs the float64 stages, then configurations timed alone),
+intra_cmp (the intra kernel's configurations vs the float64 stages, then timed alone, interleaved),
+nan (NaN / inf isolation of the default prefill and of each chunk loop, compiled),
 profile (Mosaic's in-kernel profiler at 4x2048: the time of each named scope per warpgroup, in a
 subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
 
@@ -146,6 +147,22 @@ def sec_small():
         TABLE.append(f"small {case[0]:28s} o {res['o']:.2e} final {res.get('final', float('nan')):.2e} "
                      f"{'OK' if ok else 'FAIL'}")
     RESULTS["small"] = out
+
+
+@section("nan")
+def sec_nan():
+    """NaN / inf isolation compiled (tests/test_mosaic_gpu.py's poisoned batch): the default prefill
+    and each chunk loop forced (the wide one at V = 128, its two state warpgroups)."""
+    tmg = _test_module()
+    out = {}
+    for name, variant, dv in (("default", "", 64), ("narrow", "", 128), ("wide", "wide", 128)):
+        res = tmg._nan_isolation(variant, interpret=False, dv=dv)
+        ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
+              and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
+        out[name] = dict(res, ok=bool(ok))
+        log(name, res)
+        TABLE.append(f"nan {name:8s} V={dv}: {'PASS' if ok else 'FAIL'} {res}")
+    RESULTS["nan"] = out
 
 
 def _qwen_inputs(lens, h, hv, dk, seed, initial_state=True):
@@ -578,7 +595,7 @@ def main():
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
-                "intra_cmp": (sec_intra_cmp, ()), "ptxas": (sec_ptxas, (a.out, variants)),
+                "intra_cmp": (sec_intra_cmp, ()), "nan": (sec_nan, ()), "ptxas": (sec_ptxas, (a.out, variants)),
                 "profile": (sec_profile, (a.out, a.profile_variant))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
