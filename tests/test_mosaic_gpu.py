@@ -60,7 +60,8 @@ CASES = [
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
-                "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide")}
+                "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
+                "narrow": dict(chunk_variant="default")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -398,6 +399,10 @@ def test_unsupported_calls_raise_not_implemented():
         M.run(args_for(jnp.bfloat16, v=256), interpret=True, chunk_variant="wide")
     with pytest.raises(ValueError, match="chunk_variant"):
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
+    for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
+                     (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError)):
+        with pytest.raises(exc, match=next(iter(bad))):
+            M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
         M.run(args_for(jnp.float32), interpret=True)
     with pytest.raises(NotImplementedError):

@@ -155,7 +155,7 @@ def sec_nan():
     and each chunk loop forced (the wide one at V = 128, its two state warpgroups)."""
     tmg = _test_module()
     out = {}
-    for name, variant, dv in (("default", "", 64), ("narrow", "", 128), ("wide", "wide", 128)):
+    for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128)):
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -417,7 +417,7 @@ def _test_module():
     return tmg
 
 
-INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16)]
+INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)),
              ("levels", dict(merge_variant="levels"))]
 
@@ -581,7 +581,7 @@ def sec_profile(out_dir, variant="default"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="env,intra,small,qwen,sync,kernels,time,ptxas,intra_cmp,profile")
+    ap.add_argument("--only", default="env,intra,small,nan,qwen,sync,kernels,time,ptxas,intra_cmp,profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--shapes", default="")
     ap.add_argument("--fla-shapes", default="4x8192,128x256,4x2048")

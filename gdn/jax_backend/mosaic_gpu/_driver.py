@@ -18,7 +18,7 @@ from .chunk_loop import chunk_loop
 from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
 from .fused import fused
-from .intra import HEAD_LOOPS, MERGES, SOLVE_PAD, intra
+from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
 VARIANTS = ("two_kernels", "fused")
 CHUNK_VARIANTS = ("auto", "default", "wide")
@@ -120,17 +120,16 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
     slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
     intra kernel (:func:`intra.intra`), ``intra_pad`` / ``intra_merge`` / ``intra_columns`` its
-    ``solve_pad`` / ``merge_variant`` / ``solve_columns``. ``chunk_variant`` (two_kernels only): "auto" (the default:
+    ``solve_pad`` / ``merge_variant`` / ``solve_columns`` (two_kernels only; pads 0 and 8 are the
+    ones compiled on the H200). ``chunk_variant`` (two_kernels only): "auto" (the default:
     :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and a
     state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if head_loop not in HEAD_LOOPS:
-        raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
-    if intra_merge not in MERGES:
-        raise ValueError(f"intra_merge must be one of {MERGES}, got {intra_merge!r}")
+    check_intra_options(head_loop, intra_merge, intra_pad, intra_columns,
+                        names=("intra_merge", "intra_pad", "intra_columns"))
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":

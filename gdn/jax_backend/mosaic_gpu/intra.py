@@ -54,6 +54,20 @@ MERGES = ("levels", "chain")
 SOLVE_PAD = 8
 
 
+def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool,
+                  names: tuple[str, str, str] = ("merge_variant", "solve_pad", "solve_columns")) -> None:
+    """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
+    last three."""
+    if head_loop not in HEAD_LOOPS:
+        raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
+    if merge_variant not in MERGES:
+        raise ValueError(f"{names[0]} must be one of {MERGES}, got {merge_variant!r}")
+    if not isinstance(solve_pad, int) or isinstance(solve_pad, bool) or solve_pad < 0 or solve_pad % 4:
+        raise ValueError(f"{names[1]} must be a non-negative multiple of 4 (16-byte rows), got {solve_pad!r}")
+    if not isinstance(solve_columns, bool):
+        raise TypeError(f"{names[2]} must be a bool, got {solve_columns!r}")
+
+
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True, interpret=None,
           debug_inverse: bool = False):
@@ -72,12 +86,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
-    if head_loop not in HEAD_LOOPS:
-        raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
-    if merge_variant not in MERGES:
-        raise ValueError(f"merge_variant must be one of {MERGES}, got {merge_variant!r}")
-    if solve_pad < 0 or solve_pad % 4:
-        raise ValueError(f"solve_pad must be a non-negative multiple of 4 (16-byte rows), got {solve_pad}")
+    check_options(head_loop, merge_variant, solve_pad, solve_columns)
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
