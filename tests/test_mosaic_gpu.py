@@ -293,6 +293,9 @@ def _main_interpret_cases(path):
     results = {}
     _timed(results, "intra_stage", _intra_stage_errors)
     _timed(results, "intra_stage_levels", lambda: _intra_stage_errors(merge_variant="levels"))
+    # 3 runs of 2 tiles: one CTA of 3 warpgroups; 2 warpgroups: the second CTA's last one has no run
+    _timed(results, "intra_stage_wg3", lambda: _intra_stage_errors(warpgroups=3))
+    _timed(results, "intra_stage_wg2", lambda: _intra_stage_errors(warpgroups=2))
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
     _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
@@ -341,10 +344,10 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels"])
+@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_wg3", "intra_stage_wg2"])
 def test_intra_matches_float64_stages(interp_results, case):
     """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
-    0/1/63/64/65, a padding tile; the default chain merge and the levels one) against
+    0/1/63/64/65, a padding tile; the default chain merge, the levels one, 3 and 2 warpgroups per CTA) against
     gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
@@ -464,12 +467,13 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge", [
-    (512, 16, 2, 128, "bfloat16", None, "loop", "levels"),  # the Qwen3.5 head shape, default tiles per CTA
-    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain"),   # + the substitution reading -A by columns
-    (320, 1, 3, 64, "float16", 2, "unroll", "levels"),        # G = 3, a short last CTA, the debug output
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,wgs", [
+    (512, 16, 2, 128, "bfloat16", None, "loop", "levels", 1),  # the Qwen3.5 head shape, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", 1),   # + the substitution reading -A by columns
+    (320, 1, 3, 64, "float16", 2, "unroll", "levels", 1),        # G = 3, a short last CTA, the debug output
+    (2048, 16, 2, 128, "bfloat16", None, "loop", "chain", 3),     # 3 warpgroups per CTA (168-register cap)
 ])
-def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge):
+def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, wgs):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
     import jax
     import jax.numpy as jnp
@@ -480,7 +484,7 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
     dt = getattr(jnp, dtype)
     hv = h * group
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
-                                  merge_variant=merge, solve_columns=merge == "chain",
+                                  merge_variant=merge, solve_columns=merge == "chain", warpgroups=wgs,
                                   debug_inverse=tiles is not None)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()

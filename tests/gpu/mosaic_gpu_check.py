@@ -304,6 +304,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "levels": dict(intra_merge="levels"),  # the intra kernel's merges by levels 16 -> 32 -> 64 (solve.merge)
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
+    "wg3": dict(intra_warpgroups=3),  # intra: 3 independent warpgroups per CTA (168-register cap, spills)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 
@@ -419,7 +420,7 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)),
-             ("levels", dict(merge_variant="levels"))]
+             ("levels", dict(merge_variant="levels")), ("wg3", dict(warpgroups=3))]
 
 
 @section("intra_cmp")

@@ -69,8 +69,8 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
-          solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True, interpret=None,
-          debug_inverse: bool = False):
+          solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
+          warpgroups: int = 1, interpret=None, debug_inverse: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
@@ -81,46 +81,69 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     "levels" (:func:`solve.merge`, 16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three
     dependent product groups); ``solve_columns``: the substitution reads ``-A`` a column at a time
     (one masked exponential per element instead of two; :func:`solve._diag_solve_body`).
+    ``warpgroups``: independent warpgroups per CTA, each walking its own run of tiles with its own
+    scratch (SMEM x ``warpgroups``). The point is the register cap: ptxas fits a CTA of 3 (384
+    threads) into 168 registers a thread (today's kernel uses ~255, 2 CTAs of 4 warps per SM), so 3
+    gives 12 warps per SM at the price of spills. UNTIMED on the GPU (interpreter and cross-lowering
+    only); 1 is the default.
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     check_options(head_loop, merge_variant, solve_pad, solve_columns)
+    if warpgroups not in (1, 2, 3):
+        raise ValueError(f"warpgroups must be 1, 2 or 3 (SMEM: ~70 KB each), got {warpgroups!r}")
+    wgs = warpgroups
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
-    n_cta = -(-n_tiles // tpc)
+    n_run = -(-n_tiles // tpc)  # runs of tiles, one per warpgroup
+    n_cta = -(-n_run // wgs)
     if h > MAX_GRID_YZ:
         raise NotImplementedError("too many heads for one launch")
     dtype = k.dtype
     out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
-    vec = plgpu.SMEM((2, group, C), F32)
+    def per_wg(shape, dt, swizzled=False):  # one buffer per warpgroup: a leading axis when several
+        shape = (wgs, *shape) if wgs > 1 else shape
+        return tile(shape, dt) if swizzled else plgpu.SMEM(shape, dt)
+
+    vec = per_wg((2, group, C), F32)
     scratch = dict(
-        k_s=tile((C, dk), dtype),
+        k_s=per_wg((C, dk), dtype, swizzled=True),
         g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
-        s_r=plgpu.SMEM((2, C), jnp.int32),
-        s_c=plgpu.SMEM((2, C), jnp.int32),
-        lo_s=tile((C, C), dtype),
-        ag_s=tile((C, C), dtype),
-        gc_s=plgpu.SMEM((C,), F32),
-        na_s=plgpu.SMEM((C, C + solve_pad), F32),
-        x_s=plgpu.SMEM((C, C + solve_pad), F32),
-        bar_k=plgpu.Barrier(num_arrivals=1),
-        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
+        s_r=per_wg((2, C), jnp.int32),
+        s_c=per_wg((2, C), jnp.int32),
+        lo_s=per_wg((C, C), dtype, swizzled=True),
+        ag_s=per_wg((C, C), dtype, swizzled=True),
+        gc_s=per_wg((C,), F32),
+        na_s=per_wg((C, C + solve_pad), F32),
+        x_s=per_wg((C, C + solve_pad), F32),
+        bar_k=plgpu.Barrier(num_arrivals=1, num_barriers=wgs),
+        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2 * wgs),
     )
     if debug_inverse:
-        scratch["ai_s"] = plgpu.SMEM((C, C), F32)
+        scratch["ai_s"] = per_wg((C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
     def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s,
              na_s, x_s, bar_k, bar_s, ai_s=None):
         ai_ref = rest[0] if debug_inverse else None
-        hk, cta = lax.axis_index("h"), lax.axis_index("m")
-        first = cta * tpc
-        count = jnp.minimum(tpc, n_tiles - first)
+        hk, run = lax.axis_index("h"), lax.axis_index("m")
+        if wgs > 1:  # this warpgroup's run of tiles and its own scratch
+            wg = lax.axis_index("wg")
+            run = run * wgs + wg
+            k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s = (
+                ref.at[wg] for ref in (k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s))
+            ai_s = ai_s.at[wg] if debug_inverse else None
+            bar_k = bar_k.at[wg]
+            bar_s_at = lambda slot: bar_s.at[wg * 2 + slot]  # noqa: E731
+        else:
+            bar_s_at = lambda slot: bar_s.at[slot]  # noqa: E731
+        first = run * tpc
+        count = jnp.clip(n_tiles - first, 0, tpc)  # 0: a warpgroup past the last run
         heads = pl.ds(hk * group, group)
 
         def tok_of(i):
@@ -133,10 +156,12 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             tok = tok_of(i)
             for src, dst in ((g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r),
                              (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)):
-                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s_at(slot))
 
-        issue_k(0)
-        issue_small(0, 0)
+        @pl.when(count > 0)
+        def _():
+            issue_k(0)
+            issue_small(0, 0)
 
         def same_seq(slot):
             """[64, 64] bool, tokens r and s of one sequence; re-read from SMEM at each use, so the mask
@@ -195,7 +220,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
             with jax.named_scope("wait_in"):
                 plgpu.barrier_wait(bar_k)
-                plgpu.barrier_wait(bar_s.at[slot])
+                plgpu.barrier_wait(bar_s_at(slot))
             with jax.named_scope("kk"):
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s
@@ -215,8 +240,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         plgpu.wait_smem_to_gmem(0)
 
     with tracing_for_interpreter(interp):
+        threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret), kernel_name="gdn_intra",
+            **threads,
         )(k, g_hm, beta_hm, seg)
     return tuple(outs)
