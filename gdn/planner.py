@@ -123,7 +123,7 @@ class Plan:
     Arrays (int32; NumPy on the host, or torch / jax after ``to_torch`` / ``to_jax``):
       cu_seqlens [N_pad + 1], chunk_indices [NT_pad, 2], chunk_offsets [N_pad + 1].
     Ints: num_seqs N, num_chunks NT, num_tokens T (= cu_seqlens[N]), the padded sizes
-    padded_seqs N_pad, padded_chunks NT_pad, padded_tokens T_pad, and chunk_size BT.
+    padded_seqs N_pad, padded_chunks NT_pad, padded_tokens T_pad, chunk_size BT and nonempty_seqs.
 
     As a JAX pytree the three arrays are leaves and (chunk_size, padded sizes) static aux data,
     so two batches in one bucket share a compilation. The real counts are not part of the tree:
@@ -140,6 +140,8 @@ class Plan:
     padded_chunks: int
     padded_tokens: int
     chunk_size: int = 64
+    #: sequences with at least one token (host count; None after a jit boundary like the others)
+    nonempty_seqs: int | None = None
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- conversions -------------------------------------------------------------------------
@@ -276,7 +278,8 @@ def plan(cu_seqlens: Any, chunk_size: int = 64, *, num_tokens: int | None = None
     _maybe_register()
     return Plan(cu_seqlens=_frozen(cu_pad), chunk_indices=_frozen(ci), chunk_offsets=_frozen(co),
                 num_seqs=n, num_chunks=nt, num_tokens=total, padded_seqs=n_pad,
-                padded_chunks=nt_pad, padded_tokens=t_pad, chunk_size=chunk_size)
+                padded_chunks=nt_pad, padded_tokens=t_pad, chunk_size=chunk_size,
+                nonempty_seqs=int(np.count_nonzero(lens)))
 
 
 def _register_pytree() -> None:

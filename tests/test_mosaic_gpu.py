@@ -533,3 +533,24 @@ def test_chunk_variant_policy():
     assert pick_chunk_variant(None, 32, 128, 132) == "default"  # a plan traced under jit
     assert pick_chunk_variant(4, 32, 64, 132) == "default"      # measured at V = 128 only
     assert pick_chunk_variant(0, 32, 128, 132) == "default"
+
+
+def test_auto_chunk_variant_ignores_empty_sequences(monkeypatch):
+    """chunk_variant="auto" counts the sequences that have tokens: 5 sequences and the same 5 with 3
+    empty ones appended (the parity suite's "pad" check) run the same loop, so bitwise the same."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver
+
+    seen = []
+    monkeypatch.setattr(_driver, "run_core", lambda core, args, **kw: seen.append(kw["chunk_variant"]))
+    monkeypatch.setattr(_driver, "_sm_count", lambda: 132)
+    t = 5 * 64
+    for cu in ([0, 64, 128, 192, 256, 320], [0, 64, 128, 192, 256, 320, 320, 320, 320]):
+        q = jnp.zeros((1, t, 16, 128), jnp.bfloat16)
+        v = jnp.zeros((1, t, 32, 128), jnp.bfloat16)
+        g = jnp.zeros((1, t, 32), jnp.float32)
+        _, args = api.validate(q, q, v, g, g, plan=make_plan(cu, num_tokens=t), backend="jax")
+        _driver.prefill_arrays(args)
+    assert seen == ["default", "default"], seen  # 8 counted sequences would pick "wide"

@@ -20,6 +20,7 @@ def test_empty_sequence_in_the_middle_keeps_its_true_id():
     p = gdn.plan([0, 70, 70, 75])
     assert p.chunk_indices[: p.num_chunks].tolist() == [[0, 0], [0, 1], [2, 0]]
     assert p.chunk_offsets[:4].tolist() == [0, 2, 2, 3]
+    assert (p.num_seqs, p.nonempty_seqs) == (3, 2)
 
 
 def _check_invariants(cu, p, bt):
@@ -157,12 +158,12 @@ def test_plan_is_a_jax_pytree_with_static_padded_sizes():
     @jax.jit
     def f(pl):
         traces.append(1)
-        assert pl.num_seqs is None and pl.padded_seqs == p.padded_seqs
+        assert pl.num_seqs is None and pl.nonempty_seqs is None and pl.padded_seqs == p.padded_seqs
         return pl.chunk_offsets[-1]
 
     assert int(f(p)) == 4 and int(f(q)) == 5 and len(traces) == 1
     dp = p.to_jax()
-    assert dp.num_seqs == 3 and dp.to_jax is not None and p.to_jax() is dp  # memoized
+    assert dp.num_seqs == 3 and dp.nonempty_seqs == 3 and p.to_jax() is dp  # memoized
 
 
 def test_to_torch_cpu():

@@ -29,6 +29,7 @@ WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
 
 def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
     """"wide" where its CTAs (one per sequence and v head, one per SM) fill the GPU's waves better
+    (``num_seqs``: the sequences with tokens; an empty one's CTAs exit at once)
     than the default's (twice as many, a V half each), else "default"; "default" when the real
     sequence count is unknown (a plan traced under the caller's jit) or V != 128 (the wide loop is
     measured at V = 128 only). Sequences taken as equally long: a wave model, not a promise.
@@ -136,7 +137,10 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":
-        chunk_variant = pick_chunk_variant(args.plan.num_seqs, args.dims[1], args.dims[3], _sm_count())
+        # the non-empty sequences: an empty one's CTAs exit at once (and padding a batch with empty
+        # sequences must not change which loop runs it)
+        n = args.plan.nonempty_seqs if args.plan.nonempty_seqs is not None else args.plan.num_seqs
+        chunk_variant = pick_chunk_variant(n, args.dims[1], args.dims[3], _sm_count())
     if chunk_variant == "wide" and args.dims[3] not in WIDE_VALUE_DIMS:
         raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
