@@ -29,8 +29,8 @@ WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
 
 def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
     """"wide" where its CTAs (one per sequence and v head, one per SM) fill the GPU's waves better
-    (``num_seqs``: the sequences with tokens; an empty one's CTAs exit at once)
-    than the default's (twice as many, a V half each), else "default"; "default" when the real
+    than the default's (twice as many, a V half each), else "default". ``num_seqs``: the sequences
+    with tokens (an empty one's CTAs exit at once). "default" when the real
     sequence count is unknown (a plan traced under the caller's jit) or V != 128 (the wide loop is
     measured at V = 128 only). Sequences taken as equally long: a wave model, not a promise.
 
