@@ -403,7 +403,8 @@ def test_unsupported_calls_raise_not_implemented():
     with pytest.raises(ValueError, match="chunk_variant"):
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
-                     (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError)):
+                     (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
+                     (dict(intra_warpgroups=4), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):

@@ -119,21 +119,21 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    intra_columns: bool = True, intra_warpgroups: int = 1, chunk_variant: str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
-    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one kernel per head and sequence; benchmarks/mosaic_notes.md says why it is
-    slower). ``intra_tiles`` / ``head_loop``: tiles per CTA and the walk over a group's v heads of the
-    intra kernel (:func:`intra.intra`), ``intra_pad`` / ``intra_merge`` / ``intra_columns`` /
-    ``intra_warpgroups`` its ``solve_pad`` / ``merge_variant`` / ``solve_columns`` / ``warpgroups``
-    (two_kernels only; pads 0 and 8 and one warpgroup are what ran on the H200). ``chunk_variant`` (two_kernels only): "auto" (the default:
-    :func:`pick_chunk_variant`), "default"
-    (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
-    (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and a
-    state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers)."""
+    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
+    kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower).
+
+    two_kernels only: ``intra_tiles`` / ``head_loop`` / ``intra_pad`` / ``intra_merge`` /
+    ``intra_columns`` / ``intra_warpgroups`` are the intra kernel's ``tiles_per_cta`` / ``head_loop``
+    / ``solve_pad`` / ``merge_variant`` / ``solve_columns`` / ``warpgroups`` (:func:`intra.intra`;
+    pads 0 and 8 and one warpgroup are what ran on the H200). ``chunk_variant``: "auto" (the
+    default: :func:`pick_chunk_variant`), "default" (:func:`chunk_loop.chunk_loop`, one CTA per 64 V
+    columns, ``bv``) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v
+    head: a prep warpgroup and a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` =
+    (prep, state) registers)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    check_intra_options(head_loop, intra_merge, intra_pad, intra_columns,
-                        names=("intra_merge", "intra_pad", "intra_columns"))
-    if intra_warpgroups not in (1, 2, 3):
-        raise ValueError(f"intra_warpgroups must be 1, 2 or 3, got {intra_warpgroups!r}")
+    check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_warpgroups,
+                        names=("intra_merge", "intra_pad", "intra_columns", "intra_warpgroups"))
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":

@@ -54,10 +54,13 @@ MERGES = ("levels", "chain")
 SOLVE_PAD = 8
 
 
-def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool,
-                  names: tuple[str, str, str] = ("merge_variant", "solve_pad", "solve_columns")) -> None:
+WARPGROUPS = (1, 2, 3)  # per CTA; SMEM ~70 KB each
+
+
+def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, warpgroups: int,
+                  names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "warpgroups")) -> None:
     """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
-    last three."""
+    last four."""
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if merge_variant not in MERGES:
@@ -66,6 +69,8 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[1]} must be a non-negative multiple of 4 (16-byte rows), got {solve_pad!r}")
     if not isinstance(solve_columns, bool):
         raise TypeError(f"{names[2]} must be a bool, got {solve_columns!r}")
+    if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
+        raise ValueError(f"{names[3]} must be one of {WARPGROUPS}, got {warpgroups!r}")
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
@@ -91,9 +96,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
-    check_options(head_loop, merge_variant, solve_pad, solve_columns)
-    if warpgroups not in (1, 2, 3):
-        raise ValueError(f"warpgroups must be 1, 2 or 3 (SMEM: ~70 KB each), got {warpgroups!r}")
+    check_options(head_loop, merge_variant, solve_pad, solve_columns, warpgroups)
     wgs = warpgroups
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
