@@ -275,6 +275,30 @@ def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
                 dirty_finite=bool(np.isfinite(ag_p[:, rows]).all() and np.isfinite(gc_p[:, rows]).all()))
 
 
+def _intra_isolate_bits(interpret=True):
+    """The intra kernel with isolate="boundary" (a tile of one sequence runs without selects) and
+    "all" on the clean inputs of :func:`_nan_inputs` (tile 0 is sequence 0's alone, the others are
+    shared): the outputs must be the same bits."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+
+    x, arrs, _ = _nan_inputs(False)
+    cu = x.cu_seqlens
+    t = x.q.shape[1]
+    k = jnp.asarray(arrs[1][0], jnp.bfloat16)
+    g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
+    seg = np.searchsorted(cu[1:], np.arange(t), side="right").astype(np.int32)
+    outs = [[np.asarray(a, np.float32) for a in intra(k, g_hm, b_hm, jnp.asarray(seg), group=2, tiles_per_cta=2,
+                                                       isolate=iso, interpret=interpret)]
+            for iso in ("boundary", "all")]
+    single = seg.reshape(-1, 64)[:, 0] == seg.reshape(-1, 64)[:, -1]
+    (ag_b, gc_b), (ag_a, gc_a) = outs
+    return dict(single_tiles=int(single.sum()), shared_tiles=int((~single).sum()),
+                ag_diff=float(np.abs(ag_b - ag_a).max()), gc_diff=float(np.abs(gc_b - gc_a).max()),
+                finite=bool(np.isfinite(ag_b).all()))
+
+
 def _timed(results, name, fn):
     """results[name] = fn() (or the error it raised), with its seconds; printed as it goes."""
     t0 = time.time()
@@ -293,9 +317,8 @@ def _main_interpret_cases(path):
     results = {}
     _timed(results, "intra_stage", _intra_stage_errors)
     _timed(results, "intra_stage_levels", lambda: _intra_stage_errors(merge_variant="levels"))
-    # 3 runs of 2 tiles: one CTA of 3 warpgroups; 2 warpgroups: the second CTA's last one has no run
-    _timed(results, "intra_stage_wg3", lambda: _intra_stage_errors(warpgroups=3))
-    _timed(results, "intra_stage_wg2", lambda: _intra_stage_errors(warpgroups=2))
+    _timed(results, "intra_stage_all", lambda: _intra_stage_errors(isolate="all"))
+    _timed(results, "intra_isolate_bits", _intra_isolate_bits)
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
     _timed(results, "nan_isolation_default", lambda: _nan_isolation(""))
@@ -344,10 +367,11 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_wg3", "intra_stage_wg2"])
+@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_all"])
 def test_intra_matches_float64_stages(interp_results, case):
     """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
-    0/1/63/64/65, a padding tile; the default chain merge, the levels one, 3 and 2 warpgroups per CTA) against
+    100/0/1/63/64/65 (a tile of one sequence, tiles of several), a padding tile; the default chain
+    merge, the levels one, the selects on every tile) against
     gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
@@ -355,6 +379,15 @@ def test_intra_matches_float64_stages(interp_results, case):
     assert "error" not in res, res.get("error")
     assert res["ai"] < vs_f64("bfloat16") and res["ag"] < vs_f64("bfloat16"), res
     assert res["gc"] < 1e-6 and res["gc_max"] < 1e-5, res
+
+
+def test_intra_isolate_boundary_same_bits(interp_results):
+    """Tiles of one sequence skip the NaN-isolation selects (isolate="boundary"): the same bits as
+    with the selects on every tile, on inputs with both kinds of tiles."""
+    res = interp_results["intra_isolate_bits"]
+    assert "error" not in res, res.get("error")
+    assert res["single_tiles"] >= 1 and res["shared_tiles"] >= 1, res
+    assert res["ag_diff"] == 0.0 and res["gc_diff"] == 0.0 and res["finite"], res
 
 
 @pytest.mark.parametrize("variant", ["default", "fused", "wide"])
@@ -404,7 +437,7 @@ def test_unsupported_calls_raise_not_implemented():
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
-                     (dict(intra_warpgroups=4), ValueError)):
+                     (dict(intra_isolate="none"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -468,13 +501,12 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,wgs", [
-    (512, 16, 2, 128, "bfloat16", None, "loop", "levels", 1),  # the Qwen3.5 head shape, default tiles per CTA
-    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", 1),   # + the substitution reading -A by columns
-    (320, 1, 3, 64, "float16", 2, "unroll", "levels", 1),        # G = 3, a short last CTA, the debug output
-    (2048, 16, 2, 128, "bfloat16", None, "loop", "chain", 3),     # 3 warpgroups per CTA (168-register cap)
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate", [
+    (512, 16, 2, 128, "bfloat16", None, "loop", "levels", "boundary"),  # Qwen3.5 heads, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", "all"),  # the substitution reading -A by columns
+    (320, 1, 3, 64, "float16", 2, "unroll", "levels", "boundary"),  # G = 3, a short last CTA, the debug output
 ])
-def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, wgs):
+def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
     import jax
     import jax.numpy as jnp
@@ -485,7 +517,7 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
     dt = getattr(jnp, dtype)
     hv = h * group
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
-                                  merge_variant=merge, solve_columns=merge == "chain", warpgroups=wgs,
+                                  merge_variant=merge, solve_columns=merge == "chain", isolate=isolate,
                                   debug_inverse=tiles is not None)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()

@@ -304,7 +304,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "levels": dict(intra_merge="levels"),  # the intra kernel's merges by levels 16 -> 32 -> 64 (solve.merge)
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
-    "wg3": dict(intra_warpgroups=3),  # intra: 3 independent warpgroups per CTA (168-register cap, spills)
+    "isolate_all": dict(intra_isolate="all"),  # intra: NaN-isolation selects on every tile (before 12-04 s3)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 
@@ -419,19 +419,20 @@ def _test_module():
 
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
-INTRA_CMP = [("default", dict()), ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)),
-             ("levels", dict(merge_variant="levels")), ("wg3", dict(warpgroups=3))]
+INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False))]
 
 
 @section("intra_cmp")
-def sec_intra_cmp():
+def sec_intra_cmp(names=None):
     """The intra kernel's configurations (INTRA_CMP) vs the float64 stages and (the first and the
     "levels" one) its NaN isolation compiled, then each timed alone."""
     import jax
     from gdn.jax_backend.mosaic_gpu.intra import intra
+    cmp = [(n, kw) for n, kw in INTRA_CMP if not names or n in names]
     tmg = _test_module()
     out = {}
-    for name, kw in INTRA_CMP:
+    for name, kw in cmp:
         kw = dict(kw)
         hl = kw.pop("head_loop", "loop")
         err = tmg._intra_stage_errors(hl, interpret=False, lens=(100, 0, 1, 63, 64, 65, 300), h=2, hv=4, dk=128,
@@ -440,7 +441,7 @@ def sec_intra_cmp():
         TABLE.append(f"intra {name:12s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
         log(name, err)
-        if name in (INTRA_CMP[0][0], "levels"):
+        if name in (cmp[0][0], "levels"):
             nan = tmg._intra_nan_isolation(hl, interpret=False, **kw)
             out["nan_" + name] = nan
             ok = nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"]
@@ -452,7 +453,7 @@ def sec_intra_cmp():
         row = {}
         ref = None
         fns = {}
-        for name, kw in INTRA_CMP:
+        for name, kw in cmp:
             fns[name] = f = jax.jit(lambda k, g, b, s, kw=kw: intra(k, g, b, s, group=2, **kw)[0])
             ag = np.asarray(f(*args), np.float32)
             if ref is None:
@@ -463,7 +464,8 @@ def sec_intra_cmp():
             row[name], row[name + "_best"] = med, best
         out[label] = row
         log(label, row)
-        TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in INTRA_CMP) + " ms")
+        TABLE.append(f"intra alone {label:8s} " + " | ".join(f"{n} {row[n]:.3f}" for n, _ in cmp) + " ms; max diff to "
+                     + cmp[0][0] + ": " + ", ".join(f"{n} {row[n + '_maxdiff']:.1e}" for n, _ in cmp[1:]))
     RESULTS["intra_cmp"] = out
 
 
@@ -589,6 +591,7 @@ def main():
     ap.add_argument("--tag", default="all")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--profile-variant", default="default")
+    ap.add_argument("--intra-cmp", default="", help="names of INTRA_CMP to compare (default: all)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
@@ -596,7 +599,8 @@ def main():
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
-                "intra_cmp": (sec_intra_cmp, ()), "nan": (sec_nan, ()), "ptxas": (sec_ptxas, (a.out, variants)),
+                "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ()),
+                "ptxas": (sec_ptxas, (a.out, variants)),
                 "profile": (sec_profile, (a.out, a.profile_variant))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):

@@ -54,11 +54,15 @@ MERGES = ("levels", "chain")
 SOLVE_PAD = 8
 
 
-WARPGROUPS = (1, 2, 3)  # per CTA; SMEM ~70 KB each
+#: which tiles keep their tokens' sequences apart by selects (the NaN isolation of solve.py's
+#: docstring): "boundary", only the tiles that hold tokens of two or more sequences (a tile of one
+#: sequence has no neighbour to protect, and runs without a select or a sequence-id compare);
+#: "all", every tile (the kernel before 2026-12-04, session 3). The two give the same bits.
+ISOLATE = ("boundary", "all")
 
 
-def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, warpgroups: int,
-                  names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "warpgroups")) -> None:
+def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
+                  names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate")) -> None:
     """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
     last four."""
     if head_loop not in HEAD_LOOPS:
@@ -69,84 +73,64 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[1]} must be a non-negative multiple of 4 (16-byte rows), got {solve_pad!r}")
     if not isinstance(solve_columns, bool):
         raise TypeError(f"{names[2]} must be a bool, got {solve_columns!r}")
-    if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
-        raise ValueError(f"{names[3]} must be one of {WARPGROUPS}, got {warpgroups!r}")
+    if isolate not in ISOLATE:
+        raise ValueError(f"{names[3]} must be one of {ISOLATE}, got {isolate!r}")
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
-          warpgroups: int = 1, interpret=None, debug_inverse: bool = False):
+          isolate: str = "boundary", interpret=None, debug_inverse: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
     k: [T_pad, H, K] (T_pad a multiple of 64); g_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group;
-    seg: [T_pad] int32 sequence ids. Row ``t`` of ``Ag[j]`` holds the columns of t's tile:
-    ``Ag[j, t, s - 64 (t // 64)]``; ``gc`` is the chunk-local gate cumsum, segmented by sequence.
-    ``solve_pad``: row padding of the substitution's fp32 buffers (:data:`SOLVE_PAD`); ``merge_variant``:
-    "levels" (:func:`solve.merge`, 16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three
-    dependent product groups); ``solve_columns``: the substitution reads ``-A`` a column at a time
-    (one masked exponential per element instead of two; :func:`solve._diag_solve_body`).
-    ``warpgroups``: independent warpgroups per CTA, each walking its own run of tiles with its own
-    scratch (SMEM x ``warpgroups``). The point is the register cap: ptxas fits a CTA of 3 (384
-    threads) into 168 registers a thread (today's kernel uses ~255, 2 CTAs of 4 warps per SM), so 3
-    gives 12 warps per SM at the price of spills. UNTIMED on the GPU (interpreter and cross-lowering
-    only); 1 is the default.
+    seg: [T_pad] int32 sequence ids, non-decreasing (tokens past the last sequence: one more id).
+    Row ``t`` of ``Ag[j]`` holds the columns of t's tile: ``Ag[j, t, s - 64 (t // 64)]``; ``gc`` is
+    the chunk-local gate cumsum, segmented by sequence. ``solve_pad``: row padding of the
+    substitution's fp32 buffers (:data:`SOLVE_PAD`); ``merge_variant``: "levels" (:func:`solve.merge`,
+    16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three dependent product groups);
+    ``solve_columns``: the substitution reads ``-A`` a column at a time (one masked exponential per
+    element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`ISOLATE`.
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
-    check_options(head_loop, merge_variant, solve_pad, solve_columns, warpgroups)
-    wgs = warpgroups
+    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate)
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
-    n_run = -(-n_tiles // tpc)  # runs of tiles, one per warpgroup
-    n_cta = -(-n_run // wgs)
+    n_cta = -(-n_tiles // tpc)
     if h > MAX_GRID_YZ:
         raise NotImplementedError("too many heads for one launch")
     dtype = k.dtype
     out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
-    def per_wg(shape, dt, swizzled=False):  # one buffer per warpgroup: a leading axis when several
-        shape = (wgs, *shape) if wgs > 1 else shape
-        return tile(shape, dt) if swizzled else plgpu.SMEM(shape, dt)
-
-    vec = per_wg((2, group, C), F32)
+    vec = plgpu.SMEM((2, group, C), F32)
     scratch = dict(
-        k_s=per_wg((C, dk), dtype, swizzled=True),
+        k_s=tile((C, dk), dtype),
         g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
-        s_r=per_wg((2, C), jnp.int32),
-        s_c=per_wg((2, C), jnp.int32),
-        lo_s=per_wg((C, C), dtype, swizzled=True),
-        ag_s=per_wg((C, C), dtype, swizzled=True),
-        gc_s=per_wg((C,), F32),
-        na_s=per_wg((C, C + solve_pad), F32),
-        x_s=per_wg((C, C + solve_pad), F32),
-        bar_k=plgpu.Barrier(num_arrivals=1, num_barriers=wgs),
-        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2 * wgs),
+        s_r=plgpu.SMEM((2, C), jnp.int32),
+        s_c=plgpu.SMEM((2, C), jnp.int32),
+        lo_s=tile((C, C), dtype),
+        ag_s=tile((C, C), dtype),
+        gc_s=plgpu.SMEM((C,), F32),
+        na_s=plgpu.SMEM((C, C + solve_pad), F32),
+        x_s=plgpu.SMEM((C, C + solve_pad), F32),
+        bar_k=plgpu.Barrier(num_arrivals=1),
+        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
     )
     if debug_inverse:
-        scratch["ai_s"] = per_wg((C, C), F32)
+        scratch["ai_s"] = plgpu.SMEM((C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
     def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s,
              na_s, x_s, bar_k, bar_s, ai_s=None):
         ai_ref = rest[0] if debug_inverse else None
-        hk, run = lax.axis_index("h"), lax.axis_index("m")
-        if wgs > 1:  # this warpgroup's run of tiles and its own scratch
-            wg = lax.axis_index("wg")
-            run = run * wgs + wg
-            k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s = (
-                ref.at[wg] for ref in (k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s))
-            ai_s = ai_s.at[wg] if debug_inverse else None
-            bar_k = bar_k.at[wg]
-            bar_s_at = lambda slot: bar_s.at[wg * 2 + slot]  # noqa: E731
-        else:
-            bar_s_at = lambda slot: bar_s.at[slot]  # noqa: E731
-        first = run * tpc
-        count = jnp.clip(n_tiles - first, 0, tpc)  # 0: a warpgroup past the last run
+        hk, cta = lax.axis_index("h"), lax.axis_index("m")
+        first = cta * tpc
+        count = jnp.minimum(tpc, n_tiles - first)
         heads = pl.ds(hk * group, group)
 
         def tok_of(i):
@@ -159,12 +143,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             tok = tok_of(i)
             for src, dst in ((g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r),
                              (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)):
-                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s_at(slot))
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
 
-        @pl.when(count > 0)
-        def _():
-            issue_k(0)
-            issue_small(0, 0)
+        issue_k(0)
+        issue_small(0, 0)
 
         def same_seq(slot):
             """[64, 64] bool, tokens r and s of one sequence; re-read from SMEM at each use, so the mask
@@ -172,14 +154,18 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             return (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
                     == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
 
-        def one_head(e, kk, slot, tok):
-            """v head ``hk * group + e`` of the tile. The named scopes are regions of Mosaic's in-kernel
-            profiler (tests/gpu/mosaic_gpu_check.py --only profile); no code without it."""
+        def one_head(e, kk, slot, tok, apart: bool):
+            """v head ``hk * group + e`` of the tile; ``apart``: the tile holds tokens of several
+            sequences, kept apart by selects (static: the caller branches on the tile). The named
+            scopes are regions of Mosaic's in-kernel profiler (tests/gpu/mosaic_gpu_check.py --only
+            profile); no code without it."""
             j = hk * group + e
             r, c = iota(sq, 0), iota(sq, 1)
+            same = (lambda: same_seq(slot)) if apart else (lambda: None)
             with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
                 g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
-                gam_r = jnp.where((c <= r) & same_seq(slot), cols(g_col, sq), 0.0).sum(axis=1)
+                upto = (c <= r) & same_seq(slot) if apart else c <= r
+                gam_r = jnp.where(upto, cols(g_col, sq), 0.0).sum(axis=1)
                 # the previous head's stores must have read ag_s / gc_s (/ ai_s) before they are rewritten
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 gc_s[...] = gam_r
@@ -188,21 +174,21 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             with jax.named_scope("decay_a"):
                 beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
                 beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
-                a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same_seq(slot),
+                a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same(),
                                         r, c, sq, interp, from_columns=solve_columns)
                 a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
             with jax.named_scope("diag_solve"):
                 x = diag_block_inverse(a_low, na_t, na_s.at[:, :C], x_s.at[:, :C], interpret=interp,
-                                       same=same_seq(slot) if interp else None, seg_ref=s_r.at[slot],
+                                       same=same() if interp else None, seg_ref=s_r.at[slot] if apart else None,
                                        from_columns=solve_columns)
             with jax.named_scope("merge"):
                 if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
-                    x = merge_chain(x, a_lo16, lo_s, ag_s, dtype, same=same_seq(slot))
+                    x = merge_chain(x, a_lo16, lo_s, ag_s, dtype, same=same())
                 else:
-                    x = merge(x, a_lo16, lo_s, dtype, same=same_seq(slot))
+                    x = merge(x, a_lo16, lo_s, dtype, same=same())
             with jax.named_scope("store"):
-                ag_s[...] = jnp.where(same_seq(slot), x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq),
-                                      0.0).astype(dtype)
+                ag = x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq)
+                ag_s[...] = (jnp.where(same_seq(slot), ag, 0.0) if apart else ag).astype(dtype)
                 if debug_inverse:
                     ai_s[...] = x
                 plgpu.commit_smem()
@@ -210,6 +196,15 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 plgpu.copy_smem_to_gmem(gc_s, gc_ref.at[j, tok])
                 if debug_inverse:
                     plgpu.copy_smem_to_gmem(ai_s, ai_ref.at[j, tok])
+
+        def group_heads(kk, slot, tok, apart: bool):
+            if head_loop == "loop" and group > 1:
+                @pl.loop(0, group)
+                def _head(e):
+                    one_head(e, kk, slot, tok, apart)
+            else:
+                for e in range(group):
+                    one_head(e, kk, slot, tok, apart)
 
         @pl.loop(0, count)
         def _tile(i):
@@ -223,7 +218,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
             with jax.named_scope("wait_in"):
                 plgpu.barrier_wait(bar_k)
-                plgpu.barrier_wait(bar_s_at(slot))
+                plgpu.barrier_wait(bar_s.at[slot])
             with jax.named_scope("kk"):
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s
@@ -232,21 +227,18 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             def _():
                 issue_k(i + 1)
 
-            if head_loop == "loop" and group > 1:
-                @pl.loop(0, group)
-                def _head(e):
-                    one_head(e, kk, slot, tok)
-            else:
-                for e in range(group):
-                    one_head(e, kk, slot, tok)
+            if isolate == "all":
+                group_heads(kk, slot, tok, True)
+            else:  # ids are non-decreasing: the tile is one sequence's iff its first and last agree
+                single = s_r[slot, 0] == s_r[slot, C - 1]
+                pl.when(single)(lambda: group_heads(kk, slot, tok, False))
+                pl.when(jnp.logical_not(single))(lambda: group_heads(kk, slot, tok, True))
 
         plgpu.wait_smem_to_gmem(0)
 
     with tracing_for_interpreter(interp):
-        threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret), kernel_name="gdn_intra",
-            **threads,
         )(k, g_hm, beta_hm, seg)
     return tuple(outs)

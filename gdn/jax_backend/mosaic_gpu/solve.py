@@ -212,13 +212,14 @@ def decayed_a(kk, gr, gcc, beta_row, beta_col, same, r, c, sq, interp: bool, fro
     a_low[i, j] = beta_i (k_i . k_j) exp(gam_i - gam_j) for i > j in one sequence; na_t holds
     -A^T on the 16x16 diagonal blocks (None under the interpreter, which solves from a_low), or
     with ``from_columns`` -A there (a select of a_low: no second exponential).
-    ``kk`` = K K^T (symmetric), ``gr`` / ``gcc`` the cumsum broadcast along rows / columns.
+    ``kk`` = K K^T (symmetric), ``gr`` / ``gcc`` the cumsum broadcast along rows / columns;
+    ``same``: [64, 64] bool, tokens of one sequence, or None for a tile of one sequence.
     """
     # selects, not products with a mask: kk, beta or the cumsum of another sequence may be NaN / inf
-    a_low = masked_decay((r > c) & same, kk * rows(beta_row, sq), gr - gcc)
+    a_low = masked_decay(r > c if same is None else (r > c) & same, kk * rows(beta_row, sq), gr - gcc)
     if interp:
         return a_low, None
     if from_columns:
         return a_low, jnp.where(same_block(BLOCK), -a_low, 0.0)
-    up = (c > r) & same & same_block(BLOCK)
+    up = (c > r) & same_block(BLOCK) if same is None else (c > r) & same & same_block(BLOCK)
     return a_low, -masked_decay(up, kk * cols(beta_col, sq), gcc - gr)
