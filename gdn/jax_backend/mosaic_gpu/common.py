@@ -146,6 +146,22 @@ def masked_decay(mask, p, x):
     return jnp.where(mask, p * jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+#: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2): "boundary",
+#: only tiles that hold tokens of another sequence (a tile inside one sequence has nothing to keep
+#: apart and runs the same arithmetic without the selects, so the same bits); "all", every tile.
+ISOLATE = ("boundary", "all")
+
+
+def isolating(interior, build, isolate: str):
+    """``build(apart)()`` with ``apart = not interior``: ``build(False)`` (no selects) on a tile wholly
+    inside its sequence, ``build(True)`` otherwise, chosen at run time by a ``lax.cond`` on the scalar
+    ``interior``; with ``isolate="all"`` always ``build(True)``. ``build(apart)`` returns a function of
+    no arguments giving the branch's values."""
+    if isolate == "all":
+        return build(True)()
+    return lax.cond(interior, build(False), build(True))
+
+
 def zero_rows_outside(ref, lo, hi) -> None:
     """Zero the rows outside ``[lo, hi)`` of a ``[64, D]`` 16-bit SMEM tile in place, then commit.
 

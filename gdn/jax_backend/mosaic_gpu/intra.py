@@ -39,7 +39,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
+from .common import (C, COLS, F32, ISOLATE, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
                      rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
@@ -54,11 +54,6 @@ MERGES = ("levels", "chain")
 SOLVE_PAD = 8
 
 
-#: which tiles keep their tokens' sequences apart by selects (the NaN isolation of solve.py's
-#: docstring): "boundary", only the tiles that hold tokens of two or more sequences (a tile of one
-#: sequence has no neighbour to protect, and runs without a select or a sequence-id compare);
-#: "all", every tile (the kernel before 2026-12-04, session 3). The two give the same bits.
-ISOLATE = ("boundary", "all")
 
 
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
@@ -90,7 +85,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     substitution's fp32 buffers (:data:`SOLVE_PAD`); ``merge_variant``: "levels" (:func:`solve.merge`,
     16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three dependent product groups);
     ``solve_columns``: the substitution reads ``-A`` a column at a time (one masked exponential per
-    element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`ISOLATE`.
+    element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`.common.ISOLATE`
+    (here a tile of one sequence also skips the sequence-id compares of the cumsum and the
+    substitution; "all" is the kernel before 2026-12-04, session 3).
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
