@@ -237,12 +237,12 @@ def _nan_isolation(variant="", interpret=True, dv=64):
     (o_c, f_c), (o_p, f_p) = runs
     seqs = range(len(NAN_LENS))
     same_bits = None
-    if variant != "fused":  # the selects on every tile: the same bits on the clean inputs
+    if variant != "fused":  # the intra kernel's selects on every tile: the same bits on the clean inputs
         x, arrs, h0 = _nan_inputs(False, dv)
         q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
         _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
                                initial_state=jnp.asarray(h0), backend="jax")
-        o_a, f_a = M.run(args, interpret=interpret, intra_isolate="all", loop_isolate="all", **VARIANT_OPTS[variant])
+        o_a, f_a = M.run(args, interpret=interpret, intra_isolate="all", **VARIANT_OPTS[variant])
         same_bits = bool(np.array_equal(np.asarray(o_a, np.float32)[0], o_c) and np.array_equal(np.asarray(f_a), f_c))
     return dict(
         isolate_all_same_bits=same_bits,
@@ -405,8 +405,8 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
     tiles mix poisoned and clean sequences (gdn issue 10, nan_isolation on the H200). The GPU-only
     code (the inline-MLIR substitution's select) is covered by tests/gpu/reliability_gpu_check.py.
-    Sequence 0 has a tile of its own, which runs without the selects (isolate="boundary"): the clean
-    call gives the same bits with the selects on every tile (intra_isolate = loop_isolate = "all")."""
+    Sequence 0 has a tile of its own, which the intra kernel runs without its selects
+    (intra_isolate="boundary"): the clean call gives the same bits with them on every tile ("all")."""
     res = interp_results["nan_isolation_" + variant]
     assert "error" not in res, res.get("error")
     assert res["isolate_all_same_bits"] is (None if variant == "fused" else True), res
@@ -449,7 +449,7 @@ def test_unsupported_calls_raise_not_implemented():
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
-                     (dict(intra_isolate="none"), ValueError), (dict(loop_isolate="never"), ValueError)):
+                     (dict(intra_isolate="none"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):

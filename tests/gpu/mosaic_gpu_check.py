@@ -304,9 +304,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "levels": dict(intra_merge="levels"),  # the intra kernel's merges by levels 16 -> 32 -> 64 (solve.merge)
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
-    # the NaN-isolation selects on every tile (the kernels before 12-04 session 3), in both kernels / the loop only
-    "isolate_all": dict(intra_isolate="all", loop_isolate="all"),
-    "loop_isolate_all": dict(loop_isolate="all"),
+    "isolate_all": dict(intra_isolate="all"),  # intra: the NaN-isolation selects on every tile (before 12-04 s3)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 

@@ -16,7 +16,7 @@ from ...api import PrefillArgs
 from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
-from .common import C, ISOLATE
+from .common import C
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
@@ -61,13 +61,13 @@ def _l2norm(x):
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
-    "intra_isolate", "loop_isolate", "chunk_variant"))
+    "intra_isolate", "chunk_variant"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
          intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
-         loop_isolate: str = "boundary", chunk_variant: str = "default"):
+         chunk_variant: str = "default"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -104,11 +104,10 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                        solve_columns=intra_columns, isolate=intra_isolate, interpret=interpret)[:2]
         if chunk_variant == "wide":
             o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                       t_valid=t_pad, stages=stages, regs=regs, isolate=loop_isolate,
-                                       interpret=interpret)
+                                       t_valid=t_pad, stages=stages, regs=regs, interpret=interpret)
         else:
             o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                  t_valid=t_pad, bv=bv, stages=stages, isolate=loop_isolate, interpret=interpret)
+                                  t_valid=t_pad, bv=bv, stages=stages, interpret=interpret)
     if pad:
         o = o[:t_arr]
     return o.reshape(bsz, t_in, hv, dv), final, None
@@ -117,8 +116,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
-                   intra_columns: bool = True, intra_isolate: str = "boundary", loop_isolate: str = "boundary",
-                   chunk_variant: str = "auto"):
+                   intra_columns: bool = True, intra_isolate: str = "boundary", chunk_variant: str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -127,8 +125,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     two_kernels only: ``intra_tiles`` / ``head_loop`` / ``intra_pad`` / ``intra_merge`` /
     ``intra_columns`` / ``intra_isolate`` are the intra kernel's ``tiles_per_cta`` / ``head_loop``
     / ``solve_pad`` / ``merge_variant`` / ``solve_columns`` / ``isolate`` (:func:`intra.intra`;
-    pads 0 and 8 are what ran on the H200). ``loop_isolate``: the chunk loop's ``isolate``
-    (:data:`.common.ISOLATE`). ``chunk_variant``: "auto" (the
+    pads 0 and 8 are what ran on the H200). ``chunk_variant``: "auto" (the
     default: :func:`pick_chunk_variant`), "default" (:func:`chunk_loop.chunk_loop`, one CTA per 64 V
     columns, ``bv``) or "wide" (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v
     head: a prep warpgroup and a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` =
@@ -137,8 +134,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate"))
-    if loop_isolate not in ISOLATE:
-        raise ValueError(f"loop_isolate must be one of {ISOLATE}, got {loop_isolate!r}")
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":
@@ -151,4 +146,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
-                    loop_isolate=loop_isolate, chunk_variant=chunk_variant)
+                    chunk_variant=chunk_variant)

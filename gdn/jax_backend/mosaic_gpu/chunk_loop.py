@@ -37,7 +37,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
-                     interpret_params, iota, isolating, masked_decay, masked_exp, mm, produce, rows,
+                     interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
                      store_rows, tile, tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
@@ -57,14 +57,13 @@ def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
 
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-               bv: int = 64, stages: int | None = None, isolate: str = "boundary", interpret=None):
+               bv: int = 64, stages: int | None = None, interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
     :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
     h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
-    t_valid: tokens the caller's arrays hold (rows past it are not written); ``isolate``:
-    :data:`.common.ISOLATE` (the state warpgroup's selects of other sequences' tokens).
+    t_valid: tokens the caller's arrays hold (rows past it are not written).
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -190,18 +189,11 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 with jax.named_scope("s_vnew"):
                     v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-
-                    def vnew(apart):
-                        def branch():
-                            # Vnew^T = W^T Ag^T; on a boundary tile the columns of other sequences are
-                            # selected to 0: their Ag rows may be NaN (0 * NaN through the zeros of
-                            # W^T), and both P Vnew and the state update contract them
-                            keep = (lambda y: jnp.where(cols(valid, sh), y, 0.0)) if apart else (lambda y: y)
-                            w_t = keep(v_t - ks * cols(jnp.exp(g_vec), sh)).astype(dtype)
-                            return keep(mm(w_t, a_s.at[slot].T, sh))
-                        return branch
-
-                    vn_t = isolating((lo == 0) & (hi == C), vnew, isolate)
+                    w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
+                    # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be
+                    # NaN (0 * NaN through the zeros of W^T), and both P Vnew and the state update
+                    # contract them
+                    vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
                 with jax.named_scope("s_publish"):
                     vn_pub.at[half].T[...] = vn_t.astype(dtype)
                     plgpu.commit_smem()

@@ -46,7 +46,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, drain_releases, finish_together,
-                     for_tail_tiles, interpret_params, iota, isolating, masked_decay, masked_exp, mm, products,
+                     for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
                      rows, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
 
@@ -72,14 +72,12 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
 
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-                    stages: int | None = None, regs: tuple[int, int] | None = None, isolate: str = "boundary",
-                    interpret=None):
+                    stages: int | None = None, regs: tuple[int, int] | None = None, interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
-    [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128; ``isolate``:
-    :data:`.common.ISOLATE` (the state warpgroups' selects of other sequences' tokens).
+    [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -258,17 +256,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
                                         ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
                 with jax.named_scope("s_vnew"):
-                    def vnew(apart):
-                        def branch():
-                            # -(S^T K^T) diag(exp(gc)); on a boundary tile the columns of other
-                            # sequences are selected to 0 (their Ag rows may be NaN)
-                            keep = (lambda y: jnp.where(cols(valid, sh), y, 0.0)) if apart else (lambda y: y)
-                            w_neg = keep(x_t * cols(-jnp.exp(g_vec), sh)).astype(dtype)
-                            vn, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
-                            return keep(vn)
-                        return branch
-
-                    vn_t = isolating((lo == 0) & (hi == C), vnew, isolate)
+                    # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be NaN)
+                    w_neg = jnp.where(cols(valid, sh), x_t * cols(-jnp.exp(g_vec), sh), 0.0).astype(dtype)
+                    vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
+                    vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)
                     vn_lo = vn_t.astype(dtype)
                     vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
                 with jax.named_scope("s_update"):

@@ -146,20 +146,13 @@ def masked_decay(mask, p, x):
     return jnp.where(mask, p * jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-#: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2): "boundary",
-#: only tiles that hold tokens of another sequence (a tile inside one sequence has nothing to keep
-#: apart and runs the same arithmetic without the selects, so the same bits); "all", every tile.
+#: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2), an option of the
+#: intra kernel: "boundary", only tiles that hold tokens of another sequence (a tile inside one
+#: sequence has nothing to keep apart and runs the same arithmetic without the selects: the same
+#: bits); "all", every tile. The chunk loops select on every tile: the same branch there (a
+#: ``lax.cond`` around the state chain's Vnew step) was slower on the H200 (2026-12-04, call e3:
+#: 0.718 vs 0.689 ms at 4x8192, 1.330 vs 1.136 at 1x32768).
 ISOLATE = ("boundary", "all")
-
-
-def isolating(interior, build, isolate: str):
-    """``build(apart)()`` with ``apart = not interior``: ``build(False)`` (no selects) on a tile wholly
-    inside its sequence, ``build(True)`` otherwise, chosen at run time by a ``lax.cond`` on the scalar
-    ``interior``; with ``isolate="all"`` always ``build(True)``. ``build(apart)`` returns a function of
-    no arguments giving the branch's values."""
-    if isolate == "all":
-        return build(True)()
-    return lax.cond(interior, build(False), build(True))
 
 
 def zero_rows_outside(ref, lo, hi) -> None:
