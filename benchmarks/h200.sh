@@ -6,6 +6,8 @@
 #   bash benchmarks/h200.sh             # parity + bench (budget GDN_BUDGET_S, default 560 s)
 #   bash benchmarks/h200.sh parity      # only the parity suite
 #   bash benchmarks/h200.sh bench 16/32 8/32   # only the benchmark, these head configurations
+#   GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" bash benchmarks/h200.sh bench   # these only
+#   (all seven implementations at 16/32 take ~330 s, 2026-12-04; the peers + mosaic_gpu ~170 s)
 #
 # Peers: wheels in .whl/ (fla-core, jax-linear-attention; pip download --no-deps, see GPU.md) are
 # installed into /tmp/peers; FlashInfer unpacked in /tmp/fisite (shared/tools/flashinfer-bundle)
@@ -48,7 +50,8 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     if [ "$t" -lt 30 ]; then echo "== bench $hd: skipped, the budget is spent"; continue; fi
     echo "== bench $hd (up to ${t} s)"
     dir="$OUT/bench-${hd/\//-}"
-    timeout --signal=INT --kill-after=10 "$t" "$PY" -m gdn bench --heads "$hd" --out "$dir" \
+    impl_args=(); for im in ${GDN_BENCH_IMPLS:-}; do impl_args+=(--impl "$im"); done
+    timeout --signal=INT --kill-after=10 "$t" "$PY" -m gdn bench --heads "$hd" --out "$dir" "${impl_args[@]}" \
       > "$dir.txt" 2> "$dir.log"
     echo "bench $hd exit code $? (124: cut by the budget)"
   done

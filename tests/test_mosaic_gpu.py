@@ -56,12 +56,16 @@ CASES = [
      "packed:wide"),
     ("wide_jit_G2_K128_fp16", dict(lens=[130, 70], h=1, hv=2, k=128, v=128, initial_state=True, seed=11),
      dict(output_final_state=False), "float16", "jit:wide"),
+    # the wide loop with -W formed by the prep warpgroup (wide_w_prep): two state groups per tile
+    ("wide_w_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                               initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
+     "packed:wide_w"),
 ]
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
-                "narrow": dict(chunk_variant="default")}
+                "narrow": dict(chunk_variant="default"), "wide_w": dict(chunk_variant="wide", wide_w_prep=True)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -327,6 +331,7 @@ def _main_interpret_cases(path):
     _timed(results, "intra_stage", _intra_stage_errors)
     _timed(results, "intra_stage_levels", lambda: _intra_stage_errors(merge_variant="levels"))
     _timed(results, "intra_stage_all", lambda: _intra_stage_errors(isolate="all"))
+    _timed(results, "intra_stage_buf2", lambda: _intra_stage_errors(out_buffers=2))
     _timed(results, "intra_isolate_bits", _intra_isolate_bits)
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
@@ -334,6 +339,7 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
+    _timed(results, "nan_isolation_wide_w", lambda: _nan_isolation("wide_w", dv=128))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -376,11 +382,11 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_all"])
+@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_all", "intra_stage_buf2"])
 def test_intra_matches_float64_stages(interp_results, case):
     """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
     100/0/1/63/64/65 (a tile of one sequence, tiles of several), a padding tile; the default chain
-    merge, the levels one, the selects on every tile) against
+    merge, the levels one, the selects on every tile, two output stagings) against
     gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
@@ -399,7 +405,7 @@ def test_intra_isolate_boundary_same_bits(interp_results):
     assert res["ag_diff"] == 0.0 and res["gc_diff"] == 0.0 and res["finite"], res
 
 
-@pytest.mark.parametrize("variant", ["default", "fused", "wide"])
+@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_w"])
 def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
@@ -449,7 +455,9 @@ def test_unsupported_calls_raise_not_implemented():
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
-                     (dict(intra_isolate="none"), ValueError)):
+                     (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
+                     (dict(wide_w_prep=1), TypeError),
+                     (dict(wide_w_prep=True, chunk_variant="default"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -480,6 +488,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "fused"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
     (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_w"),        # + -W from the prep warpgroup
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -500,25 +509,26 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
-        if variant == "wide":
-            return prefill_arrays(args, chunk_variant="wide")
+        if variant.startswith("wide"):
+            return prefill_arrays(args, chunk_variant="wide", wide_w_prep=variant == "wide_w")
         return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
     text = lowered.as_text()
     assert "mosaic_gpu" in text or "custom_call" in text
-    if variant == "wide":
+    if variant.startswith("wide"):
         assert "gdn_chunk_loop_wide" in text
     if variant != "fused":
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate", [
-    (512, 16, 2, 128, "bfloat16", None, "loop", "levels", "boundary"),  # Qwen3.5 heads, default tiles per CTA
-    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", "all"),  # the substitution reading -A by columns
-    (320, 1, 3, 64, "float16", 2, "unroll", "levels", "boundary"),  # G = 3, a short last CTA, the debug output
+@pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate,buffers", [
+    (512, 16, 2, 128, "bfloat16", None, "loop", "levels", "boundary", 1),  # Qwen3.5 heads, default tiles per CTA
+    (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", "all", 1),  # the substitution reading -A by columns
+    (320, 1, 3, 64, "float16", 2, "unroll", "levels", "boundary", 1),  # G = 3, a short last CTA, the debug output
+    (320, 1, 3, 64, "float16", 2, "loop", "chain", "boundary", 2),  # two output stagings (the debug output too)
 ])
-def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate):
+def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate, buffers):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
     import jax
     import jax.numpy as jnp
@@ -530,7 +540,7 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
     hv = h * group
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
                                   merge_variant=merge, solve_columns=merge == "chain", isolate=isolate,
-                                  debug_inverse=tiles is not None)
+                                  out_buffers=buffers, debug_inverse=tiles is not None)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()
     assert "gdn_intra" in text

@@ -155,7 +155,8 @@ def sec_nan():
     and each chunk loop forced (the wide one at V = 128, its two state warpgroups)."""
     tmg = _test_module()
     out = {}
-    for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128)):
+    for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128),
+                              ("wide_w", "wide_w", 128)):
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -305,6 +306,11 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
     "isolate_all": dict(intra_isolate="all"),  # intra: the NaN-isolation selects on every tile (before 12-04 s3)
+    # the wide loop with -W from the prep warpgroup (two state groups per tile; 2 ring stages at K = V = 128),
+    # and the plain wide loop at 2 stages: the stage count's share of any difference
+    "wide_w": dict(chunk_variant="wide", wide_w_prep=True),
+    "wide_s2": dict(chunk_variant="wide", stages=2),
+    "buf2": dict(intra_out_buffers=2),  # intra: two output stagings (no wait for the last head's stores)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 
@@ -420,7 +426,7 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
-             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False))]
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf2", dict(out_buffers=2))]
 
 
 @section("intra_cmp")

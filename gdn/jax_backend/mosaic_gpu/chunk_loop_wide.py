@@ -57,27 +57,36 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 REGS = (104, 200)
 
 
-def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
+def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, w_prep: bool = False) -> int:
     nsw = dv // BV
     per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + 2 * C * 4  # q, k, v, Ag, P, gc x2
+    per_stage += C * dk * itemsize if w_prep else 0  # -W
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
     return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
 
 
-def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
+def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, w_prep: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, w_prep) <= SMEM_BUDGET:
             return stages
-    raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} bytes of SMEM")
+    raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2, w_prep)} "
+                              "bytes of SMEM")
 
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-                    stages: int | None = None, regs: tuple[int, int] | None = None, interpret=None):
+                    stages: int | None = None, regs: tuple[int, int] | None = None, w_prep: bool = False,
+                    interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
     [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
+
+    ``w_prep`` (UNTIMED on the GPU, not the default): the prep warpgroup also forms
+    ``-W = -(Ag diag(exp(gc)) K)`` ([64, K], input dtype, one more ring buffer: 3 -> 2 stages at
+    K = V = 128, bf16), so each state warpgroup's ``Vnew^T = V^T Ag^T - Sl W^T`` is ONE product group
+    and its chain has two dependent groups per tile instead of three. ``W`` is rounded to the input
+    dtype where the default rounds ``S^T K^T diag(exp(gc))`` (FLA's ``w`` is rounded the same way).
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -90,7 +99,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz)
+        stages = pick_stages(dk, dv, isz, osz, w_prep)
     r_prep, r_state = regs if regs is not None else REGS
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
@@ -104,6 +113,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     vec = plgpu.SMEM((stages, C), F32)
     ring = (tile((stages, C, dk), dtype), tile((stages, C, dk), dtype), tile((stages, nsw, C, BV), dtype),
             tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec)
+    if w_prep:
+        ring += (tile((stages, C, dk), dtype),)
     scratch = dict(
         # the ring (q, k, v blocks, Ag, P, gc rows, gc cols) or, before the first and after the last
         # tile, the fp32 [K, 64] staging of each state warpgroup's initial / final state
@@ -121,7 +132,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     )
 
     def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
-        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols), st_s = ring
+        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *w_s), st_s = ring
+        w_s = w_s[0] if w_prep else None
         o_st = tuple(o_st)
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
@@ -190,6 +202,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     for w in range(nsw):
                         zero_rows_outside(v_s.at[slot, w], lo, hi)
 
+                if w_prep:
+                    with jax.named_scope("p_w"):  # -W = -(Ag diag(exp(gc)) K), after k's foreign rows are 0
+                        cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
+                        e_c = masked_exp((cvec >= lo) & (cvec < hi), g_c)
+                        ag_e = (plgpu.load(a_s.at[slot], layout=WG).astype(F32) * cols(e_c, sq)).astype(dtype)
+                        for h0_ in range(dk // BV):  # [64, 64] accumulators: the prep warpgroup's registers
+                            part = pl.ds(h0_ * BV, BV)
+                            w_s.at[slot, :, part][...] = (-mm(ag_e, k_s.at[slot, :, part], (C, BV))).astype(dtype)
+
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready.at[slot])
 
@@ -252,6 +273,26 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                 g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                 s_lo = s_t.astype(dtype)
+                if w_prep:
+                    with jax.named_scope("s_vnew"):  # Vnew^T = V^T Ag^T - Sl W^T, one product group
+                        vn_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T),
+                                                          (s_lo, w_s.at[slot].T)]))
+                        vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)  # other sequences' Ag rows may be NaN
+                        vn_lo = vn_t.astype(dtype)
+                        vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
+                else:
+                    vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last)
+                with jax.named_scope("s_update"):
+                    s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
+                                          ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
+                    plgpu.barrier_arrive(in_free.at[slot])
+                with jax.named_scope("s_store"):
+                    store((o_t * scale).astype(out_dtype), tok, lo, hi, t0)
+                return s_new
+
+            def three_groups(slot, s_lo, valid, g_vec, g_last):
+                """(Vnew^T, its decayed copy) in the input dtype, from U^T and X = Sl K^T (one group),
+                then W^T Ag^T (a second)."""
                 with jax.named_scope("s_ux"):
                     u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
                                         ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
@@ -262,13 +303,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)
                     vn_lo = vn_t.astype(dtype)
                     vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                with jax.named_scope("s_update"):
-                    s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
-                                          ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
-                    plgpu.barrier_arrive(in_free.at[slot])
-                with jax.named_scope("s_store"):
-                    store((o_t * scale).astype(out_dtype), tok, lo, hi, t0)
-                return s_new
+                return vn_lo, vd_t
 
             s_t = lax.fori_loop(0, nt, step, s0)
 

@@ -78,7 +78,7 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
-          isolate: str = "boundary", interpret=None, debug_inverse: bool = False):
+          isolate: str = "boundary", out_buffers: int = 1, interpret=None, debug_inverse: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
@@ -91,13 +91,18 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     ``solve_columns``: the substitution reads ``-A`` a column at a time (one masked exponential per
     element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`.common.ISOLATE`
     (here a tile of one sequence also skips the sequence-id compares of the cumsum and the
-    substitution; "all" is the kernel before 2026-12-04, session 3).
+    substitution; "all" is the kernel before 2026-12-04, session 3). ``out_buffers``: 1 or 2 SMEM
+    stagings of a head's outputs (``Ag``, ``gc``): with 2, a head waits for the stores of the head two
+    before it, not the one just issued (UNTIMED on the GPU; 1 is what was measured).
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate)
+    if out_buffers not in (1, 2) or isinstance(out_buffers, bool):
+        raise ValueError(f"out_buffers must be 1 or 2, got {out_buffers!r}")
+    nb = out_buffers
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
@@ -114,15 +119,15 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         s_r=plgpu.SMEM((2, C), jnp.int32),
         s_c=plgpu.SMEM((2, C), jnp.int32),
         lo_s=tile((C, C), dtype),
-        ag_s=tile((C, C), dtype),
-        gc_s=plgpu.SMEM((C,), F32),
+        ag_s=tile((2, C, C) if nb == 2 else (C, C), dtype),
+        gc_s=plgpu.SMEM((2, C) if nb == 2 else (C,), F32),
         na_s=plgpu.SMEM((C, C + solve_pad), F32),
         x_s=plgpu.SMEM((C, C + solve_pad), F32),
         bar_k=plgpu.Barrier(num_arrivals=1),
         bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
     )
     if debug_inverse:
-        scratch["ai_s"] = plgpu.SMEM((C, C), F32)
+        scratch["ai_s"] = plgpu.SMEM((2, C, C) if nb == 2 else (C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
@@ -155,7 +160,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             return (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
                     == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
 
-        def one_head(e, kk, slot, tok, apart: bool):
+        def one_head(e, kk, slot, tok, apart: bool, nth):
             """v head ``hk * group + e`` of the tile; ``apart``: the tile holds tokens of several
             sequences, kept apart by selects (static: the caller branches on the tile). The named
             scopes are regions of Mosaic's in-kernel profiler (tests/gpu/mosaic_gpu_check.py --only
@@ -163,15 +168,21 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             j = hk * group + e
             r, c = iota(sq, 0), iota(sq, 1)
             same = (lambda: same_seq(slot)) if apart else (lambda: None)
+            if nb == 2:  # this head's output staging: the two alternate from head to head
+                buf = lax.rem(nth, 2)
+                ag_s_, gc_s_, ai_s_ = ag_s.at[buf], gc_s.at[buf], ai_s.at[buf] if debug_inverse else None
+            else:
+                ag_s_, gc_s_, ai_s_ = ag_s, gc_s, ai_s
             with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
                 g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
                 upto = (c <= r) & same_seq(slot) if apart else c <= r
                 gam_r = jnp.where(upto, cols(g_col, sq), 0.0).sum(axis=1)
-                # the previous head's stores must have read ag_s / gc_s (/ ai_s) before they are rewritten
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                gc_s[...] = gam_r
+                # the stores that last read this staging (the previous head's, or with two stagings the
+                # head's before it: one commit group per head) must be done before it is rewritten
+                plgpu.wait_smem_to_gmem(nb - 1, wait_read_only=True)
+                gc_s_[...] = gam_r
                 plgpu.commit_smem()
-                gam_c = plgpu.load(gc_s, layout=COLS)  # the same fp32 values, column layout
+                gam_c = plgpu.load(gc_s_, layout=COLS)  # the same fp32 values, column layout
             with jax.named_scope("decay_a"):
                 beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
                 beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
@@ -184,28 +195,31 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                                        from_columns=solve_columns)
             with jax.named_scope("merge"):
                 if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
-                    x = merge_chain(x, a_lo16, lo_s, ag_s, dtype, same=same())
+                    x = merge_chain(x, a_lo16, lo_s, ag_s_, dtype, same=same())
                 else:
                     x = merge(x, a_lo16, lo_s, dtype, same=same())
             with jax.named_scope("store"):
                 ag = x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq)
-                ag_s[...] = (jnp.where(same_seq(slot), ag, 0.0) if apart else ag).astype(dtype)
+                ag_s_[...] = (jnp.where(same_seq(slot), ag, 0.0) if apart else ag).astype(dtype)
                 if debug_inverse:
-                    ai_s[...] = x
+                    ai_s_[...] = x
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ag_s, ag_ref.at[j, tok])
-                plgpu.copy_smem_to_gmem(gc_s, gc_ref.at[j, tok])
+                grouped = dict(commit_group=False) if nb == 2 else {}
+                plgpu.copy_smem_to_gmem(ag_s_, ag_ref.at[j, tok], **grouped)
+                plgpu.copy_smem_to_gmem(gc_s_, gc_ref.at[j, tok], **grouped)
                 if debug_inverse:
-                    plgpu.copy_smem_to_gmem(ai_s, ai_ref.at[j, tok])
+                    plgpu.copy_smem_to_gmem(ai_s_, ai_ref.at[j, tok], **grouped)
+                if nb == 2:
+                    plgpu.commit_smem_to_gmem_group()
 
-        def group_heads(kk, slot, tok, apart: bool):
+        def group_heads(kk, slot, tok, apart: bool, i):
             if head_loop == "loop" and group > 1:
                 @pl.loop(0, group)
                 def _head(e):
-                    one_head(e, kk, slot, tok, apart)
+                    one_head(e, kk, slot, tok, apart, i * group + e)
             else:
                 for e in range(group):
-                    one_head(e, kk, slot, tok, apart)
+                    one_head(e, kk, slot, tok, apart, i * group + e)
 
         @pl.loop(0, count)
         def _tile(i):
@@ -229,11 +243,11 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 issue_k(i + 1)
 
             if isolate == "all":
-                group_heads(kk, slot, tok, True)
+                group_heads(kk, slot, tok, True, i)
             else:  # ids are non-decreasing: the tile is one sequence's iff its first and last agree
                 single = s_r[slot, 0] == s_r[slot, C - 1]
-                pl.when(single)(lambda: group_heads(kk, slot, tok, False))
-                pl.when(jnp.logical_not(single))(lambda: group_heads(kk, slot, tok, True))
+                pl.when(single)(lambda: group_heads(kk, slot, tok, False, i))
+                pl.when(jnp.logical_not(single))(lambda: group_heads(kk, slot, tok, True, i))
 
         plgpu.wait_smem_to_gmem(0)
 
