@@ -226,7 +226,7 @@ def _nan_isolation(variant="", interpret=True, dv=64):
     from gdn import api, plan as make_plan
     from gdn.jax_backend import mosaic_gpu as M
 
-    runs = []
+    runs, clean_args = [], None
     for poison in (False, True):
         x, arrs, h0 = _nan_inputs(poison, dv)
         cu = x.cu_seqlens
@@ -234,6 +234,8 @@ def _nan_isolation(variant="", interpret=True, dv=64):
         q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
         _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
                                initial_state=jnp.asarray(h0), backend="jax")
+        if not poison:
+            clean_args = args
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             o, f = M.run(args, interpret=interpret, **VARIANT_OPTS[variant])
@@ -242,11 +244,7 @@ def _nan_isolation(variant="", interpret=True, dv=64):
     seqs = range(len(NAN_LENS))
     same_bits = None
     if variant != "fused":  # the intra kernel's selects on every tile: the same bits on the clean inputs
-        x, arrs, h0 = _nan_inputs(False, dv)
-        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
-        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
-                               initial_state=jnp.asarray(h0), backend="jax")
-        o_a, f_a = M.run(args, interpret=interpret, intra_isolate="all", **VARIANT_OPTS[variant])
+        o_a, f_a = M.run(clean_args, interpret=interpret, intra_isolate="all", **VARIANT_OPTS[variant])
         same_bits = bool(np.array_equal(np.asarray(o_a, np.float32)[0], o_c) and np.array_equal(np.asarray(f_a), f_c))
     return dict(
         isolate_all_same_bits=same_bits,
@@ -260,24 +258,28 @@ def _nan_isolation(variant="", interpret=True, dv=64):
         tail_zero=bool(np.all(o_p[cu[-1]:] == 0)))
 
 
+def _nan_intra_args(poison: bool):
+    """(cu_seqlens, (k, g_hm, beta_hm, seg)): the intra kernel's arguments from :func:`_nan_inputs`."""
+    import jax.numpy as jnp
+
+    x, arrs, _ = _nan_inputs(poison)
+    cu = x.cu_seqlens
+    k = jnp.asarray(arrs[1][0], jnp.bfloat16)
+    g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
+    seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(x.q.shape[1]), side="right"), jnp.int32)
+    return cu, (k, g_hm, b_hm, seg)
+
+
 def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
     """The intra kernel on the clean and the poisoned k / g / beta of
     :func:`_nan_inputs`: the clean sequences' rows of Ag and gc must be bitwise equal (and finite).
     The chunk loop behind them is the one the whole-prefill checks run."""
-    import jax.numpy as jnp
-
     from gdn.jax_backend.mosaic_gpu.intra import intra
 
     outs = []
     for poison in (False, True):
-        x, arrs, _ = _nan_inputs(poison)
-        cu = x.cu_seqlens
-        t = x.q.shape[1]
-        k = jnp.asarray(arrs[1][0], jnp.bfloat16)
-        g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
-        seg = jnp.asarray(np.searchsorted(cu[1:], np.arange(t), side="right"), jnp.int32)
-        ag, gc = intra(k, g_hm, b_hm, seg, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret,
-                       **intra_kw)
+        cu, args = _nan_intra_args(poison)
+        ag, gc = intra(*args, group=2, tiles_per_cta=2, head_loop=head_loop, interpret=interpret, **intra_kw)
         outs.append([np.asarray(a, np.float32) for a in (ag, gc)])
     (ag_c, gc_c), (ag_p, gc_p) = outs
     clean = [n for n in range(len(NAN_LENS)) if n not in NAN_POISON]
@@ -292,20 +294,14 @@ def _intra_isolate_bits(interpret=True):
     """The intra kernel with isolate="boundary" (a tile of one sequence runs without selects) and
     "all" on the clean inputs of :func:`_nan_inputs` (tile 0 is sequence 0's alone, the others are
     shared): the outputs must be the same bits."""
-    import jax.numpy as jnp
-
     from gdn.jax_backend.mosaic_gpu.intra import intra
 
-    x, arrs, _ = _nan_inputs(False)
-    cu = x.cu_seqlens
-    t = x.q.shape[1]
-    k = jnp.asarray(arrs[1][0], jnp.bfloat16)
-    g_hm, b_hm = (jnp.asarray(a[0].T, jnp.float32) for a in arrs[3:5])
-    seg = np.searchsorted(cu[1:], np.arange(t), side="right").astype(np.int32)
-    outs = [[np.asarray(a, np.float32) for a in intra(k, g_hm, b_hm, jnp.asarray(seg), group=2, tiles_per_cta=2,
-                                                       isolate=iso, interpret=interpret)]
+    _, args = _nan_intra_args(False)
+    outs = [[np.asarray(a, np.float32) for a in intra(*args, group=2, tiles_per_cta=2, isolate=iso,
+                                                       interpret=interpret)]
             for iso in ("boundary", "all")]
-    single = seg.reshape(-1, 64)[:, 0] == seg.reshape(-1, 64)[:, -1]
+    seg = np.asarray(args[3]).reshape(-1, 64)
+    single = seg[:, 0] == seg[:, -1]
     (ag_b, gc_b), (ag_a, gc_a) = outs
     return dict(single_tiles=int(single.sum()), shared_tiles=int((~single).sum()),
                 ag_diff=float(np.abs(ag_b - ag_a).max()), gc_diff=float(np.abs(gc_b - gc_a).max()),

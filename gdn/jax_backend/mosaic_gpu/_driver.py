@@ -136,10 +136,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``wide_w_prep``: its ``w_prep``, UNTIMED)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate,
-                        names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate"))
-    if intra_out_buffers not in (1, 2) or isinstance(intra_out_buffers, bool):
-        raise ValueError(f"intra_out_buffers must be 1 or 2, got {intra_out_buffers!r}")
+    check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
+                        names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
     if not isinstance(wide_w_prep, bool):
         raise TypeError(f"wide_w_prep must be a bool, got {wide_w_prep!r}")
     if chunk_variant not in CHUNK_VARIANTS:

@@ -146,15 +146,6 @@ def masked_decay(mask, p, x):
     return jnp.where(mask, p * jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-#: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2), an option of the
-#: intra kernel: "boundary", only tiles that hold tokens of another sequence (a tile inside one
-#: sequence has nothing to keep apart and runs the same arithmetic without the selects: the same
-#: bits); "all", every tile. The chunk loops select on every tile: the same branch there (a
-#: ``lax.cond`` around the state chain's Vnew step) was slower on the H200 (2026-12-04, call e3:
-#: 0.718 vs 0.689 ms at 4x8192, 1.330 vs 1.136 at 1x32768).
-ISOLATE = ("boundary", "all")
-
-
 def zero_rows_outside(ref, lo, hi) -> None:
     """Zero the rows outside ``[lo, hi)`` of a ``[64, D]`` 16-bit SMEM tile in place, then commit.
 

@@ -43,7 +43,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ISOLATE, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
+from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
                      rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
@@ -60,10 +60,22 @@ SOLVE_PAD = 8
 
 
 
+#: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2): "boundary",
+#: only tiles that hold tokens of another sequence (a tile inside one sequence has nothing to keep
+#: apart and runs the same arithmetic without the selects: the same bits); "all", every tile. The
+#: chunk loops select on every tile: the same branch there (a ``lax.cond`` around the state chain's
+#: Vnew step) was slower on the H200 (2026-12-04, call e3: 0.718 vs 0.689 ms at 4x8192, 1.330 vs
+#: 1.136 at 1x32768).
+ISOLATE = ("boundary", "all")
+OUT_BUFFERS = (1, 2)
+
+
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
-                  names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate")) -> None:
+                  out_buffers: int = 1,
+                  names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate",
+                                            "out_buffers")) -> None:
     """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
-    last four."""
+    last five."""
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if merge_variant not in MERGES:
@@ -74,6 +86,8 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise TypeError(f"{names[2]} must be a bool, got {solve_columns!r}")
     if isolate not in ISOLATE:
         raise ValueError(f"{names[3]} must be one of {ISOLATE}, got {isolate!r}")
+    if out_buffers not in OUT_BUFFERS or isinstance(out_buffers, bool):
+        raise ValueError(f"{names[4]} must be one of {OUT_BUFFERS}, got {out_buffers!r}")
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
@@ -89,7 +103,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     substitution's fp32 buffers (:data:`SOLVE_PAD`); ``merge_variant``: "levels" (:func:`solve.merge`,
     16 -> 32 -> 64) or "chain" (:func:`solve.merge_chain`, three dependent product groups);
     ``solve_columns``: the substitution reads ``-A`` a column at a time (one masked exponential per
-    element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`.common.ISOLATE`
+    element instead of two; :func:`solve._diag_solve_body`); ``isolate``: :data:`ISOLATE`
     (here a tile of one sequence also skips the sequence-id compares of the cumsum and the
     substitution; "all" is the kernel before 2026-12-04, session 3). ``out_buffers``: 1 or 2 SMEM
     stagings of a head's outputs (``Ag``, ``gc``): with 2, a head waits for the stores of the head two
@@ -99,9 +113,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     hv = g_hm.shape[0]
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
-    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate)
-    if out_buffers not in (1, 2) or isinstance(out_buffers, bool):
-        raise ValueError(f"out_buffers must be 1 or 2, got {out_buffers!r}")
+    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers)
     nb = out_buffers
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
@@ -175,7 +187,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 ag_s_, gc_s_, ai_s_ = ag_s, gc_s, ai_s
             with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
                 g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
-                upto = (c <= r) & same_seq(slot) if apart else c <= r
+                upto = (c <= r) & same() if apart else c <= r
                 gam_r = jnp.where(upto, cols(g_col, sq), 0.0).sum(axis=1)
                 # the stores that last read this staging (the previous head's, or with two stagings the
                 # head's before it: one commit group per head) must be done before it is rewritten
@@ -200,7 +212,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                     x = merge(x, a_lo16, lo_s, dtype, same=same())
             with jax.named_scope("store"):
                 ag = x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq)
-                ag_s_[...] = (jnp.where(same_seq(slot), ag, 0.0) if apart else ag).astype(dtype)
+                ag_s_[...] = (jnp.where(same(), ag, 0.0) if apart else ag).astype(dtype)
                 if debug_inverse:
                     ai_s_[...] = x
                 plgpu.commit_smem()
