@@ -56,16 +56,16 @@ CASES = [
      "packed:wide"),
     ("wide_jit_G2_K128_fp16", dict(lens=[130, 70], h=1, hv=2, k=128, v=128, initial_state=True, seed=11),
      dict(output_final_state=False), "float16", "jit:wide"),
-    # the wide loop with -W formed by the prep warpgroup (wide_w_prep): two state groups per tile
-    ("wide_w_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
-                                               initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
-     "packed:wide_w"),
+    # the wide loop's lean state warpgroups (wide_lean: no selects, o's scale in the prep warpgroup)
+    ("wide_lean_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                                  initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
+     "packed:wide_lean"),
 ]
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
-                "narrow": dict(chunk_variant="default"), "wide_w": dict(chunk_variant="wide", wide_w_prep=True)}
+                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", wide_lean=True)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -327,7 +327,7 @@ def _main_interpret_cases(path):
     _timed(results, "intra_stage", _intra_stage_errors)
     _timed(results, "intra_stage_levels", lambda: _intra_stage_errors(merge_variant="levels"))
     _timed(results, "intra_stage_all", lambda: _intra_stage_errors(isolate="all"))
-    _timed(results, "intra_stage_buf2", lambda: _intra_stage_errors(out_buffers=2))
+    _timed(results, "intra_stage_buf1", lambda: _intra_stage_errors(out_buffers=1))
     _timed(results, "intra_isolate_bits", _intra_isolate_bits)
     for case in CASES:
         _timed(results, case[0], lambda case=case: _run_case(*case))
@@ -335,7 +335,7 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    _timed(results, "nan_isolation_wide_w", lambda: _nan_isolation("wide_w", dv=128))
+    _timed(results, "nan_isolation_wide_lean", lambda: _nan_isolation("wide_lean", dv=128))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -378,11 +378,11 @@ def test_interpreter_matches_float64(interp_results, case):
         assert res["final_rows"] == 6  # the real sequence count (host plan)
 
 
-@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_all", "intra_stage_buf2"])
+@pytest.mark.parametrize("case", ["intra_stage", "intra_stage_levels", "intra_stage_all", "intra_stage_buf1"])
 def test_intra_matches_float64_stages(interp_results, case):
     """The intra kernel (interpreter, 4 tiles in 2-tile CTAs, G = 3, varlen
     100/0/1/63/64/65 (a tile of one sequence, tiles of several), a padding tile; the default chain
-    merge, the levels one, the selects on every tile, two output stagings) against
+    merge, the levels one, the selects on every tile, one output staging) against
     gdn.reference.chunked(stages=True): Ai and Ag at the bf16 bar, gc to fp32 rounding."""
     from gdn.tolerances import vs_f64
 
@@ -401,7 +401,7 @@ def test_intra_isolate_boundary_same_bits(interp_results):
     assert res["ag_diff"] == 0.0 and res["gc_diff"] == 0.0 and res["finite"], res
 
 
-@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_w"])
+@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_lean"])
 def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
@@ -452,8 +452,7 @@ def test_unsupported_calls_raise_not_implemented():
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
-                     (dict(wide_w_prep=1), TypeError),
-                     (dict(wide_w_prep=True, chunk_variant="default"), ValueError)):
+                     (dict(wide_lean=1), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -484,7 +483,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "fused"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
     (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
-    (128, 128, 16, 32, "bfloat16", True, True, "wide_w"),        # + -W from the prep warpgroup
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_lean"),     # no selects in the state warpgroups
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -506,7 +505,7 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
         if variant.startswith("wide"):
-            return prefill_arrays(args, chunk_variant="wide", wide_w_prep=variant == "wide_w")
+            return prefill_arrays(args, chunk_variant="wide", wide_lean=variant == "wide_lean")
         return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
@@ -516,6 +515,29 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_chunk_loop_wide" in text
     if variant != "fused":
         assert "gdn_intra" in text
+
+
+@pytest.mark.parametrize("ablate", ["store", "o", "w", "xw", "prep", "selects"])
+def test_wide_loop_ablations_cross_lower(ablate):
+    """The wide loop's diagnostic ablations (chunk_loop_wide._ablate, timed by
+    tests/gpu/mosaic_gpu_check.py --only ablate) lower for an H200; an unknown name is refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide
+
+    assert ablate in ABLATIONS
+    sds = jax.ShapeDtypeStruct
+    t, h, hv, d = 256, 1, 2, 128
+    shapes = (sds((t, h, d), jnp.bfloat16), sds((t, h, d), jnp.bfloat16), sds((t, hv, d), jnp.bfloat16),
+              sds((hv, t, 64), jnp.bfloat16), sds((hv, t), jnp.float32), sds((3,), jnp.int32))
+
+    def fn(q, k, v, ag, gc, cu, ablate=frozenset({ablate})):
+        return chunk_loop_wide(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, _ablate=ablate)
+
+    assert "gdn_chunk_loop_wide" in _lower_for_cuda(fn, *shapes).as_text()
+    with pytest.raises(ValueError, match="_ablate"):
+        _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate,buffers", [

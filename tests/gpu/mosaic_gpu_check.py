@@ -13,11 +13,17 @@ Sections: env, intra (the gate cumsum and the inverse kernel vs float64), small 
 compiled), qwen (2x1024 at H=16, HV=32, K=V=128 vs float64 and vs FLA, every --variants entry), sync
 (no host sync), kernels (each stage alone at 4x8192), time (the anchor shapes, jitted loop + one
 block_until_ready, median of reps; FLA in the same run), ptxas (register and spill report of the
-kernels at K=V=128, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per --variants entry),
+kernels at K=V=128 and --ptxas-lens, from a subprocess with MOSAIC_GPU_DUMP_PTXAS=1, once per
+--variants entry; --dump also brings back each kernel's PTX for benchmarks/sass.sh),
+ablate (the wide chunk loop alone at 4x8192, whole and with each diagnostic ablation of
+chunk_loop_wide.ABLATIONS: what each piece of a tile costs),
 intra_cmp (the intra kernel's configurations vs the float64 stages, then timed alone, interleaved),
 nan (NaN / inf isolation of the default prefill and of each chunk loop, compiled),
-profile (Mosaic's in-kernel profiler at 4x2048: the time of each named scope per warpgroup, in a
-subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
+profile (Mosaic's in-kernel profiler at --profile-lens, default 4x2048: the time of each named scope
+per warpgroup, in a subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
+
+Under a time limit, stop it with SIGINT (``timeout -s INT``): it then prints the summary of what
+it measured; SIGTERM loses it.
 
 The default (the chunk loop picked per call) against each chunk loop forced, in one call:
 
@@ -156,7 +162,7 @@ def sec_nan():
     tmg = _test_module()
     out = {}
     for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128),
-                              ("wide_w", "wide_w", 128)):
+                              ("wide_lean", "wide_lean", 128)):
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -306,11 +312,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
     "isolate_all": dict(intra_isolate="all"),  # intra: the NaN-isolation selects on every tile (before 12-04 s3)
-    # the wide loop with -W from the prep warpgroup (two state groups per tile; 2 ring stages at K = V = 128),
-    # and the plain wide loop at 2 stages: the stage count's share of any difference
-    "wide_w": dict(chunk_variant="wide", wide_w_prep=True),
-    "wide_s2": dict(chunk_variant="wide", stages=2),
-    "buf2": dict(intra_out_buffers=2),  # intra: two output stagings (no wait for the last head's stores)
+    "wide_s2": dict(chunk_variant="wide", stages=2),  # the wide loop at 2 ring stages (3 at K = V = 128)
+    # the wide loop's state warpgroups without their selects and o's scale (chunk_loop_wide lean)
+    "wide_lean": dict(chunk_variant="wide", wide_lean=True),
+    "buf1": dict(intra_out_buffers=1),  # intra: one output staging (the default before 2026-12-04 s4)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
 
@@ -417,6 +422,30 @@ def sec_kernels():
         f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()))
 
 
+@section("ablate")
+def sec_ablate(lens=(8192,) * 4, rounds=5):
+    """The wide chunk loop alone at ``lens``, whole and with each diagnostic ablation
+    (chunk_loop_wide.ABLATIONS: WRONG results, the time of what is left), interleaved: what each
+    piece of a tile costs on the critical path."""
+    import jax
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide
+    x = _kernel_inputs(list(lens), 16, 32)
+    fns = {}
+    for name in ("none",) + ABLATIONS:
+        ab = frozenset() if name == "none" else frozenset({name})
+        fns[name] = jax.jit(lambda q, k, v, ag, gc, cu, h0, ab=ab: chunk_loop_wide(
+            q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=len(lens), t_valid=x["t"], _ablate=ab))
+    args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
+    res = {}
+    for name, (med, best) in _interleaved(fns, args, rounds).items():
+        res[name] = dict(median=med, best=best)
+    RESULTS["ablate"] = res
+    log(res)
+    base = res["none"]["median"]
+    TABLE.append(f"ablate wide loop alone {len(lens)}x{lens[0]}: whole {base:.3f} ms; without " + ", ".join(
+        f"{n} {r['median']:.3f} ({r['median'] - base:+.3f})" for n, r in res.items() if n != "none"))
+
+
 def _test_module():
     spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
     tmg = importlib.util.module_from_spec(spec)
@@ -426,7 +455,7 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
-             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf2", dict(out_buffers=2))]
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1))]
 
 
 @section("intra_cmp")
@@ -502,19 +531,38 @@ def sec_sync():
 
 
 @section("ptxas")
-def sec_ptxas(out_dir, variants=(("default", {}),)):
+def sec_ptxas(out_dir, variants=(("default", {}),), lens=(256, 256), dump=False):
+    """ptxas's register / spill report of each variant's kernels at ``lens`` (the chunk loop the
+    plan picks there); ``dump``: also each kernel's PTX, gzipped, as ``out_dir/<variant>-<kernel>.ptx.gz``
+    (the device has no nvdisasm: benchmarks/sass.sh assembles and disassembles it on any host)."""
     for vname, kw in variants:
         code = (
             "import sys; sys.path.insert(0, '.');"
             "from tests.gpu.mosaic_gpu_check import _jitted;"
-            f"fn, args, _ = _jitted([256, 256], 16, 32, 128, seed=4, **{kw!r});"
+            f"fn, args, _ = _jitted({list(lens)!r}, 16, 32, 128, seed=4, **{kw!r});"
             "import jax; jax.block_until_ready(fn(*args))"
         )
         env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if dump:  # Mosaic writes every stage's dump there (~200 MB); only the PTX is kept
+            import tempfile
+            dump_dir = tempfile.mkdtemp(prefix="gdn_dump_")
+            env.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump_dir)
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
         text = proc.stdout + proc.stderr
+        if dump:
+            import glob
+            import gzip
+            import shutil
+            for rep in sorted(glob.glob(os.path.join(dump_dir, "*.ptxas"))):  # with DUMP_TO, the report is there
+                with open(rep) as fh:
+                    text += fh.read()
+            for ptx in glob.glob(os.path.join(dump_dir, "*.ptx")):
+                with open(ptx, "rb") as src, gzip.open(
+                        os.path.join(out_dir, f"{vname}-{os.path.basename(ptx)}.gz"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            shutil.rmtree(dump_dir, ignore_errors=True)
         with open(os.path.join(out_dir, f"ptxas_{vname}.txt"), "w") as fh:
             fh.write(text)
         keep = [ln.strip() for ln in text.splitlines()
@@ -553,8 +601,8 @@ def summarize_trace(path: str) -> dict:
 
 
 @section("profile")
-def sec_profile(out_dir, variant="default"):
-    """Mosaic's in-kernel profiler on the default path at 4x2048 (chunk loop at 2 stages to leave SMEM
+def sec_profile(out_dir, variant="default", lens=(2048,) * 4):
+    """Mosaic's in-kernel profiler at ``lens`` (default 4x2048; chunk loop at 2 stages to leave SMEM
     for the trace buffers): where each warpgroup's time goes, per named scope of the kernels."""
     import glob
     import tempfile
@@ -562,7 +610,7 @@ def sec_profile(out_dir, variant="default"):
     code = (
         "import sys; sys.path.insert(0, '.');"
         "from tests.gpu.mosaic_gpu_check import _jitted;"
-        f"fn, args, _ = _jitted([2048] * 4, 16, 32, 128, seed=5, stages=2, **{VARIANTS[variant]!r});"
+        f"fn, args, _ = _jitted({list(lens)!r}, 16, 32, 128, seed=5, stages=2, **{VARIANTS[variant]!r});"
         "import jax; jax.block_until_ready(fn(*args))"
     )
     env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
@@ -580,7 +628,7 @@ def sec_profile(out_dir, variant="default"):
         log(kern, json.dumps(summ)[:3000])
         top = ", ".join(f"{n} {r['mean_ns']:.0f} ns ({100 * r['share']:.0f}%)"
                         for n, r in list(summ["regions"].items())[:9])
-        TABLE.append(f"profile {kern} (4x2048, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): {top}")
+        TABLE.append(f"profile {kern} ({len(lens)}x{lens[0]}, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): {top}")
     if not res:
         raise RuntimeError("no trace written; stderr: " + proc.stderr[-1500:])
     RESULTS["profile"] = res
@@ -598,6 +646,9 @@ def main():
     ap.add_argument("--variants", default="default")
     ap.add_argument("--profile-variant", default="default")
     ap.add_argument("--intra-cmp", default="", help="names of INTRA_CMP to compare (default: all)")
+    ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
+    ap.add_argument("--dump", action="store_true", help="ptxas: also dump PTX and SASS")
+    ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
@@ -606,8 +657,9 @@ def main():
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ()),
-                "ptxas": (sec_ptxas, (a.out, variants)),
-                "profile": (sec_profile, (a.out, a.profile_variant))}
+                "ptxas": (sec_ptxas, (a.out, variants, [int(x) for x in a.ptxas_lens.split(",")], a.dump)),
+                "ablate": (sec_ablate, ()),
+                "profile": (sec_profile, (a.out, a.profile_variant, [int(x) for x in a.profile_lens.split(",")]))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
             fn, args = sections[name]

@@ -39,6 +39,8 @@ only after every state warpgroup left its loop. The last grid row writes zeros t
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -57,36 +59,45 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 REGS = (104, 200)
 
 
-def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, w_prep: bool = False) -> int:
+#: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
+#: the results are then WRONG. tests/gpu/mosaic_gpu_check.py --only ablate times each.
+ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
+
+
+def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
     nsw = dv // BV
     per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + 2 * C * 4  # q, k, v, Ag, P, gc x2
-    per_stage += C * dk * itemsize if w_prep else 0  # -W
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
     return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
 
 
-def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, w_prep: bool = False) -> int:
+def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, w_prep) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages) <= SMEM_BUDGET:
             return stages
-    raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2, w_prep)} "
+    raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} "
                               "bytes of SMEM")
 
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-                    stages: int | None = None, regs: tuple[int, int] | None = None, w_prep: bool = False,
-                    interpret=None):
+                    stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = False,
+                    interpret=None, _ablate: frozenset = frozenset()):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
     [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
-
-    ``w_prep`` (UNTIMED on the GPU, not the default): the prep warpgroup also forms
-    ``-W = -(Ag diag(exp(gc)) K)`` ([64, K], input dtype, one more ring buffer: 3 -> 2 stages at
-    K = V = 128, bf16), so each state warpgroup's ``Vnew^T = V^T Ag^T - Sl W^T`` is ONE product group
-    and its chain has two dependent groups per tile instead of three. ``W`` is rounded to the input
-    dtype where the default rounds ``S^T K^T diag(exp(gc))`` (FLA's ``w`` is rounded the same way).
+    ``lean`` (UNTIMED on the GPU, not the default): fewer instructions per tile in the state
+    warpgroups, the critical path (2026-12-04 s4: each runs ~950 SASS instructions per tile next to
+    the prep warpgroup's ~1150 on the same schedulers). Their two [64, 64] NaN-isolation selects go:
+    the prep warpgroup also zeroes ``Ag``'s rows of other sequences on a boundary tile (so ``Vnew^T``'s
+    columns of other tokens come out exactly 0), and ``X``'s columns are scaled by a masked
+    ``exp(gc)`` (exactly 0 there; ``X``'s columns of other tokens are 0 already, their ``k`` rows
+    being zeroed). The output's ``scale`` moves into the prep warpgroup's exponents
+    (``exp(gc_r + ln scale)`` for ``Q`` and ``P``), which drops the state warpgroups' multiply of
+    ``o^T``. Same products; ``scale`` is applied before the rounding to the input dtype instead
+    of after the products.
+    ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -99,7 +110,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz, w_prep)
+        stages = pick_stages(dk, dv, isz, osz)
+    bad = set(_ablate) - set(ABLATIONS)
+    if bad:
+        raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
+    ab = frozenset(_ablate).__contains__
     r_prep, r_state = regs if regs is not None else REGS
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
@@ -113,8 +128,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     vec = plgpu.SMEM((stages, C), F32)
     ring = (tile((stages, C, dk), dtype), tile((stages, C, dk), dtype), tile((stages, nsw, C, BV), dtype),
             tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec)
-    if w_prep:
-        ring += (tile((stages, C, dk), dtype),)
     scratch = dict(
         # the ring (q, k, v blocks, Ag, P, gc rows, gc cols) or, before the first and after the last
         # tile, the fp32 [K, 64] staging of each state warpgroup's initial / final state
@@ -132,8 +145,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     )
 
     def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
-        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *w_s), st_s = ring
-        w_s = w_s[0] if w_prep else None
+        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols), st_s = ring
         o_st = tuple(o_st)
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
@@ -181,35 +193,31 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 _, _, lo, hi = rows_of(i)
                 with jax.named_scope("p_wait"):
                     plgpu.barrier_wait(in_bar.at[slot])
-                with jax.named_scope("p_qk"):
-                    r, c = iota(sq, 0), iota(sq, 1)
-                    g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
-                    g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
-                    p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                    # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
-                    # other tokens give output rows nobody stores
-                    mask = (r >= c) & (c >= lo) & (c < hi)
-                    p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
-                with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
-                    e_r = jnp.exp(g_r)
-                    for h0_ in range(dk // BV):
-                        qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
-                        qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
+                if not ab("prep"):
+                    with jax.named_scope("p_qk"):
+                        r, c = iota(sq, 0), iota(sq, 1)
+                        g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                        if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
+                            g_r = g_r + math.log(scale)
+                        g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                        p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                        # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
+                        # other tokens give output rows nobody stores
+                        mask = (r >= c) & (c >= lo) & (c < hi)
+                        p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                    with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
+                        e_r = jnp.exp(g_r)
+                        for h0_ in range(dk // BV):
+                            qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
+                            qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
 
                 @pl.when((lo > 0) | (hi < C))
                 def _():  # a boundary tile: k and v rows of other sequences must be 0 where contracted
                     zero_rows_outside(k_s.at[slot], lo, hi)
                     for w in range(nsw):
                         zero_rows_outside(v_s.at[slot, w], lo, hi)
-
-                if w_prep:
-                    with jax.named_scope("p_w"):  # -W = -(Ag diag(exp(gc)) K), after k's foreign rows are 0
-                        cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
-                        e_c = masked_exp((cvec >= lo) & (cvec < hi), g_c)
-                        ag_e = (plgpu.load(a_s.at[slot], layout=WG).astype(F32) * cols(e_c, sq)).astype(dtype)
-                        for h0_ in range(dk // BV):  # [64, 64] accumulators: the prep warpgroup's registers
-                            part = pl.ds(h0_ * BV, BV)
-                            w_s.at[slot, :, part][...] = (-mm(ag_e, k_s.at[slot, :, part], (C, BV))).astype(dtype)
+                    if lean:  # and Ag's: Vnew^T's columns of other tokens are then exactly 0
+                        zero_rows_outside(a_s.at[slot], lo, hi)
 
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready.at[slot])
@@ -249,7 +257,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def store(o_lo_t, tok, lo, hi, t0):
                 """o^T [64, C] -> rows [lo, min(hi, t_valid - t0)) of the tile (one TMA store when whole)."""
                 full = (lo == 0) & (hi == C) & (t0 + C <= t_valid)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
+                with jax.named_scope("s_st_wait"):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
 
                 @pl.when(full)
                 def _():
@@ -269,38 +278,49 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 t0, tok, lo, hi = rows_of(i)
                 with jax.named_scope("s_wait"):
                     plgpu.barrier_wait(ready.at[slot])
-                valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
-                g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
-                g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
-                s_lo = s_t.astype(dtype)
-                if w_prep:
-                    with jax.named_scope("s_vnew"):  # Vnew^T = V^T Ag^T - Sl W^T, one product group
-                        vn_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T),
-                                                          (s_lo, w_s.at[slot].T)]))
-                        vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)  # other sequences' Ag rows may be NaN
-                        vn_lo = vn_t.astype(dtype)
-                        vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                else:
-                    vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last)
+                with jax.named_scope("s_pre"):
+                    valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
+                    g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
+                    g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
+                    s_lo = s_t.astype(dtype)
+                vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last)
                 with jax.named_scope("s_update"):
-                    s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
-                                          ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
+                    if ab("o"):
+                        s_new, = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]))
+                        o_t = vn_lo.astype(F32)
+                    else:  # o^T = Sl (diag(exp(gc)) Q)^T + Vnew^T P^T
+                        s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
+                                              ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
                     plgpu.barrier_arrive(in_free.at[slot])
-                with jax.named_scope("s_store"):
-                    store((o_t * scale).astype(out_dtype), tok, lo, hi, t0)
+                if not ab("store"):
+                    with jax.named_scope("s_store"):
+                        store((o_t if lean else o_t * scale).astype(out_dtype), tok, lo, hi, t0)
                 return s_new
 
             def three_groups(slot, s_lo, valid, g_vec, g_last):
                 """(Vnew^T, its decayed copy) in the input dtype, from U^T and X = Sl K^T (one group),
                 then W^T Ag^T (a second)."""
-                with jax.named_scope("s_ux"):
-                    u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
-                                        ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
-                with jax.named_scope("s_vnew"):
-                    # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be NaN)
-                    w_neg = jnp.where(cols(valid, sh), x_t * cols(-jnp.exp(g_vec), sh), 0.0).astype(dtype)
-                    vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
-                    vn_t = jnp.where(cols(valid, sh), vn_t, 0.0)
+                sel = (lambda m, x: x) if ab("selects") or lean else (lambda m, x: jnp.where(m, x, 0.0))
+                if ab("xw"):  # Vnew = U: no product with the state
+                    u_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]))
+                    vn_t = u_t
+                else:
+                    with jax.named_scope("s_ux"):
+                        u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
+                                            ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
+                    if ab("w"):  # Vnew = U + X: no second product
+                        vn_t = u_t + x_t
+                    else:
+                        with jax.named_scope("s_wneg"):
+                            # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be NaN)
+                            if lean:  # X's columns of other tokens are 0 (their k rows are); the factor too
+                                w_neg = (x_t * cols(-masked_exp(valid, g_vec), sh)).astype(dtype)
+                            else:
+                                w_neg = sel(cols(valid, sh), x_t * cols(-jnp.exp(g_vec), sh)).astype(dtype)
+                        with jax.named_scope("s_vnew"):
+                            vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
+                with jax.named_scope("s_vd"):
+                    vn_t = sel(cols(valid, sh), vn_t)
                     vn_lo = vn_t.astype(dtype)
                     vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
                 return vn_lo, vd_t

@@ -133,17 +133,22 @@ def products(*accs):
 
 
 def masked_exp(mask, x):
-    """``exp(x)`` where ``mask``, else 0, never exponentiating a masked (possibly positive) value."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+    """``exp(x)`` where ``mask``, else exactly 0.
+
+    A masked ``x`` is exponentiated too (it may give inf or NaN): the select discards it, so a
+    second select guarding the exponent's input would only cost instructions (one per element).
+    """
+    return jnp.where(mask, jnp.exp(x), 0.0)
 
 
 def masked_decay(mask, p, x):
-    """``p * exp(x)`` where ``mask``, else exactly 0, never exponentiating a masked value.
+    """``p * exp(x)`` where ``mask``, else exactly 0.
 
     A select, not a product with a 0/1 factor: a tile holds tokens of neighbouring sequences, and a
-    NaN / inf of theirs in ``p`` or ``x`` must not survive outside ``mask`` (``NaN * 0 = NaN``).
+    NaN / inf of theirs in ``p`` or ``x`` (or an ``exp`` overflow of a masked ``x``) must not survive
+    outside ``mask`` (``NaN * 0 = NaN``); the select alone removes it.
     """
-    return jnp.where(mask, p * jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+    return jnp.where(mask, p * jnp.exp(x), 0.0)
 
 
 def zero_rows_outside(ref, lo, hi) -> None:
