@@ -60,12 +60,21 @@ CASES = [
     ("wide_lean_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
                                                   initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
      "packed:wide_lean"),
+    # the chunk loops compiled without Pallas's automatic barriers (loop_bare: the same on the
+    # interpreter; the GPU check runs these cases compiled)
+    ("wide_bare_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                                  initial_state=True, pad_tokens=20, seed=13), dict(), "bfloat16",
+     "packed:wide_bare"),
+    ("narrow_bare_varlen_G3_V64_h0", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
+                                          initial_state=True, seed=14), dict(), "bfloat16", "packed:narrow_bare"),
 ]
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
-                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", wide_lean=True)}
+                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", wide_lean=True),
+                "wide_bare": dict(chunk_variant="wide", loop_bare=True),
+                "narrow_bare": dict(chunk_variant="default", loop_bare=True)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -452,7 +461,7 @@ def test_unsupported_calls_raise_not_implemented():
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
-                     (dict(wide_lean=1), TypeError)):
+                     (dict(wide_lean=1), TypeError), (dict(loop_bare="yes"), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -484,6 +493,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
     (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
     (128, 128, 16, 32, "bfloat16", True, True, "wide_lean"),     # no selects in the state warpgroups
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_bare"),     # no automatic barriers
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -505,7 +515,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
         if variant.startswith("wide"):
-            return prefill_arrays(args, chunk_variant="wide", wide_lean=variant == "wide_lean")
+            return prefill_arrays(args, chunk_variant="wide", wide_lean=variant == "wide_lean",
+                                  loop_bare=variant == "wide_bare")
         return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
@@ -538,6 +549,72 @@ def test_wide_loop_ablations_cross_lower(ablate):
     assert "gdn_chunk_loop_wide" in _lower_for_cuda(fn, *shapes).as_text()
     with pytest.raises(ValueError, match="_ablate"):
         _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
+
+
+def _mosaic_module_texts(fn, *shapes) -> list[str]:
+    """The Mosaic GPU modules (MLIR text, before serialization into the custom call) of ``fn``
+    lowered for an H200; hooks jax 0.11.2's private ``_run_serde_pass`` (pinned)."""
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    seen, orig = [], mosaic_core._run_serde_pass
+
+    def spy(module, *, serialize, ir_version=None):
+        if serialize:
+            seen.append(str(module))
+        return orig(module, serialize=serialize, ir_version=ir_version)
+
+    mosaic_core._run_serde_pass = spy
+    try:
+        _lower_for_cuda(fn, *shapes)
+    finally:
+        mosaic_core._run_serde_pass = orig
+    assert seen, "no Mosaic module seen: the hook no longer matches jax's lowering"
+    return seen
+
+
+@pytest.mark.parametrize("loop", ["wide", "narrow"])
+def test_loop_bare_drops_the_automatic_barriers(loop):
+    """The chunk loops with bare=True compile without Pallas's automatic warpgroup barriers: far
+    fewer bar.sync in the kernel (the wide loop: 82 -> 22 at the time of writing), the explicit
+    ones kept."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+
+    fn_loop = chunk_loop_wide if loop == "wide" else chunk_loop
+    sds = jax.ShapeDtypeStruct
+    t, h, hv, d = 256, 1, 2, 128
+    shapes = (sds((t, h, d), jnp.bfloat16), sds((t, h, d), jnp.bfloat16), sds((t, hv, d), jnp.bfloat16),
+              sds((hv, t, 64), jnp.bfloat16), sds((hv, t), jnp.float32), sds((3,), jnp.int32))
+    counts = {}
+    for bare in (False, True):
+        fn = lambda q, k, v, ag, gc, cu, bare=bare: fn_loop(  # noqa: E731
+            q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, bare=bare)
+        [text] = _mosaic_module_texts(fn, *shapes)
+        counts[bare] = text.count("bar.sync")
+    assert 0 < counts[True] < counts[False] // 2, counts
+
+
+def test_intra_bare_drops_the_automatic_barriers():
+    """intra(bare=True): fewer bar.sync than the default (the explicit ones of the substitution and
+    of commit_smem stay)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+
+    sds = jax.ShapeDtypeStruct
+    t, h, group, dk = 256, 1, 2, 128
+    shapes = (sds((t, h, dk), jnp.bfloat16), sds((h * group, t), jnp.float32), sds((h * group, t), jnp.float32),
+              sds((t,), jnp.int32))
+    counts = {}
+    for bare in (False, True):
+        fn = lambda k, g, b, s, bare=bare: intra(k, g, b, s, group=group, bare=bare)[:2]  # noqa: E731
+        [text] = _mosaic_module_texts(fn, *shapes)
+        counts[bare] = text.count("bar.sync")
+    assert 0 < counts[True] < counts[False], counts
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate,buffers", [

@@ -162,7 +162,8 @@ def sec_nan():
     tmg = _test_module()
     out = {}
     for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128),
-                              ("wide_lean", "wide_lean", 128)):
+                              ("wide_lean", "wide_lean", 128), ("wide_bare", "wide_bare", 128),
+                              ("narrow_bare", "narrow_bare", 128)):
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -315,6 +316,13 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "wide_s2": dict(chunk_variant="wide", stages=2),  # the wide loop at 2 ring stages (3 at K = V = 128)
     # the wide loop's state warpgroups without their selects and o's scale (chunk_loop_wide lean)
     "wide_lean": dict(chunk_variant="wide", wide_lean=True),
+    # ... compiled without Pallas's automatic warpgroup barriers (chunk_loop_wide bare), and both
+    "wide_bare": dict(chunk_variant="wide", loop_bare=True),
+    "wide_lean_bare": dict(chunk_variant="wide", wide_lean=True, loop_bare=True),
+    "narrow_bare": dict(chunk_variant="default", loop_bare=True),  # the narrow loop without them
+    "intra_bare": dict(intra_bare=True),  # the intra kernel without the automatic barriers
+    "bare": dict(intra_bare=True, loop_bare=True),  # both kernels without them, the loop picked per call
+    "all_bare": dict(intra_bare=True, chunk_variant="wide", wide_lean=True, loop_bare=True),
     "buf1": dict(intra_out_buffers=1),  # intra: one output staging (the default before 2026-12-04 s4)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
@@ -455,7 +463,8 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
-             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1))]
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
+             ("bare", dict(bare=True))]
 
 
 @section("intra_cmp")

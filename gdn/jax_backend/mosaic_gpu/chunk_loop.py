@@ -57,13 +57,20 @@ def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
 
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-               bv: int = 64, stages: int | None = None, interpret=None):
+               bv: int = 64, stages: int | None = None, bare: bool = False, interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
     :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
     h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
-    t_valid: tokens the caller's arrays hold (rows past it are not written).
+    t_valid: tokens the caller's arrays hold (rows past it are not written). ``bare`` (UNTIMED, not
+    the default): compiled without Pallas's automatic warpgroup barriers
+    (:func:`.common.compiler_params`); every SMEM write here is ordered explicitly (the ring's
+    mbarriers; ``S^T`` / ``Vnew`` published with ``commit_smem`` before ``s_ready`` and rewritten
+    after ``s_free``; the output tiles after the wait on their earlier TMA store; k's rows zeroed
+    by the threads that loaded them; the state staging before the first publication and after the
+    last release; with an explicit warpgroup barrier between reading the initial state's staging
+    and the first publication, which reuses its bytes).
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -156,6 +163,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 # predicate a full array (Mosaic's warpgroup select does not broadcast a scalar)
                 live = plgpu.broadcasted_iota(jnp.int32, s0.shape, 0, layout=WG) < jnp.where(n < n_h0, bv, 0)
                 s0 = jnp.where(live, s0, 0.0)
+                if bare:  # the staging shares its bytes with s_pub: every thread has read it before any writes
+                    plgpu.commit_smem()
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
             sh = (bv, C)
@@ -295,7 +304,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),
-            num_threads=3, thread_name="wg", compiler_params=compiler_params(),
+            num_threads=3, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop",
         )(*args)
     return outs[0], (outs[1] if out_final else None)

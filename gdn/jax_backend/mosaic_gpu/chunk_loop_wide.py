@@ -81,7 +81,7 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = False,
-                    interpret=None, _ablate: frozenset = frozenset()):
+                    bare: bool = False, interpret=None, _ablate: frozenset = frozenset()):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -97,6 +97,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     (``exp(gc_r + ln scale)`` for ``Q`` and ``P``), which drops the state warpgroups' multiply of
     ``o^T``. Same products; ``scale`` is applied before the rounding to the input dtype instead
     of after the products.
+    ``bare`` (UNTIMED on the GPU, not the default): compiled without Pallas's automatic warpgroup
+    barriers (:func:`.common.compiler_params`): per tile ~13 fewer ``bar.sync`` in the prep
+    warpgroup (one before each of its 7 TMA loads, two around each SMEM store of P and Q) and 2
+    in each state warpgroup's output store. Safe here because every SMEM write is ordered
+    explicitly: the ring's reuse by ``in_free`` / ``in_bar``, P and Q by ``commit_smem`` before
+    ``ready``, Q and the zeroed rows rewritten by the threads that loaded them, the output tile by
+    the wait on the previous TMA store and ``commit_smem``, the state staging by ``h0_done`` /
+    ``loop_done``.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     """
     t_pad, _, dk = q.shape
@@ -346,7 +354,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(hv, ns), grid_names=("h", "n"),
-            num_threads=nsw + 1, thread_name="wg", compiler_params=compiler_params(),
+            num_threads=nsw + 1, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop_wide",
         )(*args)
     return outs[0], (outs[1] if out_final else None)

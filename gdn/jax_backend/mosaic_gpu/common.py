@@ -210,17 +210,24 @@ def store_final_state(loop_done, stage, s_t, dst, write) -> None:
         plgpu.wait_smem_to_gmem(0)
 
 
-def compiler_params():
+def compiler_params(no_auto_barriers: bool = False):
     """approx_math; with GDN_MOSAIC_PROFILE_DIR set (a diagnostic: tests/gpu/mosaic_gpu_check.py
     --only profile), Mosaic's in-kernel profiler records the kernels' named scopes per warpgroup
     (GDN_MOSAIC_PROFILE_SPACE ranges each, default 512; it costs 16 bytes of SMEM per range and
     warpgroup) and writes one trace per kernel launch there. Read at trace time: set it in a fresh
-    process."""
+    process.
+
+    ``no_auto_barriers``: Pallas's ``unsafe_no_auto_barriers``: no warpgroup barrier around each
+    SMEM store and before each TMA load. Only for a kernel whose every SMEM region written by a
+    warpgroup's threads is either rewritten element by element by the thread that read it, or
+    synchronised explicitly (``commit_smem``, an mbarrier, a wait on the async copies) before
+    another thread or the async proxy touches it."""
+    extra = dict(unsafe_no_auto_barriers=True) if no_auto_barriers else {}
     prof = os.environ.get("GDN_MOSAIC_PROFILE_DIR")
     if prof:
         return plgpu.CompilerParams(approx_math=True, profile_dir=prof,
-                                    profile_space=int(os.environ.get("GDN_MOSAIC_PROFILE_SPACE", "512")))
-    return plgpu.CompilerParams(approx_math=True)
+                                    profile_space=int(os.environ.get("GDN_MOSAIC_PROFILE_SPACE", "512")), **extra)
+    return plgpu.CompilerParams(approx_math=True, **extra)
 
 
 def interpret_params(interpret):
