@@ -56,10 +56,13 @@ CASES = [
      "packed:wide"),
     ("wide_jit_G2_K128_fp16", dict(lens=[130, 70], h=1, hv=2, k=128, v=128, initial_state=True, seed=11),
      dict(output_final_state=False), "float16", "jit:wide"),
-    # the wide loop's lean state warpgroups (wide_lean: no selects, o's scale in the prep warpgroup)
+    # the chunk loops' lean state warpgroups (loop_lean: no selects, o's scale in the exponents)
     ("wide_lean_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
                                                   initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
      "packed:wide_lean"),
+    ("narrow_lean_varlen_G3_V64_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
+                                              initial_state=True, pad_tokens=20, seed=15), dict(), "bfloat16",
+     "packed:narrow_lean"),
     # the chunk loops compiled without Pallas's automatic barriers (loop_bare: the same on the
     # interpreter; the GPU check runs these cases compiled)
     ("wide_bare_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
@@ -72,7 +75,8 @@ CASES = [
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
-                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", wide_lean=True),
+                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", loop_lean=True),
+                "narrow_lean": dict(chunk_variant="default", loop_lean=True),
                 "wide_bare": dict(chunk_variant="wide", loop_bare=True),
                 "narrow_bare": dict(chunk_variant="default", loop_bare=True)}
 
@@ -345,6 +349,7 @@ def _main_interpret_cases(path):
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
     _timed(results, "nan_isolation_wide_lean", lambda: _nan_isolation("wide_lean", dv=128))
+    _timed(results, "nan_isolation_narrow_lean", lambda: _nan_isolation("narrow_lean", dv=128))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -410,7 +415,7 @@ def test_intra_isolate_boundary_same_bits(interp_results):
     assert res["ag_diff"] == 0.0 and res["gc_diff"] == 0.0 and res["finite"], res
 
 
-@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_lean"])
+@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_lean", "narrow_lean"])
 def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
@@ -461,7 +466,7 @@ def test_unsupported_calls_raise_not_implemented():
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
-                     (dict(wide_lean=1), TypeError), (dict(loop_bare="yes"), TypeError)):
+                     (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -515,7 +520,7 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
         if variant.startswith("wide"):
-            return prefill_arrays(args, chunk_variant="wide", wide_lean=variant == "wide_lean",
+            return prefill_arrays(args, chunk_variant="wide", loop_lean=variant == "wide_lean",
                                   loop_bare=variant == "wide_bare")
         return prefill_arrays(args, variant=variant)
 

@@ -163,7 +163,7 @@ def sec_nan():
     out = {}
     for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128),
                               ("wide_lean", "wide_lean", 128), ("wide_bare", "wide_bare", 128),
-                              ("narrow_bare", "narrow_bare", 128)):
+                              ("narrow_bare", "narrow_bare", 128), ("narrow_lean", "narrow_lean", 128)):
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -314,15 +314,18 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
     "isolate_all": dict(intra_isolate="all"),  # intra: the NaN-isolation selects on every tile (before 12-04 s3)
     "wide_s2": dict(chunk_variant="wide", stages=2),  # the wide loop at 2 ring stages (3 at K = V = 128)
-    # the wide loop's state warpgroups without their selects and o's scale (chunk_loop_wide lean)
-    "wide_lean": dict(chunk_variant="wide", wide_lean=True),
-    # ... compiled without Pallas's automatic warpgroup barriers (chunk_loop_wide bare), and both
+    # the chunk loops' state warpgroups without their selects and o's scale (the loops' lean)
+    "wide_lean": dict(chunk_variant="wide", loop_lean=True),
+    "narrow_lean": dict(chunk_variant="default", loop_lean=True),
+    # ... compiled without Pallas's automatic warpgroup barriers (the loops' bare), and both
     "wide_bare": dict(chunk_variant="wide", loop_bare=True),
-    "wide_lean_bare": dict(chunk_variant="wide", wide_lean=True, loop_bare=True),
+    "wide_lean_bare": dict(chunk_variant="wide", loop_lean=True, loop_bare=True),
+    "narrow_lean_bare": dict(chunk_variant="default", loop_lean=True, loop_bare=True),
     "narrow_bare": dict(chunk_variant="default", loop_bare=True),  # the narrow loop without them
     "intra_bare": dict(intra_bare=True),  # the intra kernel without the automatic barriers
     "bare": dict(intra_bare=True, loop_bare=True),  # both kernels without them, the loop picked per call
-    "all_bare": dict(intra_bare=True, chunk_variant="wide", wide_lean=True, loop_bare=True),
+    "all_bare": dict(intra_bare=True, chunk_variant="wide", loop_lean=True, loop_bare=True),
+    "lean_bare": dict(intra_bare=True, loop_lean=True, loop_bare=True),  # all of them, the loop picked per call
     "buf1": dict(intra_out_buffers=1),  # intra: one output staging (the default before 2026-12-04 s4)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }

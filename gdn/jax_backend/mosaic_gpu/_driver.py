@@ -61,14 +61,14 @@ def _l2norm(x):
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
-    "intra_isolate", "intra_out_buffers", "intra_bare", "chunk_variant", "wide_lean", "loop_bare"))
+    "intra_isolate", "intra_out_buffers", "intra_bare", "chunk_variant", "loop_lean", "loop_bare"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
          intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
          intra_out_buffers: int = 2, intra_bare: bool = False, chunk_variant: str = "default",
-         wide_lean: bool = False, loop_bare: bool = False):
+         loop_lean: bool = False, loop_bare: bool = False):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -101,16 +101,17 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
                                side="right").astype(jnp.int32)
         ag, gc = intra(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
-                       solve_pad=intra_pad, merge_variant=intra_merge,
-                       solve_columns=intra_columns, isolate=intra_isolate, out_buffers=intra_out_buffers, bare=intra_bare,
+                       solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
+                       isolate=intra_isolate, out_buffers=intra_out_buffers, bare=intra_bare,
                        interpret=interpret)[:2]
         if chunk_variant == "wide":
             o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                       t_valid=t_pad, stages=stages, regs=regs, lean=wide_lean,
+                                       t_valid=t_pad, stages=stages, regs=regs, lean=loop_lean,
                                        bare=loop_bare, interpret=interpret)
         else:
             o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                  t_valid=t_pad, bv=bv, stages=stages, bare=loop_bare, interpret=interpret)
+                                  t_valid=t_pad, bv=bv, stages=stages, lean=loop_lean, bare=loop_bare,
+                                  interpret=interpret)
     if pad:
         o = o[:t_arr]
     return o.reshape(bsz, t_in, hv, dv), final, None
@@ -120,7 +121,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
-                   intra_bare: bool = False, chunk_variant: str = "auto", wide_lean: bool = False,
+                   intra_bare: bool = False, chunk_variant: str = "auto", loop_lean: bool = False,
                    loop_bare: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
@@ -136,13 +137,12 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and
     a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers;
-    ``wide_lean``: its ``lean``, UNTIMED; with "auto" it applies where the wide loop is picked;
-    ``loop_bare``: the chunk loop's (either) ``bare``, UNTIMED)."""
+    ``loop_lean`` / ``loop_bare``: the chunk loop's (either one's) ``lean`` / ``bare``, UNTIMED)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
-    for name, val in (("intra_bare", intra_bare), ("wide_lean", wide_lean), ("loop_bare", loop_bare)):
+    for name, val in (("intra_bare", intra_bare), ("loop_lean", loop_lean), ("loop_bare", loop_bare)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if chunk_variant not in CHUNK_VARIANTS:
@@ -158,4 +158,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
                     intra_out_buffers=intra_out_buffers, intra_bare=intra_bare, chunk_variant=chunk_variant,
-                    wide_lean=wide_lean, loop_bare=loop_bare)
+                    loop_lean=loop_lean, loop_bare=loop_bare)

@@ -30,6 +30,8 @@ others before exiting.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -57,14 +59,19 @@ def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
 
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-               bv: int = 64, stages: int | None = None, bare: bool = False, interpret=None):
+               bv: int = 64, stages: int | None = None, lean: bool = False, bare: bool = False,
+               interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
     :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
     h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
-    t_valid: tokens the caller's arrays hold (rows past it are not written). ``bare`` (UNTIMED, not
-    the default): compiled without Pallas's automatic warpgroup barriers
+    t_valid: tokens the caller's arrays hold (rows past it are not written). ``lean`` (UNTIMED, not
+    the default): the state warpgroup's two [64, 64] NaN-isolation selects go (on a boundary tile it
+    also zeroes v's and ``Ag``'s rows of other sequences, and ``X``'s columns take a masked
+    ``exp(gc)``), and the output warpgroup's ``o * scale`` goes into its row exponents
+    (``exp(gc_r + ln scale)``), as :func:`.chunk_loop_wide.chunk_loop_wide`'s ``lean``.
+    ``bare`` (UNTIMED, not the default): compiled without Pallas's automatic warpgroup barriers
     (:func:`.common.compiler_params`); every SMEM write here is ordered explicitly (the ring's
     mbarriers; ``S^T`` / ``Vnew`` published with ``commit_smem`` before ``s_ready`` and rewritten
     after ``s_free``; the output tiles after the wait on their earlier TMA store; k's rows zeroed
@@ -188,6 +195,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 @pl.when((lo > 0) | (hi < C))
                 def _():
                     zero_rows_outside(k_s.at[slot], lo, hi)
+                    if lean:  # and v's and Ag's: W^T's and Vnew^T's columns of other tokens come out 0
+                        zero_rows_outside(v_s.at[slot], lo, hi)
+                        zero_rows_outside(a_s.at[slot], lo, hi)
 
                 with jax.named_scope("s_ks"):
                     s_lo = s_t.astype(dtype)
@@ -198,11 +208,15 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 with jax.named_scope("s_vnew"):
                     v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-                    w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
-                    # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may be
-                    # NaN (0 * NaN through the zeros of W^T), and both P Vnew and the state update
-                    # contract them
-                    vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
+                    if lean:  # v, k and Ag rows of other tokens are 0: so are these columns
+                        w_t = (v_t - ks * cols(masked_exp(valid, g_vec), sh)).astype(dtype)
+                        vn_t = mm(w_t, a_s.at[slot].T, sh)
+                    else:
+                        w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
+                        # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may
+                        # be NaN (0 * NaN through the zeros of W^T), and both P Vnew and the state
+                        # update contract them
+                        vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
                 with jax.named_scope("s_publish"):
                     vn_pub.at[half].T[...] = vn_t.astype(dtype)
                     plgpu.commit_smem()
@@ -258,6 +272,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 with jax.named_scope("o_wait"):
                     plgpu.barrier_wait(in_bar.at[slot])
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                if lean:  # o's scale folded into both row exponents: exp(gc_r + ln scale)
+                    g_r = g_r + math.log(scale)
                 g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
                 mask = (r >= c) & (c >= lo) & (c < hi)
                 # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
@@ -276,7 +292,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.barrier_arrive(s_free.at[half])
                     plgpu.barrier_arrive(in_free.at[slot])
                 with jax.named_scope("o_store"):
-                    o_lo = (o * scale).astype(out_dtype)
+                    o_lo = (o if lean else o * scale).astype(out_dtype)
                     store(o_lo, tok, lo, hi, half, (m0 + i) * C)
                 return carry
 
