@@ -533,20 +533,28 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
+_LOOP_T = 256  # tokens of the chunk loops' lowering-only tests
+
+
+def _loop_arg_shapes():
+    """Abstract (q, k, v, Ag, gc, cu) of a chunk loop: 256 tokens, H = 1, HV = 2, K = V = 128, two
+    sequences."""
+    import jax
+    import jax.numpy as jnp
+
+    sds, t, h, hv, d = jax.ShapeDtypeStruct, _LOOP_T, 1, 2, 128
+    return (sds((t, h, d), jnp.bfloat16), sds((t, h, d), jnp.bfloat16), sds((t, hv, d), jnp.bfloat16),
+            sds((hv, t, 64), jnp.bfloat16), sds((hv, t), jnp.float32), sds((3,), jnp.int32))
+
+
 @pytest.mark.parametrize("ablate", ["store", "o", "w", "xw", "prep", "selects"])
 def test_wide_loop_ablations_cross_lower(ablate):
     """The wide loop's diagnostic ablations (chunk_loop_wide._ablate, timed by
     tests/gpu/mosaic_gpu_check.py --only ablate) lower for an H200; an unknown name is refused."""
-    import jax
-    import jax.numpy as jnp
-
     from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide
 
     assert ablate in ABLATIONS
-    sds = jax.ShapeDtypeStruct
-    t, h, hv, d = 256, 1, 2, 128
-    shapes = (sds((t, h, d), jnp.bfloat16), sds((t, h, d), jnp.bfloat16), sds((t, hv, d), jnp.bfloat16),
-              sds((hv, t, 64), jnp.bfloat16), sds((hv, t), jnp.float32), sds((3,), jnp.int32))
+    t, shapes = _LOOP_T, _loop_arg_shapes()
 
     def fn(q, k, v, ag, gc, cu, ablate=frozenset({ablate})):
         return chunk_loop_wide(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, _ablate=ablate)
@@ -582,17 +590,11 @@ def test_loop_bare_drops_the_automatic_barriers(loop):
     """The chunk loops with bare=True compile without Pallas's automatic warpgroup barriers: far
     fewer bar.sync in the kernel (the wide loop: 82 -> 22 at the time of writing), the explicit
     ones kept."""
-    import jax
-    import jax.numpy as jnp
-
     from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
     from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
 
     fn_loop = chunk_loop_wide if loop == "wide" else chunk_loop
-    sds = jax.ShapeDtypeStruct
-    t, h, hv, d = 256, 1, 2, 128
-    shapes = (sds((t, h, d), jnp.bfloat16), sds((t, h, d), jnp.bfloat16), sds((t, hv, d), jnp.bfloat16),
-              sds((hv, t, 64), jnp.bfloat16), sds((hv, t), jnp.float32), sds((3,), jnp.int32))
+    t, shapes = _LOOP_T, _loop_arg_shapes()
     counts = {}
     for bare in (False, True):
         fn = lambda q, k, v, ag, gc, cu, bare=bare: fn_loop(  # noqa: E731
