@@ -158,12 +158,13 @@ def sec_small():
 @section("nan")
 def sec_nan():
     """NaN / inf isolation compiled (tests/test_mosaic_gpu.py's poisoned batch): the default prefill
-    and each chunk loop forced (the wide one at V = 128, its two state warpgroups)."""
+    and each chunk loop forced (the wide one at V = 128, its two state warpgroups), also with its
+    lean and bare options."""
     tmg = _test_module()
     out = {}
-    for name, variant, dv in (("default", "", 64), ("narrow", "narrow", 128), ("wide", "wide", 128),
-                              ("wide_lean", "wide_lean", 128), ("wide_bare", "wide_bare", 128),
-                              ("narrow_bare", "narrow_bare", 128), ("narrow_lean", "narrow_lean", 128)):
+    for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_lean", 128), ("wide_bare", 128),
+                        ("narrow_bare", 128), ("narrow_lean", 128)):
+        name = variant or "default"
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -556,7 +557,7 @@ def sec_ptxas(out_dir, variants=(("default", {}),), lens=(256, 256), dump=False)
         )
         env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if dump:  # Mosaic writes every stage's dump there (~200 MB); only the PTX is kept
+        if dump:  # Mosaic writes every stage's dump there (hundreds of MB); only the PTX is kept
             import tempfile
             dump_dir = tempfile.mkdtemp(prefix="gdn_dump_")
             env.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump_dir)
@@ -659,9 +660,10 @@ def main():
     ap.add_argument("--profile-variant", default="default")
     ap.add_argument("--intra-cmp", default="", help="names of INTRA_CMP to compare (default: all)")
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
-    ap.add_argument("--dump", action="store_true", help="ptxas: also dump PTX and SASS")
+    ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
     a = ap.parse_args()
+    lens = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     os.makedirs(a.out, exist_ok=True)
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
@@ -669,9 +671,9 @@ def main():
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ()),
-                "ptxas": (sec_ptxas, (a.out, variants, [int(x) for x in a.ptxas_lens.split(",")], a.dump)),
+                "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
                 "ablate": (sec_ablate, ()),
-                "profile": (sec_profile, (a.out, a.profile_variant, [int(x) for x in a.profile_lens.split(",")]))}
+                "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens)))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
             fn, args = sections[name]

@@ -38,8 +38,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
-                     interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params,
+                     finish_together, interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
                      store_rows, tile, tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
@@ -208,15 +208,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
                 with jax.named_scope("s_vnew"):
                     v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-                    if lean:  # v, k and Ag rows of other tokens are 0: so are these columns
-                        w_t = (v_t - ks * cols(masked_exp(valid, g_vec), sh)).astype(dtype)
-                        vn_t = mm(w_t, a_s.at[slot].T, sh)
-                    else:
-                        w_t = jnp.where(cols(valid, sh), v_t - ks * cols(jnp.exp(g_vec), sh), 0.0).astype(dtype)
-                        # Vnew^T = W^T Ag^T; columns of other sequences selected to 0: their Ag rows may
-                        # be NaN (0 * NaN through the zeros of W^T), and both P Vnew and the state
-                        # update contract them
-                        vn_t = jnp.where(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh), 0.0)
+                    # W^T and Vnew^T = W^T Ag^T; columns of other sequences 0: their Ag rows may be NaN
+                    # (0 * NaN through the zeros of W^T), and both P Vnew and the state update contract
+                    # them. Selected, or with lean 0 already (their v, k and Ag rows are zeroed above)
+                    sel = column_select(not lean)
+                    e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+                    w_t = sel(cols(valid, sh), v_t - ks * cols(e_vec, sh)).astype(dtype)
+                    vn_t = sel(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh))
                 with jax.named_scope("s_publish"):
                     vn_pub.at[half].T[...] = vn_t.astype(dtype)
                     plgpu.commit_smem()

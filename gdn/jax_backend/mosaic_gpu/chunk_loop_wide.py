@@ -47,8 +47,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, drain_releases, finish_together,
-                     for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
+from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params, drain_releases,
+                     finish_together, for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
                      rows, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
 
@@ -308,7 +308,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def three_groups(slot, s_lo, valid, g_vec, g_last):
                 """(Vnew^T, its decayed copy) in the input dtype, from U^T and X = Sl K^T (one group),
                 then W^T Ag^T (a second)."""
-                sel = (lambda m, x: x) if ab("selects") or lean else (lambda m, x: jnp.where(m, x, 0.0))
+                sel = column_select(not (ab("selects") or lean))
                 if ab("xw"):  # Vnew = U: no product with the state
                     u_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]))
                     vn_t = u_t
@@ -320,11 +320,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         vn_t = u_t + x_t
                     else:
                         with jax.named_scope("s_wneg"):
-                            # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be NaN)
-                            if lean:  # X's columns of other tokens are 0 (their k rows are); the factor too
-                                w_neg = (x_t * cols(-masked_exp(valid, g_vec), sh)).astype(dtype)
-                            else:
-                                w_neg = sel(cols(valid, sh), x_t * cols(-jnp.exp(g_vec), sh)).astype(dtype)
+                            # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be
+                            # NaN): selected, or with lean X's are 0 already (their k rows are) and so is
+                            # the masked factor
+                            e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+                            w_neg = sel(cols(valid, sh), x_t * cols(-e_vec, sh)).astype(dtype)
                         with jax.named_scope("s_vnew"):
                             vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
                 with jax.named_scope("s_vd"):

@@ -151,6 +151,14 @@ def masked_decay(mask, p, x):
     return jnp.where(mask, p * jnp.exp(x), 0.0)
 
 
+def column_select(on: bool):
+    """``sel(mask, x)``: ``x`` with the entries outside ``mask`` selected to 0 when ``on``, else ``x``
+    as it is (a chunk loop whose other tokens' columns are already exactly 0 skips the select)."""
+    if on:
+        return lambda mask, x: jnp.where(mask, x, 0.0)
+    return lambda mask, x: x
+
+
 def zero_rows_outside(ref, lo, hi) -> None:
     """Zero the rows outside ``[lo, hi)`` of a ``[64, D]`` 16-bit SMEM tile in place, then commit.
 

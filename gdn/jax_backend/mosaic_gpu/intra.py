@@ -57,9 +57,6 @@ MERGES = ("levels", "chain")
 #: (8-way conflicts; jax-linear-attention's kkt kernel measured them at 30% of its time on an H100).
 SOLVE_PAD = 8
 
-
-
-
 #: which tiles keep their tokens' sequences apart by selects (docs/RELIABILITY.md §2): "boundary",
 #: only tiles that hold tokens of another sequence (a tile inside one sequence has nothing to keep
 #: apart and runs the same arithmetic without the selects: the same bits); "all", every tile. The
