@@ -24,7 +24,7 @@ import numpy as np
 
 from .planner import Plan, Split, plan as make_plan
 
-__all__ = ["split_prefill", "piece_tables"]
+__all__ = ["split_prefill", "piece_tables", "two_pass_tables"]
 
 
 def piece_tables(split: Split, num_seqs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,6 +43,36 @@ def piece_tables(split: Split, num_seqs: int) -> tuple[np.ndarray, np.ndarray, n
     token_ok = offs < sizes[:, None]
     token_idx = np.where(token_ok, pcu[:-1, None] + offs, pcu[:-1, None])
     return by_step, token_idx, token_ok
+
+
+def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, np.ndarray]:
+    """Host int32 tables of a two-pass split (pass 1: every piece's [E | M]; a scan; pass 2: the
+    pieces from their true starts), padded to static shapes: ``seqs_pad`` sequence rows (the
+    caller's plan's N_pad) and ``pieces_pad`` piece rows (the piece plan's N_pad).
+
+    ``mode`` [pieces_pad]: 0 the piece's map is not needed (the last piece of its sequence, and
+    padding), 1 a first piece (E from the sequence's initial state, M = 0), 2 a later piece (E from
+    0, M from I). ``h0_row`` [pieces_pad]: the sequence whose initial state starts the piece's E,
+    or -1 (zero). ``by_step`` [S, seqs_pad]: the piece at position s of each sequence or -1, S the
+    most pieces of one sequence rounded up to a power of two (fewer compilations).
+    ``last_piece`` [seqs_pad]: each sequence's last piece or -1 (empty sequence).
+    """
+    p, n = split.num_pieces, int(np.max(split.piece_seq, initial=-1)) + 1
+    if pieces_pad < p or seqs_pad < n:
+        raise ValueError(f"tables of {p} pieces of {n} sequences do not fit {pieces_pad} / {seqs_pad} rows")
+    seq, idx = split.piece_seq.astype(np.int64), split.piece_index.astype(np.int64)
+    last = np.ones(p, bool)
+    last[:-1] = seq[1:] != seq[:-1]
+    mode = np.zeros(pieces_pad, np.int32)
+    mode[:p] = np.where(last, 0, np.where(idx == 0, 1, 2))
+    h0_row = np.full(pieces_pad, -1, np.int32)
+    h0_row[:p] = np.where(idx == 0, seq, -1)
+    steps = 1 << max(split.max_pieces - 1, 0).bit_length()
+    by_step = np.full((steps, seqs_pad), -1, np.int32)
+    by_step[idx, seq] = np.arange(p)
+    last_piece = np.full(seqs_pad, -1, np.int32)
+    last_piece[seq[last]] = np.arange(p)[last]
+    return dict(mode=mode, h0_row=h0_row, by_step=by_step, last_piece=last_piece)
 
 
 def _ops(xp, like):

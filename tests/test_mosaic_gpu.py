@@ -56,29 +56,23 @@ CASES = [
      "packed:wide"),
     ("wide_jit_G2_K128_fp16", dict(lens=[130, 70], h=1, hv=2, k=128, v=128, initial_state=True, seed=11),
      dict(output_final_state=False), "float16", "jit:wide"),
-    # the chunk loops' lean state warpgroups (loop_lean: no selects, o's scale in the exponents)
-    ("wide_lean_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
-                                                  initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
-     "packed:wide_lean"),
-    ("narrow_lean_varlen_G3_V64_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
-                                              initial_state=True, pad_tokens=20, seed=15), dict(), "bfloat16",
-     "packed:narrow_lean"),
-    # the chunk loops compiled without Pallas's automatic barriers (loop_bare: the same on the
-    # interpreter; the GPU check runs these cases compiled)
-    ("wide_bare_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
-                                                  initial_state=True, pad_tokens=20, seed=13), dict(), "bfloat16",
-     "packed:wide_bare"),
-    ("narrow_bare_varlen_G3_V64_h0", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
-                                          initial_state=True, seed=14), dict(), "bfloat16", "packed:narrow_bare"),
+    # the chunk loops with their selects, o's scale after the products and Pallas's automatic
+    # barriers (loop_lean=False, loop_bare=False: the loops before 2026-12-04 s5; the cases above
+    # run the defaults, lean and bare, which the GPU check's `small` section runs compiled)
+    ("wide_plain_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                                   initial_state=True, pad_tokens=20, seed=12), dict(), "bfloat16",
+     "packed:wide_plain"),
+    ("narrow_plain_varlen_G3_V64_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
+                                               initial_state=True, pad_tokens=20, seed=15), dict(), "bfloat16",
+     "packed:narrow_plain"),
 ]
 
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
-                "narrow": dict(chunk_variant="default"), "wide_lean": dict(chunk_variant="wide", loop_lean=True),
-                "narrow_lean": dict(chunk_variant="default", loop_lean=True),
-                "wide_bare": dict(chunk_variant="wide", loop_bare=True),
-                "narrow_bare": dict(chunk_variant="default", loop_bare=True)}
+                "narrow": dict(chunk_variant="default"),
+                "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
+                "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -348,8 +342,8 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_fused", lambda: _nan_isolation("fused"))
     # V = 128: two state warpgroups sharing the boundary tiles' zeroed k (the k_ready hop)
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
-    _timed(results, "nan_isolation_wide_lean", lambda: _nan_isolation("wide_lean", dv=128))
-    _timed(results, "nan_isolation_narrow_lean", lambda: _nan_isolation("narrow_lean", dv=128))
+    _timed(results, "nan_isolation_wide_plain", lambda: _nan_isolation("wide_plain", dv=128))
+    _timed(results, "nan_isolation_narrow_plain", lambda: _nan_isolation("narrow_plain", dv=128))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -415,7 +409,7 @@ def test_intra_isolate_boundary_same_bits(interp_results):
     assert res["ag_diff"] == 0.0 and res["gc_diff"] == 0.0 and res["finite"], res
 
 
-@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_lean", "narrow_lean"])
+@pytest.mark.parametrize("variant", ["default", "fused", "wide", "wide_plain", "narrow_plain"])
 def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     """NaN / inf in one sequence's q, k, v, g, beta or initial state (NAN_POISON), NaN past cu[-1]:
     every other sequence's o and final state bitwise those of the clean call, the tail zero; the
@@ -497,8 +491,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "fused"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
     (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
-    (128, 128, 16, 32, "bfloat16", True, True, "wide_lean"),     # no selects in the state warpgroups
-    (128, 128, 16, 32, "bfloat16", True, True, "wide_bare"),     # no automatic barriers
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_plain"),    # with its selects and automatic barriers
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -520,8 +513,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
         if variant.startswith("wide"):
-            return prefill_arrays(args, chunk_variant="wide", loop_lean=variant == "wide_lean",
-                                  loop_bare=variant == "wide_bare")
+            plain = variant == "wide_plain"
+            return prefill_arrays(args, chunk_variant="wide", loop_lean=not plain, loop_bare=not plain)
         return prefill_arrays(args, variant=variant)
 
     lowered = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax())
@@ -602,26 +595,6 @@ def test_loop_bare_drops_the_automatic_barriers(loop):
         [text] = _mosaic_module_texts(fn, *shapes)
         counts[bare] = text.count("bar.sync")
     assert 0 < counts[True] < counts[False] // 2, counts
-
-
-def test_intra_bare_drops_the_automatic_barriers():
-    """intra(bare=True): fewer bar.sync than the default (the explicit ones of the substitution and
-    of commit_smem stay)."""
-    import jax
-    import jax.numpy as jnp
-
-    from gdn.jax_backend.mosaic_gpu.intra import intra
-
-    sds = jax.ShapeDtypeStruct
-    t, h, group, dk = 256, 1, 2, 128
-    shapes = (sds((t, h, dk), jnp.bfloat16), sds((h * group, t), jnp.float32), sds((h * group, t), jnp.float32),
-              sds((t,), jnp.int32))
-    counts = {}
-    for bare in (False, True):
-        fn = lambda k, g, b, s, bare=bare: intra(k, g, b, s, group=group, bare=bare)[:2]  # noqa: E731
-        [text] = _mosaic_module_texts(fn, *shapes)
-        counts[bare] = text.count("bar.sync")
-    assert 0 < counts[True] < counts[False], counts
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate,buffers", [

@@ -158,12 +158,11 @@ def sec_small():
 @section("nan")
 def sec_nan():
     """NaN / inf isolation compiled (tests/test_mosaic_gpu.py's poisoned batch): the default prefill
-    and each chunk loop forced (the wide one at V = 128, its two state warpgroups), also with its
-    lean and bare options."""
+    and each chunk loop forced (the wide one at V = 128, its two state warpgroups), also as they were
+    before lean and bare became their defaults."""
     tmg = _test_module()
     out = {}
-    for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_lean", 128), ("wide_bare", 128),
-                        ("narrow_bare", 128), ("narrow_lean", 128)):
+    for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_plain", 128), ("narrow_plain", 128)):
         name = variant or "default"
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
@@ -254,6 +253,97 @@ def _jitted(lens, h, hv, dk, seed, **kw):
     return fn, (q, k, v, g, beta, h0), cu
 
 
+def _jitted_split(lens, h, hv, dk, seed, piece_chunks, **kw):
+    """Like :func:`_jitted` through the two-pass split (gdn.jax_backend.mosaic_gpu.split) in pieces
+    of ``piece_chunks`` chunks; the host plan and tables become constants of the jitted call."""
+    import jax
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu.split import run_split
+    from gdn.planner import split_pieces
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, dk, seed)
+    p = make_plan(cu, num_tokens=q.shape[1])
+    sp = split_pieces(cu, piece_chunks)
+
+    @jax.jit
+    def fn(q, k, v, g, beta, h0):
+        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax")
+        return run_split(args, sp, **kw)
+
+    return fn, (q, k, v, g, beta, h0), cu
+
+
+SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)
+    ("1x32768", [32768], 16, 32, 0.60, (32, 64, 128)),
+    ("28672+4096", [28672, 4096], 16, 32, 0.60, (32, 64, 128)),
+    ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
+    ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
+    ("1x32768_HV64", [32768], 16, 64, 0.90, (64, 128)),
+]
+
+
+@section("split")
+def sec_split(shapes, rounds=3):
+    """The two-pass exact split (issue 6): compiled against the float64 truth on a small varlen
+    batch (an empty sequence, a piece of 2 tokens, an initial state), split vs unsplit on each
+    timed shape (max |difference| of o and of the final states), then unsplit and split at several
+    piece sizes timed interleaved, with FLA."""
+    import jax.numpy as jnp
+    from gdn import api, reference as R
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.jax_backend.mosaic_gpu.split import run_split
+    from gdn.planner import split_pieces
+    out = {}
+    lens = [3000, 0, 130, 64, 700]
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 2, 4, 128, seed=21)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    ro, rf = R.recurrent(f64(q), f64(k), f64(v), f64(g), f64(beta), cu_seqlens=cu, initial_state=f64(h0))
+    _, args = api.validate(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, backend="jax")
+    for pc in (2, 8):
+        o, f = run_split(args, split_pieces(cu, pc))
+        res = dict(o=R.rms_ratio(f64(o), ro), final=R.rms_ratio(f64(f), rf), finite=bool(np.isfinite(f64(o)).all()))
+        res["ok"] = bool(res["o"] < 5e-3 and res["final"] < 5e-3 and res["finite"])
+        out[f"f64_pc{pc}"] = res
+        TABLE.append(f"split f64 {lens} pieces of {pc} chunks: o {res['o']:.2e} final {res['final']:.2e} "
+                     f"{'OK' if res['ok'] else 'FAIL'}")
+    for label, lens, h, hv, target, sizes in shapes:
+        row = dict(target=target)
+        fns, a0 = {}, None
+        fns["unsplit"], a0, _ = _jitted(lens, h, hv, 128, seed=1)
+        for pc in sizes:
+            try:
+                fns[f"split{pc}"], _, _ = _jitted_split(lens, h, hv, 128, 1, pc)
+            except Exception as e:
+                row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+        ref_o, ref_f = fns["unsplit"](*a0)
+        for name, fn in list(fns.items())[1:]:
+            try:
+                o, f = fn(*a0)
+                row[name + "_vs_unsplit"] = dict(o=float(jnp.abs(o.astype(jnp.float32) - ref_o.astype(jnp.float32)).max()),
+                                                 final=float(jnp.abs(f - ref_f).max()))
+            except Exception as e:
+                row[name] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
+                fns.pop(name)
+                traceback.print_exc()
+        for name, (med, best) in _interleaved(fns, a0, rounds).items():
+            row[name], row[name + "_best"] = med, best
+        try:
+            row["fla"] = _bench_fla(lens, h, hv, 128, seed=1)
+        except Exception as e:
+            row["fla"] = f"ERROR {type(e).__name__}: {str(e)[:200]}"
+        out[label] = row
+        log(label, row)
+        cells = [f"{n} {row[n]:.3f}" if isinstance(row[n], float) else f"{n} {str(row[n])[:60]}"
+                 for n in ["unsplit"] + [f"split{pc}" for pc in sizes]]
+        diffs = ", ".join(f"{n} o {d['o']:.1e} f {d['final']:.1e}" for n, d in
+                          ((n[: -len("_vs_unsplit")], row[n]) for n in row if n.endswith("_vs_unsplit")))
+        fla = row.get("fla")
+        TABLE.append(f"split {label:12s} " + " | ".join(cells)
+                     + (f" | FLA {fla:.3f}" if isinstance(fla, float) else "") + f" ms  target {target}"
+                     + f"  [max diff to unsplit: {diffs}]")
+    RESULTS["split"] = out
+
+
 def _bench(fn, args, iters=10, reps=3):
     import jax
     jax.block_until_ready(fn(*args))
@@ -315,18 +405,13 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
     "isolate_all": dict(intra_isolate="all"),  # intra: the NaN-isolation selects on every tile (before 12-04 s3)
     "wide_s2": dict(chunk_variant="wide", stages=2),  # the wide loop at 2 ring stages (3 at K = V = 128)
-    # the chunk loops' state warpgroups without their selects and o's scale (the loops' lean)
-    "wide_lean": dict(chunk_variant="wide", loop_lean=True),
-    "narrow_lean": dict(chunk_variant="default", loop_lean=True),
-    # ... compiled without Pallas's automatic warpgroup barriers (the loops' bare), and both
-    "wide_bare": dict(chunk_variant="wide", loop_bare=True),
-    "wide_lean_bare": dict(chunk_variant="wide", loop_lean=True, loop_bare=True),
-    "narrow_lean_bare": dict(chunk_variant="default", loop_lean=True, loop_bare=True),
-    "narrow_bare": dict(chunk_variant="default", loop_bare=True),  # the narrow loop without them
-    "intra_bare": dict(intra_bare=True),  # the intra kernel without the automatic barriers
-    "bare": dict(intra_bare=True, loop_bare=True),  # both kernels without them, the loop picked per call
-    "all_bare": dict(intra_bare=True, chunk_variant="wide", loop_lean=True, loop_bare=True),
-    "lean_bare": dict(intra_bare=True, loop_lean=True, loop_bare=True),  # all of them, the loop picked per call
+    # the chunk loops before 2026-12-04 s5: their selects, o's scale after the products, Pallas's
+    # automatic barriers (loop_lean=False, loop_bare=False; each alone below)
+    "plain": dict(loop_lean=False, loop_bare=False),
+    "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
+    "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
+    "no_lean": dict(loop_lean=False),
+    "no_bare": dict(loop_bare=False),
     "buf1": dict(intra_out_buffers=1),  # intra: one output staging (the default before 2026-12-04 s4)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
 }
@@ -467,8 +552,7 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
-             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
-             ("bare", dict(bare=True))]
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1))]
 
 
 @section("intra_cmp")
@@ -662,6 +746,7 @@ def main():
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
+    ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
     a = ap.parse_args()
     lens = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     os.makedirs(a.out, exist_ok=True)
@@ -673,6 +758,8 @@ def main():
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ()),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
                 "ablate": (sec_ablate, ()),
+                "split": (sec_split, ([s for s in SPLIT_SHAPES
+                                       if not a.split_shapes or s[0] in a.split_shapes.split(",")],)),
                 "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens)))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):

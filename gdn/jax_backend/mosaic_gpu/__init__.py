@@ -98,6 +98,17 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
     if return_stages:
         raise NotImplementedError("mosaic_gpu fuses the chunk loop: it has no per-chunk stage tensors "
                                   "(use impl='xla' or the triton backend for stages)")
+    interpret = check_runnable(args, interpret)
+    if options.get("variant") == "fused" and args.dims[3] > 128:
+        raise NotImplementedError("mosaic_gpu variant 'fused' runs V <= 128 (one state warpgroup per 64 columns)")
+    from ._driver import prefill_arrays
+
+    return prefill_arrays(args, interpret=interpret, **options)
+
+
+def check_runnable(args: PrefillArgs, interpret=None):
+    """NotImplementedError unless these arguments can run here; returns the interpret flag
+    (GDN_MOSAIC_INTERPRET=1 turns it on)."""
     if not interpret and os.environ.get("GDN_MOSAIC_INTERPRET") == "1":
         interpret = True
     if not interpret:
@@ -105,13 +116,9 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
         if why is not None:
             raise NotImplementedError(why)
     why = unsupported_reason(args)
-    if why is None and options.get("variant") == "fused" and args.dims[3] > 128:
-        why = "mosaic_gpu variant 'fused' runs V <= 128 (one state warpgroup per 64 columns)"
     if why is not None:
         raise NotImplementedError(why)
-    from ._driver import prefill_arrays
-
-    return prefill_arrays(args, interpret=interpret, **options)
+    return interpret
 
 
 def prefill_arrays(args: PrefillArgs, **kw):

@@ -8,6 +8,7 @@ scalar operands of eager ops are host-to-device transfers).
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,22 +62,59 @@ def _l2norm(x):
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
-    "intra_isolate", "intra_out_buffers", "intra_bare", "chunk_variant", "loop_lean", "loop_bare"))
+    "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
          intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
-         intra_out_buffers: int = 2, intra_bare: bool = False, chunk_variant: str = "default",
-         loop_lean: bool = False, loop_bare: bool = False):
+         intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
+         loop_bare: bool = True):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
     count_trace("mosaic_gpu")
+    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
+    n_out = plan.padded_seqs if output_final_state else None
+    if variant == "fused":
+        o, final = fused(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
+                         n_out=n_out, stages=stages, regs=regs, interpret=interpret)
+    else:
+        ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, tiles_per_cta=intra_tiles,
+                       head_loop=head_loop, solve_pad=intra_pad, merge_variant=intra_merge,
+                       solve_columns=intra_columns, isolate=intra_isolate, out_buffers=intra_out_buffers,
+                       interpret=interpret)[:2]
+        o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
+                        stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, interpret=interpret)
+    return x.unpad(o), final, None
+
+
+class Prepared(NamedTuple):
+    """The kernels' operands: q, k [T_pad, H, K], v [T_pad, HV, V] (q's dtype), g_hm, beta_hm
+    [HV, T_pad] fp32, cu int32 [N_pad + 1], seg int32 [T_pad] (sequence id per token), h0 None
+    or fp32, group = HV / H; ``unpad`` maps the kernels' o [T_pad, HV, V] to the caller's shape."""
+    q: Any
+    k: Any
+    v: Any
+    g_hm: Any
+    beta_hm: Any
+    cu: Any
+    seg: Any
+    h0: Any
+    group: int
+    shape: tuple
+
+    def unpad(self, o):
+        bsz, t_in, hv, dv = self.shape
+        return o[: bsz * t_in].reshape(bsz, t_in, hv, dv)
+
+
+def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
+    """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, padding to
+    whole tiles, head-major fp32 gates, sequence ids from the plan (on the device)."""
     bsz, t_in, h, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     t_arr = bsz * t_in
-    group = hv // h
     q = q.reshape(t_arr, h, dk)
     k = k.reshape(t_arr, h, dk)
     v = v.astype(q.dtype).reshape(t_arr, hv, dv)
@@ -89,40 +127,31 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     if pad:
         q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
-    g_hm, beta_hm = g.T, beta.T
     cu = plan.cu_seqlens.astype(jnp.int32)
+    seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right").astype(jnp.int32)
     if h0 is not None:
         h0 = h0.astype(jnp.float32)
-    n_out = plan.padded_seqs if output_final_state else None
-    if variant == "fused":
-        o, final = fused(q, k, v, g_hm, beta_hm, cu, h0, scale=scale, group=group, n_out=n_out,
-                         stages=stages, regs=regs, interpret=interpret)
-    else:
-        seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32),
-                               side="right").astype(jnp.int32)
-        ag, gc = intra(k, g_hm, beta_hm, seg, group=group, tiles_per_cta=intra_tiles, head_loop=head_loop,
-                       solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
-                       isolate=intra_isolate, out_buffers=intra_out_buffers, bare=intra_bare,
-                       interpret=interpret)[:2]
-        if chunk_variant == "wide":
-            o, final = chunk_loop_wide(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                       t_valid=t_pad, stages=stages, regs=regs, lean=loop_lean,
-                                       bare=loop_bare, interpret=interpret)
-        else:
-            o, final = chunk_loop(q, k, v, ag, gc, cu, h0, scale=scale, group=group, n_out=n_out,
-                                  t_valid=t_pad, bv=bv, stages=stages, lean=loop_lean, bare=loop_bare,
-                                  interpret=interpret)
-    if pad:
-        o = o[:t_arr]
-    return o.reshape(bsz, t_in, hv, dv), final, None
+    return Prepared(q, k, v, g.T, beta.T, cu, seg, h0, hv // h, (bsz, t_in, hv, dv))
+
+
+def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
+         regs=None, lean: bool = True, bare: bool = True, interpret=None):
+    """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
+    kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None)."""
+    t_pad = x.q.shape[0]
+    if chunk_variant == "wide":
+        return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
+                               t_valid=t_pad, stages=stages, regs=regs, lean=lean, bare=bare,
+                               interpret=interpret)
+    return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
+                      t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, interpret=interpret)
 
 
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
-                   intra_bare: bool = False, chunk_variant: str = "auto", loop_lean: bool = False,
-                   loop_bare: bool = False):
+                   chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -132,17 +161,20 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``intra_columns`` / ``intra_isolate`` are the intra kernel's ``tiles_per_cta`` / ``head_loop``
     / ``solve_pad`` / ``merge_variant`` / ``solve_columns`` / ``isolate`` (:func:`intra.intra`;
     pads 0 and 8 are what ran on the H200); ``intra_out_buffers``: its ``out_buffers`` (2, the default,
-    measured 3-7% faster alone than 1 on the H200, 2026-12-04); ``intra_bare``: its ``bare``, UNTIMED.
+    measured 3-7% faster alone than 1 on the H200, 2026-12-04).
     ``chunk_variant``: "auto" (the default: :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and
     a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers;
-    ``loop_lean`` / ``loop_bare``: the chunk loop's (either one's) ``lean`` / ``bare``, UNTIMED)."""
+    ``loop_lean`` / ``loop_bare``: the chunk loop's (either one's) ``lean`` / ``bare``, both on by
+    default since the H200 call g2/g3 of 2026-12-04 s5: together 0.665 vs 0.684 ms at 4x8192, 1.066
+    vs 1.111 at 1x32768, 1.001 vs 1.031 at HV = 48, within 1% elsewhere; False is the fallback if a
+    change ever makes ``bare``'s explicit ordering suspect)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
-    for name, val in (("intra_bare", intra_bare), ("loop_lean", loop_lean), ("loop_bare", loop_bare)):
+    for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if chunk_variant not in CHUNK_VARIANTS:
@@ -157,5 +189,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
-                    intra_out_buffers=intra_out_buffers, intra_bare=intra_bare, chunk_variant=chunk_variant,
+                    intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare)

@@ -58,21 +58,49 @@ def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
     raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
 
 
+def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=None):
+    """``Vnew^T = W^T Ag^T`` [bv, 64] fp32 of one tile, ``W^T = V^T - (S^T K^T) diag(exp(gc))``.
+
+    s_lo: ``S^T`` [bv, K] in the input dtype (registers); v_tile, k_tile, a_tile: SMEM [64, bv],
+    [64, K], [64, 64]; g_vec: ``gc`` (COLS); valid: the sequence's tokens (COLS); v_keep: None, or
+    a [bv, 64] bool (WG layout) where False reads V as 0 (a select: the value there may be NaN).
+    Columns of other sequences come out 0 (their Ag rows may be NaN, and every later product
+    contracts them): selected, or with ``lean`` 0 already (the caller zeroed their v, k and Ag
+    rows, and exp(gc) is masked).
+    """
+    sh = (s_lo.shape[0], C)
+    sel = column_select(not lean)
+    e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+    ks = mm(s_lo, k_tile.T, sh)  # S^T K^T
+    v_t = plgpu.load(v_tile.T, layout=WG).astype(F32)
+    if v_keep is not None:
+        v_t = jnp.where(v_keep, v_t, 0.0)
+    w_t = sel(cols(valid, sh), v_t - ks * cols(e_vec, sh)).astype(s_lo.dtype)
+    return sel(cols(valid, sh), mm(w_t, a_tile.T, sh))
+
+
+def state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype):
+    """``S^T <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K`` ([bv, K] fp32)."""
+    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), vn_t.shape)).astype(dtype)
+    return mm(vd_t, k_tile, s_t.shape, init=s_t * jnp.exp(g_last))
+
+
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-               bv: int = 64, stages: int | None = None, lean: bool = False, bare: bool = False,
+               bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
     :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
     h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
-    t_valid: tokens the caller's arrays hold (rows past it are not written). ``lean`` (UNTIMED, not
-    the default): the state warpgroup's two [64, 64] NaN-isolation selects go (on a boundary tile it
-    also zeroes v's and ``Ag``'s rows of other sequences, and ``X``'s columns take a masked
-    ``exp(gc)``), and the output warpgroup's ``o * scale`` goes into its row exponents
-    (``exp(gc_r + ln scale)``), as :func:`.chunk_loop_wide.chunk_loop_wide`'s ``lean``.
-    ``bare`` (UNTIMED, not the default): compiled without Pallas's automatic warpgroup barriers
-    (:func:`.common.compiler_params`); every SMEM write here is ordered explicitly (the ring's
+    t_valid: tokens the caller's arrays hold (rows past it are not written).
+    ``lean`` (default; False is the loop before 2026-12-04 s5): the state warpgroup's two
+    [64, 64] NaN-isolation selects go (on a boundary tile it also zeroes v's and ``Ag``'s rows of
+    other sequences, and ``X``'s columns take a masked ``exp(gc)``), and the output warpgroup's
+    ``o * scale`` goes into its row exponents (``exp(gc_r + ln scale)``), as
+    :func:`.chunk_loop_wide.chunk_loop_wide`'s ``lean``.
+    ``bare`` (default; measured with ``lean`` on the H200, see the driver): compiled without
+    Pallas's automatic warpgroup barriers (:func:`.common.compiler_params`); every SMEM write here is ordered explicitly (the ring's
     mbarriers; ``S^T`` / ``Vnew`` published with ``commit_smem`` before ``s_ready`` and rewritten
     after ``s_free``; the output tiles after the wait on their earlier TMA store; k's rows zeroed
     by the threads that loaded them; the state staging before the first publication and after the
@@ -174,7 +202,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.commit_smem()
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
-            sh = (bv, C)
             tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
 
             def step(i, s_t):  # named scopes: regions of Mosaic's in-kernel profiler (no code without it)
@@ -199,29 +226,19 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         zero_rows_outside(v_s.at[slot], lo, hi)
                         zero_rows_outside(a_s.at[slot], lo, hi)
 
-                with jax.named_scope("s_ks"):
+                with jax.named_scope("s_vnew"):
                     s_lo = s_t.astype(dtype)
                     s_pub.at[half][...] = s_lo
                     valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
                     g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
                     g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
-                    ks = mm(s_lo, k_s.at[slot].T, sh)  # S^T K^T
-                with jax.named_scope("s_vnew"):
-                    v_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
-                    # W^T and Vnew^T = W^T Ag^T; columns of other sequences 0: their Ag rows may be NaN
-                    # (0 * NaN through the zeros of W^T), and both P Vnew and the state update contract
-                    # them. Selected, or with lean 0 already (their v, k and Ag rows are zeroed above)
-                    sel = column_select(not lean)
-                    e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
-                    w_t = sel(cols(valid, sh), v_t - ks * cols(e_vec, sh)).astype(dtype)
-                    vn_t = sel(cols(valid, sh), mm(w_t, a_s.at[slot].T, sh))
+                    vn_t = new_values_t(s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean)
                 with jax.named_scope("s_publish"):
                     vn_pub.at[half].T[...] = vn_t.astype(dtype)
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(s_ready.at[half])
                 with jax.named_scope("s_update"):
-                    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                    s_new = mm(vd_t, k_s.at[slot], (bv, dk), init=s_t * jnp.exp(g_last))
+                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
                     plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 

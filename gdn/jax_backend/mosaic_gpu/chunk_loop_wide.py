@@ -80,15 +80,15 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
 
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
-                    stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = False,
-                    bare: bool = False, interpret=None, _ablate: frozenset = frozenset()):
+                    stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
+                    bare: bool = True, interpret=None, _ablate: frozenset = frozenset()):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
     [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
-    ``lean`` (UNTIMED on the GPU, not the default): fewer instructions per tile in the state
-    warpgroups, the critical path (2026-12-04 s4: each runs ~950 SASS instructions per tile next to
+    ``lean`` (default since 2026-12-04 s5, with ``bare``: 0.665 vs 0.684 ms at 4x8192): fewer
+    instructions per tile in the state warpgroups, the critical path (2026-12-04 s4: each runs ~950 SASS instructions per tile next to
     the prep warpgroup's ~1150 on the same schedulers). Their two [64, 64] NaN-isolation selects go:
     the prep warpgroup also zeroes ``Ag``'s rows of other sequences on a boundary tile (so ``Vnew^T``'s
     columns of other tokens come out exactly 0), and ``X``'s columns are scaled by a masked
@@ -97,7 +97,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     (``exp(gc_r + ln scale)`` for ``Q`` and ``P``), which drops the state warpgroups' multiply of
     ``o^T``. Same products; ``scale`` is applied before the rounding to the input dtype instead
     of after the products.
-    ``bare`` (UNTIMED on the GPU, not the default): compiled without Pallas's automatic warpgroup
+    ``bare`` (default, see ``lean``): compiled without Pallas's automatic warpgroup
     barriers (:func:`.common.compiler_params`): per tile ~13 fewer ``bar.sync`` in the prep
     warpgroup (one before each of its 7 TMA loads, two around each SMEM store of P and Q) and 2
     in each state warpgroup's output store. Safe here because every SMEM write is ordered

@@ -89,7 +89,7 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
-          isolate: str = "boundary", out_buffers: int = 2, bare: bool = False, interpret=None,
+          isolate: str = "boundary", out_buffers: int = 2, interpret=None,
           debug_inverse: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
@@ -106,11 +106,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     substitution; "all" is the kernel before 2026-12-04, session 3). ``out_buffers``: 1 or 2 SMEM
     stagings of a head's outputs (``Ag``, ``gc``): with 2 (the default), a head waits for the stores
     of the head two before it, not the one just issued (H200, 2026-12-04: alone 0.207 vs 0.214 ms at
-    4x8192, 0.206 vs 0.221 at 128x256, same bits). ``bare`` (UNTIMED, not the default): compiled
-    without Pallas's automatic warpgroup barriers (:func:`.common.compiler_params`): every SMEM
-    store here is already followed by ``commit_smem`` and preceded by an explicit sync (the wait on
-    the output stores, the previous product's wait, the substitution's own barriers), and each
-    TMA load refills a buffer whose readers passed a ``commit_smem`` since.
+    4x8192, 0.206 vs 0.221 at 128x256, same bits). Compiled with Pallas's automatic warpgroup
+    barriers: without them (tried 2026-12-04 s5, call g1) it measured 0.225 vs 0.208 ms alone at
+    4x8192, 0.206 vs 0.211 at 128x256, so unlike the chunk loops it keeps them.
     """
     t_pad, h, dk = k.shape
     hv = g_hm.shape[0]
@@ -269,7 +267,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
-            compiler_params=compiler_params(no_auto_barriers=bare), interpret=interpret_params(interpret),
+            compiler_params=compiler_params(), interpret=interpret_params(interpret),
             kernel_name="gdn_intra",
         )(k, g_hm, beta_hm, seg)
     return tuple(outs)

@@ -1,0 +1,118 @@
+"""The exact sequence split on the Mosaic GPU path: two passes in one jitted call (gdn issue 6).
+
+A long sequence on a per-(sequence, v head) chunk loop leaves most SMs idle (1x32768 at HV = 32:
+32 wide CTAs on 132 SMs). Its pieces (host-planned, :func:`gdn.planner.split_pieces`) run as the
+sequences of a finer plan:
+
+1. the intra kernel once on the piece plan (its ``Ag`` and ``gc`` serve both passes);
+2. pass 1, :func:`.piece_states.piece_states`: every piece's end state ``E`` and map ``M``
+   (``S_end = M S_start + E``), states only;
+3. the scan over each sequence's pieces in XLA, one step per piece position (fp32, HIGHEST);
+4. pass 2, the chunk loop on the piece plan from the scanned starts: the output and the pieces'
+   final states exactly as an unsplit call computes them (no correction of the output).
+
+Exact for any gates (no decay threshold). The host tables are :func:`gdn.split.two_pass_tables`;
+they and the plans travel as device arrays of bucketed shapes, so a new batch in the same bucket
+does not recompile, and nothing is read back from the device.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ...api import PrefillArgs
+from ..common import count_trace
+from . import _driver
+from .intra import intra
+from .piece_states import piece_states
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "chunk_variant",
+    "stages1"))
+def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2norm: bool,
+               output_final_state: bool, return_stages: bool = False, interpret=None,
+               chunk_variant: str = "default", stages1: int = 2):
+    """q, k [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]; plan: the PIECE plan (pytree);
+    h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
+    as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
+    del return_stages
+    count_trace("mosaic_gpu_split")
+    x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
+    _, hv, dv = x.v.shape
+    dk = x.k.shape[2]
+    p_pad = x.cu.shape[0] - 1
+    f32 = jnp.float32
+    ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, interpret=interpret)[:2]
+
+    # pass 1: [E | M] of every piece, E of a first piece from its sequence's initial state
+    h0_rows = tables["h0_row"]
+    hp = None
+    if x.h0 is not None:
+        hp = jnp.where((h0_rows >= 0)[:, None, None, None], x.h0[jnp.maximum(h0_rows, 0)], 0.0)
+    em = piece_states(x.k, x.v, ag, gc, x.cu, tables["mode"], hp, group=x.group, stages=stages1,
+                      interpret=interpret)
+    e_map, m_map = em[..., :dv], em[..., dv:]
+
+    # the scan: the state entering each piece, a sequence's pieces in order
+    by_step = tables["by_step"]
+    n_pad = by_step.shape[1]
+    s = jnp.zeros((n_pad, hv, dk, dv), f32) if x.h0 is None else x.h0
+    start = jnp.zeros((p_pad, hv, dk, dv), f32)
+    for i in range(by_step.shape[0]):
+        ids = by_step[i]
+        start = start.at[jnp.where(ids >= 0, ids, p_pad)].set(s, mode="drop")
+        if i + 1 < by_step.shape[0]:
+            idx = jnp.maximum(ids, 0)
+            s_new = jnp.einsum("nhij,nhjv->nhiv", m_map[idx], s,
+                               precision=jax.lax.Precision.HIGHEST) + e_map[idx]
+            s = jnp.where((ids >= 0)[:, None, None, None], s_new, s)
+
+    # pass 2: the pieces from their true starts
+    o, fin = _driver.loop(x, ag, gc, start, p_pad, chunk_variant=chunk_variant, scale=scale,
+                          interpret=interpret)
+    final = None
+    if output_final_state:
+        last = tables["last_piece"]
+        empty = jnp.zeros((n_pad, hv, dk, dv), f32) if x.h0 is None else x.h0
+        final = jnp.where((last >= 0)[:, None, None, None], fin[jnp.maximum(last, 0)], empty)
+    return x.unpad(o), final, None
+
+
+def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2):
+    """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
+    (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
+    ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
+    ``stages1``: pass 1's ring depth."""
+    from ...planner import plan as make_plan
+    from ...split import two_pass_tables
+    from . import check_runnable
+
+    interpret = check_runnable(args, interpret)
+    p = args.plan
+    if args.batch != 1 or not p.is_host:
+        raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
+    if chunk_variant not in _driver.CHUNK_VARIANTS:
+        raise ValueError(f"chunk_variant must be one of {_driver.CHUNK_VARIANTS}, got {chunk_variant!r}")
+    if stages1 not in (2, 3, 4):
+        raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
+    piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
+    _, hv, _, dv = args.dims
+    if chunk_variant == "auto":
+        chunk_variant = _driver.pick_chunk_variant(piece_plan.nonempty_seqs, hv, dv, _driver._sm_count())
+    if chunk_variant == "wide" and dv not in _driver.WIDE_VALUE_DIMS:
+        raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {_driver.WIDE_VALUE_DIMS}")
+    tables = {name: jax.device_put(a) for name, a in
+              two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
+    h0 = args.initial_state
+    if h0 is not None and h0.shape[0] != p.padded_seqs:
+        h0 = jnp.pad(h0, ((0, p.padded_seqs - h0.shape[0]),) + ((0, 0),) * 3)
+    o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta, piece_plan.to_jax(), h0, tables,
+                             scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
+                             output_final_state=args.output_final_state, interpret=interpret,
+                             chunk_variant=chunk_variant, stages1=stages1)
+    if final is not None:
+        final = final[: p.num_seqs]
+    return o, final
