@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split",
-           "split_policy", "split_pieces"]
+           "split_policy", "split_pieces", "two_pass_policy"]
 
 #: chunk_indices value of padding rows (both columns). Kernels test ``seq_id < 0`` and exit.
 SENTINEL = -1
@@ -366,6 +366,38 @@ def split_policy(seq_lens: Any, units_per_seq: int, *, num_sms: int = 132, chunk
         if t < best_t:
             best, best_t = c, t
         c *= 2
+    return best
+
+
+def two_pass_policy(seq_lens: Any, *, loop_us, map_ctas: tuple[int, int], map_slots: int,
+                    map_tile_us: float, scan_step_us: float, chunk_size: int = 64,
+                    candidates: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
+                    min_gain: float = 1.1) -> int | None:
+    """Chunks per piece for a two-pass exact split, or None when it does not pay.
+
+    Pass 1 computes the maps of every piece but the last of its sequence (``map_ctas`` = (CTAs of
+    a first piece, of a later one), ``map_slots`` of them resident on the GPU at once, each tile
+    ``map_tile_us``); a scan of ``ceil(pieces per sequence)`` steps (``scan_step_us`` each) finds
+    the starts; pass 2 is the chunk loop over the pieces, ``loop_us(num_seqs, max_chunks)`` (the
+    caller's model of its loop, also the unsplit time ``loop_us(N, max chunks)``). A wave model
+    with pieces of equal length; pure function of its arguments (host numbers only).
+    """
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    nc = -(-lens // chunk_size)
+    nc = nc[nc > 0]
+    if nc.size == 0:
+        return None
+    base = float(loop_us(int(nc.size), int(nc.max())))
+    best, best_t = None, base / min_gain
+    for c in candidates:
+        if c >= nc.max():
+            break
+        pieces = -(-nc // c)
+        ctas = int(np.sum(np.where(pieces > 1, map_ctas[0] + (pieces - 2) * map_ctas[1], 0)))
+        t = (-(-ctas // map_slots) * c * map_tile_us + int(pieces.max()) * scan_step_us
+             + float(loop_us(int(pieces.sum()), c)))
+        if t < best_t:
+            best, best_t = c, t
     return best
 
 

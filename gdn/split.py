@@ -154,8 +154,11 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     """``gdn.prefill`` of validated ``args`` through the exact split (packed batch, host plan).
 
     ``piece_chunks`` None: :func:`gdn.planner.split_policy` decides (unsplit when it does not
-    pay). The pieces run through the same backend and impl with K extra value columns, so the
-    implementation must accept V + K value columns (<= 256).
+    pay). On the jax backend's mosaic_gpu impl (asked for, or what impl=None picks here) the
+    pieces run in two passes on its kernels (:mod:`gdn.jax_backend.mosaic_gpu.split`) and ``None``
+    asks that path's cost model. Elsewhere they run through the same backend and impl with K extra
+    value columns (the implementation must accept V + K value columns, <= 256) and a correction
+    of the output.
     """
     from .api import load_backend, validate
     from .planner import split_pieces, split_policy
@@ -164,6 +167,18 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     if args.batch != 1 or not p.is_host:
         raise ValueError("split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
     _, hv, dk, dv = args.dims
+    if backend == "jax" and args.impl in (None, "mosaic_gpu"):
+        from .jax_backend import mosaic_gpu as M
+
+        if args.impl == "mosaic_gpu" or (M.status() is None and M.unsupported_reason(args) is None):
+            from .jax_backend.mosaic_gpu.split import pick_piece_chunks, run_split as two_pass
+
+            if piece_chunks is None:
+                piece_chunks = pick_piece_chunks(p.seq_lens, hv, dk, dv)
+            if not piece_chunks:
+                return M.run(args)
+            return two_pass(args, split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], piece_chunks,
+                                               p.chunk_size))
     if piece_chunks is None:
         piece_chunks = split_policy(p.seq_lens, hv * -(-dv // 128), chunk_size=p.chunk_size)
     mod = load_backend(backend)

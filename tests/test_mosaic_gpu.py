@@ -65,6 +65,15 @@ CASES = [
     ("narrow_plain_varlen_G3_V64_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
                                                initial_state=True, pad_tokens=20, seed=15), dict(), "bfloat16",
      "packed:narrow_plain"),
+    # the exact split's two passes on these kernels (mosaic_gpu/split.py) in pieces of 2 chunks:
+    # sequences starting inside a tile, an empty one, a piece of 2 tokens, the initial state of a
+    # first piece, a middle piece's map; the narrow loop as pass 2 ...
+    ("two_pass_varlen_G2_h0_pad", dict(lens=[300, 0, 130, 64], h=1, hv=2, k=64, v=64, initial_state=True,
+                                       pad_tokens=20, seed=16), dict(), "bfloat16", "two_pass"),
+    # ... and the wide one, at K = V = 128 (two M blocks), on gates with no decay on half the tokens
+    # (where a split that drops the early pieces' influence fails), no initial state
+    ("two_pass_wide_nodecay_K128_V128", dict(lens=[330, 70], h=1, hv=2, k=128, v=128, gates="none", seed=17),
+     dict(), "bfloat16", "two_pass:wide"),
 ]
 
 #: layout suffix -> options of M.run
@@ -114,6 +123,12 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1])
         o, f = split_prefill(jnp, run_pieces, q, k, v, g, beta, plan=p, split=split_pieces(x.cu_seqlens, 2),
                              initial_state=h0, scale=mk["k"] ** -0.5, use_qk_l2norm=False)
+    elif layout == "two_pass":
+        from gdn.jax_backend.mosaic_gpu.split import run_split
+        from gdn.planner import split_pieces
+
+        _, args = api.validate(q, k, v, g, beta, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="jax", **kw)
+        o, f = run_split(args, split_pieces(x.cu_seqlens, 2), interpret=interpret, **opts)
     elif layout == "jit":
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
         if h0 is not None:  # under jit the plan's real count is unknown: states have N_pad rows

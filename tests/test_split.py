@@ -96,3 +96,103 @@ def test_prefill_split_option():
     assert R.rms_ratio(o_p, o_u) < 1e-5  # the policy keeps this small batch unsplit
     with pytest.raises(ValueError, match="split must be"):
         gdn.prefill(*a, cu_seqlens=x.cu_seqlens, impl="xla", split=-3)
+
+
+def _two_pass_numpy(x, sp, scale):
+    """The two-pass split (gdn.jax_backend.mosaic_gpu.split) written with the float64 reference as
+    both passes and two_pass_tables as its only plan: what the kernels compute, without them."""
+    from gdn.split import two_pass_tables
+
+    n = len(x.cu_seqlens) - 1
+    p_pad, n_pad = sp.num_pieces + 3, n + 2  # padding rows must be harmless
+    tb = two_pass_tables(sp, n_pad, p_pad)
+    q, k, v, g, beta = x.arrays
+    dk, dv = k.shape[-1], v.shape[-1]
+    hv = v.shape[2]
+    pcu = np.concatenate([sp.piece_cu_seqlens, np.full(p_pad - sp.num_pieces, sp.piece_cu_seqlens[-1])])
+    pplan = gdn.plan(pcu, num_tokens=q.shape[1])
+    h0 = np.zeros((n_pad, hv, dk, dv))
+    h0[:n] = x.initial_state
+    # pass 1: [E | M] of every piece; E from h0[h0_row], M from I (mode 2) or 0 (mode 1)
+    start1 = np.zeros((p_pad, hv, dk, dv + dk))
+    start1[..., :dv] = np.where((tb["h0_row"] >= 0)[:, None, None, None], h0[np.maximum(tb["h0_row"], 0)], 0)
+    start1[..., dv:] = np.where((tb["mode"] == 2)[:, None, None, None], np.eye(dk), 0)
+    v_aug = np.concatenate([v, np.zeros(v.shape[:-1] + (dk,))], -1)
+    _, em = R.chunked(q, k, v_aug, g, beta, plan=pplan, initial_state=start1, scale=scale)
+    em = np.where((tb["mode"] > 0)[:, None, None, None], em, np.nan)  # mode 0: no meaning
+    e_map, m_map = em[..., :dv], em[..., dv:]
+    # the scan
+    s, start = h0.copy(), np.zeros((p_pad, hv, dk, dv))
+    for i, ids in enumerate(tb["by_step"]):
+        start[ids[ids >= 0]] = s[ids >= 0]
+        if i + 1 < len(tb["by_step"]):
+            j = np.maximum(ids, 0)
+            s = np.where((ids >= 0)[:, None, None, None], np.einsum("nhij,nhjv->nhiv", m_map[j], s) + e_map[j], s)
+    o, fin = R.chunked(q, k, v, g, beta, plan=pplan, initial_state=start, scale=scale)
+    last = tb["last_piece"]
+    final = np.where((last >= 0)[:, None, None, None], fin[np.maximum(last, 0)], h0)
+    return o, final[:n]
+
+
+@pytest.mark.parametrize("gates", ["qwen", "none"])
+@pytest.mark.parametrize("piece_chunks", [1, 2])
+def test_two_pass_tables_give_the_unsplit_result(gates, piece_chunks):
+    # a first piece that is also the last (130 at 2 chunks), an empty sequence, pieces of 1 token
+    x = make_inputs([300, 0, 130, 1, 64], h=1, hv=2, k=8, v=6, gates=gates, initial_state=True,
+                    seed=9, pad_tokens=20)
+    sp = split_pieces(x.cu_seqlens, piece_chunks)
+    o, f = _two_pass_numpy(x, sp, 0.35)
+    o_ref, f_ref = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state, scale=0.35)
+    assert np.abs(o_ref).max() > 1e-2
+    assert np.abs(o - o_ref).max() < 1e-9 and np.abs(f - f_ref).max() < 1e-9
+
+
+def test_two_pass_tables_layout():
+    from gdn.split import two_pass_tables
+
+    sp = split_pieces(np.array([0, 300, 300, 430, 494]), 2)  # pieces 128, 128, 44 | 128, 2 | 64
+    tb = two_pass_tables(sp, 8, 8)
+    assert tb["mode"].tolist() == [1, 2, 0, 1, 0, 0, 0, 0]
+    assert tb["h0_row"].tolist() == [0, -1, -1, 2, -1, 3, -1, -1]
+    assert tb["by_step"].shape == (4, 8)  # 3 pieces at most -> 4 steps (a power of two)
+    assert tb["by_step"][:, 0].tolist() == [0, 1, 2, -1] and tb["by_step"][:, 1].tolist() == [-1] * 4
+    assert tb["by_step"][:, 2].tolist() == [3, 4, -1, -1] and tb["by_step"][:, 3].tolist() == [5, -1, -1, -1]
+    assert tb["last_piece"].tolist() == [2, -1, 4, 5, -1, -1, -1, -1]
+    assert all(a.dtype == np.int32 for a in tb.values())
+    with pytest.raises(ValueError, match="do not fit"):
+        two_pass_tables(sp, 8, 5)
+
+
+def test_two_pass_policy():
+    from gdn.planner import two_pass_policy
+
+    def loop_us(n, tiles, sms=132, hv=32):  # one CTA per sequence and head, a tile per us
+        return -(-n * hv // sms) * tiles * 1.0
+
+    kw = dict(loop_us=loop_us, map_ctas=(64, 128), map_slots=264, map_tile_us=0.5, scan_step_us=5.0)
+    c = two_pass_policy([32768], **kw)
+    assert c is not None and c < 512  # one long sequence: 32 CTAs on 132 SMs, worth splitting
+    assert two_pass_policy([256] * 128, **kw) is None  # the GPU is full already
+    assert two_pass_policy([8192] * 8, **kw) is None
+    assert two_pass_policy([], **kw) is None and two_pass_policy([0, 0], **kw) is None
+    assert two_pass_policy([100], **kw) is None  # 2 chunks: no candidate shorter than the sequence
+    # a costlier pass 1 never makes the pieces smaller
+    slow = two_pass_policy([32768], **dict(kw, map_tile_us=2.0))
+    assert slow is None or slow >= c
+
+
+def test_prefill_split_routes_mosaic_to_two_passes(monkeypatch):
+    jnp = pytest.importorskip("jax.numpy")
+    import gdn.jax_backend.mosaic_gpu.split as S
+
+    seen = {}
+
+    def fake(args, split, **kw):
+        seen["pieces"] = split.piece_cu_seqlens.tolist()
+        return "two_pass", None
+
+    monkeypatch.setattr(S, "run_split", fake)
+    x = make_inputs([300, 0, 40], h=1, hv=2, k=64, v=64, seed=5)
+    a = [jnp.asarray(t, jnp.bfloat16 if i < 3 else jnp.float32) for i, t in enumerate(x.arrays)]
+    assert gdn.prefill(*a, cu_seqlens=x.cu_seqlens, impl="mosaic_gpu", split=2)[0] == "two_pass"
+    assert seen["pieces"] == [0, 128, 256, 300, 340]

@@ -116,3 +116,29 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     if final is not None:
         final = final[: p.num_seqs]
     return o, final
+
+
+#: Pass 1's time per tile and CTA and its resident CTAs per SM (H200 model; see
+#: benchmarks/mosaic_notes.md), the scan's time per step.
+MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US = 1.3, 2, 15.0
+
+
+def loop_us(num_seqs: int, tiles: int, hv: int, dv: int, sms: int) -> float:
+    """Modelled time of the chunk loop :func:`._driver.pick_chunk_variant` picks for ``num_seqs``
+    sequences of ``tiles`` tiles each (the waves of its CTAs times their per-tile time)."""
+    waves = lambda ctas: -(-ctas // sms)  # noqa: E731
+    t = waves(num_seqs * hv * (dv // 64)) * tiles * _driver.DEFAULT_TILE_US
+    if dv in _driver.WIDE_VALUE_DIMS and dv == 128:
+        t = min(t, waves(num_seqs * hv) * tiles * _driver.WIDE_TILE_US)
+    return t
+
+
+def pick_piece_chunks(seq_lens, hv: int, dk: int, dv: int, sms: int | None = None) -> int | None:
+    """Chunks per piece of the two-pass split, or None when it does not pay
+    (:func:`gdn.planner.two_pass_policy` with this path's costs)."""
+    from ...planner import two_pass_policy
+
+    sms = sms or _driver._sm_count()
+    return two_pass_policy(seq_lens, loop_us=lambda n, tiles: loop_us(n, tiles, hv, dv, sms),
+                           map_ctas=(hv * dv // 64, hv * (dv + dk) // 64), map_slots=MAP_CTAS_PER_SM * sms,
+                           map_tile_us=MAP_TILE_US, scan_step_us=SCAN_STEP_US)
