@@ -230,9 +230,11 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
         device, then one scan) or "ppermute" (a chain of sends to the right neighbour).
       split: the exact sequence split on one device (gdn/split.py): True lets
         ``gdn.planner.split_policy`` decide, an int sets the piece size in chunks; None/False off.
-        Needs a packed batch with a host plan. Off by default: measured SLOWER on the H200
-        (2026-12-03, jax mosaic_gpu at 1x32768: 38.8 ms with 4 pieces, 345 ms with 64, against
-        1.28 ms unsplit; benchmarks/mosaic_notes.md): a correctness tool for now, not a speed-up.
+        Needs a packed batch with a host plan. On jax's mosaic_gpu impl the pieces run in two
+        passes on its kernels (gdn/jax_backend/mosaic_gpu/split.py: the pieces' state maps, a
+        scan, the pieces from their true starts); elsewhere through the backend with K extra value
+        columns and a correction of o (a correctness tool: 38.8 ms against 1.28 unsplit at 1x32768
+        on the H200, 2026-12-03). Off by default; benchmarks/RESULTS.md has the measured times.
 
     Returns (o [B, T, HV, V] in q's dtype, final_state fp32 [N, HV, K, V] or None). Tokens past
     ``cu_seqlens[-1]`` get zero output. Under ``jax.jit`` with the plan passed as an argument the

@@ -52,9 +52,10 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
 
     ``mode`` [pieces_pad]: 0 the piece's map is not needed (the last piece of its sequence, and
     padding), 1 a first piece (E from the sequence's initial state, M = 0), 2 a later piece (E from
-    0, M from I). ``h0_row`` [pieces_pad]: the sequence whose initial state starts the piece's E,
-    or -1 (zero). ``by_step`` [S, seqs_pad]: the piece at position s of each sequence or -1, S the
-    most pieces of one sequence rounded up to a power of two (fewer compilations).
+    0, M from I). ``h0_row`` [pieces_pad]: the sequence whose initial state starts the piece (a
+    first piece), or -1 (zero, or the scan's). ``by_step`` [S, R]: column r lists the pieces of the
+    r-th sequence of more than one piece in order, -1 past its last; S and R are those counts
+    rounded up to powers of two (fewer compilations; sequences of one piece need no scan).
     ``last_piece`` [seqs_pad]: each sequence's last piece or -1 (empty sequence).
     """
     p, n = split.num_pieces, int(np.max(split.piece_seq, initial=-1)) + 1
@@ -68,8 +69,13 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
     h0_row = np.full(pieces_pad, -1, np.int32)
     h0_row[:p] = np.where(idx == 0, seq, -1)
     steps = 1 << max(split.max_pieces - 1, 0).bit_length()
-    by_step = np.full((steps, seqs_pad), -1, np.int32)
-    by_step[idx, seq] = np.arange(p)
+    counts = np.bincount(seq, minlength=n)
+    multi = np.flatnonzero(counts > 1)
+    col = np.full(max(n, 1), -1, np.int64)
+    col[multi] = np.arange(multi.size)
+    by_step = np.full((steps, 1 << max(multi.size - 1, 0).bit_length()), -1, np.int32)
+    keep = col[seq] >= 0
+    by_step[idx[keep], col[seq[keep]]] = np.arange(p)[keep]
     last_piece = np.full(seqs_pad, -1, np.int32)
     last_piece[seq[last]] = np.arange(p)[last]
     return dict(mode=mode, h0_row=h0_row, by_step=by_step, last_piece=last_piece)

@@ -121,9 +121,10 @@ def _two_pass_numpy(x, sp, scale):
     _, em = R.chunked(q, k, v_aug, g, beta, plan=pplan, initial_state=start1, scale=scale)
     em = np.where((tb["mode"] > 0)[:, None, None, None], em, np.nan)  # mode 0: no meaning
     e_map, m_map = em[..., :dv], em[..., dv:]
-    # the scan
-    s, start = h0.copy(), np.zeros((p_pad, hv, dk, dv))
-    for i, ids in enumerate(tb["by_step"]):
+    # the scan over the sequences of several pieces
+    start = start1[..., :dv].copy()
+    s = e_map[np.maximum(tb["by_step"][0], 0)]
+    for i, ids in enumerate(tb["by_step"][1:], 1):
         start[ids[ids >= 0]] = s[ids >= 0]
         if i + 1 < len(tb["by_step"]):
             j = np.maximum(ids, 0)
@@ -154,9 +155,9 @@ def test_two_pass_tables_layout():
     tb = two_pass_tables(sp, 8, 8)
     assert tb["mode"].tolist() == [1, 2, 0, 1, 0, 0, 0, 0]
     assert tb["h0_row"].tolist() == [0, -1, -1, 2, -1, 3, -1, -1]
-    assert tb["by_step"].shape == (4, 8)  # 3 pieces at most -> 4 steps (a power of two)
-    assert tb["by_step"][:, 0].tolist() == [0, 1, 2, -1] and tb["by_step"][:, 1].tolist() == [-1] * 4
-    assert tb["by_step"][:, 2].tolist() == [3, 4, -1, -1] and tb["by_step"][:, 3].tolist() == [5, -1, -1, -1]
+    # 3 pieces at most -> 4 steps; sequences 0 and 2 have several pieces -> 2 columns (powers of two)
+    assert tb["by_step"].shape == (4, 2)
+    assert tb["by_step"][:, 0].tolist() == [0, 1, 2, -1] and tb["by_step"][:, 1].tolist() == [3, 4, -1, -1]
     assert tb["last_piece"].tolist() == [2, -1, 4, 5, -1, -1, -1, -1]
     assert all(a.dtype == np.int32 for a in tb.values())
     with pytest.raises(ValueError, match="do not fit"):

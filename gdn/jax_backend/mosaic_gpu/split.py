@@ -56,12 +56,12 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
                       interpret=interpret)
     e_map, m_map = em[..., :dv], em[..., dv:]
 
-    # the scan: the state entering each piece, a sequence's pieces in order
+    # the scan over the sequences of several pieces: a first piece starts from hp (its sequence's
+    # initial state) and ends in its E (its M is 0); each later piece from the end of the one before
     by_step = tables["by_step"]
-    n_pad = by_step.shape[1]
-    s = jnp.zeros((n_pad, hv, dk, dv), f32) if x.h0 is None else x.h0
-    start = jnp.zeros((p_pad, hv, dk, dv), f32)
-    for i in range(by_step.shape[0]):
+    start = jnp.zeros((p_pad, hv, dk, dv), f32) if hp is None else hp
+    s = e_map[jnp.maximum(by_step[0], 0)]
+    for i in range(1, by_step.shape[0]):
         ids = by_step[i]
         start = start.at[jnp.where(ids >= 0, ids, p_pad)].set(s, mode="drop")
         if i + 1 < by_step.shape[0]:
@@ -76,7 +76,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     final = None
     if output_final_state:
         last = tables["last_piece"]
-        empty = jnp.zeros((n_pad, hv, dk, dv), f32) if x.h0 is None else x.h0
+        empty = jnp.zeros((last.shape[0], hv, dk, dv), f32) if x.h0 is None else x.h0
         final = jnp.where((last >= 0)[:, None, None, None], fin[jnp.maximum(last, 0)], empty)
     return x.unpad(o), final, None
 
