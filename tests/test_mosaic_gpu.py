@@ -541,6 +541,42 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
+@pytest.mark.parametrize("chunk_variant,with_h0", [("wide", True), ("default", False)])
+def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0):
+    """The exact split's two passes (intra on the piece plan, pass 1 piece_states, the scan, pass 2
+    chunk loop) lower for an H200 at the Qwen3.5 head shape: the interpreter cases do not compile
+    pass 1's kernel for the GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import plan as make_plan
+    from gdn.jax_backend.mosaic_gpu.split import core_split
+    from gdn.planner import split_pieces
+    from gdn.split import two_pass_tables
+
+    t, h, hv, d = 512, 16, 32, 128
+    cu = [0, 300, 300, 512]
+    p = make_plan(cu, num_tokens=t)
+    sp = split_pieces(cu, 2)
+    pp = make_plan(sp.piece_cu_seqlens, num_tokens=t)
+    tables = two_pass_tables(sp, p.padded_seqs, pp.padded_seqs)
+    assert int((tables["mode"] > 0).sum()) >= 2  # pass 1 has work: a first and a later piece
+    sds = jax.ShapeDtypeStruct
+    q, v = sds((1, t, h, d), jnp.bfloat16), sds((1, t, hv, d), jnp.bfloat16)
+    g = sds((1, t, hv), jnp.float32)
+    h0 = sds((p.padded_seqs, hv, d, d), jnp.float32) if with_h0 else None
+
+    def fn(q, k, v, g, beta, h0, plan):
+        tabs = {name: jnp.asarray(a) for name, a in tables.items()}
+        return core_split(q, k, v, g, beta, plan, h0, tabs, scale=d ** -0.5, use_qk_l2norm=True,
+                          output_final_state=True, chunk_variant=chunk_variant)[:2]
+
+    text = _lower_for_cuda(fn, q, q, v, g, g, h0, pp.to_jax()).as_text()
+    for kernel in ("gdn_intra", "gdn_piece_states",
+                   "gdn_chunk_loop_wide" if chunk_variant == "wide" else "gdn_chunk_loop"):
+        assert kernel in text, kernel
+
+
 _LOOP_T = 256  # tokens of the chunk loops' lowering-only tests
 
 

@@ -273,7 +273,7 @@ def _jitted_split(lens, h, hv, dk, seed, piece_chunks, **kw):
 
 
 SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)
-    ("1x32768", [32768], 16, 32, 0.60, (32, 64, 128)),
+    ("1x32768", [32768], 16, 32, 0.60, (32, 64, 128, "64s4")),  # "s4": pass 1 at 4 ring stages
     ("28672+4096", [28672, 4096], 16, 32, 0.60, (32, 64, 128)),
     ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
     ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
@@ -282,7 +282,7 @@ SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chu
 
 
 @section("split")
-def sec_split(shapes, rounds=3):
+def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 4), f64_pieces=(2, 8), dk=128):
     """The two-pass exact split (issue 6): compiled against the float64 truth on a small varlen
     batch (an empty sequence, a piece of 2 tokens, an initial state), split vs unsplit on each
     timed shape (max |difference| of o and of the final states), then unsplit and split at several
@@ -290,15 +290,15 @@ def sec_split(shapes, rounds=3):
     import jax.numpy as jnp
     from gdn import api, reference as R
     from gdn.jax_backend import mosaic_gpu as M
-    from gdn.jax_backend.mosaic_gpu.split import run_split
+    from gdn.jax_backend.mosaic_gpu.split import pick_piece_chunks, run_split
     from gdn.planner import split_pieces
     out = {}
-    lens = [3000, 0, 130, 64, 700]
-    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 2, 4, 128, seed=21)
+    lens = list(f64_lens)
+    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, *f64_heads, dk, seed=21)
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     ro, rf = R.recurrent(f64(q), f64(k), f64(v), f64(g), f64(beta), cu_seqlens=cu, initial_state=f64(h0))
     _, args = api.validate(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, backend="jax")
-    for pc in (2, 8):
+    for pc in f64_pieces:
         o, f = run_split(args, split_pieces(cu, pc))
         res = dict(o=R.rms_ratio(f64(o), ro), final=R.rms_ratio(f64(f), rf), finite=bool(np.isfinite(f64(o)).all()))
         res["ok"] = bool(res["o"] < 5e-3 and res["final"] < 5e-3 and res["finite"])
@@ -308,10 +308,12 @@ def sec_split(shapes, rounds=3):
     for label, lens, h, hv, target, sizes in shapes:
         row = dict(target=target)
         fns, a0 = {}, None
-        fns["unsplit"], a0, _ = _jitted(lens, h, hv, 128, seed=1)
+        fns["unsplit"], a0, _ = _jitted(lens, h, hv, dk, seed=1)
         for pc in sizes:
             try:
-                fns[f"split{pc}"], _, _ = _jitted_split(lens, h, hv, 128, 1, pc)
+                chunks, _, st = str(pc).partition("s")
+                fns[f"split{pc}"], _, _ = _jitted_split(lens, h, hv, dk, 1, int(chunks),
+                                                        **(dict(stages1=int(st)) if st else {}))
             except Exception as e:
                 row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
@@ -328,7 +330,7 @@ def sec_split(shapes, rounds=3):
         for name, (med, best) in _interleaved(fns, a0, rounds).items():
             row[name], row[name + "_best"] = med, best
         try:
-            row["fla"] = _bench_fla(lens, h, hv, 128, seed=1)
+            row["fla"] = _bench_fla(lens, h, hv, dk, seed=1)
         except Exception as e:
             row["fla"] = f"ERROR {type(e).__name__}: {str(e)[:200]}"
         out[label] = row
@@ -338,7 +340,11 @@ def sec_split(shapes, rounds=3):
         diffs = ", ".join(f"{n} o {d['o']:.1e} f {d['final']:.1e}" for n, d in
                           ((n[: -len("_vs_unsplit")], row[n]) for n in row if n.endswith("_vs_unsplit")))
         fla = row.get("fla")
-        TABLE.append(f"split {label:12s} " + " | ".join(cells)
+        try:
+            row["policy"] = pick_piece_chunks(lens, hv, dk, dk)
+        except Exception as e:
+            row["policy"] = f"ERROR {type(e).__name__}"
+        TABLE.append(f"split {label:12s} policy {row['policy']}: " + " | ".join(cells)
                      + (f" | FLA {fla:.3f}" if isinstance(fla, float) else "") + f" ms  target {target}"
                      + f"  [max diff to unsplit: {diffs}]")
     RESULTS["split"] = out
