@@ -98,14 +98,21 @@ def test_prefill_split_option():
         gdn.prefill(*a, cu_seqlens=x.cu_seqlens, impl="xla", split=-3)
 
 
-def _two_pass_numpy(x, sp, scale):
+def _two_pass_numpy(x, sp, scale, mutate=None):
     """The two-pass split (gdn.jax_backend.mosaic_gpu.split) written with the float64 reference as
-    both passes and two_pass_tables as its only plan: what the kernels compute, without them."""
+    both passes, the path's scan (scan_starts) and two_pass_tables as its only plan: what the
+    kernels compute, without them."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.split import scan_starts
     from gdn.split import two_pass_tables
 
     n = len(x.cu_seqlens) - 1
     p_pad, n_pad = sp.num_pieces + 3, n + 2  # padding rows must be harmless
     tb = two_pass_tables(sp, n_pad, p_pad)
+    if mutate is not None:
+        mutate(tb)
     q, k, v, g, beta = x.arrays
     dk, dv = k.shape[-1], v.shape[-1]
     hv = v.shape[2]
@@ -121,14 +128,11 @@ def _two_pass_numpy(x, sp, scale):
     _, em = R.chunked(q, k, v_aug, g, beta, plan=pplan, initial_state=start1, scale=scale)
     em = np.where((tb["mode"] > 0)[:, None, None, None], em, np.nan)  # mode 0: no meaning
     e_map, m_map = em[..., :dv], em[..., dv:]
-    # the scan over the sequences of several pieces
-    start = start1[..., :dv].copy()
-    s = e_map[np.maximum(tb["by_step"][0], 0)]
-    for i, ids in enumerate(tb["by_step"][1:], 1):
-        start[ids[ids >= 0]] = s[ids >= 0]
-        if i + 1 < len(tb["by_step"]):
-            j = np.maximum(ids, 0)
-            s = np.where((ids >= 0)[:, None, None, None], np.einsum("nhij,nhjv->nhiv", m_map[j], s) + e_map[j], s)
+    # the scan: the path's own (jax, in float64 here), on the padded tables
+    with jax.enable_x64(True):
+        start = np.asarray(scan_starts(jnp.asarray(e_map), jnp.asarray(m_map), jnp.asarray(tb["by_step"]),
+                                       jnp.asarray(start1[..., :dv])))
+    assert start.dtype == np.float64
     o, fin = R.chunked(q, k, v, g, beta, plan=pplan, initial_state=start, scale=scale)
     last = tb["last_piece"]
     final = np.where((last >= 0)[:, None, None, None], fin[np.maximum(last, 0)], h0)
@@ -146,6 +150,31 @@ def test_two_pass_tables_give_the_unsplit_result(gates, piece_chunks):
     o_ref, f_ref = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state, scale=0.35)
     assert np.abs(o_ref).max() > 1e-2
     assert np.abs(o - o_ref).max() < 1e-9 and np.abs(f - f_ref).max() < 1e-9
+
+
+def _swap_steps(tb):
+    tb["by_step"][[1, 2]] = tb["by_step"][[2, 1]]
+
+
+def _later_as_first(tb):
+    tb["mode"][np.flatnonzero(tb["mode"] == 2)[0]] = 1
+
+
+def _drop_h0(tb):
+    tb["h0_row"][:] = -1
+
+
+@pytest.mark.parametrize("mutate", [_swap_steps, _later_as_first, _drop_h0])
+def test_two_pass_simulation_catches_wrong_tables(mutate):
+    """The check above can fail: a scan in the wrong order, a later piece's map not computed, the
+    initial states dropped each move the result far from the truth (gates without decay: with
+    Qwen's, a state 64 tokens old may have decayed below any tolerance)."""
+    x = make_inputs([300, 0, 130, 1, 64], h=1, hv=2, k=8, v=6, gates="none", initial_state=True, seed=9)
+    sp = split_pieces(x.cu_seqlens, 1)
+    with np.errstate(invalid="ignore"):
+        o, f = _two_pass_numpy(x, sp, 0.35, mutate)
+    o_ref, f_ref = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state, scale=0.35)
+    assert not (np.abs(o - o_ref).max() < 1e-3 and np.abs(f - f_ref).max() < 1e-3)
 
 
 def test_two_pass_tables_layout():

@@ -327,8 +327,19 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
                 row[name] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 fns.pop(name)
                 traceback.print_exc()
+        # the stages by differences of prefixes (core_split's _stop) at the first piece size
+        pc0 = str(sizes[0])
+        if f"split{pc0}" in fns:
+            for stop in ("intra", "pass1", "scan"):
+                fns[f"to_{stop}"], _, _ = _jitted_split(lens, h, hv, dk, 1, int(pc0), _stop=stop)
         for name, (med, best) in _interleaved(fns, a0, rounds).items():
             row[name], row[name + "_best"] = med, best
+        if "to_scan" in row and isinstance(row.get(f"split{pc0}"), float):
+            prev, parts = 0.0, {}
+            for stop, part in (("to_intra", "prep+intra"), ("to_pass1", "pass1"), ("to_scan", "scan"),
+                               (f"split{pc0}", "pass2")):
+                parts[part], prev = row[stop] - prev, row[stop]
+            row["parts"] = dict(pieces=pc0, **parts)
         try:
             row["fla"] = _bench_fla(lens, h, hv, dk, seed=1)
         except Exception as e:
@@ -347,6 +358,10 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         TABLE.append(f"split {label:12s} policy {row['policy']}: " + " | ".join(cells)
                      + (f" | FLA {fla:.3f}" if isinstance(fla, float) else "") + f" ms  target {target}"
                      + f"  [max diff to unsplit: {diffs}]")
+        if "parts" in row:
+            TABLE.append(f"split {label:12s} stages at {row['parts']['pieces']} chunks per piece (ms, by prefix "
+                         "differences): " + ", ".join(f"{n} {t:.3f}" for n, t in row["parts"].items()
+                                                      if n != "pieces"))
     RESULTS["split"] = out
 
 

@@ -168,7 +168,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     a state warpgroup per 64 V columns; V in {64, 128}; ``regs`` = (prep, state) registers;
     ``loop_lean`` / ``loop_bare``: the chunk loop's (either one's) ``lean`` / ``bare``, both on by
     default since the H200 call g2/g3 of 2026-12-04 s5: together 0.665 vs 0.684 ms at 4x8192, 1.066
-    vs 1.111 at 1x32768, 1.001 vs 1.031 at HV = 48, within 1% elsewhere; False is the fallback if a
+    vs 1.111 at 1x32768 and 1.001 vs 1.031 at HV = 48 (these two with the since-removed bare intra
+    kernel too), within 1% elsewhere; False is the fallback if a
     change ever makes ``bare``'s explicit ordering suspect)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

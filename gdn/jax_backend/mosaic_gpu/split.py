@@ -31,14 +31,18 @@ from .piece_states import piece_states
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "chunk_variant",
-    "stages1"))
+    "stages1", "_stop"))
 def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2norm: bool,
                output_final_state: bool, return_stages: bool = False, interpret=None,
-               chunk_variant: str = "default", stages1: int = 2):
+               chunk_variant: str = "default", stages1: int = 2, _stop: str | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]; plan: the PIECE plan (pytree);
     h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
-    as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
+    as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None).
+    ``_stop`` (a diagnostic: the check script times the passes by differences): "intra", "pass1"
+    or "scan" returns (that stage's output, None, None) instead."""
     del return_stages
+    if _stop not in (None, "intra", "pass1", "scan"):
+        raise ValueError(f"_stop must be None, 'intra', 'pass1' or 'scan', got {_stop!r}")
     count_trace("mosaic_gpu_split")
     x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
     _, hv, dv = x.v.shape
@@ -46,6 +50,8 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     p_pad = x.cu.shape[0] - 1
     f32 = jnp.float32
     ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, interpret=interpret)[:2]
+    if _stop == "intra":
+        return (ag, gc), None, None
 
     # pass 1: [E | M] of every piece, E of a first piece from its sequence's initial state
     h0_rows = tables["h0_row"]
@@ -54,21 +60,13 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
         hp = jnp.where((h0_rows >= 0)[:, None, None, None], x.h0[jnp.maximum(h0_rows, 0)], 0.0)
     em = piece_states(x.k, x.v, ag, gc, x.cu, tables["mode"], hp, group=x.group, stages=stages1,
                       interpret=interpret)
+    if _stop == "pass1":
+        return em, None, None
     e_map, m_map = em[..., :dv], em[..., dv:]
 
-    # the scan over the sequences of several pieces: a first piece starts from hp (its sequence's
-    # initial state) and ends in its E (its M is 0); each later piece from the end of the one before
-    by_step = tables["by_step"]
-    start = jnp.zeros((p_pad, hv, dk, dv), f32) if hp is None else hp
-    s = e_map[jnp.maximum(by_step[0], 0)]
-    for i in range(1, by_step.shape[0]):
-        ids = by_step[i]
-        start = start.at[jnp.where(ids >= 0, ids, p_pad)].set(s, mode="drop")
-        if i + 1 < by_step.shape[0]:
-            idx = jnp.maximum(ids, 0)
-            s_new = jnp.einsum("nhij,nhjv->nhiv", m_map[idx], s,
-                               precision=jax.lax.Precision.HIGHEST) + e_map[idx]
-            s = jnp.where((ids >= 0)[:, None, None, None], s_new, s)
+    start = scan_starts(e_map, m_map, tables["by_step"], hp)
+    if _stop == "scan":
+        return start, None, None
 
     # pass 2: the pieces from their true starts
     o, fin = _driver.loop(x, ag, gc, start, p_pad, chunk_variant=chunk_variant, scale=scale,
@@ -81,7 +79,35 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     return x.unpad(o), final, None
 
 
-def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2):
+def scan_starts(e_map, m_map, by_step, hp):
+    """Every piece's true start state fp32 [P_pad, HV, K, V] from pass 1's ``e_map`` [P_pad, HV,
+    K, V] and ``m_map`` [P_pad, HV, K, K] (``S_end = M S_start + E``), ``by_step`` [S, R] int32
+    (:func:`gdn.split.two_pass_tables`) and ``hp`` None or [P_pad, HV, K, V] (a first piece's
+    start: its sequence's initial state). A first piece starts from ``hp`` and ends in its E (its
+    M is 0); each later piece from the end of the one before: S - 1 steps of [K, K] x [K, V] over
+    the R sequences of several pieces (fp32, HIGHEST), the starts written by one scatter."""
+    p_pad, hv, dk, dv = e_map.shape
+    steps = by_step.shape[0]
+    start = jnp.zeros((p_pad, hv, dk, dv), jnp.float32) if hp is None else hp
+    if steps < 2:
+        return start
+    s = e_map[jnp.maximum(by_step[0], 0)]
+    ends = []  # ends[i - 1]: the start of piece by_step[i]
+    for i in range(1, steps):
+        ends.append(s)
+        if i + 1 < steps:
+            ids = by_step[i]
+            idx = jnp.maximum(ids, 0)
+            s_new = jnp.einsum("nhij,nhjv->nhiv", m_map[idx], s,
+                               precision=jax.lax.Precision.HIGHEST) + e_map[idx]
+            s = jnp.where((ids >= 0)[:, None, None, None], s_new, s)
+    ids = by_step[1:].reshape(-1)
+    return start.at[jnp.where(ids >= 0, ids, p_pad)].set(
+        jnp.stack(ends).reshape((-1, hv, dk, dv)), mode="drop")
+
+
+def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
+              _stop: str | None = None):
     """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
     (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
@@ -112,7 +138,9 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta, piece_plan.to_jax(), h0, tables,
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
-                             chunk_variant=chunk_variant, stages1=stages1)
+                             chunk_variant=chunk_variant, stages1=stages1, _stop=_stop)
+    if _stop is not None:
+        return o, None
     if final is not None:
         final = final[: p.num_seqs]
     return o, final
