@@ -3,6 +3,7 @@ FlashInfer, jax-linear-attention) over a matrix of head configurations and batch
 
     python -m gdn bench                          # the whole matrix on a GPU (--quick: a subset)
     python -m gdn bench --heads 16/32 --layouts 1x32768,4x8192 --out out/bench
+    python -m gdn bench --impl fla --impl jax:mosaic_gpu --impl jax:mosaic_gpu:split  # and the split
     python -m gdn bench --cpu-smoke --out /tmp/b  # tiny shapes in interpret mode (automatic
                                                   # without a GPU): checks the harness, not speed
     python -m gdn bench --from-json a/bench.json b/bench.json --out out/all   # merge and render
@@ -241,6 +242,39 @@ class GdnRunner(Runner):
         return self._fn
 
 
+class SplitRunner(GdnRunner):
+    """gdn's exact sequence split on one device (``gdn.prefill(split=...)``): ``split=True`` lets
+    the path's cost model pick the pieces or none (then the row is the unsplit call), an int sets
+    the chunks per piece. The split is planned on the host, so the plan is a constant of the
+    jitted call: each layout compiles once (the first call's time shows it)."""
+
+    def __init__(self, backend: str, impl: str, split: bool | int = True):
+        super().__init__(backend, impl)
+        self.split = split
+        self.key += ":split" if split is True else f":split{int(split)}"
+        self.name = f"gdn {self.key}"
+
+    def prepare(self, wl):
+        import jax
+
+        sets, p = wl.sets(self.backend), wl.plan
+        kw = dict(backend=self.backend, impl=self.impl, split=self.split)
+
+        def eager(i=0):
+            s = sets[i]
+            return prefill(*s[:5], plan=p, initial_state=s[5], **kw)
+
+        fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
+        note = "split=True: the path's cost model" if self.split is True else f"pieces of {self.split} chunks"
+        if self.split is True and self.impl == "mosaic_gpu":
+            from .jax_backend.mosaic_gpu.split import pick_piece_chunks
+
+            pc = pick_piece_chunks(wl.lens, wl.hv, wl.k, wl.v)
+            note += f" ({'unsplit' if not pc else f'pieces of {pc} chunks'})"
+        return Call(lambda i: fn(*sets[i]), lambda out: out[0][0], eager, jitted=(fn, sets[0]),
+                    note=note + "; host plan, a constant of the jitted call")
+
+
 class ReferenceRunner(Runner):
     """The float64 NumPy reference (CPU smoke only): a row that always exists."""
 
@@ -382,10 +416,15 @@ def runners(opts) -> tuple[list[Runner], list[tuple[str, str]]]:
     for im in implementations():
         if im.impl == "-":
             continue
-        r = GdnRunner(im.backend, im.impl)
-        if not im.available:
-            r.unavailable = lambda why=im.reason: why
-        cands.append(r)
+        rs = [GdnRunner(im.backend, im.impl)]
+        # the split's two passes run on mosaic_gpu's kernels; a row only when asked for by name
+        # (--impl jax:mosaic_gpu:split): each layout compiles it anew
+        if (im.backend, im.impl) == ("jax", "mosaic_gpu") and any("split" in pat for pat in opts.impl or ()):
+            rs.append(SplitRunner(im.backend, im.impl))
+        for r in rs:
+            if not im.available:
+                r.unavailable = lambda why=im.reason: why
+            cands.append(r)
     if opts.impl:
         import fnmatch
 

@@ -159,3 +159,57 @@ def test_bench_on_the_gpu_with_peers(tmp_path):
 def test_bad_arguments_are_named(args, words, capsys):
     assert bench.main(["--cpu-smoke", "--out", "/nonexistent/never", *args]) == 2
     assert words in capsys.readouterr().err
+
+
+
+def test_split_row_only_when_asked_for(monkeypatch):
+    """``--impl jax:mosaic_gpu:split`` adds the split's row; never by default, nor by
+    ``--impl jax:mosaic_gpu`` (it compiles every layout anew)."""
+    import gdn.jax_backend.mosaic_gpu as M
+
+    monkeypatch.setattr(M, "status", lambda: None)  # as on a Hopper GPU
+
+    def keys(impl):
+        opts = bench.Options(gpu=False, smoke=True, reps=1, host_reps=1, xla_max_tokens=1, profile=False,
+                             no_peers=True, impl=impl)
+        return [r.key for r in bench.runners(opts)[0]]
+
+    assert "jax:mosaic_gpu" in keys(None) and "jax:mosaic_gpu:split" not in keys(None)
+    assert keys(["jax:mosaic_gpu"]) == ["jax:mosaic_gpu"]
+    assert keys(["jax:mosaic_gpu:split"]) == ["jax:mosaic_gpu:split"]
+
+
+_SPLIT_ROW = """
+import gdn.jax_backend.mosaic_gpu.split as S
+from gdn import bench
+calls = []
+orig = S.run_split
+S.run_split = lambda args, split, **kw: calls.append(split.num_pieces) or orig(args, split, **kw)
+o = bench.Options(gpu=False, smoke=True, reps=1, host_reps=1, xla_max_tokens=1 << 20, profile=False)
+rows = bench.run_matrix([(1, 2, 64)], {"1x200": (200,)},
+                        [bench.GdnRunner("jax", "xla"), bench.SplitRunner("jax", "mosaic_gpu", 2)], o,
+                        bench.Progress(2))
+assert [r["status"] for r in rows] == ["ok", "ok"], rows
+assert rows[1]["key"] == "jax:mosaic_gpu:split2" and "pieces of 2 chunks" in rows[1]["note"], rows[1]
+assert rows[1]["check_vs"] == rows[0]["runner"] and rows[1]["check_rms"] < 1e-2, rows[1]
+assert calls and set(calls) == {2}, calls  # 200 tokens in pieces of 128: two pieces, every call
+print("split row ok", rows[1]["check_rms"])
+"""
+
+
+def test_split_row_runs_the_two_passes():
+    """The split row's calls go through gdn.prefill(split=...) on the Mosaic kernels (the
+    interpreter, in a subprocess with 4 CPU devices: see tests/test_mosaic_gpu.py) and match the
+    unsplit xla row."""
+    import os
+    import subprocess
+    import sys
+
+    if not any(i.impl == "xla" and i.available for i in gdn.implementations()):
+        pytest.skip("needs gdn's jax xla implementation")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GDN_MOSAIC_INTERPRET="1", JAX_NUM_CPU_DEVICES="4",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _SPLIT_ROW], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0 and "split row ok" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
