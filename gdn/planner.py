@@ -18,14 +18,15 @@ Static shapes for ``jax.jit``: ``N``, ``NT`` and ``T`` are padded to buckets by 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 __all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split",
-           "split_policy", "split_pieces", "two_pass_policy"]
+           "split_policy", "split_pieces", "two_pass_policy", "two_pass_cost", "makespan"]
 
 #: chunk_indices value of padding rows (both columns). Kernels test ``seq_id < 0`` and exit.
 SENTINEL = -1
@@ -369,36 +370,70 @@ def split_policy(seq_lens: Any, units_per_seq: int, *, num_sms: int = 132, chunk
     return best
 
 
-def two_pass_policy(seq_lens: Any, *, loop_us, map_ctas: tuple[int, int], map_slots: int,
-                    map_tile_us: float, scan_step_us: float, chunk_size: int = 64,
-                    candidates: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
+def makespan(tiles: Any, slots: int) -> float:
+    """Modelled duration, in tiles, of CTAs of ``tiles`` tiles each on ``slots`` resident CTAs:
+    longest first, each to the slot that frees first (list scheduling). Equal lengths give waves
+    x length; a long sequence among short ones is not charged a wave per short one. Beyond 16
+    CTAs per slot (the loop would cost more host time than it is worth), the smaller of the
+    average load plus the longest CTA and waves x the longest: upper bounds of the same order,
+    still exact for equal lengths."""
+    d = np.asarray(tiles, dtype=np.int64)
+    d = np.sort(d[d > 0])[::-1]
+    if d.size == 0:
+        return 0.0
+    if d.size <= slots:
+        return float(d[0])
+    if d.size > 16 * slots:
+        return float(min(d.sum() / slots + d[0], -(-d.size // slots) * d[0]))
+    load = [0] * slots
+    for x in d.tolist():
+        heapq.heapreplace(load, load[0] + x)
+    return float(max(load))
+
+
+def two_pass_policy(seq_lens: Any, *, loop_us: Callable[[np.ndarray], float],
+                    map_us: Callable[[np.ndarray, np.ndarray], float], scan_step_us: float,
+                    chunk_size: int = 64, candidates: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
                     min_gain: float = 1.1) -> int | None:
     """Chunks per piece for a two-pass exact split, or None when it does not pay.
 
-    Pass 1 computes the maps of every piece but the last of its sequence (``map_ctas`` = (CTAs of
-    a first piece, of a later one), ``map_slots`` of them resident on the GPU at once, each tile
-    ``map_tile_us``); a scan of ``ceil(pieces per sequence)`` steps (``scan_step_us`` each) finds
-    the starts; pass 2 is the chunk loop over the pieces, ``loop_us(num_seqs, max_chunks)`` (the
-    caller's model of its loop, also the unsplit time ``loop_us(N, max chunks)``). A wave model
-    with pieces of equal length; pure function of its arguments (host numbers only).
+    The caller's cost model (host numbers only): ``loop_us(chunks)`` the chunk loop over
+    sequences of ``chunks`` chunks each (the unsplit call, or pass 2 over the pieces);
+    ``map_us(first, later)`` pass 1, the maps of every piece but the last of its sequence (a
+    first piece's E only, a later one's E and M), in chunks; ``scan_step_us`` per step of the
+    scan (one step per piece after a sequence's first). A candidate wins if its modelled time
+    beats the unsplit one by ``min_gain``. Pure function of its arguments.
     """
     lens = np.asarray(seq_lens, dtype=np.int64)
     nc = -(-lens // chunk_size)
     nc = nc[nc > 0]
     if nc.size == 0:
         return None
-    base = float(loop_us(int(nc.size), int(nc.max())))
-    best, best_t = None, base / min_gain
+    best, best_t = None, float(loop_us(nc)) / min_gain
     for c in candidates:
         if c >= nc.max():
             break
-        pieces = -(-nc // c)
-        ctas = int(np.sum(np.where(pieces > 1, map_ctas[0] + (pieces - 2) * map_ctas[1], 0)))
-        t = (-(-ctas // map_slots) * c * map_tile_us + int(pieces.max()) * scan_step_us
-             + float(loop_us(int(pieces.sum()), c)))
+        t = sum(two_pass_cost(nc, c, loop_us=loop_us, map_us=map_us, scan_step_us=scan_step_us))
         if t < best_t:
             best, best_t = c, t
     return best
+
+
+def two_pass_cost(chunks: Any, piece_chunks: int, *, loop_us: Callable[[np.ndarray], float],
+                  map_us: Callable[[np.ndarray, np.ndarray], float],
+                  scan_step_us: float) -> tuple[float, float, float]:
+    """(pass 1, scan, pass 2) modelled times of sequences of ``chunks`` chunks cut into pieces of
+    ``piece_chunks`` (:func:`two_pass_policy`'s model and arguments)."""
+    nc = np.asarray(chunks, dtype=np.int64)
+    nc = nc[nc > 0]
+    c = int(piece_chunks)
+    pieces = -(-nc // c)
+    last = nc - c * (pieces - 1)
+    all_pieces = np.concatenate([np.full(int(np.sum(pieces - 1)), c, np.int64), last])
+    first = np.full(int(np.sum(pieces > 1)), c, np.int64)
+    later = np.full(int(np.sum(np.maximum(pieces - 2, 0))), c, np.int64)
+    steps = int(pieces.max()) - 1 if pieces.size else 0
+    return float(map_us(first, later)), steps * scan_step_us, float(loop_us(all_pieces))
 
 
 def split_pieces(cu_seqlens: Any, piece_chunks: int, chunk_size: int = 64) -> Split:

@@ -193,22 +193,64 @@ def test_two_pass_tables_layout():
         two_pass_tables(sp, 8, 5)
 
 
+def test_makespan():
+    from gdn.planner import makespan
+
+    assert makespan([], 4) == 0 and makespan([0, 0], 4) == 0
+    assert makespan([5, 3, 2], 4) == 5  # one wave
+    assert makespan([4] * 9, 4) == 12  # equal lengths: waves x length
+    # one long CTA among short ones: not a wave per short one (a waves model says 4 x 10)
+    assert makespan([10] + [1] * 12, 4) == 10
+    assert makespan([3, 3, 2, 2, 2], 2) == 7  # longest first, each on the slot that frees first
+    big = [7] * 1000 + [50]
+    assert 1000 * 7 / 8 <= makespan(big, 8) <= 1000 * 7 / 8 + 50 + 7
+
+
 def test_two_pass_policy():
-    from gdn.planner import two_pass_policy
+    from gdn.planner import makespan, two_pass_policy
 
-    def loop_us(n, tiles, sms=132, hv=32):  # one CTA per sequence and head, a tile per us
-        return -(-n * hv // sms) * tiles * 1.0
+    def loop_us(chunks, sms=132, hv=32):  # one CTA per sequence and head, a tile per us
+        return makespan(np.repeat(chunks, hv), sms)
 
-    kw = dict(loop_us=loop_us, map_ctas=(64, 128), map_slots=264, map_tile_us=0.5, scan_step_us=5.0)
+    def map_us(first, later, hv=32, slots=264):
+        return makespan(np.concatenate([np.repeat(first, 2 * hv), np.repeat(later, 4 * hv)]), slots) * 0.5
+
+    kw = dict(loop_us=loop_us, map_us=map_us, scan_step_us=5.0)
     c = two_pass_policy([32768], **kw)
     assert c is not None and c < 512  # one long sequence: 32 CTAs on 132 SMs, worth splitting
     assert two_pass_policy([256] * 128, **kw) is None  # the GPU is full already
     assert two_pass_policy([8192] * 8, **kw) is None
+    assert two_pass_policy([3000] + [300] * 60, **kw) is None  # full too: the long one is not the limit
     assert two_pass_policy([], **kw) is None and two_pass_policy([0, 0], **kw) is None
     assert two_pass_policy([100], **kw) is None  # 2 chunks: no candidate shorter than the sequence
     # a costlier pass 1 never makes the pieces smaller
-    slow = two_pass_policy([32768], **dict(kw, map_tile_us=2.0))
+    slow = two_pass_policy([32768], **dict(kw, map_us=lambda f, l: 4 * map_us(f, l)))
     assert slow is None or slow >= c
+    # the policy sees what each pass gets: pieces of c chunks, first pieces apart from later ones
+    seen = []
+    two_pass_policy([300, 0, 130], loop_us=lambda ch: seen.append(("loop", sorted(ch.tolist()))) or 1e9,
+                    map_us=lambda f, l: seen.append(("map", f.tolist(), l.tolist())) or 0.0, scan_step_us=0.0,
+                    candidates=(2,))
+    assert seen == [("loop", [3, 5]), ("map", [2, 2], [2]), ("loop", [1, 1, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("map_tile_us", [0.8, 1.93])
+def test_mosaic_policy_keeps_batches_unsplit(monkeypatch, map_tile_us):
+    """On the H200 model (132 SMs) the batch layouts of the performance table stay unsplit at
+    every head count, whatever pass 1 costs per tile: their loop fills the GPU already."""
+    pytest.importorskip("jax")
+    import gdn.jax_backend.mosaic_gpu.split as S
+    from gdn.bench import layout_lens
+
+    monkeypatch.setattr(S, "MAP_TILE_US", map_tile_us)
+    for hv in (16, 32, 48, 64):
+        for name in ("4x8192", "8x4096", "128x256", "mix", "2048x4", "1024x8"):
+            assert S.pick_piece_chunks(layout_lens(name), hv, 128, 128, 132) is None, (name, hv)
+    c = S.pick_piece_chunks([32768], 16, 128, 128, 132)
+    assert c is not None  # 32 narrow CTAs: split
+    # model_us (printed by the GPU check) is what the policy compared
+    assert 1.1 * sum(S.model_us([32768], c, 16, 128, 128, 132).values()) < \
+        S.model_us([32768], None, 16, 128, 128, 132)["unsplit"]
 
 
 def test_prefill_split_routes_mosaic_to_two_passes(monkeypatch):

@@ -42,3 +42,21 @@ def test_policy_is_pure_and_respects_the_minimum(lens, units):
     assert a == split_policy(list(lens), units)
     if a is not None:
         assert a >= 8 and a < max(-(-np.asarray(lens) // 64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.lists(st.integers(0, 600), max_size=300),
+                 st.builds(lambda n, x: [x] * n, st.integers(0, 400), st.integers(1, 600))), st.integers(1, 20))
+def test_makespan_between_the_load_bounds(tiles, slots):
+    from gdn.planner import makespan
+
+    d = np.asarray([x for x in tiles if x > 0], np.int64)
+    t = makespan(tiles, slots)
+    if d.size == 0:
+        assert t == 0
+        return
+    # no schedule beats the longest CTA or the average load; list scheduling stays within one
+    # CTA of the average load
+    assert max(d.max(), d.sum() / slots) - 1e-9 <= t <= d.sum() / slots + d.max() + 1e-9
+    if np.all(d == d[0]):
+        assert t == -(-d.size // slots) * d[0]  # equal lengths: waves x length

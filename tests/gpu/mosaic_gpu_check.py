@@ -290,7 +290,7 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
     import jax.numpy as jnp
     from gdn import api, reference as R
     from gdn.jax_backend import mosaic_gpu as M
-    from gdn.jax_backend.mosaic_gpu.split import pick_piece_chunks, run_split
+    from gdn.jax_backend.mosaic_gpu.split import model_us, pick_piece_chunks, run_split
     from gdn.planner import split_pieces
     out = {}
     lens = list(f64_lens)
@@ -353,6 +353,12 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         fla = row.get("fla")
         try:
             row["policy"] = pick_piece_chunks(lens, hv, dk, dk)
+            row["model_us"] = {"unsplit": model_us(lens, None, hv, dk, dk)["unsplit"],
+                               **{f"split{pc}": model_us(lens, int(str(pc).partition("s")[0]), hv, dk, dk)
+                                  for pc in sizes}}
+            TABLE.append(f"split {label:12s} model (us, loop only, no intra): " + "; ".join(
+                f"{n} " + (f"{m:.0f}" if isinstance(m, float) else " + ".join(f"{k} {x:.0f}" for k, x in m.items()))
+                for n, m in row["model_us"].items()))
         except Exception as e:
             row["policy"] = f"ERROR {type(e).__name__}"
         TABLE.append(f"split {label:12s} policy {row['policy']}: " + " | ".join(cells)

@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...api import PrefillArgs
 from ..common import count_trace
@@ -146,19 +147,39 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     return o, final
 
 
-#: Pass 1's time per tile and CTA and its resident CTAs per SM (H200 model; see
-#: benchmarks/mosaic_notes.md), the scan's time per step.
-MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US = 1.3, 2, 15.0
+#: Pass 1's time per tile of one CTA with ``MAP_CTAS_PER_SM`` of them per SM (its SMEM allows
+#: two): taken as the narrow loop's measured tile time (the same state chain, there beside an
+#: output warpgroup), a CTA sharing its SM being assumed no faster; the scan's time per step.
+#: Both are estimates until tests/gpu/mosaic_gpu_check.py --only split times the stages.
+MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US = _driver.DEFAULT_TILE_US, 2, 15.0
 
 
-def loop_us(num_seqs: int, tiles: int, hv: int, dv: int, sms: int) -> float:
-    """Modelled time of the chunk loop :func:`._driver.pick_chunk_variant` picks for ``num_seqs``
-    sequences of ``tiles`` tiles each (the waves of its CTAs times their per-tile time)."""
-    waves = lambda ctas: -(-ctas // sms)  # noqa: E731
-    t = waves(num_seqs * hv * (dv // 64)) * tiles * _driver.DEFAULT_TILE_US
-    if dv in _driver.WIDE_VALUE_DIMS and dv == 128:
-        t = min(t, waves(num_seqs * hv) * tiles * _driver.WIDE_TILE_US)
-    return t
+def loop_us(chunks, hv: int, dv: int, sms: int) -> float:
+    """Modelled time of the chunk loop :func:`._driver.pick_chunk_variant` picks for sequences
+    of ``chunks`` chunks each (list scheduling of its CTAs, :func:`gdn.planner.makespan`, times
+    the loop's tile time)."""
+    from ...planner import makespan
+
+    chunks = np.asarray(chunks, np.int64)
+    if _driver.pick_chunk_variant(int(np.sum(chunks > 0)), hv, dv, sms) == "wide":
+        return makespan(np.repeat(chunks, hv), sms) * _driver.WIDE_TILE_US
+    return makespan(np.repeat(chunks, hv * (dv // 64)), sms) * _driver.DEFAULT_TILE_US
+
+
+def map_us(first, later, hv: int, dk: int, dv: int, sms: int) -> float:
+    """Modelled time of pass 1 (:func:`.piece_states.piece_states`): a first piece's V / 64 E
+    blocks and a later piece's (V + K) / 64 E and M blocks per v head, of its chunks each."""
+    from ...planner import makespan
+
+    tiles = np.concatenate([np.repeat(np.asarray(first, np.int64), hv * (dv // 64)),
+                            np.repeat(np.asarray(later, np.int64), hv * ((dv + dk) // 64))])
+    return makespan(tiles, MAP_CTAS_PER_SM * sms) * MAP_TILE_US
+
+
+def _costs(hv: int, dk: int, dv: int, sms: int | None) -> dict:
+    sms = sms or _driver._sm_count()
+    return dict(loop_us=lambda c: loop_us(c, hv, dv, sms), map_us=lambda f, l: map_us(f, l, hv, dk, dv, sms),
+                scan_step_us=SCAN_STEP_US)
 
 
 def pick_piece_chunks(seq_lens, hv: int, dk: int, dv: int, sms: int | None = None) -> int | None:
@@ -166,7 +187,17 @@ def pick_piece_chunks(seq_lens, hv: int, dk: int, dv: int, sms: int | None = Non
     (:func:`gdn.planner.two_pass_policy` with this path's costs)."""
     from ...planner import two_pass_policy
 
-    sms = sms or _driver._sm_count()
-    return two_pass_policy(seq_lens, loop_us=lambda n, tiles: loop_us(n, tiles, hv, dv, sms),
-                           map_ctas=(hv * dv // 64, hv * (dv + dk) // 64), map_slots=MAP_CTAS_PER_SM * sms,
-                           map_tile_us=MAP_TILE_US, scan_step_us=SCAN_STEP_US)
+    return two_pass_policy(seq_lens, **_costs(hv, dk, dv, sms))
+
+
+def model_us(seq_lens, piece_chunks: int | None, hv: int, dk: int, dv: int, sms: int | None = None) -> dict:
+    """This path's modelled times in us (what :func:`pick_piece_chunks` compares): ``unsplit``,
+    or ``pass1`` / ``scan`` / ``pass2`` at ``piece_chunks`` (the check script prints them beside
+    the measured ones)."""
+    from ...planner import two_pass_cost
+
+    costs = _costs(hv, dk, dv, sms)
+    nc = -(-np.asarray(seq_lens, np.int64) // 64)
+    if not piece_chunks:
+        return dict(unsplit=float(costs["loop_us"](nc[nc > 0])))
+    return dict(zip(("pass1", "scan", "pass2"), two_pass_cost(nc, piece_chunks, **costs)))
