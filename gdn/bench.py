@@ -208,14 +208,23 @@ class GdnRunner(Runner):
                     f"{opts.xla_max_tokens} tokens (--xla-max-tokens)")
         return None
 
-    def prepare(self, wl):
-        sets, p = wl.sets(self.backend), wl.plan
-        kw = dict(backend=self.backend, impl=self.impl)
+    def _kw(self) -> dict:
+        """gdn.prefill's options of this row."""
+        return dict(backend=self.backend, impl=self.impl)
+
+    def _eager(self, wl):
+        """The user-facing call on input set i: eager gdn.prefill with the prebuilt host plan."""
+        sets, p, kw = wl.sets(self.backend), wl.plan, self._kw()
 
         def eager(i=0):
             s = sets[i]
             return prefill(*s[:5], plan=p, initial_state=s[5], **kw)
 
+        return eager
+
+    def prepare(self, wl):
+        sets, p = wl.sets(self.backend), wl.plan
+        eager = self._eager(wl)
         if self.framework == "torch":
             return Call(eager, lambda out: out[0][0], eager)
         import jax.numpy as jnp
@@ -232,7 +241,7 @@ class GdnRunner(Runner):
         if getattr(self, "_fn", None) is None:
             import jax
 
-            kw = dict(backend=self.backend, impl=self.impl)
+            kw = self._kw()
 
             @jax.jit
             def fn(pl, q, k, v, g, beta, h0):
@@ -254,16 +263,13 @@ class SplitRunner(GdnRunner):
         self.key += ":split" if split is True else f":split{int(split)}"
         self.name = f"gdn {self.key}"
 
+    def _kw(self) -> dict:
+        return dict(super()._kw(), split=self.split)
+
     def prepare(self, wl):
         import jax
 
-        sets, p = wl.sets(self.backend), wl.plan
-        kw = dict(backend=self.backend, impl=self.impl, split=self.split)
-
-        def eager(i=0):
-            s = sets[i]
-            return prefill(*s[:5], plan=p, initial_state=s[5], **kw)
-
+        sets, p, kw, eager = wl.sets(self.backend), wl.plan, self._kw(), self._eager(wl)
         fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
         note = "split=True: the path's cost model" if self.split is True else f"pieces of {self.split} chunks"
         if self.split is True and self.impl == "mosaic_gpu":

@@ -173,6 +173,10 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     if args.batch != 1 or not p.is_host:
         raise ValueError("split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
     _, hv, dk, dv = args.dims
+
+    def pieces(chunks: int) -> Split:
+        return split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], chunks, p.chunk_size)
+
     if backend == "jax" and args.impl in (None, "mosaic_gpu"):
         from .jax_backend import mosaic_gpu as M
 
@@ -183,14 +187,13 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
                 piece_chunks = pick_piece_chunks(p.seq_lens, hv, dk, dv)
             if not piece_chunks:
                 return M.run(args)
-            return two_pass(args, split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], piece_chunks,
-                                               p.chunk_size))
+            return two_pass(args, pieces(piece_chunks))
     if piece_chunks is None:
         piece_chunks = split_policy(p.seq_lens, hv * -(-dv // 128), chunk_size=p.chunk_size)
     mod = load_backend(backend)
     if not piece_chunks:
         return mod.run(args)
-    sp = split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], piece_chunks, p.chunk_size)
+    sp = pieces(piece_chunks)
 
     def run_pieces(q, k, v, g, beta, *, plan, initial_state, scale, use_qk_l2norm):
         _, a = validate(q, k, v, g, beta, plan=plan, initial_state=initial_state, scale=scale,

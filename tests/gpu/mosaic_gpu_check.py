@@ -238,36 +238,24 @@ def sec_qwen(variants=(("default", {}),)):
     RESULTS["qwen"] = out
 
 
-def _jitted(lens, h, hv, dk, seed, **kw):
+def _jitted(lens, h, hv, dk, seed, piece_chunks=None, **kw):
+    """(jitted prefill on the host plan of ``lens``, its device inputs, cu_seqlens): the mosaic_gpu
+    run with options ``kw``, or with ``piece_chunks`` the two-pass split
+    (gdn.jax_backend.mosaic_gpu.split) in pieces of that many chunks; the host plan (and the
+    split's tables) become constants of the jitted call."""
     import jax
     from gdn import api, plan as make_plan
     from gdn.jax_backend import mosaic_gpu as M
-    q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, dk, seed)
-    p = make_plan(cu, num_tokens=q.shape[1])
-
-    @jax.jit
-    def fn(q, k, v, g, beta, h0):
-        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax")
-        return M.run(args, **kw)
-
-    return fn, (q, k, v, g, beta, h0), cu
-
-
-def _jitted_split(lens, h, hv, dk, seed, piece_chunks, **kw):
-    """Like :func:`_jitted` through the two-pass split (gdn.jax_backend.mosaic_gpu.split) in pieces
-    of ``piece_chunks`` chunks; the host plan and tables become constants of the jitted call."""
-    import jax
-    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu.split import run_split
     from gdn.planner import split_pieces
     q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, dk, seed)
     p = make_plan(cu, num_tokens=q.shape[1])
-    sp = split_pieces(cu, piece_chunks)
+    sp = split_pieces(cu, piece_chunks) if piece_chunks else None
 
     @jax.jit
     def fn(q, k, v, g, beta, h0):
         _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax")
-        return run_split(args, sp, **kw)
+        return run_split(args, sp, **kw) if sp is not None else M.run(args, **kw)
 
     return fn, (q, k, v, g, beta, h0), cu
 
@@ -312,7 +300,7 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         for pc in sizes:
             try:
                 chunks, _, st = str(pc).partition("s")
-                fns[f"split{pc}"], _, _ = _jitted_split(lens, h, hv, dk, 1, int(chunks),
+                fns[f"split{pc}"], _, _ = _jitted(lens, h, hv, dk, 1, int(chunks),
                                                         **(dict(stages1=int(st)) if st else {}))
             except Exception as e:
                 row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
@@ -331,7 +319,7 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         pc0 = str(sizes[0])
         if f"split{pc0}" in fns:
             for stop in ("intra", "pass1", "scan"):
-                fns[f"to_{stop}"], _, _ = _jitted_split(lens, h, hv, dk, 1, int(pc0), _stop=stop)
+                fns[f"to_{stop}"], _, _ = _jitted(lens, h, hv, dk, 1, int(pc0), _stop=stop)
         for name, (med, best) in _interleaved(fns, a0, rounds).items():
             row[name], row[name + "_best"] = med, best
         if "to_scan" in row and isinstance(row.get(f"split{pc0}"), float):

@@ -147,6 +147,20 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
                       t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, interpret=interpret)
 
 
+def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
+    """``chunk_variant`` checked ("auto" resolved by :func:`pick_chunk_variant` on ``plan``'s
+    non-empty sequences: an empty one's CTAs exit at once, and padding a batch with empty
+    sequences must not change which loop runs it) -> "default" or "wide"."""
+    if chunk_variant not in CHUNK_VARIANTS:
+        raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
+    if chunk_variant == "auto":
+        n = plan.nonempty_seqs if plan.nonempty_seqs is not None else plan.num_seqs
+        chunk_variant = pick_chunk_variant(n, hv, dv, _sm_count())
+    if chunk_variant == "wide" and dv not in WIDE_VALUE_DIMS:
+        raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
+    return chunk_variant
+
+
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
@@ -178,15 +192,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
-    if chunk_variant not in CHUNK_VARIANTS:
-        raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
-    if chunk_variant == "auto":
-        # the non-empty sequences: an empty one's CTAs exit at once (and padding a batch with empty
-        # sequences must not change which loop runs it)
-        n = args.plan.nonempty_seqs if args.plan.nonempty_seqs is not None else args.plan.num_seqs
-        chunk_variant = pick_chunk_variant(n, args.dims[1], args.dims[3], _sm_count())
-    if chunk_variant == "wide" and args.dims[3] not in WIDE_VALUE_DIMS:
-        raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
+    chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,

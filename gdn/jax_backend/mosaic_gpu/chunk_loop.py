@@ -40,7 +40,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params,
                      finish_together, interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
-                     store_rows, tile, tracing_for_interpreter, zero_rows_outside)
+                     seq_tiles, store_rows, tile, tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -164,19 +164,14 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         nidx = jnp.minimum(n, ns - 2)
         a = cu_ref[nidx]
         b = jnp.where(is_seq, cu_ref[nidx + 1], a)  # the tail row walks no tiles
-        m0 = lax.div(a, C)
-        nt = jnp.where(b > a, lax.div(b - 1, C) - m0 + 1, 0)
-
-        def rows_of(i):  # (token slice of tile i, first valid row, end of valid rows)
-            t0 = (m0 + i) * C
-            return pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
+        nt, rows_of = seq_tiles(a, b)
 
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
             def issue(i, slot):
-                tok, _, _ = rows_of(i)
+                _, tok, _, _ = rows_of(i)
                 bar = in_bar.at[slot]
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
@@ -207,7 +202,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             def step(i, s_t):  # named scopes: regions of Mosaic's in-kernel profiler (no code without it)
                 slot = lax.rem(i, stages)
                 half = lax.rem(i, 2)
-                _, lo, hi = rows_of(i)
+                _, _, lo, hi = rows_of(i)
                 with jax.named_scope("s_wait"):
                     plgpu.barrier_wait(in_bar.at[slot])
 
@@ -283,7 +278,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             def step(i, carry):
                 slot = lax.rem(i, stages)
                 half = lax.rem(i, 2)
-                tok, lo, hi = rows_of(i)
+                t0, tok, lo, hi = rows_of(i)
                 with jax.named_scope("o_wait"):
                     plgpu.barrier_wait(in_bar.at[slot])
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
@@ -308,7 +303,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.barrier_arrive(in_free.at[slot])
                 with jax.named_scope("o_store"):
                     o_lo = (o if lean else o * scale).astype(out_dtype)
-                    store(o_lo, tok, lo, hi, half, (m0 + i) * C)
+                    store(o_lo, tok, lo, hi, half, t0)
                 return carry
 
             lax.fori_loop(0, nt, step, None)

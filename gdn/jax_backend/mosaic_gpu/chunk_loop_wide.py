@@ -49,7 +49,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params, drain_releases,
                      finish_together, for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
-                     rows, store_final_state, store_rows, tile, tracing_for_interpreter,
+                     rows, seq_tiles, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
@@ -167,12 +167,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         nidx = jnp.minimum(n, ns - 2)
         a = cu_ref[nidx]
         b = jnp.where(is_seq, cu_ref[nidx + 1], a)  # the tail row walks no tiles
-        m0 = lax.div(a, C)
-        nt = jnp.where(b > a, lax.div(b - 1, C) - m0 + 1, 0)
-
-        def rows_of(i):  # (first token, token slice of tile i, first valid row, end of valid rows)
-            t0 = (m0 + i) * C
-            return t0, pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
+        nt, rows_of = seq_tiles(a, b)
 
         @pl.when(wg == wg_prep)
         def _prep():

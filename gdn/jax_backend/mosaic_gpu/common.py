@@ -191,6 +191,20 @@ def store_rows(src, dst_rows, lo, end) -> None:
     plgpu.commit_smem_to_gmem_group()
 
 
+def seq_tiles(a, b):
+    """The 64-token tiles that hold the packed tokens [a, b) of one sequence: ``(count, rows_of)``,
+    ``rows_of(i)`` -> (first token of tile i, its token slice, first valid row, end of the valid
+    rows); tiles may start inside another sequence (chunk starts need not align with tiles)."""
+    m0 = lax.div(a, C)
+    count = jnp.where(b > a, lax.div(b - 1, C) - m0 + 1, 0)
+
+    def rows_of(i):
+        t0 = (m0 + i) * C
+        return t0, pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
+
+    return count, rows_of
+
+
 def for_tail_tiles(z0, t_end, emit) -> None:
     """``emit(t0, lo)`` for each 64-token tile t0 holding tokens of [z0, t_end) (the tokens past
     the last sequence, zeroed by the tail program); ``lo``: the first such row of the tile."""

@@ -38,7 +38,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, compiler_params, finish_together,
                      for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, produce,
-                     rows, store_final_state, store_rows, tile, tracing_for_interpreter,
+                     rows, seq_tiles, store_final_state, store_rows, tile, tracing_for_interpreter,
                      zero_rows_outside)
 from .solve import BLOCK, diag_block_inverse, merge, same_block
 
@@ -131,12 +131,7 @@ def fused(q, k, v, g_hm, beta_hm, cu, h0, *, scale: float, group: int, n_out: in
         nidx = jnp.minimum(n, ns - 2)
         a = cu_ref[nidx]
         b = jnp.where(is_seq, cu_ref[nidx + 1], a)
-        m0 = lax.div(a, C)
-        nt = jnp.where(b > a, lax.div(b - 1, C) - m0 + 1, 0)
-
-        def tile_rows(i):
-            t0 = (m0 + i) * C
-            return t0, pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
+        nt, tile_rows = seq_tiles(a, b)
 
         # ---------------------------------------------------------------- producer
         @pl.when(wg == wg_mem)

@@ -30,7 +30,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .chunk_loop import new_values_t, state_update_t
 from .common import (C, COLS, F32, WG, WGT, compiler_params, finish_together, interpret_params, iota,
-                     produce, tile, tracing_for_interpreter, zero_rows_outside)
+                     produce, seq_tiles, tile, tracing_for_interpreter, zero_rows_outside)
 
 BV = 64  # columns per CTA
 SMEM_BUDGET = 227 * 1024 - 4 * 1024
@@ -89,20 +89,16 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
         md = mode_ref[n]
         a, b = cu_ref[n], cu_ref[n + 1]
         active = (md == 2) | ((md == 1) & jnp.logical_not(is_m))
-        m0 = lax.div(a, C)
-        nt = jnp.where(active & (b > a), lax.div(b - 1, C) - m0 + 1, 0)
+        nt, rows_of = seq_tiles(a, b)
+        nt = jnp.where(active, nt, 0)
         vb = jnp.minimum(iv, nv_v - 1) * BV  # the v block an M block loads (and reads as 0)
-
-        def rows_of(i):
-            t0 = (m0 + i) * C
-            return pl.ds(pl.multiple_of(t0, C), C), jnp.maximum(a - t0, 0), jnp.minimum(b - t0, C)
 
         @pl.when(wg == 1)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
             def issue(i, slot):
-                tok, _, _ = rows_of(i)
+                _, tok, _, _ = rows_of(i)
                 bar = in_bar.at[slot]
                 plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(vb, BV)], v_s.at[slot], bar)
@@ -132,7 +128,7 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
 
             def step(i, s_t):
                 slot = lax.rem(i, stages)
-                _, lo, hi = rows_of(i)
+                _, _, lo, hi = rows_of(i)
                 plgpu.barrier_wait(in_bar.at[slot])
 
                 @pl.when((lo > 0) | (hi < C))

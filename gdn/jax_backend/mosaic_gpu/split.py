@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...api import PrefillArgs
-from ..common import count_trace
+from ..common import _pad_rows, _take_rows, count_trace
 from . import _driver
 from .intra import intra
 from .piece_states import piece_states
@@ -121,29 +121,23 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     p = args.plan
     if args.batch != 1 or not p.is_host:
         raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
-    if chunk_variant not in _driver.CHUNK_VARIANTS:
-        raise ValueError(f"chunk_variant must be one of {_driver.CHUNK_VARIANTS}, got {chunk_variant!r}")
     if stages1 not in (2, 3, 4):
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
     piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
-    _, hv, _, dv = args.dims
-    if chunk_variant == "auto":
-        chunk_variant = _driver.pick_chunk_variant(piece_plan.nonempty_seqs, hv, dv, _driver._sm_count())
-    if chunk_variant == "wide" and dv not in _driver.WIDE_VALUE_DIMS:
-        raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {_driver.WIDE_VALUE_DIMS}")
+    chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
     tables = {name: jax.device_put(a) for name, a in
               two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
     h0 = args.initial_state
     if h0 is not None and h0.shape[0] != p.padded_seqs:
-        h0 = jnp.pad(h0, ((0, p.padded_seqs - h0.shape[0]),) + ((0, 0),) * 3)
+        h0 = _pad_rows(h0, p.padded_seqs)
     o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta, piece_plan.to_jax(), h0, tables,
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
                              chunk_variant=chunk_variant, stages1=stages1, _stop=_stop)
     if _stop is not None:
         return o, None
-    if final is not None:
-        final = final[: p.num_seqs]
+    if final is not None and final.shape[0] != p.num_seqs:
+        final = _take_rows(final, p.num_seqs)
     return o, final
 
 
