@@ -65,6 +65,19 @@ CASES = [
     ("narrow_plain_varlen_G3_V64_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=64,
                                                initial_state=True, pad_tokens=20, seed=15), dict(), "bfloat16",
      "packed:narrow_plain"),
+    # the chunk loops with the initial / final state between global memory and registers
+    # (loop_direct_io=True, not staged in SMEM); grid rows past the 6 sequences read no state
+    ("wide_direct_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                                    initial_state=True, pad_tokens=20, seed=18), dict(),
+     "bfloat16", "packed:wide_direct"),
+    ("narrow_direct_varlen_G3_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=3, k=64, v=128,
+                                                 initial_state=True, pad_tokens=20, seed=19), dict(),
+     "bfloat16", "packed:narrow_direct"),
+    # the wide loop on a persistent grid of 3 CTAs (loop_ctas=3) walking the 2 x 9 (row, head) items
+    # of a traced plan: empty sequences, a 5-token one, the tail row inside the CTAs' streams
+    ("wide_persist_jit_G2_K128_V128", dict(lens=[130, 0, 70, 5, 64], h=1, hv=2, k=128, v=128,
+                                           initial_state=True, seed=20), dict(output_final_state=False),
+     "bfloat16", "jit:wide_persist"),
     # the exact split's two passes on these kernels (mosaic_gpu/split.py) in pieces of 2 chunks:
     # sequences starting inside a tile, an empty one, a piece of 2 tokens, the initial state of a
     # first piece, a middle piece's map; the narrow loop as pass 2 ...
@@ -81,7 +94,10 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
                 "narrow": dict(chunk_variant="default"),
                 "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
-                "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False)}
+                "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
+                "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
+                "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
+                "wide_persist": dict(chunk_variant="wide", loop_ctas=3)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -312,6 +328,41 @@ def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
                 dirty_finite=bool(np.isfinite(ag_p[:, rows]).all() and np.isfinite(gc_p[:, rows]).all()))
 
 
+def _loop_io_bits(variant, interpret=True, dv=128, **options):
+    """The chunk loop ``variant`` ("wide" / "narrow") with ``options`` (``loop_direct_io=True``, the wide
+    loop's persistent ``loop_ctas``) against the default loop on the clean and the poisoned inputs of
+    :func:`_nan_inputs` (an initial state with a NaN in one sequence's, 9 sequences in 16 grid rows):
+    o and the final state must be the same bits (NaN where NaN): only the way the state enters and
+    leaves, or which CTA walks which (sequence, head), changes."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+
+    out = {}
+    for poison in (False, True):
+        x, arrs, h0 = _nan_inputs(poison, dv)
+        p = make_plan(x.cu_seqlens, num_tokens=x.q.shape[1])
+        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
+        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
+                               initial_state=jnp.asarray(h0), backend="jax")
+        runs = []
+        for opts in ({}, options):
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                o, f = M.run(args, interpret=interpret, chunk_variant="wide" if variant == "wide" else "default",
+                             **opts)
+            runs.append((np.asarray(o, np.float32), np.asarray(f)))
+        (o_s, f_s), (o_d, f_d) = runs
+        tag = "poisoned" if poison else "clean"
+        out[tag + "_same_bits"] = bool(np.array_equal(o_s, o_d, equal_nan=True)
+                                       and np.array_equal(f_s, f_d, equal_nan=True))
+        out[tag + "_nonfinite"] = int((~np.isfinite(f_d)).any(axis=(1, 2, 3)).sum())
+    return out
+
+
 def _intra_isolate_bits(interpret=True):
     """The intra kernel with isolate="boundary" (a tile of one sequence runs without selects) and
     "all" on the clean inputs of :func:`_nan_inputs` (tile 0 is sequence 0's alone, the others are
@@ -359,6 +410,10 @@ def _main_interpret_cases(path):
     _timed(results, "nan_isolation_wide", lambda: _nan_isolation("wide", dv=128))
     _timed(results, "nan_isolation_wide_plain", lambda: _nan_isolation("wide_plain", dv=128))
     _timed(results, "nan_isolation_narrow_plain", lambda: _nan_isolation("narrow_plain", dv=128))
+    _timed(results, "direct_io_bits_wide", lambda: _loop_io_bits("wide", loop_direct_io=True))
+    _timed(results, "direct_io_bits_narrow", lambda: _loop_io_bits("narrow", loop_direct_io=True))
+    # 34 (sequence row, head) items on 3 persistent CTAs: empty sequences and the tail row in the stream
+    _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -441,6 +496,19 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
 
 
+@pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide"])
+def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
+    """loop_direct_io=True (the initial / final state straight between global memory and registers)
+    and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one
+    stream of tiles) give the default loop's bits, on clean inputs and on inputs whose one
+    sequence's initial state holds a NaN (which must stay in that sequence's final state only)."""
+    res = interp_results[name]
+    assert "error" not in res, res.get("error")
+    assert res["clean_same_bits"] and res["poisoned_same_bits"], res
+    assert res["clean_nonfinite"] == 0, res
+    assert res["poisoned_nonfinite"] >= 1, res  # the poison did reach a final state
+
+
 def test_interpreter_intra_unroll_nan_stays_in_its_sequence(interp_results):
     """The intra kernel with head_loop="unroll" and merge_variant="levels" (the whole-prefill cases
     above loop over the heads and merge in a chain) on the same poisoned k / g / beta: the clean sequences' rows of Ag and gc bitwise those of the
@@ -475,7 +543,9 @@ def test_unsupported_calls_raise_not_implemented():
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
-                     (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError)):
+                     (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError),
+                     (dict(loop_direct_io=None), TypeError), (dict(loop_ctas=0), ValueError),
+                     (dict(loop_ctas=True), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -507,6 +577,9 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "wide"),          # chunk_variant="wide"
     (64, 64, 1, 3, "float16", False, False, "wide"),             # one state warpgroup
     (128, 128, 16, 32, "bfloat16", True, True, "wide_plain"),    # with its selects and automatic barriers
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_direct"),   # state I/O without SMEM staging
+    (128, 128, 16, 32, "bfloat16", True, True, "narrow_direct"),
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_persist"),  # a persistent grid (loop_ctas)
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -527,6 +600,11 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
+        if variant == "wide_persist":
+            return prefill_arrays(args, chunk_variant="wide", loop_ctas=132)
+        if variant.endswith("_direct"):
+            return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
+                                  loop_direct_io=True)
         if variant.startswith("wide"):
             plain = variant == "wide_plain"
             return prefill_arrays(args, chunk_variant="wide", loop_lean=not plain, loop_bare=not plain)
@@ -541,8 +619,9 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("chunk_variant,with_h0", [("wide", True), ("default", False)])
-def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0):
+@pytest.mark.parametrize("chunk_variant,with_h0,direct", [("wide", True, False), ("default", False, False),
+                                                          ("wide", True, True), ("default", True, True)])
+def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct):
     """The exact split's two passes (intra on the piece plan, pass 1 piece_states, the scan, pass 2
     chunk loop) lower for an H200 at the Qwen3.5 head shape: the interpreter cases do not compile
     pass 1's kernel for the GPU."""
@@ -569,7 +648,7 @@ def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0):
     def fn(q, k, v, g, beta, h0, plan):
         tabs = {name: jnp.asarray(a) for name, a in tables.items()}
         return core_split(q, k, v, g, beta, plan, h0, tabs, scale=d ** -0.5, use_qk_l2norm=True,
-                          output_final_state=True, chunk_variant=chunk_variant)[:2]
+                          output_final_state=True, chunk_variant=chunk_variant, loop_direct_io=direct)[:2]
 
     text = _lower_for_cuda(fn, q, q, v, g, g, h0, pp.to_jax()).as_text()
     for kernel in ("gdn_intra", "gdn_piece_states",

@@ -268,3 +268,19 @@ def test_prefill_split_routes_mosaic_to_two_passes(monkeypatch):
     a = [jnp.asarray(t, jnp.bfloat16 if i < 3 else jnp.float32) for i, t in enumerate(x.arrays)]
     assert gdn.prefill(*a, cu_seqlens=x.cu_seqlens, impl="mosaic_gpu", split=2)[0] == "two_pass"
     assert seen["pieces"] == [0, 128, 256, 300, 340]
+
+
+def test_mosaic_two_pass_options_are_checked():
+    """The two-pass split's tuning options are refused by name before anything is traced."""
+    jnp = pytest.importorskip("jax.numpy")
+    from gdn import api
+    from gdn.jax_backend.mosaic_gpu.split import run_split
+
+    x = make_inputs([300, 40], h=1, hv=2, k=64, v=64, seed=5)
+    a = [jnp.asarray(t, jnp.bfloat16 if i < 3 else jnp.float32) for i, t in enumerate(x.arrays)]
+    _, args = api.validate(*a, cu_seqlens=x.cu_seqlens, backend="jax")
+    sp = split_pieces(x.cu_seqlens, 2)
+    with pytest.raises(ValueError, match="stages1"):
+        run_split(args, sp, interpret=True, stages1=5)
+    with pytest.raises(TypeError, match="loop_direct_io"):
+        run_split(args, sp, interpret=True, loop_direct_io="yes")

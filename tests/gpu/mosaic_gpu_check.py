@@ -36,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -159,7 +160,8 @@ def sec_small():
 def sec_nan():
     """NaN / inf isolation compiled (tests/test_mosaic_gpu.py's poisoned batch): the default prefill
     and each chunk loop forced (the wide one at V = 128, its two state warpgroups), also as they were
-    before lean and bare became their defaults."""
+    before lean and bare became their defaults; each loop with loop_direct_io and the wide loop on a
+    persistent grid of 3 CTAs against the default loop (the same bits)."""
     tmg = _test_module()
     out = {}
     for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_plain", 128), ("narrow_plain", 128)):
@@ -170,6 +172,13 @@ def sec_nan():
         out[name] = dict(res, ok=bool(ok))
         log(name, res)
         TABLE.append(f"nan {name:8s} V={dv}: {'PASS' if ok else 'FAIL'} {res}")
+    for name, loop, opts in (("direct_io_wide", "wide", dict(loop_direct_io=True)),
+                             ("direct_io_narrow", "narrow", dict(loop_direct_io=True)),
+                             ("persistent_wide", "wide", dict(loop_ctas=3))):
+        res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
+        ok = res["clean_same_bits"] and res["poisoned_same_bits"] and res["clean_nonfinite"] == 0
+        out[name] = dict(res, ok=bool(ok))
+        TABLE.append(f"nan {name}: {'PASS' if ok else 'FAIL'} {res}")
     RESULTS["nan"] = out
 
 
@@ -261,7 +270,8 @@ def _jitted(lens, h, hv, dk, seed, piece_chunks=None, **kw):
 
 
 SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)
-    ("1x32768", [32768], 16, 32, 0.60, (32, 64, 128, "64s4")),  # "s4": pass 1 at 4 ring stages
+    # "64s4": pass 1 at 4 ring stages; "64d": pass 2 with loop_direct_io (the pieces' starts read into registers)
+    ("1x32768", [32768], 16, 32, 0.60, (32, 64, 128, "64s4", "64d")),
     ("28672+4096", [28672, 4096], 16, 32, 0.60, (32, 64, 128)),
     ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
     ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
@@ -299,9 +309,10 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         fns["unsplit"], a0, _ = _jitted(lens, h, hv, dk, seed=1)
         for pc in sizes:
             try:
-                chunks, _, st = str(pc).partition("s")
+                chunks, st, direct = re.fullmatch(r"(\d+)(?:s(\d))?(d?)", str(pc)).groups()
                 fns[f"split{pc}"], _, _ = _jitted(lens, h, hv, dk, 1, int(chunks),
-                                                        **(dict(stages1=int(st)) if st else {}))
+                                                  **(dict(stages1=int(st)) if st else {}),
+                                                  **(dict(loop_direct_io=True) if direct else {}))
             except Exception as e:
                 row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
@@ -429,6 +440,14 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "no_bare": dict(loop_bare=False),
     "buf1": dict(intra_out_buffers=1),  # intra: one output staging (the default before 2026-12-04 s4)
     "levels_rows": dict(intra_merge="levels", intra_columns=False, intra_pad=0),  # the intra kernel of 12-04 c3
+    # the initial / final state straight between global memory and registers (loop_direct_io, UNTIMED)
+    "direct": dict(loop_direct_io=True),
+    "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
+    "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
+    # the wide loop on a persistent grid (loop_ctas, UNTIMED): one CTA per SM (132 on the H200) or two
+    # per SM's worth of CTAs in two waves, each walking its (sequence, head) items as one tile stream
+    "persist": dict(chunk_variant="wide", loop_ctas=132),
+    "persist264": dict(chunk_variant="wide", loop_ctas=264),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -440,6 +459,13 @@ SHAPES = [  # (label, lens, H, HV, target ms)
     ("4x8192_HV48", [8192] * 4, 16, 48, 0.60),
     ("4x8192_HV16", [8192] * 4, 16, 16, 0.20),
 ]
+
+
+def _add_mix():
+    """SHAPES += "mix": gdn.bench.serving_mix(), the benchmark's serving batch of 32768 tokens (log-normal
+    prompt lengths; only with --shapes naming it)."""
+    from gdn.bench import serving_mix
+    SHAPES.append(("mix", list(serving_mix()), 16, 32, None))
 
 
 def _interleaved(fns, args, rounds):
@@ -765,6 +791,8 @@ def main():
     a = ap.parse_args()
     lens = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     os.makedirs(a.out, exist_ok=True)
+    if "mix" in a.shapes.split(","):
+        _add_mix()
     shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),

@@ -62,14 +62,15 @@ def _l2norm(x):
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
-    "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare"))
+    "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
+    "loop_ctas"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
          intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
-         loop_bare: bool = True):
+         loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -85,7 +86,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                        solve_columns=intra_columns, isolate=intra_isolate, out_buffers=intra_out_buffers,
                        interpret=interpret)[:2]
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
-                        stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, interpret=interpret)
+                        stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
+                        ctas=loop_ctas, interpret=interpret)
     return x.unpad(o), final, None
 
 
@@ -135,16 +137,19 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
 
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
-         regs=None, lean: bool = True, bare: bool = True, interpret=None):
+         regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
+         interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
-    kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None)."""
+    kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
+    ``ctas``: the wide loop's persistent grid (the default loop has none and ignores it)."""
     t_pad = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_pad, stages=stages, regs=regs, lean=lean, bare=bare,
-                               interpret=interpret)
+                               direct_io=direct_io, ctas=ctas, interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
-                      t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, interpret=interpret)
+                      t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
+                      interpret=interpret)
 
 
 def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
@@ -165,7 +170,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
-                   chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True):
+                   chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
+                   loop_direct_io: bool = False, loop_ctas: int | None = None):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -184,17 +190,24 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     default since the H200 call g2/g3 of 2026-12-04 s5: together 0.665 vs 0.684 ms at 4x8192, 1.066
     vs 1.111 at 1x32768 and 1.001 vs 1.031 at HV = 48 (these two with the since-removed bare intra
     kernel too), within 1% elsewhere; False is the fallback if a
-    change ever makes ``bare``'s explicit ordering suspect)."""
+    change ever makes ``bare``'s explicit ordering suspect); ``loop_direct_io``: the chunk loop's
+    ``direct_io`` (UNTIMED, off: the initial / final state between global memory and registers
+    without the SMEM staging, for short sequences); ``loop_ctas`` (UNTIMED, None): the wide loop's
+    persistent grid of that many CTAs walking the (sequence, v head) items
+    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``ctas``; the default loop ignores it)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
-    for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare)):
+    for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
+    if loop_ctas is not None and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int) or loop_ctas < 1):
+        raise ValueError(f"loop_ctas must be a positive int or None, got {loop_ctas!r}")
     chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
                     intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
-                    loop_lean=loop_lean, loop_bare=loop_bare)
+                    loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
+                    loop_ctas=loop_ctas)

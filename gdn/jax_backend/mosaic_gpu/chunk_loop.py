@@ -39,8 +39,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params,
-                     finish_together, interpret_params, iota, masked_decay, masked_exp, mm, produce, rows,
-                     seq_tiles, store_rows, tile, tracing_for_interpreter, zero_rows_outside)
+                     finish_together, interpret_params, iota, load_state, masked_decay, masked_exp, mm, produce,
+                     rows, seq_tiles, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -87,7 +87,7 @@ def state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype):
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               interpret=None):
+               direct_io: bool = False, interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -106,6 +106,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     by the threads that loaded them; the state staging before the first publication and after the
     last release; with an explicit warpgroup barrier between reading the initial state's staging
     and the first publication, which reuses its bytes).
+    ``direct_io`` (UNTIMED, off by default): the initial and final state go between global memory
+    and the state warpgroup's registers without the SMEM staging (:func:`.common.load_state`,
+    :func:`.common.store_state`), and the warpgroups' last waits on their TMA stores are for the
+    SMEM reads only, as :func:`.chunk_loop_wide.chunk_loop_wide`'s ``direct_io``.
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -186,14 +190,18 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         def _state():
             plgpu.set_max_registers(232, action="increase")
             if has_h0:
-                plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, bv)], st_s, st_bar)
-                plgpu.barrier_wait(st_bar)
-                s0 = plgpu.layout_cast(plgpu.load(st_s.T, layout=WGT), WG)  # [bv, K]
+                h0_blk = h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, bv)]
+                if direct_io:
+                    s0 = load_state(h0_blk)
+                else:
+                    plgpu.copy_gmem_to_smem(h0_blk, st_s, st_bar)
+                    plgpu.barrier_wait(st_bar)
+                    s0 = plgpu.layout_cast(plgpu.load(st_s.T, layout=WGT), WG)  # [bv, K]
                 # rows past N_h0 start from zero: a select (the clamped row read may hold NaN), its
                 # predicate a full array (Mosaic's warpgroup select does not broadcast a scalar)
                 live = plgpu.broadcasted_iota(jnp.int32, s0.shape, 0, layout=WG) < jnp.where(n < n_h0, bv, 0)
                 s0 = jnp.where(live, s0, 0.0)
-                if bare:  # the staging shares its bytes with s_pub: every thread has read it before any writes
+                if bare and not direct_io:  # the staging shares its bytes with s_pub: read by all before any write
                     plgpu.commit_smem()
             else:
                 s0 = plgpu.layout_cast(jnp.zeros((bv, dk), F32), WG)
@@ -246,6 +254,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             if out_final:
                 @pl.when(n < n_out)
                 def _():
+                    if direct_io:
+                        store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, bv)])
+                        return
                     st_s.T[...] = plgpu.layout_cast(s_t, WGT)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_s, ht_ref.at[n, j, :, pl.ds(v0, bv)])
@@ -322,7 +333,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     tok = pl.ds(pl.multiple_of(t0, C), C)
                     store(zero, tok, jnp.maximum(z0 - t0, 0), C, lax.rem(i, 2), t0)
 
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=direct_io)
 
         finish_together(done)
 

@@ -2,7 +2,9 @@
 two state chains per SM, each tile's V-independent work done once by a prep warpgroup.
 
 Same inputs, outputs and numerics contract as :func:`.chunk_loop.chunk_loop`; grid ``(HV, N_pad + 1)``
-instead of ``(V / 64, HV, N_pad + 1)``: at 4x8192 with 32 v heads, 128 CTAs in one wave on 132 SMs.
+instead of ``(V / 64, HV, N_pad + 1)``: at 4x8192 with 32 v heads, 128 CTAs in one wave on 132 SMs
+(or, with ``ctas``, a persistent grid whose CTAs each walk several of those (sequence, head) items
+as one stream of tiles).
 Warpgroups (``nsw = V / 64`` state warpgroups, V in {64, 128}):
 
 * the prep warpgroup (``nsw``): TMA loads of q, k (head ``j // G``), the ``nsw`` 64-column v blocks,
@@ -34,7 +36,8 @@ other tokens away in ``X`` and ``Vnew^T``; the intra kernel's ``Ag`` is exactly 
 
 The initial / final state of each state warpgroup is staged ([K, 64] fp32) in SMEM aliasing the ring:
 the prep warpgroup starts loading only after every initial state was read, the final states are staged
-only after every state warpgroup left its loop. The last grid row writes zeros to the tokens past
+only after every state warpgroup left its loop (with ``direct_io`` neither is staged: registers to and from
+global memory). The last grid row writes zeros to the tokens past
 ``cu[N]``. Every warpgroup waits for the others before exiting.
 """
 from __future__ import annotations
@@ -48,9 +51,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params, drain_releases,
-                     finish_together, for_tail_tiles, interpret_params, iota, masked_decay, masked_exp, mm, products,
-                     rows, seq_tiles, store_final_state, store_rows, tile, tracing_for_interpreter,
-                     zero_rows_outside)
+                     finish_together, for_tail_tiles, interpret_params, iota, load_state, masked_decay, masked_exp,
+                     mm, products, rows, seq_tiles, store_final_state, store_rows, store_state, tile,
+                     tracing_for_interpreter, zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
@@ -81,7 +84,8 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
-                    bare: bool = True, interpret=None, _ablate: frozenset = frozenset()):
+                    bare: bool = True, direct_io: bool = False, ctas: int | None = None, interpret=None,
+                    _ablate: frozenset = frozenset()):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -105,6 +109,21 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     ``ready``, Q and the zeroed rows rewritten by the threads that loaded them, the output tile by
     the wait on the previous TMA store and ``commit_smem``, the state staging by ``h0_done`` /
     ``loop_done``.
+    ``direct_io`` (UNTIMED, off by default): the initial state goes from global memory straight into
+    the state warpgroups' registers (:func:`.common.load_state`) and the final state straight back
+    (:func:`.common.store_state`), with no SMEM staging: the prep warpgroup issues the first tiles'
+    loads at once instead of after the initial state was staged and read (the staging shares the
+    ring's bytes), the state warpgroups do not wait for each other before the final state, and the
+    last wait on the output's TMA stores is for their SMEM reads only (what a CTA must wait for
+    before it exits). Aimed at short sequences (128x256: 4 tiles per CTA, 31 waves of CTAs each
+    loading and storing 64 KB of fp32 state), where that start and end are a third of a CTA's life.
+    ``ctas`` (UNTIMED, None by default): a persistent grid of ``ctas`` CTAs (at most one per
+    (sequence, v head) item) instead of one CTA per item: the items, longest sequence first, are
+    dealt to the CTAs in a snake (0..ctas-1, ctas-1..0, ...), and each CTA walks its items
+    as ONE stream of tiles, so its prep warpgroup loads the next item's first tiles while the state
+    warpgroups finish the current one, and a CTA's launch, barrier set-up and ring fill are paid
+    once per CTA instead of once per item. The state enters and leaves as with ``direct_io`` (the
+    SMEM staging would stall the stream). For many short sequences (128x256: 4128 items of 4 tiles).
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     """
     t_pad, _, dk = q.shape
@@ -123,6 +142,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
     ab = frozenset(_ablate).__contains__
+    persistent = ctas is not None
+    n_items = hv * ns
+    if persistent:
+        if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
+            raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
+        ctas = min(ctas, n_items)
     r_prep, r_state = regs if regs is not None else REGS
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
@@ -158,106 +183,177 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         h0_ref = refs.pop(0) if has_h0 else None
+        order_ref = refs.pop(0) if persistent else None
         o_ref = refs.pop(0)
         ht_ref = refs.pop(0) if out_final else None
-        j, n = lax.axis_index("h"), lax.axis_index("n")
-        hk = lax.div(j, group)
         wg = lax.axis_index("wg")
-        is_seq = n < ns - 1
-        nidx = jnp.minimum(n, ns - 2)
-        a = cu_ref[nidx]
-        b = jnp.where(is_seq, cu_ref[nidx + 1], a)  # the tail row walks no tiles
-        nt, rows_of = seq_tiles(a, b)
+
+        def row_tiles(n):
+            """Grid row ``n`` (a sequence, or the tail row ns - 1, which walks no tiles) ->
+            (is_seq, tile count, rows_of) (:func:`.common.seq_tiles`)."""
+            is_seq = n < ns - 1
+            nidx = jnp.minimum(n, ns - 2)
+            a = cu_ref[nidx]
+            return (is_seq,) + seq_tiles(a, jnp.where(is_seq, cu_ref[nidx + 1], a))
+
+        if persistent:
+            cta = lax.axis_index("c")
+
+            def rank(kk):  # round kk of the snake: CTAs 0..ctas-1, then ctas-1..0, then 0..ctas-1, ...
+                return kk * ctas + jnp.where(lax.rem(kk, 2) == 0, cta, ctas - 1 - cta)
+
+            full = n_items // ctas
+            n_mine = full + jnp.where(rank(full) < n_items, 1, 0)  # this CTA's items
+
+            def item_of(kk):
+                """This CTA's kk-th item -> (grid row, v head): the items ranked by their row's length
+                (``order``, longest first; heads of a row adjacent, so the CTAs running side by side
+                share q and k in L2), dealt to the CTAs in a snake: the longest items go first and
+                each round evens out the one before."""
+                u = rank(kk)  # past this CTA's items (a cursor's look-ahead): clamped to the tail row
+                return order_ref[jnp.minimum(lax.div(u, hv), ns - 1)], lax.rem(u, hv)
+        else:
+            j_grid, n_grid = lax.axis_index("h"), lax.axis_index("n")
+
+        def issue(j, tok, slot):
+            hk = lax.div(j, group)
+            bar = in_bar.at[slot]
+            plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
+            plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
+            for w in range(nsw):
+                plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(w * BV, BV)], v_s.at[slot, w], bar)
+            plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
+            for buf in (gc_rows, gc_cols):
+                plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+
+        def prep_tile(slot, lo, hi):
+            """The prep warpgroup's work on the tile in ``slot`` (valid rows [lo, hi)), then ``ready``."""
+            sq = (C, C)
+            with jax.named_scope("p_wait"):
+                plgpu.barrier_wait(in_bar.at[slot])
+            if not ab("prep"):
+                with jax.named_scope("p_qk"):
+                    r, c = iota(sq, 0), iota(sq, 1)
+                    g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                    if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
+                        g_r = g_r + math.log(scale)
+                    g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                    p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                    # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
+                    # other tokens give output rows nobody stores
+                    mask = (r >= c) & (c >= lo) & (c < hi)
+                    p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
+                    e_r = jnp.exp(g_r)
+                    for h0_ in range(dk // BV):
+                        qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
+                        qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
+
+            @pl.when((lo > 0) | (hi < C))
+            def _():  # a boundary tile: k and v rows of other sequences must be 0 where contracted
+                zero_rows_outside(k_s.at[slot], lo, hi)
+                for w in range(nsw):
+                    zero_rows_outside(v_s.at[slot, w], lo, hi)
+                if lean:  # and Ag's: Vnew^T's columns of other tokens are then exactly 0
+                    zero_rows_outside(a_s.at[slot], lo, hi)
+
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ready.at[slot])
 
         @pl.when(wg == wg_prep)
         def _prep():
             if nsw > 1:
                 plgpu.set_max_registers(r_prep, action="decrease")
-            if has_h0:  # the ring aliases the initial-state staging: wait until it was read
-                plgpu.barrier_wait(h0_done)
-            sq = (C, C)
+            if not persistent:
+                if has_h0 and not direct_io:  # the ring aliases the initial-state staging: wait until it was read
+                    plgpu.barrier_wait(h0_done)
+                _, nt, rows_of = row_tiles(n_grid)
+                for i0 in range(stages):
+                    pl.when(i0 < nt)(lambda i0=i0: issue(j_grid, rows_of(i0)[1], i0))
 
-            def issue(i, slot):
-                _, tok, _, _ = rows_of(i)
-                bar = in_bar.at[slot]
-                plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
-                for w in range(nsw):
-                    plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(w * BV, BV)], v_s.at[slot, w], bar)
-                plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
-                for buf in (gc_rows, gc_cols):
-                    plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+                def step(i, carry):
+                    _, _, lo, hi = rows_of(i)
+                    prep_tile(lax.rem(i, stages), lo, hi)
 
-            for i0 in range(stages):
-                pl.when(i0 < nt)(lambda i0=i0: issue(i0, i0))
+                    # the slot of tile i - 1 takes tile i - 1 + stages once both state warpgroups released it
+                    @pl.when((i >= 1) & (i - 1 + stages < nt))
+                    def _():
+                        prev = lax.rem(i - 1, stages)
+                        plgpu.barrier_wait(in_free.at[prev])
+                        issue(j_grid, rows_of(i - 1 + stages)[1], prev)
+                    return carry
 
-            def step(i, carry):
-                slot = lax.rem(i, stages)
-                _, _, lo, hi = rows_of(i)
-                with jax.named_scope("p_wait"):
-                    plgpu.barrier_wait(in_bar.at[slot])
-                if not ab("prep"):
-                    with jax.named_scope("p_qk"):
-                        r, c = iota(sq, 0), iota(sq, 1)
-                        g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
-                        if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
-                            g_r = g_r + math.log(scale)
-                        g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
-                        p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                        # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
-                        # other tokens give output rows nobody stores
-                        mask = (r >= c) & (c >= lo) & (c < hi)
-                        p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
-                    with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
-                        e_r = jnp.exp(g_r)
-                        for h0_ in range(dk // BV):
-                            qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
-                            qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
+                lax.fori_loop(0, nt, step, None)
+                drain_releases(nt, stages, in_free)
+                return
 
-                @pl.when((lo > 0) | (hi < C))
-                def _():  # a boundary tile: k and v rows of other sequences must be 0 where contracted
-                    zero_rows_outside(k_s.at[slot], lo, hi)
-                    for w in range(nsw):
-                        zero_rows_outside(v_s.at[slot, w], lo, hi)
-                    if lean:  # and Ag's: Vnew^T's columns of other tokens are then exactly 0
-                        zero_rows_outside(a_s.at[slot], lo, hi)
+            # persistent: one stream of tiles over this CTA's items (an item without tiles is
+            # skipped); a cursor (item kk, tile ii) for the tile in hand and one `stages` ahead
+            def tiles_of(kk):
+                return row_tiles(item_of(kk)[0])[1]
 
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(ready.at[slot])
+            def first_with_tiles(kk):  # n_mine or beyond when none is left
+                return lax.while_loop(lambda x: (x < n_mine) & (tiles_of(x) == 0), lambda x: x + 1, kk)
 
-                # the slot of tile i - 1 takes tile i - 1 + stages once both state warpgroups released it
-                @pl.when((i >= 1) & (i - 1 + stages < nt))
-                def _():
-                    prev = lax.rem(i - 1, stages)
+            def after(kk, ii):  # the search for the next item only at an item's last tile
+                return lax.cond(ii + 1 < tiles_of(kk), lambda: (kk, ii + 1),
+                                lambda: (first_with_tiles(kk + 1), jnp.int32(0)))
+
+            def issue_at(kk, ii, slot):
+                n, j = item_of(kk)
+                issue(j, row_tiles(n)[2](ii)[1], slot)
+
+            k0 = first_with_tiles(jnp.int32(0))
+            ahead = (k0, jnp.int32(0))
+            for s0_ in range(stages):
+                pl.when(ahead[0] < n_mine)(lambda a=ahead, s0_=s0_: issue_at(a[0], a[1], s0_))
+                ahead = after(*ahead)
+
+            def p_step(carry):
+                g, kc, ic, ka, ia = carry
+                _, _, lo, hi = row_tiles(item_of(kc)[0])[2](ic)
+                prep_tile(lax.rem(g, stages), lo, hi)
+                refill = (g >= 1) & (ka < n_mine)
+
+                @pl.when(refill)
+                def _():  # the slot of stream tile g - 1 takes tile g - 1 + stages, the cursor's
+                    prev = lax.rem(g - 1, stages)
                     plgpu.barrier_wait(in_free.at[prev])
-                    issue(i - 1 + stages, prev)
-                return carry
+                    issue_at(ka, ia, prev)
+                nka, nia = after(ka, ia)
+                return (g + 1,) + after(kc, ic) + (jnp.where(refill, nka, ka), jnp.where(refill, nia, ia))
 
-            lax.fori_loop(0, nt, step, None)
-
-            drain_releases(nt, stages, in_free)
+            g_end = lax.while_loop(lambda c: c[1] < n_mine, p_step, (jnp.int32(0), k0, jnp.int32(0)) + ahead)[0]
+            drain_releases(g_end, stages, in_free)
 
         def state(w: int):
             if nsw > 1:
                 plgpu.set_max_registers(r_state, action="increase")
             v0 = w * BV
             o_tile, o_part = o_st[w]
-            if has_h0:
-                plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, BV)], st_s[w],
-                                        h0_bar.at[w])
-                plgpu.barrier_wait(h0_bar.at[w])
-                s0 = plgpu.layout_cast(plgpu.load(st_s[w].T, layout=WGT), WG)  # [64, K]
+            sh = (BV, C)
+            tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
+
+            def initial(n, j):
+                """S^T [64, K] fp32 at the start of grid row n, head j."""
+                if not has_h0:
+                    return plgpu.layout_cast(jnp.zeros((BV, dk), F32), WG)
+                h0_blk = h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, BV)]
+                if direct_io or persistent:
+                    s0 = load_state(h0_blk)
+                else:
+                    plgpu.copy_gmem_to_smem(h0_blk, st_s[w], h0_bar.at[w])
+                    plgpu.barrier_wait(h0_bar.at[w])
+                    s0 = plgpu.layout_cast(plgpu.load(st_s[w].T, layout=WGT), WG)  # [64, K]
                 # rows past N_h0 start from zero: a select (the clamped row read may hold NaN), its
                 # predicate a full array (Mosaic's warpgroup select does not broadcast a scalar)
                 live = plgpu.broadcasted_iota(jnp.int32, s0.shape, 0, layout=WG) < jnp.where(n < n_h0, BV, 0)
                 s0 = jnp.where(live, s0, 0.0)
-                plgpu.barrier_arrive(h0_done)
-            else:
-                s0 = plgpu.layout_cast(jnp.zeros((BV, dk), F32), WG)
-            sh = (BV, C)
-            tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
+                if not (direct_io or persistent):
+                    plgpu.barrier_arrive(h0_done)
+                return s0
 
-            def store(o_lo_t, tok, lo, hi, t0):
+            def store(o_lo_t, j, tok, lo, hi, t0):
                 """o^T [64, C] -> rows [lo, min(hi, t_valid - t0)) of the tile (one TMA store when whole)."""
                 full = (lo == 0) & (hi == C) & (t0 + C <= t_valid)
                 with jax.named_scope("s_st_wait"):
@@ -276,9 +372,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, BV)], lo,
                                jnp.minimum(hi, t_valid - t0))
 
-            def step(i, s_t):
-                slot = lax.rem(i, stages)
-                t0, tok, lo, hi = rows_of(i)
+            def zero_tail(j):  # zeros for the tokens past the last sequence, up to t_valid
+                zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
+                for_tail_tiles(cu_ref[ns - 1], t_valid,
+                               lambda t0, lo: store(zero, j, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
+
+            def step(g, j, tile_rows, s_t):
+                """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows``."""
+                slot = lax.rem(g, stages)
+                t0, tok, lo, hi = tile_rows
                 with jax.named_scope("s_wait"):
                     plgpu.barrier_wait(ready.at[slot])
                 with jax.named_scope("s_pre"):
@@ -297,7 +399,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     plgpu.barrier_arrive(in_free.at[slot])
                 if not ab("store"):
                     with jax.named_scope("s_store"):
-                        store((o_t if lean else o_t * scale).astype(out_dtype), tok, lo, hi, t0)
+                        store((o_t if lean else o_t * scale).astype(out_dtype), j, tok, lo, hi, t0)
                 return s_new
 
             def three_groups(slot, s_lo, valid, g_vec, g_last):
@@ -328,17 +430,32 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
                 return vn_lo, vd_t
 
-            s_t = lax.fori_loop(0, nt, step, s0)
+            if persistent:
+                def run_item(kk, g):
+                    n, j = item_of(kk)
+                    is_seq, nt, rows_of = row_tiles(n)
+                    s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), initial(n, j))
+                    pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
+                    if out_final:
+                        pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
+                    return g + nt
 
-            @pl.when(jnp.logical_not(is_seq))
-            def _tail():  # zeros for the tokens past the last sequence, up to t_valid
-                zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
-                for_tail_tiles(cu_ref[ns - 1], t_valid,
-                               lambda t0, lo: store(zero, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
+                lax.fori_loop(0, n_mine, run_item, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
+                return
 
-            plgpu.wait_smem_to_gmem(0)
-            if out_final:
-                store_final_state(loop_done, st_s[w], s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)], n < n_out)
+            is_seq, nt, rows_of = row_tiles(n_grid)
+            s_t = lax.fori_loop(0, nt, lambda i, s: step(i, j_grid, rows_of(i), s), initial(n_grid, j_grid))
+            pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j_grid))
+            if direct_io:
+                if out_final:
+                    pl.when(n_grid < n_out)(lambda: store_state(s_t, ht_ref.at[n_grid, j_grid, :, pl.ds(v0, BV)]))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
+            else:
+                plgpu.wait_smem_to_gmem(0)
+                if out_final:
+                    store_final_state(loop_done, st_s[w], s_t, ht_ref.at[n_grid, j_grid, :, pl.ds(v0, BV)],
+                                      n_grid < n_out)
 
         for w in range(nsw):
             pl.when(wg == w)(lambda w=w: state(w))
@@ -346,9 +463,13 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         finish_together(done)
 
     args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
+    if persistent:  # the grid rows longest first (a stable sort: ties keep their order), the tail row last
+        lens = cu[1:] - cu[:-1]
+        args.append(jnp.concatenate([jnp.argsort(-lens, stable=True), jnp.array([ns - 1])]).astype(jnp.int32))
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=scratch, grid=(hv, ns), grid_names=("h", "n"),
+            body, out_type=tuple(out_type), scratch_types=scratch, grid=(ctas,) if persistent else (hv, ns),
+            grid_names=("c",) if persistent else ("h", "n"),
             num_threads=nsw + 1, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop_wide",
         )(*args)

@@ -217,6 +217,20 @@ def for_tail_tiles(z0, t_end, emit) -> None:
         emit(t0, jnp.maximum(z0 - t0, 0))
 
 
+def load_state(src):
+    """An fp32 [K, 64] block of a state in global memory (``src``: a GMEM ref view) as ``S^T``
+    [64, K] in WGMMA registers, read straight from global memory: 8-byte loads in the transposed
+    WGMMA layout (each warp's load covers whole 32-byte sectors), then register shuffles. No SMEM
+    staging, no barrier: the loads overlap whatever the CTA's other warpgroups issue meanwhile."""
+    return plgpu.layout_cast(plgpu.load(src.T, layout=WGT, optimized=False), WG)
+
+
+def store_state(s_t, dst) -> None:
+    """``S^T`` [64, K] fp32 (WGMMA registers) to the fp32 [K, 64] global block ``dst``: register
+    shuffles into the transposed layout, then 8-byte stores (fire and forget: nothing waits)."""
+    dst.T[...] = plgpu.layout_cast(s_t, WGT)
+
+
 def store_final_state(loop_done, stage, s_t, dst, write) -> None:
     """End of a state warpgroup's walk: wait until every state warpgroup has left the input ring
     (``stage``, the SMEM staging buffer, shares its bytes), then, when ``write``, send the fp32

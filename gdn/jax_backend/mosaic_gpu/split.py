@@ -32,10 +32,11 @@ from .piece_states import piece_states
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "chunk_variant",
-    "stages1", "_stop"))
+    "stages1", "loop_direct_io", "_stop"))
 def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2norm: bool,
                output_final_state: bool, return_stages: bool = False, interpret=None,
-               chunk_variant: str = "default", stages1: int = 2, _stop: str | None = None):
+               chunk_variant: str = "default", stages1: int = 2, loop_direct_io: bool = False,
+               _stop: str | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]; plan: the PIECE plan (pytree);
     h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
     as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None).
@@ -71,7 +72,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
 
     # pass 2: the pieces from their true starts
     o, fin = _driver.loop(x, ag, gc, start, p_pad, chunk_variant=chunk_variant, scale=scale,
-                          interpret=interpret)
+                          direct_io=loop_direct_io, interpret=interpret)
     final = None
     if output_final_state:
         last = tables["last_piece"]
@@ -108,11 +109,12 @@ def scan_starts(e_map, m_map, by_step, hp):
 
 
 def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
-              _stop: str | None = None):
+              loop_direct_io: bool = False, _stop: str | None = None):
     """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
     (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
-    ``stages1``: pass 1's ring depth."""
+    ``stages1``: pass 1's ring depth; ``loop_direct_io``: pass 2's chunk loop ``direct_io`` (each
+    piece's start state read straight into registers, :func:`._driver.prefill_arrays`)."""
     from ...planner import plan as make_plan
     from ...split import two_pass_tables
     from . import check_runnable
@@ -123,6 +125,8 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
         raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
     if stages1 not in (2, 3, 4):
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
+    if not isinstance(loop_direct_io, bool):
+        raise TypeError(f"loop_direct_io must be a bool, got {loop_direct_io!r}")
     piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
     chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
     tables = {name: jax.device_put(a) for name, a in
@@ -133,7 +137,8 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta, piece_plan.to_jax(), h0, tables,
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
-                             chunk_variant=chunk_variant, stages1=stages1, _stop=_stop)
+                             chunk_variant=chunk_variant, stages1=stages1, loop_direct_io=loop_direct_io,
+                             _stop=_stop)
     if _stop is not None:
         return o, None
     if final is not None and final.shape[0] != p.num_seqs:
