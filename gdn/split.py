@@ -162,7 +162,9 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     ``piece_chunks`` None: :func:`gdn.planner.split_policy` decides (unsplit when it does not
     pay). On the jax backend's mosaic_gpu impl (asked for, or what impl=None picks here) the
     pieces run in two passes on its kernels (:mod:`gdn.jax_backend.mosaic_gpu.split`) and ``None``
-    asks that path's cost model. Elsewhere they run through the same backend and impl with K extra
+    asks that path's cost model. On the triton backend they run in two passes of its state kernel
+    (:mod:`gdn.triton_backend.split`), ``None`` asking its state-pass model. Elsewhere (the jax
+    backend's xla and pallas_triton impls) they run through the same backend and impl with K extra
     value columns (the implementation must accept V + K value columns, <= 256) and a correction
     of the output.
     """
@@ -188,6 +190,14 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
             if not piece_chunks:
                 return M.run(args)
             return two_pass(args, pieces(piece_chunks))
+    if backend == "triton" and args.impl in (None, "triton"):  # two passes of its state kernel
+        from .triton_backend.split import pick_piece_chunks as pick_triton, run_split as two_pass_triton
+
+        if piece_chunks is None:
+            piece_chunks = pick_triton(p.seq_lens, hv, dk, dv)
+        if not piece_chunks:
+            return load_backend(backend).run(args)
+        return two_pass_triton(args, pieces(piece_chunks))
     if piece_chunks is None:
         piece_chunks = split_policy(p.seq_lens, hv * -(-dv // 128), chunk_size=p.chunk_size)
     mod = load_backend(backend)

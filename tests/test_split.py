@@ -284,3 +284,110 @@ def test_mosaic_two_pass_options_are_checked():
         run_split(args, sp, interpret=True, stages1=5)
     with pytest.raises(TypeError, match="loop_direct_io"):
         run_split(args, sp, interpret=True, loop_direct_io="yes")
+
+
+def _torch_inputs(x, dtype):
+    torch = pytest.importorskip("torch")
+    from gdn.inputs import round_to_dtype
+
+    tdt = getattr(torch, dtype)
+    qkv = [round_to_dtype(a, dtype) for a in (x.q, x.k, x.v)]
+    arrs = [torch.tensor(np.asarray(a, np.float32)).to(tdt) for a in qkv]
+    arrs += [torch.tensor(x.g), torch.tensor(x.beta)]
+    h0 = None if x.initial_state is None else torch.tensor(x.initial_state)
+    return qkv, arrs, h0
+
+
+@pytest.mark.parametrize("gates", ["qwen", "none"])
+def test_triton_two_pass_split(gates):
+    """The triton backend's two passes (gdn/triton_backend/split.py): documents starting inside
+    pieces, an empty sequence, a piece of 1 token, padding tokens, an initial state; gates without
+    decay (where a warm-up split fails): within the float64 bar, and within twice it of the unsplit
+    chain, the final states too."""
+    from gdn.tolerances import vs_f64
+
+    x = make_inputs([300, 0, 129, 64, 5], h=1, hv=2, k=64, v=64, gates=gates, initial_state=True,
+                    pad_tokens=20, seed=13)
+    qkv, arrs, h0 = _torch_inputs(x, "bfloat16")
+    kw = dict(cu_seqlens=x.cu_seqlens, initial_state=h0, backend="triton")
+    o_u, f_u = gdn.prefill(*arrs, **kw)
+    o_s, f_s = gdn.prefill(*arrs, split=2, **kw)
+    ro, rf = R.recurrent(*qkv, x.g, x.beta, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
+    t = int(x.cu_seqlens[-1])
+    o_s64 = o_s.float().numpy().astype(np.float64)
+    assert R.rms_ratio(o_s64[:, :t], ro[:, :t]) < vs_f64("bfloat16")
+    assert R.rms_ratio(f_s.numpy().astype(np.float64), rf) < vs_f64("bfloat16")
+    assert np.all(o_s64[:, t:] == 0)
+    assert R.rms_ratio(o_s64, o_u.float().numpy()) < 2 * vs_f64("bfloat16")
+    assert f_s.shape == f_u.shape and np.array_equal(f_s[1].numpy(), h0[1].numpy())  # empty: its h0
+
+
+def test_triton_maps_kernel_against_float64():
+    """Pass 1 alone (the state kernel's MAPS mode): a first piece's E from its sequence's initial
+    state, a later piece's E from 0 and M from the identity, against the float64 chunked
+    reference run with K extra value columns; the rows mode 0 skips are not compared."""
+    torch = pytest.importorskip("torch")
+    from gdn.split import two_pass_tables
+    from gdn.tolerances import vs_f64
+    from gdn.triton_backend._common import device_plan, packed
+    from gdn.triton_backend.state import launch_maps
+    from gdn.triton_backend.wu import launch_prepare
+
+    x = make_inputs([300, 130, 40], h=1, hv=2, k=64, v=32, gates="qwen", initial_state=True, seed=14)
+    sp = split_pieces(x.cu_seqlens, 2)
+    qkv, arrs, _ = _torch_inputs(x, "bfloat16")
+    tb = two_pass_tables(sp, 3, sp.num_pieces)
+    assert set(tb["mode"].tolist()) == {0, 1, 2}
+    pplan = gdn.plan(sp.piece_cu_seqlens, num_tokens=x.q.shape[1])
+    pp = device_plan(pplan, torch.device("cpu"))
+    _, k, v, g, beta = (packed(a, 2 if i < 3 else 1) for i, a in enumerate(arrs))
+    gc, _, w, u, k_rstd = launch_prepare(k, v, g, beta, pp, False, False)
+    first = sp.piece_index == 0
+    h0p = np.zeros((sp.num_pieces, 2, 64, 32), np.float32)
+    h0p[first] = x.initial_state[sp.piece_seq[first]]
+    em = launch_maps(k, w, u, gc, pp, torch.as_tensor(tb["mode"]), torch.as_tensor(h0p), k_rstd).numpy()
+    start = np.zeros((sp.num_pieces, 2, 64, 32 + 64))
+    start[..., :32] = h0p
+    start[..., 32:] = np.where((tb["mode"] == 2)[:, None, None, None], np.eye(64), 0)
+    v_aug = np.concatenate([qkv[2], np.zeros(qkv[2].shape[:-1] + (64,))], -1)
+    _, ref = R.chunked(qkv[0], qkv[1], v_aug, x.g, x.beta, plan=pplan, initial_state=start)
+    bar = vs_f64("bfloat16")
+    for p_, mode in enumerate(tb["mode"][: sp.num_pieces]):
+        if mode >= 1:
+            assert R.rms_ratio(em[p_, ..., :32], ref[p_, ..., :32]) < bar, p_
+        if mode == 2:
+            assert R.rms_ratio(em[p_, ..., 32:], ref[p_, ..., 32:]) < bar, p_
+
+
+def test_triton_scan_starts_matches_a_plain_loop():
+    torch = pytest.importorskip("torch")
+    from gdn.split import two_pass_tables
+    from gdn.triton_backend.split import scan_starts
+
+    sp = split_pieces([0, 500, 500, 520, 900], 2)  # 4, 0, 1 and 3 pieces
+    tb = two_pass_tables(sp, 4, sp.num_pieces)
+    rng = np.random.default_rng(0)
+    e = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 3)), dtype=torch.float64)
+    m = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 4)) * 0.5, dtype=torch.float64)
+    h = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 3)), dtype=torch.float64)
+    h[torch.as_tensor(sp.piece_index > 0)] = 0
+    got = scan_starts(e, m, tb["by_step"], h.clone())
+    want = h.clone()
+    for p_ in range(1, sp.num_pieces):
+        if sp.piece_seq[p_] == sp.piece_seq[p_ - 1]:  # S_start(p) = M(p-1) S_start(p-1) + E(p-1),
+            prev = want[p_ - 1] if sp.piece_index[p_ - 1] else 0 * want[p_ - 1]  # a first piece's M is 0
+            want[p_] = (torch.matmul(m[p_ - 1], prev) if sp.piece_index[p_ - 1] else 0) + e[p_ - 1]
+    assert torch.allclose(got, want)
+
+
+def test_triton_split_policy():
+    """The state pass's model splits a long prompt only where few v heads leave SMs idle (the
+    chain's other stages do the same work either way); batches stay unsplit at any head count."""
+    from gdn.bench import serving_mix
+    from gdn.triton_backend.split import pick_piece_chunks
+
+    for hv in (4, 8, 16, 32, 48, 64):
+        for lens in ([8192] * 4, [256] * 128, list(serving_mix())):
+            assert pick_piece_chunks(lens, hv, 128, 128, sms=132) is None, (hv, len(lens))
+    assert pick_piece_chunks([32768], 4, 128, 128, sms=132)
+    assert pick_piece_chunks([32768], 32, 128, 128, sms=132) is None  # 128 programs already fill it

@@ -331,14 +331,15 @@ def _run_compiled(argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile for real")
 def test_kernels_cross_compile_for_sm90():
-    """Every kernel of the chain (and the fused-output state pass) compiles down to an sm_90
+    """Every kernel of the chain (and the fused-output state pass, and the split's pass 1) compiles down to an sm_90
     cubin (Triton's own pipeline and bundled ptxas, no GPU needed) at the Qwen3.5 shape and an
     odd one, within the H200's shared memory and free of the pipeline race of
     test_pipeline_hazard_detector_sees_the_l2norm_race (use_qk_l2norm on): the interpreter
     catches neither compile errors nor that race."""
     res = _run_compiled(["-m", "gdn.triton_backend.xcompile", "16,32,128,128,bfloat16", "2,6,256,100,float32"])
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("_state_kernel") == 3 and "NORM=True" in res.stdout, res.stdout
+    assert res.stdout.count("_state_kernel") == 4 and "NORM=True" in res.stdout, res.stdout
+    assert res.stdout.count("MAPS=True") == 1, res.stdout  # the exact split's pass 1
 
 
 @pytest.mark.parametrize("mod, cfg", [("intra", {"INV": 0, "num_warps": 1}),

@@ -22,7 +22,7 @@ from ._common import (BT, INTERPRET, check_device, device_fn, device_plan, dot_p
                       interpreted, launch, mma, packed, pow2, tiles, to_dt)
 from .output import chunk_output, gram_diag, new_output, output_tiles
 
-__all__ = ["state_pass", "state_tiles"]
+__all__ = ["state_pass", "state_tiles", "launch_maps"]
 
 
 @device_fn
@@ -82,12 +82,18 @@ def _chunk_step(s, row, tok0, n_valid, k, w, u, gc, h, v_new, k_rstd, q, o, scal
 
 
 @triton.jit
-def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk_offsets, scale,
+def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk_offsets, mode, scale,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                   PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                   NORM: tl.constexpr, FUSE: tl.constexpr, STORE_HV: tl.constexpr,
-                  HILO: tl.constexpr):
+                  HILO: tl.constexpr, MAPS: tl.constexpr):
+    """One program per (sequence, v head, V tile). ``MAPS`` (pass 1 of the exact split, with
+    STORE_HV and FUSE off): the "sequences" are pieces and the state has V + K columns, the last K
+    starting from the identity with zero values, so the final state is ``[E | M]`` with
+    ``S_end = M S_start + E``; ``mode[piece]`` (gdn.split.two_pass_tables) says which programs run:
+    0 none (nobody needs the map), 1 the E columns (a first piece, from h0 = its sequence's initial
+    state), 2 all (a later piece, from [0 | I])."""
     pid = tl.program_id(0)
     iv = pid % NV
     head = (pid // NV) % HV
@@ -99,6 +105,7 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk
     row0 = tl.load(chunk_offsets + seq)
     row1 = tl.load(chunk_offsets + seq + 1)
 
+    VS: tl.constexpr = V + K if MAPS else V  # state columns: [E | M] in MAPS mode
     rk = tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
     m_kv = (rk < K)[:, None] & (rv < V)[None, :]
@@ -108,6 +115,11 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk
     s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         s = tl.load(h0 + state_idx * (K * V) + kv_off, mask=m_kv, other=0.0).to(tl.float32)
+    if MAPS:
+        m = tl.load(mode + seq)
+        live = (m == 2) | ((m == 1) & (iv * BV < V))
+        s = tl.where((rv[None, :] - V == rk[:, None]) & (m == 2), 1.0, s)  # M's columns from I
+        row1 = tl.where(live, row1, row0)  # a program with nothing to compute walks no chunk
 
     if INTERPRET:
         # Triton's interpreter (3.6, NumPy 2.5) cannot take range() bounds loaded from memory
@@ -126,7 +138,10 @@ def _state_kernel(k, w, u, gc, h, v_new, h0, ht, k_rstd, q, o, cu_seqlens, chunk
                             NORM, FUSE, STORE_HV, HILO)
 
     if STORE_FINAL:
-        tl.store(ht + state_idx * (K * V) + kv_off, s, mask=m_kv)
+        m_out = (rk < K)[:, None] & (rv < VS)[None, :]
+        if MAPS:
+            m_out = m_out & live
+        tl.store(ht + state_idx * (K * VS) + rk[:, None] * VS + rv[None, :], s, mask=m_out)
 
 
 def state_tiles(dk: int, dv: int, dtype: torch.dtype, fuse: bool = False,
@@ -220,10 +235,33 @@ def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd
     norm = k_rstd is not None
     launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, hs, v_new, h0, final,
            k_rstd if norm else dummy(dev), q if fuse else dummy(dev), o, p.cu_seqlens,
-           p.chunk_offsets, float(scale), H=h_heads, HV=hv, K=dk, V=dv, BT=BT,
+           p.chunk_offsets, dummy(dev), float(scale), H=h_heads, HV=hv, K=dk, V=dv, BT=BT,
            PREC=dot_precision(w.dtype), HAS_H0=initial_state is not None,
            STORE_FINAL=output_final_state, NORM=norm, FUSE=fuse, STORE_HV=store_hv,
-           HILO=fuse and output_tiles(dk, dv, w.dtype)["HILO"], **meta)
+           HILO=fuse and output_tiles(dk, dv, w.dtype)["HILO"], MAPS=False, **meta)
     out = (hs if store_hv else None, v_new if store_hv else None,
            final if output_final_state else None)
     return out + (o,) if fuse else out
+
+
+def launch_maps(k, w, u, gc, p, mode, initial_state, k_rstd):
+    """Pass 1 of the exact split (:mod:`.split`): ``[E | M]`` fp32 [P, HV, K, V + K] of every piece
+    (the "sequences" of the device plan ``p``), ``S_end = M S_start + E``, from packed contiguous k,
+    w, u, gc. ``mode``: int32 [P] on the device (:func:`gdn.split.two_pass_tables`); the rows of the
+    programs it skips are left unwritten (a last piece's map, a first piece's M: nobody reads them).
+    ``initial_state``: None or fp32 [P, HV, K, V], a first piece's E start (its sequence's h0)."""
+    t, h_heads, dk = k.shape
+    hv, dv = u.shape[1:]
+    dev = k.device
+    n_seq = p.num_seqs
+    vs = dv + dk
+    em = torch.empty(n_seq, hv, dk, vs, dtype=torch.float32, device=dev)
+    meta = state_tiles(dk, vs, w.dtype, False, n_seq * hv * -(-vs // 32), sm_count(dev))
+    norm = k_rstd is not None
+    h0 = dummy(dev) if initial_state is None else initial_state
+    launch(_state_kernel, (n_seq * hv * meta["NV"],), k, w, u, gc, dummy(dev), dummy(dev), h0, em,
+           k_rstd if norm else dummy(dev), dummy(dev), dummy(dev), p.cu_seqlens, p.chunk_offsets, mode,
+           1.0, H=h_heads, HV=hv, K=dk, V=dv, BT=BT, PREC=dot_precision(w.dtype),
+           HAS_H0=initial_state is not None, STORE_FINAL=True, NORM=norm, FUSE=False, STORE_HV=False,
+           HILO=False, MAPS=True, **meta)
+    return em

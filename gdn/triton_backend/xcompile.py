@@ -164,8 +164,10 @@ def cross_compile(launch: Launch, arch: int = 90) -> Compiled:
 
 
 def chain_launches(h: int, hv: int, dk: int, dv: int, dtype: str, *, lens=(100, 30),
-                   initial_state: bool = True, l2norm: bool = True) -> list[Launch]:
-    """The launches of one prefill (dry run on small CPU tensors) for a model shape."""
+                   initial_state: bool = True, l2norm: bool = True,
+                   split: int | None = None) -> list[Launch]:
+    """The launches of one prefill (dry run on small CPU tensors) for a model shape; with ``split``
+    the exact two-pass split in pieces of that many chunks (:mod:`.split`)."""
     import numpy as np
     import torch
 
@@ -185,6 +187,12 @@ def chain_launches(h: int, hv: int, dk: int, dv: int, dtype: str, *, lens=(100, 
     h0 = torch.zeros(len(lens), hv, dk, dv) if initial_state else None
     _, args = validate(q, k, v, g, b, plan=gdn.plan(np.cumsum([0, *lens])), initial_state=h0,
                        use_qk_l2norm=l2norm, backend="triton")
+    if split:
+        from gdn.planner import split_pieces
+
+        from .split import run_split
+
+        return record(lambda: run_split(args, split_pieces(np.cumsum([0, *lens]), split)), dry=True)[1]
     return record(lambda: run(args), dry=True)[1]
 
 
@@ -235,11 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     from . import state
 
-    for shape, fuse in [(s, False) for s in shapes] + [(shapes[0], True)]:
-        print(f"H, HV, K, V, dtype = {shape}" + (", state.FUSE_OUTPUT" if fuse else ""))
-        state.FUSE_OUTPUT = fuse
+    for shape, mode in [(s, "") for s in shapes] + [(shapes[0], "fuse"), (shapes[0], "split")]:
+        print(f"H, HV, K, V, dtype = {shape}" + {"": "", "fuse": ", state.FUSE_OUTPUT",
+                                                 "split": ", the split's pass 1 (state MAPS mode)"}[mode])
+        state.FUSE_OUTPUT = mode == "fuse"
         try:
-            launches = chain_launches(*shape)
+            if mode == "split":  # the other launches of the split are the chain's own compilations
+                launches = [lc for lc in chain_launches(*shape, lens=(300, 30), split=2)
+                            if lc.kwargs.get("MAPS")]
+            else:
+                launches = chain_launches(*shape)
         finally:
             state.FUSE_OUTPUT = False
         for launch in launches:

@@ -24,6 +24,9 @@ Optional (only when named: ``python tests/gpu/triton_gpu_check.py tuning_sweep``
     configurations (the TILES overrides of intra.py, wu.py, state.py, output.py) at 1x32768,
     4x8192 and 128x256, then the chain with each kernel's fastest one, against FLA
 
+10. exact_split: the two-pass split against float64 and against the unsplit call, timed at
+    1x32768 / 28672+4096 with 4, 8 and 32 v heads beside FLA (~2 min)
+
 Exit status: the number of failed sections. Arguments: only the sections named (e.g. timings).
 GDN_GPU_CHECK_SMOKE=1 runs the script's own logic on the CPU in Triton's interpreter at tiny
 sizes (the CUDA-only sections skip): a check of this script, not of the GPU.
@@ -332,15 +335,22 @@ def sync():
         torch.cuda.synchronize()
 
 
+def _do_bench():
+    """triton.testing.do_bench, or under SMOKE one timed call (the script's logic, not a timing)."""
+    if not SMOKE:
+        from triton.testing import do_bench
+        return do_bench
+
+    def once(fn, return_mode=None):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return once
+
+
 @section
 def timings():
-    if SMOKE:
-        def do_bench(fn, return_mode=None):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    else:
-        from triton.testing import do_bench
+    do_bench = _do_bench()
     from gdn.triton_backend import state
 
     fla = _fla()
@@ -516,6 +526,58 @@ def tuning_sweep():
     print("\n  | layout   | chain default ms | chain per-kernel best ms | FLA ms | best configs")
     for name, a, b, c, cfgs in summary:
         print(f"  | {name:8s} | {a:16.3f} | {b:24.3f} | {c:6.3f} | {cfgs}")
+
+
+@optional_section
+def exact_split():
+    """The exact two-pass split (gdn/triton_backend/split.py): the float64 bar on a varlen batch
+    with gates without decay, then 1x32768 (and 28672+4096) at the tensor-parallel head counts
+    H/HV = 2/4 and 2/8 and at 16/32: unsplit, the policy's pick and fixed piece sizes, FLA, the
+    split's distance to the unsplit output, and what the model predicted."""
+    from gdn.triton_backend.split import pick_piece_chunks, state_us
+
+    do_bench = _do_bench()
+    lens = [3000, 0, 130, 64, 700] if not SMOKE else [150, 0, 40]
+    tens, kw, (ro, rf) = case(lens, h=2, hv=4, initial_state=True, seed=31)
+    o, f = gdn.prefill(*tens, split=2, backend="triton", **kw)
+    if not bar_check(o, f, ro, rf, "bfloat16", "split, pieces of 2 chunks"):
+        raise AssertionError("the split misses the float64 bar")
+    tens, kw, _ = case(lens, h=2, hv=4, initial_state=True, gates="none", seed=32)  # no decay: exactness
+    (o_u, f_u), (o_s, f_s) = (gdn.prefill(*tens, split=sp, backend="triton", **kw) for sp in (None, 2))
+    d_o, d_f = R.rms_ratio(o_s.float(), o_u.float()), R.rms_ratio(f_s, f_u)
+    print(f"  gates without decay, split vs unsplit: o {d_o:.2e}, final {d_f:.2e} (bar {RMS_BETWEEN['bfloat16']:.0e})")
+    if max(d_o, d_f) > RMS_BETWEEN["bfloat16"]:
+        raise AssertionError("the split is far from the unsplit call without decay")
+    fla = _fla()
+    rows = []
+    shapes = [((2, 4), [32768]), ((2, 4), [28672, 4096]), ((2, 8), [32768]), ((16, 32), [32768])]
+    if SMOKE:
+        shapes = [((2, 4), [300])]
+    for (h, hv), lens in shapes:
+        batch, h0, cu = qwen_batch(lens, h=h, hv=hv, seed=7)
+        plan = gdn.plan(cu)
+        run = lambda split=None: gdn.prefill(*batch, plan=plan, initial_state=h0, backend="triton",  # noqa: E731
+                                             split=split)
+        o_u, _ = run()
+        pick = pick_piece_chunks(lens, hv, K, V)
+        row = dict(layout=f"{h}/{hv} {'+'.join(map(str, lens))}", pick=pick, unsplit=do_bench(run, return_mode="median"))
+        nc = -(-np.asarray(lens) // 64)
+        row["model_unsplit_us"] = state_us(nc, hv, V, 132)
+        for pc in sorted({64, 128, pick or 64} if not SMOKE else {2}):
+            o_s, _ = run(pc)
+            row[f"split{pc}"] = do_bench(lambda pc=pc: run(pc), return_mode="median")
+            row[f"split{pc}_rms_vs_unsplit"] = R.rms_ratio(o_s.float(), o_u.float())
+        if fla is not None and not SMOKE:
+            try:
+                row["fla"] = do_bench(_fla_call(fla, batch, h0, cu), return_mode="median")
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        rows.append(row)
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+    bad = [r for r in rows for k, v in r.items() if k.endswith("_rms_vs_unsplit") and v > RMS_BETWEEN["bfloat16"]]
+    if bad:
+        raise AssertionError(f"split far from unsplit: {bad}")
 
 
 def main(argv: list[str]) -> int:
