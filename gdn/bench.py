@@ -4,6 +4,7 @@ FlashInfer, jax-linear-attention) over a matrix of head configurations and batch
     python -m gdn bench                          # the whole matrix on a GPU (--quick: a subset)
     python -m gdn bench --heads 16/32 --layouts 1x32768,4x8192 --out out/bench
     python -m gdn bench --impl fla --impl jax:mosaic_gpu --impl jax:mosaic_gpu:split  # and the split
+    python -m gdn bench --heads 2/4 --heads 2/8 --impl fla --impl triton:triton --impl triton:triton:split
     python -m gdn bench --cpu-smoke --out /tmp/b  # tiny shapes in interpret mode (automatic
                                                   # without a GPU): checks the harness, not speed
     python -m gdn bench --from-json a/bench.json b/bench.json --out out/all   # merge and render
@@ -267,16 +268,20 @@ class SplitRunner(GdnRunner):
         return dict(super()._kw(), split=self.split)
 
     def prepare(self, wl):
-        import jax
-
         sets, p, kw, eager = wl.sets(self.backend), wl.plan, self._kw(), self._eager(wl)
-        fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
         note = "split=True: the path's cost model" if self.split is True else f"pieces of {self.split} chunks"
-        if self.split is True and self.impl == "mosaic_gpu":
-            from .jax_backend.mosaic_gpu.split import pick_piece_chunks
-
+        if self.split is True and self.impl in ("mosaic_gpu", "triton"):
+            if self.impl == "mosaic_gpu":
+                from .jax_backend.mosaic_gpu.split import pick_piece_chunks
+            else:
+                from .triton_backend.split import pick_piece_chunks
             pc = pick_piece_chunks(wl.lens, wl.hv, wl.k, wl.v)
             note += f" ({'unsplit' if not pc else f'pieces of {pc} chunks'})"
+        if self.framework == "torch":  # the triton backend's two passes: eager, like its plain row
+            return Call(eager, lambda out: out[0][0], eager, note=note + "; host plan")
+        import jax
+
+        fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
         return Call(lambda i: fn(*sets[i]), lambda out: out[0][0], eager, jitted=(fn, sets[0]),
                     note=note + "; host plan, a constant of the jitted call")
 
@@ -423,9 +428,10 @@ def runners(opts) -> tuple[list[Runner], list[tuple[str, str]]]:
         if im.impl == "-":
             continue
         rs = [GdnRunner(im.backend, im.impl)]
-        # the split's two passes run on mosaic_gpu's kernels; a row only when asked for by name
-        # (--impl jax:mosaic_gpu:split): each layout compiles it anew
-        if (im.backend, im.impl) == ("jax", "mosaic_gpu") and any("split" in pat for pat in opts.impl or ()):
+        # the split's two passes run on mosaic_gpu's kernels (each layout compiles them anew) or
+        # the triton backend's; a row only when asked for by name (--impl jax:mosaic_gpu:split)
+        if (im.backend, im.impl) in (("jax", "mosaic_gpu"), ("triton", "triton")) and any(
+                "split" in pat for pat in opts.impl or ()):
             rs.append(SplitRunner(im.backend, im.impl))
         for r in rs:
             if not im.available:

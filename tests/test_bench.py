@@ -177,6 +177,32 @@ def test_split_row_only_when_asked_for(monkeypatch):
     assert "jax:mosaic_gpu" in keys(None) and "jax:mosaic_gpu:split" not in keys(None)
     assert keys(["jax:mosaic_gpu"]) == ["jax:mosaic_gpu"]
     assert keys(["jax:mosaic_gpu:split"]) == ["jax:mosaic_gpu:split"]
+    if any(i.backend == "triton" and i.available for i in gdn.implementations()):
+        assert keys(["triton:triton:split"]) == ["triton:triton:split"]
+        assert "triton:triton:split" not in keys(None)
+
+
+def test_triton_split_row_matches_the_unsplit_row():
+    """The triton backend's split row runs gdn.prefill(split=...) through its two passes (Triton's
+    interpreter here) and agrees with its plain row."""
+    if not any(i.backend == "triton" and i.available for i in gdn.implementations()):
+        pytest.skip("needs the triton backend (TRITON_INTERPRET=1 on a CPU)")
+    import gdn.triton_backend.split as TS
+
+    calls = []
+    orig = TS.run_split
+    TS.run_split = lambda args, split: calls.append(split.num_pieces) or orig(args, split)
+    try:
+        o = bench.Options(gpu=False, smoke=True, reps=1, host_reps=1, xla_max_tokens=1, profile=False)
+        rows = bench.run_matrix([(1, 2, 64)], {"1x200": (200,)},
+                                [bench.GdnRunner("triton", "triton"), bench.SplitRunner("triton", "triton", 2)],
+                                o, bench.Progress(2))
+    finally:
+        TS.run_split = orig
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert rows[1]["key"] == "triton:triton:split2" and "pieces of 2 chunks" in rows[1]["note"], rows[1]
+    assert rows[1]["check_vs"] == rows[0]["runner"] and rows[1]["check_rms"] < 1e-2, rows[1]
+    assert calls and set(calls) == {2}, calls
 
 
 _SPLIT_ROW = """
