@@ -21,7 +21,8 @@ One table, a row per comparison:
   equal), ``chain`` (every sequence split in two calls chained through the final state),
   ``permute`` (sequences packed in reverse order), ``pad`` (extra tokens past the end and empty
   sequences appended: exact zeros, exact initial states), ``causal`` (one token changed: no
-  output before it and nothing in other sequences changes).
+  output before it and nothing in other sequences changes), ``split`` (the exact sequence split,
+  ``gdn.prefill(split=1)``, against the plain call).
 
 At full size the float64 reference runs on a selection (two q/k head groups, at most 256
 sequences; heads and sequences are independent computations) and everything is compared there.
@@ -573,8 +574,27 @@ def check_causal(im, prep: Prepared, base) -> Row:
                detail=f"token {local} of seq {n} changed; o err = worst earlier token: {d}")
 
 
+def check_split(im, prep: Prepared, base) -> Row:
+    """The exact sequence split through the public path (``gdn.prefill(split=1)``: every sequence
+    cut into one-chunk pieces, run by the implementation's split: two passes on mosaic_gpu and the
+    triton backend, K extra value columns elsewhere) against the plain call, final states too."""
+    c, pb = prep.case, prep.batch.packed()
+    fw = _framework_arrays(pb, im.backend, c.dtype)
+    kw = _kwargs(im, c, pb.cu, int(fw[0].shape[1]))
+    o_s, f_s = prefill(*fw[:5], initial_state=fw[5], split=1, **kw)
+    o_full, f_full = base
+    t_real = int(pb.cu[-1])
+    o, f = _host32(_flat_tokens(o_s)), _host32(f_s)
+    eo, es = _rel(o[:t_real], o_full[:t_real]), _rel(f, f_full)
+    problems = [] if np.all(o[t_real:] == 0) else ["tokens past the end not zero"]
+    st, d = _verdict([eo, es], np.array_equal(o[:t_real], o_full[:t_real]) and np.array_equal(f, f_full),
+                     tolerances.METAMORPHIC[c.dtype], problems)
+    return Row(c.name, _label(im), "split", st, eo, es, detail=f"pieces of one chunk: {d}")
+
+
 CHECK_FUNCS = {"determinism": check_determinism, "chain": check_chain,
-               "permute": check_permute, "pad": check_pad, "causal": check_causal}
+               "permute": check_permute, "pad": check_pad, "causal": check_causal,
+               "split": check_split}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Two sizes of one matrix:
   plus thousands of short documents and one long sequence.
 
 A case names its inputs (``gdn.inputs.make_inputs`` arguments), the dtype of q, k, v and the
-extra checks it runs (``checks``: "determinism", "chain", "permute", "pad", "causal").
+extra checks it runs (``checks``: "determinism", "chain", "permute", "pad", "causal", "split").
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["Case", "QUICK", "FULL", "CHECKS", "cases"]
 
 #: The metamorphic and determinism checks a case can ask for (gdn.parity runs them).
-CHECKS = ("determinism", "chain", "permute", "pad", "causal")
+CHECKS = ("determinism", "chain", "permute", "pad", "causal", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ QUICK: tuple[Case, ...] = (
     Case("fp16-G1", (130, 0, 20), h=2, hv=2, dtype="float16", initial_state=True, core=True,
          seed=3),
     Case("metamorphic", (90, 45, 70), h=1, hv=2, initial_state=True, core=True,
-         checks=("chain", "permute", "pad", "causal"), seed=4),
+         checks=("chain", "permute", "pad", "causal", "split"), seed=4),
     Case("batch-2x96", (96, 96), h=2, hv=4, batch=True, core=True, seed=5,
          note="fixed [B, T] layout, no cu_seqlens"),
     # --- the rest of the matrix -----------------------------------------------------------------
@@ -125,7 +125,7 @@ FULL: tuple[Case, ...] = (  # most telling first: a run cut short by a time budg
     Case("edges", (65, 0, 1, 63, 64, 1000, 0, 2047), **_Q, initial_state=True, pad_tokens=100,
          checks=("determinism",), seed=21),
     Case("metamorphic", (3000, 1500, 700, 64, 1), **_Q, initial_state=True,
-         checks=("determinism", "chain", "permute", "pad", "causal"), seed=35),
+         checks=("determinism", "chain", "permute", "pad", "causal", "split"), seed=35),
     # no initial state: 3000 random ones would be 6 GB to draw and hold (the final states are
     # still 3000 x 2 MiB; the other cases cover initial states)
     Case("thousands-of-docs", _short_docs(3000, 0, 16, 27), **_Q, seed=27),

@@ -137,7 +137,7 @@ def test_correct_fake_passes_every_quick_case_and_check(fakes):
     rows = _suite([fakes["exact"]], QUICK)
     _assert_rows_ok(rows)
     kinds = {r.against for r in rows if r.status == "pass"}
-    assert kinds == {"f64", "determinism", "chain", "permute", "pad", "causal"}
+    assert kinds == {"f64", "determinism", "chain", "permute", "pad", "causal", "split"}
     stage_rows = [r for r in rows if r.against == "f64"]
     assert all(set(r.stages) == set(parity.STAGES) for r in stage_rows)
     assert all(r.o_err < 5e-3 for r in stage_rows)
@@ -146,7 +146,7 @@ def test_correct_fake_passes_every_quick_case_and_check(fakes):
 
 
 @pytest.mark.parametrize("bug, caught_by", [
-    ("ignores_h0", {"f64", "chain"}),
+    ("ignores_h0", {"f64", "chain", "split"}),  # the split's later pieces start from a given state
     ("order_dependent", {"f64", "permute"}),
     ("leaks_next_token", {"f64", "causal"}),
     ("garbage_past_end", {"f64", "pad"}),
