@@ -179,25 +179,23 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     def pieces(chunks: int) -> Split:
         return split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], chunks, p.chunk_size)
 
+    two_pass = None  # a path with its own two passes: (its cost model, its unsplit call, the split)
     if backend == "jax" and args.impl in (None, "mosaic_gpu"):
         from .jax_backend import mosaic_gpu as M
 
         if args.impl == "mosaic_gpu" or (M.status() is None and M.unsupported_reason(args) is None):
-            from .jax_backend.mosaic_gpu.split import pick_piece_chunks, run_split as two_pass
+            from .jax_backend.mosaic_gpu import split as S
 
-            if piece_chunks is None:
-                piece_chunks = pick_piece_chunks(p.seq_lens, hv, dk, dv)
-            if not piece_chunks:
-                return M.run(args)
-            return two_pass(args, pieces(piece_chunks))
-    if backend == "triton" and args.impl in (None, "triton"):  # two passes of its state kernel
-        from .triton_backend.split import pick_piece_chunks as pick_triton, run_split as two_pass_triton
+            two_pass = (S.pick_piece_chunks, M.run, S.run_split)
+    elif backend == "triton" and args.impl in (None, "triton"):  # two passes of its state kernel
+        from .triton_backend import split as S
 
+        two_pass = (S.pick_piece_chunks, load_backend(backend).run, S.run_split)
+    if two_pass is not None:
+        pick, unsplit, split_run = two_pass
         if piece_chunks is None:
-            piece_chunks = pick_triton(p.seq_lens, hv, dk, dv)
-        if not piece_chunks:
-            return load_backend(backend).run(args)
-        return two_pass_triton(args, pieces(piece_chunks))
+            piece_chunks = pick(p.seq_lens, hv, dk, dv)
+        return split_run(args, pieces(piece_chunks)) if piece_chunks else unsplit(args)
     if piece_chunks is None:
         piece_chunks = split_policy(p.seq_lens, hv * -(-dv // 128), chunk_size=p.chunk_size)
     mod = load_backend(backend)

@@ -21,12 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._chain import _device_guard
-from ._common import check_device, device_plan, interpreted, packed
-from . import state
-from .output import launch_output
-from .state import launch_maps, launch_state, sm_count
-from .wu import _wu_kernel, launch_prepare
+from ._chain import _device_guard, chain_inputs, state_and_output
+from ._common import device_plan
+from .state import launch_maps, sm_count
+from .wu import launch_prepare
 
 __all__ = ["run_split", "scan_starts", "pick_piece_chunks"]
 
@@ -81,21 +79,20 @@ def run_split(args, split):
     from ..planner import plan as make_plan
     from ..split import two_pass_tables
 
-    q, k, v, g, beta, h0 = args.q, args.k, args.v, args.g, args.beta, args.initial_state
-    dev = check_device(q, interpreted(_wu_kernel), k=k, v=v, g=g, beta=beta, initial_state=h0)
+    h0 = args.initial_state
+    dev, q, k, v, g, beta = chain_inputs(args)
     p = args.plan
     if args.batch != 1 or not p.is_host:
         raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
     n, pieces = p.num_seqs, split.num_pieces
-    hv, dv, dk = v.shape[2], v.shape[3], k.shape[3]
-    pp = device_plan(make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=q.shape[1]), dev)
+    _, hv, dk, dv = args.dims
+    pp = device_plan(make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.seqlen), dev)
     tabs = two_pass_tables(split, n, pieces)
     first = np.flatnonzero(split.piece_index == 0)
     last = tabs["last_piece"][:n]
     has_last = np.flatnonzero(last >= 0)
     d = _to_device(dict(mode=tabs["mode"], first=first, first_seq=split.piece_seq[first], has_last=has_last,
                         last=last[has_last]), dev)
-    q, k, v, g, beta = packed(q, 2), packed(k, 2), packed(v, 2), packed(g, 1), packed(beta, 1)
     f32 = torch.float32
     with _device_guard(dev):
         gc, _, w, u, k_rstd = launch_prepare(k, v, g, beta, pp, False, args.use_qk_l2norm)
@@ -104,12 +101,7 @@ def run_split(args, split):
             start[d["first"]] = h0[d["first_seq"]].to(f32)
         em = launch_maps(k, w, u, gc, pp, d["mode"], start if h0 is not None else None, k_rstd)
         start = scan_starts(em[..., :dv], em[..., dv:], tabs["by_step"], start.clone())
-        if state.FUSE_OUTPUT:
-            _, _, fin, o = launch_state(k, w, u, gc, pp, start, args.output_final_state, k_rstd, q=q,
-                                        scale=args.scale, store_hv=False)
-        else:
-            hs, v_new, fin = launch_state(k, w, u, gc, pp, start, args.output_final_state, k_rstd)
-            o = launch_output(q, k, v_new, hs, gc, pp, args.scale, None, k_rstd)
+        _, _, fin, o = state_and_output(q, k, w, u, gc, pp, start, args, k_rstd)
     final = None
     if args.output_final_state:  # a sequence's final state is its last piece's; an empty one's its h0
         final = (torch.zeros(n, hv, dk, dv, dtype=f32, device=dev) if h0 is None

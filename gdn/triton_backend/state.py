@@ -247,7 +247,7 @@ def launch_state(k, w, u, gc, p, initial_state, output_final_state: bool, k_rstd
 def launch_maps(k, w, u, gc, p, mode, initial_state, k_rstd):
     """Pass 1 of the exact split (:mod:`.split`): ``[E | M]`` fp32 [P, HV, K, V + K] of every piece
     (the "sequences" of the device plan ``p``), ``S_end = M S_start + E``, from packed contiguous k,
-    w, u, gc. ``mode``: int32 [P] on the device (:func:`gdn.split.two_pass_tables`); the rows of the
+    w, u, gc. ``mode``: int [P] on the device (:func:`gdn.split.two_pass_tables`); the rows of the
     programs it skips are left unwritten (a last piece's map, a first piece's M: nobody reads them).
     ``initial_state``: None or fp32 [P, HV, K, V], a first piece's E start (its sequence's h0)."""
     t, h_heads, dk = k.shape

@@ -295,9 +295,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def first_with_tiles(kk):  # n_mine or beyond when none is left
                 return lax.while_loop(lambda x: (x < n_mine) & (tiles_of(x) == 0), lambda x: x + 1, kk)
 
-            def after(kk, ii):  # the search for the next item only at an item's last tile
-                return lax.cond(ii + 1 < tiles_of(kk), lambda: (kk, ii + 1),
-                                lambda: (first_with_tiles(kk + 1), jnp.int32(0)))
+            def after(kk, ii, nt):  # (item kk has nt tiles) the search for the next item only at its last tile
+                return lax.cond(ii + 1 < nt, lambda: (kk, ii + 1), lambda: (first_with_tiles(kk + 1), jnp.int32(0)))
 
             def issue_at(kk, ii, slot):
                 n, j = item_of(kk)
@@ -307,11 +306,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             ahead = (k0, jnp.int32(0))
             for s0_ in range(stages):
                 pl.when(ahead[0] < n_mine)(lambda a=ahead, s0_=s0_: issue_at(a[0], a[1], s0_))
-                ahead = after(*ahead)
+                ahead = after(*ahead, tiles_of(ahead[0]))
 
             def p_step(carry):
                 g, kc, ic, ka, ia = carry
-                _, _, lo, hi = row_tiles(item_of(kc)[0])[2](ic)
+                _, nt_c, rows_c = row_tiles(item_of(kc)[0])
+                _, _, lo, hi = rows_c(ic)
                 prep_tile(lax.rem(g, stages), lo, hi)
                 refill = (g >= 1) & (ka < n_mine)
 
@@ -320,8 +320,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     prev = lax.rem(g - 1, stages)
                     plgpu.barrier_wait(in_free.at[prev])
                     issue_at(ka, ia, prev)
-                nka, nia = after(ka, ia)
-                return (g + 1,) + after(kc, ic) + (jnp.where(refill, nka, ka), jnp.where(refill, nia, ia))
+                nka, nia = after(ka, ia, tiles_of(ka))
+                return (g + 1,) + after(kc, ic, nt_c) + (jnp.where(refill, nka, ka), jnp.where(refill, nia, ia))
 
             g_end = lax.while_loop(lambda c: c[1] < n_mine, p_step, (jnp.int32(0), k0, jnp.int32(0)) + ahead)[0]
             drain_releases(g_end, stages, in_free)
