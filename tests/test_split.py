@@ -391,3 +391,16 @@ def test_triton_split_policy():
             assert pick_piece_chunks(lens, hv, 128, 128, sms=132) is None, (hv, len(lens))
     assert pick_piece_chunks([32768], 4, 128, 128, sms=132)
     assert pick_piece_chunks([32768], 32, 128, 128, sms=132) is None  # 128 programs already fill it
+
+
+def test_triton_split_leaves_inputs_alone_and_refuses_a_batch():
+    """The triton split writes nothing the caller passed (the initial state included) and refuses a
+    [B, T] batch by name (the pieces are cut on the packed token axis)."""
+    x = make_inputs([200, 0, 70], h=1, hv=2, k=32, v=32, initial_state=True, seed=15)
+    _, arrs, h0 = _torch_inputs(x, "bfloat16")
+    before = [a.clone() for a in arrs] + [h0.clone()]
+    gdn.prefill(*arrs, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="triton", split=1)
+    assert all(a.equal(b) for a, b in zip(arrs + [h0], before))
+    batch = [a.reshape(2, 135, *a.shape[2:]) for a in arrs[:5]]  # the 270 tokens as [2, 135]
+    with pytest.raises(ValueError, match="split"):
+        gdn.prefill(*batch, backend="triton", split=1)
