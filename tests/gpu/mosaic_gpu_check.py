@@ -353,7 +353,7 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         try:
             row["policy"] = pick_piece_chunks(lens, hv, dk, dk)
             row["model_us"] = {"unsplit": model_us(lens, None, hv, dk, dk)["unsplit"],
-                               **{f"split{pc}": model_us(lens, int(str(pc).partition("s")[0]), hv, dk, dk)
+                               **{f"split{pc}": model_us(lens, int(re.match(r"\d+", str(pc)).group()), hv, dk, dk)
                                   for pc in sizes}}
             TABLE.append(f"split {label:12s} model (us, loop only, no intra): " + "; ".join(
                 f"{n} " + (f"{m:.0f}" if isinstance(m, float) else " + ".join(f"{k} {x:.0f}" for k, x in m.items()))
