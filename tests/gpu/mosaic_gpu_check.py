@@ -276,6 +276,10 @@ SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chu
     ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
     ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
     ("1x32768_HV64", [32768], 16, 64, 0.90, (64, 128)),
+    # tensor-parallel head counts (Qwen3.5 at TP8 / TP4): the unsplit loop keeps 8 / 16 SMs busy
+    ("1x32768_tp8", [32768], 2, 4, None, (16, 32, 64)),
+    ("1x32768_tp4", [32768], 4, 8, None, (32, 64)),
+    ("1x8192_tp8", [8192], 2, 4, None, (8, 16)),
 ]
 
 
