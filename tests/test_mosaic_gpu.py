@@ -87,6 +87,9 @@ CASES = [
     # (where a split that drops the early pieces' influence fails), no initial state
     ("two_pass_wide_nodecay_K128_V128", dict(lens=[330, 70], h=1, hv=2, k=128, v=128, gates="none", seed=17),
      dict(), "bfloat16", "two_pass:wide"),
+    # the scan as one Pallas-Triton kernel (scan="kernel"): 3 and 2 pieces, an initial state
+    ("two_pass_scan_kernel_G2_h0", dict(lens=[300, 200], h=1, hv=2, k=64, v=64, initial_state=True, seed=18),
+     dict(), "bfloat16", "two_pass:scan_kernel"),
 ]
 
 #: layout suffix -> options of M.run
@@ -97,7 +100,8 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
                 "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
                 "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
-                "wide_persist": dict(chunk_variant="wide", loop_ctas=3)}
+                "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
+                "scan_kernel": dict(scan="kernel")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -619,9 +623,10 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("chunk_variant,with_h0,direct", [("wide", True, False), ("default", False, False),
-                                                          ("wide", True, True), ("default", True, True)])
-def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct):
+@pytest.mark.parametrize("chunk_variant,with_h0,direct,scan", [
+    ("wide", True, False, "xla"), ("default", False, False, "xla"), ("wide", True, True, "xla"),
+    ("default", True, True, "xla"), ("wide", True, False, "kernel"), ("default", False, False, "kernel")])
+def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct, scan):
     """The exact split's two passes (intra on the piece plan, pass 1 piece_states, the scan, pass 2
     chunk loop) lower for an H200 at the Qwen3.5 head shape: the interpreter cases do not compile
     pass 1's kernel for the GPU."""
@@ -648,11 +653,13 @@ def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct):
     def fn(q, k, v, g, beta, h0, plan):
         tabs = {name: jnp.asarray(a) for name, a in tables.items()}
         return core_split(q, k, v, g, beta, plan, h0, tabs, scale=d ** -0.5, use_qk_l2norm=True,
-                          output_final_state=True, chunk_variant=chunk_variant, loop_direct_io=direct)[:2]
+                          output_final_state=True, chunk_variant=chunk_variant, loop_direct_io=direct,
+                          scan=scan)[:2]
 
     text = _lower_for_cuda(fn, q, q, v, g, g, h0, pp.to_jax()).as_text()
     for kernel in ("gdn_intra", "gdn_piece_states",
-                   "gdn_chunk_loop_wide" if chunk_variant == "wide" else "gdn_chunk_loop"):
+                   "gdn_chunk_loop_wide" if chunk_variant == "wide" else "gdn_chunk_loop") + (
+                       ("gdn_split_scan",) if scan == "kernel" else ()):
         assert kernel in text, kernel
 
 

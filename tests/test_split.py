@@ -404,3 +404,47 @@ def test_triton_split_leaves_inputs_alone_and_refuses_a_batch():
     batch = [a.reshape(2, 135, *a.shape[2:]) for a in arrs[:5]]  # the 270 tokens as [2, 135]
     with pytest.raises(ValueError, match="split"):
         gdn.prefill(*batch, backend="triton", split=1)
+
+
+@pytest.mark.parametrize("kdim,vdim", [(24, 40), (64, 64)])
+def test_pallas_scan_kernel_matches_a_plain_loop(kdim, vdim):
+    """The scan as one Pallas-Triton kernel (interpreter): each later piece starts from the one
+    before it through that piece's map; first pieces and sequences of one piece keep start0; the
+    last pieces' maps (never computed by pass 1: NaN here) are not read; dims off the tile widths."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.split import scan_starts as xla_scan
+    from gdn.jax_backend.pallas_triton.scan import scan_starts
+    from gdn.split import two_pass_tables
+
+    sp = split_pieces([0, 500, 500, 520, 900, 1030], 2)  # 4, 0, 1, 3 and 2 pieces
+    p_pad = sp.num_pieces + 2
+    tb = two_pass_tables(sp, 6, p_pad)
+    assert tb["by_step"].shape[1] > 3  # a padding column of the power-of-two rows
+    rng = np.random.default_rng(3)
+    hv = 3
+    e = rng.normal(size=(p_pad, hv, kdim, vdim)).astype(np.float32)
+    m = (rng.normal(size=(p_pad, hv, kdim, kdim)) / np.sqrt(kdim)).astype(np.float32)
+    start0 = rng.normal(size=(p_pad, hv, kdim, vdim)).astype(np.float32)
+    e[tb["mode"] == 0] = np.nan
+    m[tb["mode"] != 2] = np.nan
+    want = start0.astype(np.float64).copy()
+    for p_ in range(1, sp.num_pieces):
+        if sp.piece_seq[p_] == sp.piece_seq[p_ - 1]:
+            carried = 0.0  # a first piece's E holds its initial state, its M is 0
+            if sp.piece_index[p_ - 1]:
+                carried = np.einsum("hij,hjv->hiv", m[p_ - 1].astype(np.float64), want[p_ - 1])
+            want[p_] = carried + e[p_ - 1]
+    got = np.asarray(scan_starts(jnp.asarray(e), jnp.asarray(m), jnp.asarray(tb["by_step"]),
+                                 jnp.asarray(start0), interpret=True))
+    assert np.isfinite(got).all()
+    scanned = (sp.piece_index > 0)
+    assert np.abs(got[: sp.num_pieces][scanned] - start0[: sp.num_pieces][scanned]).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    ref = np.asarray(xla_scan(jnp.asarray(np.nan_to_num(e)), jnp.asarray(np.nan_to_num(m)),
+                              jnp.asarray(tb["by_step"]), jnp.asarray(start0)))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="m_map"):
+        scan_starts(jnp.asarray(e), jnp.asarray(m[..., :-1]), jnp.asarray(tb["by_step"]), jnp.asarray(start0))
+    del jax

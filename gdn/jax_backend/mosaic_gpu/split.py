@@ -32,14 +32,16 @@ from .piece_states import piece_states
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "chunk_variant",
-    "stages1", "loop_direct_io", "_stop"))
+    "stages1", "loop_direct_io", "scan", "_stop"))
 def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2norm: bool,
                output_final_state: bool, return_stages: bool = False, interpret=None,
                chunk_variant: str = "default", stages1: int = 2, loop_direct_io: bool = False,
-               _stop: str | None = None):
+               scan: str = "xla", _stop: str | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]; plan: the PIECE plan (pytree);
     h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
     as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None).
+    ``scan``: "xla" (:func:`scan_starts`) or "kernel" (one Pallas-Triton kernel,
+    :func:`gdn.jax_backend.pallas_triton.scan.scan_starts`: the same fp32 products).
     ``_stop`` (a diagnostic: the check script times the passes by differences): "intra", "pass1"
     or "scan" returns (that stage's output, None, None) instead."""
     del return_stages
@@ -66,7 +68,12 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
         return em, None, None
     e_map, m_map = em[..., :dv], em[..., dv:]
 
-    start = scan_starts(e_map, m_map, tables["by_step"], hp)
+    if scan == "kernel":
+        from ..pallas_triton.scan import scan_starts as scan_kernel
+        start0 = jnp.zeros(e_map.shape, f32) if hp is None else hp
+        start = scan_kernel(e_map, m_map, tables["by_step"], start0, interpret=bool(interpret))
+    else:
+        start = scan_starts(e_map, m_map, tables["by_step"], hp)
     if _stop == "scan":
         return start, None, None
 
@@ -108,13 +115,18 @@ def scan_starts(e_map, m_map, by_step, hp):
         jnp.stack(ends).reshape((-1, hv, dk, dv)), mode="drop")
 
 
+SCANS = ("xla", "kernel")
+
+
 def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
-              loop_direct_io: bool = False, _stop: str | None = None):
+              loop_direct_io: bool = False, scan: str = "xla", _stop: str | None = None):
     """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
     (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
     ``stages1``: pass 1's ring depth; ``loop_direct_io``: pass 2's chunk loop ``direct_io`` (each
-    piece's start state read straight into registers, :func:`._driver.prefill_arrays`)."""
+    piece's start state read straight into registers, :func:`._driver.prefill_arrays`); ``scan``:
+    "xla" (a few XLA kernels per step) or "kernel" (UNTIMED: the whole scan in one Pallas-Triton
+    kernel, for tensor-parallel head counts where the XLA steps are launch-bound)."""
     from ...planner import plan as make_plan
     from ...split import two_pass_tables
     from . import check_runnable
@@ -125,6 +137,8 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
         raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
     if stages1 not in (2, 3, 4):
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     if not isinstance(loop_direct_io, bool):
         raise TypeError(f"loop_direct_io must be a bool, got {loop_direct_io!r}")
     piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
@@ -138,7 +152,7 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
                              chunk_variant=chunk_variant, stages1=stages1, loop_direct_io=loop_direct_io,
-                             _stop=_stop)
+                             scan=scan, _stop=_stop)
     if _stop is not None:
         return o, None
     if final is not None and final.shape[0] != p.num_seqs:

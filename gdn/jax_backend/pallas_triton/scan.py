@@ -1,0 +1,93 @@
+"""The exact split's scan as one kernel: every piece's true start state from pass 1's affine maps.
+
+Pass 1 of the two-pass split gives each piece its end state from a zero start, ``E`` [K, V], and
+its map ``M`` [K, K] (``S_end = M S_start + E``; a sequence's first piece has its initial state in
+``E``). The scan walks each sequence's pieces in order::
+
+    s = E[first piece]
+    for each later piece p:  start[p] = s;  s = M[p] s + E[p]
+
+In XLA (:func:`gdn.jax_backend.mosaic_gpu.split.scan_starts`, the reference) every step is a few
+kernels (gathers, a batched fp32 GEMM, a select) over all sequences at once: ~13 us a step on the
+H200 at HV = 32 (call h1: 0.203 ms for 15 steps), launch-bound at tensor-parallel head counts.
+Here one program per (sequence with several pieces, v head, V tile of ``BV`` columns) keeps ``s``
+[K, BV] fp32 in registers for the whole walk and reads each ``M`` once per tile (the V tiles of a
+head run side by side and share it in L2): one launch, no HBM round trip of ``s`` between steps.
+IEEE fp32 dots (HIGHEST), as the XLA scan; the pieces that no scan step reaches (first pieces,
+sequences of one piece, padding) keep ``start0``'s rows (aliased to the output).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .kernel_utils import (compiler_params, dim_tile, grid_of, iota, load, mdot, pl, program_ids,
+                           sm_count, store, tiles)
+
+#: launch overrides of :func:`scan_starts` over :func:`scan_tiles` (keys BV, num_warps, order).
+TILES: dict = {}
+
+
+def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
+    """Launch meta: BV = 32 V columns per program, 16 where that leaves fewer programs than SMs
+    (a tensor-parallel head count: more, thinner walks finish sooner; each step is K x K x BV
+    fp32 FMAs on CUDA cores)."""
+    bv = 32 if rows * hv * pl.cdiv(v, 32) >= sms else 16
+    return tiles(dict(BV=min(bv, dim_tile(v)), num_warps=4, order="triton"), TILES, "scan")
+
+
+def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
+    """Every piece's start state fp32 [P_pad, HV, K, V].
+
+    e_map: fp32 [P_pad, HV, K, V] and m_map: fp32 [P_pad, HV, K, K] (pass 1); by_step: int32 [S, R]
+    (:func:`gdn.split.two_pass_tables`: column r the pieces of one sequence in order, -1 past its
+    last; S a power of two); start0: fp32 [P_pad, HV, K, V], the starts of the pieces no step
+    reaches (a sequence's initial state for its first piece, or zeros).
+    """
+    p_pad, hv, kdim, vdim = e_map.shape
+    steps, rows = by_step.shape
+    if m_map.shape != (p_pad, hv, kdim, kdim) or start0.shape != e_map.shape:
+        raise ValueError(f"scan_starts: e_map {e_map.shape}, m_map {m_map.shape}, start0 {start0.shape}")
+    if steps < 2:
+        return start0
+    meta = scan_tiles(rows, hv, vdim, sm_count())
+    bv, kp = meta["BV"], dim_tile(kdim)
+
+    def kernel(ids_ref, e_ref, m_ref, start0_ref, out_ref):
+        del start0_ref  # aliased to out_ref: the rows no step writes keep it
+        r, head, vb = program_ids(3, meta["order"])
+        col0 = vb * bv
+        kin = iota(kp) < kdim
+        vin = col0 + iota(bv) < vdim
+        smask = kin[:, None] & vin[None, :]
+        mmask = kin[:, None] & kin[None, :]
+        vcols = pl.ds(col0, bv)
+        ids = ids_ref[pl.ds(0, steps), r]
+        n = jnp.sum((ids >= 0).astype(jnp.int32))
+
+        def piece_id(i):
+            return ids_ref[i, r]
+
+        def walk():
+            def body(i, s):
+                p = piece_id(i)
+                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s, smask)
+                m = load(m_ref.at[p, head, pl.ds(0, kp), pl.ds(0, kp)], mmask, 0.0)
+                e = load(e_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
+                return mdot(m, s, True) + e
+
+            s = load(e_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
+            s = lax.fori_loop(1, n - 1, body, s)
+            store(out_ref.at[piece_id(n - 1), head, pl.ds(0, kp), vcols], s, smask)
+
+        pl.when(n >= 2)(walk)
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(start0.shape, jnp.float32),
+        grid=grid_of((rows, hv, pl.cdiv(vdim, bv)), meta["order"]),
+        input_output_aliases={3: 0}, interpret=interpret,
+        compiler_params=compiler_params(meta["num_warps"], 1),
+        name="gdn_split_scan",
+    )(by_step.astype(jnp.int32), e_map.astype(jnp.float32), m_map.astype(jnp.float32),
+      start0.astype(jnp.float32))
