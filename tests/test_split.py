@@ -359,25 +359,37 @@ def test_triton_maps_kernel_against_float64():
             assert R.rms_ratio(em[p_, ..., 32:], ref[p_, ..., 32:]) < bar, p_
 
 
-def test_triton_scan_starts_matches_a_plain_loop():
+def test_triton_scan_kernel_matches_a_plain_loop():
+    """The Triton backend's scan kernel (gdn/triton_backend/scan.py, interpreter) on views of one
+    [E | M] tensor as pass 1 leaves them: each later piece starts where the one before ended; first
+    pieces keep their start; the maps pass 1 never computes (NaN) are not read; K, V off the tiles."""
     torch = pytest.importorskip("torch")
     from gdn.split import two_pass_tables
-    from gdn.triton_backend.split import scan_starts
+    from gdn.triton_backend.scan import scan_starts
 
-    sp = split_pieces([0, 500, 500, 520, 900], 2)  # 4, 0, 1 and 3 pieces
-    tb = two_pass_tables(sp, 4, sp.num_pieces)
+    sp = split_pieces([0, 500, 500, 520, 900, 1030], 2)  # 4, 0, 1, 3 and 2 pieces
+    tb = two_pass_tables(sp, 5, sp.num_pieces)
+    by_step = tb["by_step"][:, tb["by_step"][0] >= 0]
     rng = np.random.default_rng(0)
-    e = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 3)), dtype=torch.float64)
-    m = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 4)) * 0.5, dtype=torch.float64)
-    h = torch.tensor(rng.normal(size=(sp.num_pieces, 2, 4, 3)), dtype=torch.float64)
-    h[torch.as_tensor(sp.piece_index > 0)] = 0
-    got = scan_starts(e, m, tb["by_step"], h.clone())
-    want = h.clone()
+    hv, k, v = 2, 24, 40
+    em = torch.tensor(rng.normal(size=(sp.num_pieces, hv, k, v + k)), dtype=torch.float32)
+    em[..., v:] /= k ** 0.5
+    em[torch.as_tensor(tb["mode"] == 0)] = float("nan")
+    em[torch.as_tensor(tb["mode"] == 1), ..., v:] = float("nan")
+    h = torch.tensor(rng.normal(size=(sp.num_pieces, hv, k, v)), dtype=torch.float32)
+    got = scan_starts(em[..., :v], em[..., v:], torch.as_tensor(by_step), h.clone(), sms=132)
+    want = h.double().clone()
+    e, m = em[..., :v].double(), em[..., v:].double()
     for p_ in range(1, sp.num_pieces):
         if sp.piece_seq[p_] == sp.piece_seq[p_ - 1]:  # S_start(p) = M(p-1) S_start(p-1) + E(p-1),
-            prev = want[p_ - 1] if sp.piece_index[p_ - 1] else 0 * want[p_ - 1]  # a first piece's M is 0
-            want[p_] = (torch.matmul(m[p_ - 1], prev) if sp.piece_index[p_ - 1] else 0) + e[p_ - 1]
-    assert torch.allclose(got, want)
+            carried = torch.matmul(m[p_ - 1], want[p_ - 1]) if sp.piece_index[p_ - 1] else 0.0
+            want[p_] = carried + e[p_ - 1]  # a first piece's E holds its initial state, its M is 0
+    assert torch.isfinite(got).all()
+    later = torch.as_tensor(sp.piece_index > 0)
+    assert (got[later] - h[later]).abs().max() > 0.1
+    assert torch.allclose(got.double(), want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="m_map"):
+        scan_starts(em[..., :v], em[..., v:-1], torch.as_tensor(by_step), h.clone(), sms=132)
 
 
 def test_triton_split_policy():

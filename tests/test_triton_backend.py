@@ -331,7 +331,7 @@ def _run_compiled(argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile for real")
 def test_kernels_cross_compile_for_sm90():
-    """Every kernel of the chain (and the fused-output state pass, and the split's pass 1) compiles down to an sm_90
+    """Every kernel of the chain (and the fused-output state pass, and the split's pass 1 and scan) compiles down to an sm_90
     cubin (Triton's own pipeline and bundled ptxas, no GPU needed) at the Qwen3.5 shape and an
     odd one, within the H200's shared memory and free of the pipeline race of
     test_pipeline_hazard_detector_sees_the_l2norm_race (use_qk_l2norm on): the interpreter
@@ -340,6 +340,7 @@ def test_kernels_cross_compile_for_sm90():
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("_state_kernel") == 4 and "NORM=True" in res.stdout, res.stdout
     assert res.stdout.count("MAPS=True") == 1, res.stdout  # the exact split's pass 1
+    assert res.stdout.count("_scan_kernel") == 1, res.stdout  # and its scan
 
 
 @pytest.mark.parametrize("mod, cfg", [("intra", {"INV": 0, "num_warps": 1}),

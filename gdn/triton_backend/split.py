@@ -8,7 +8,8 @@ at multiples of the chunk size) run as the sequences of a finer plan:
 1. the intra and w / u stages on the piece plan (chunk-local: the unsplit call's numbers);
 2. pass 1: every piece's ``[E | M]`` (``S_end = M S_start + E``) by the state kernel in its MAPS
    mode: V + K state columns, the last K from the identity with zero values (:func:`.state.launch_maps`);
-3. the scan over each sequence's pieces (torch, fp32), the true start of every piece;
+3. the scan over each sequence's pieces (:func:`.scan.scan_starts`, one kernel, fp32), the true
+   start of every piece;
 4. pass 2: the state pass and the output stage on the piece plan from those starts, exactly as the
    unsplit chain computes them (no correction of the output).
 
@@ -23,10 +24,11 @@ import torch
 
 from ._chain import _device_guard, chain_inputs, state_and_output
 from ._common import device_plan
+from .scan import scan_starts
 from .state import launch_maps, sm_count
 from .wu import launch_prepare
 
-__all__ = ["run_split", "scan_starts", "pick_piece_chunks"]
+__all__ = ["run_split", "pick_piece_chunks"]
 
 
 def _to_device(arrays: dict, dev: torch.device) -> dict:
@@ -42,35 +44,6 @@ def _to_device(arrays: dict, dev: torch.device) -> dict:
         out[name] = t[at:at + a.size].view(a.shape)
         at += a.size
     return out
-
-
-def scan_starts(e_map, m_map, by_step: np.ndarray, start):
-    """Every piece's true start state, written into ``start`` fp32 [P, HV, K, V] (zeros, or a
-    first piece's initial state) and returned: ``e_map`` [P, HV, K, V], ``m_map`` [P, HV, K, K]
-    from pass 1, ``by_step`` host int [S, R] (:func:`gdn.split.two_pass_tables`: column r the pieces
-    of the r-th sequence of several pieces, -1 past its last). One step per piece position: a piece
-    starts where the one before it ended (a first piece ends in its E, its M being 0)."""
-    by_step = by_step[:, by_step[0] >= 0]  # the power-of-two padding columns hold no sequence
-    steps = by_step.shape[0]
-    if steps < 2 or by_step.shape[1] == 0:
-        return start
-    host = {"first": by_step[0]}
-    for i in range(1, steps):
-        ok = np.flatnonzero(by_step[i] >= 0)
-        host[f"ids{i}"], host[f"sel{i}"] = by_step[i][ok], ok
-        if i + 1 < steps:  # the pieces of step i that have a successor: their ends are needed
-            nxt = np.flatnonzero(by_step[i + 1] >= 0)
-            host[f"end_ids{i}"], host[f"end_sel{i}"] = by_step[i][nxt], nxt
-    d = _to_device(host, start.device)
-    s = e_map[d["first"]]  # the end of each sequence's first piece
-    for i in range(1, steps):
-        if host[f"ids{i}"].size == 0:
-            break
-        start[d[f"ids{i}"]] = s[d[f"sel{i}"]]
-        if i + 1 < steps and host[f"end_ids{i}"].size:
-            ids, sel = d[f"end_ids{i}"], d[f"end_sel{i}"]
-            s[sel] = torch.matmul(m_map[ids], s[sel]) + e_map[ids]
-    return start
 
 
 def run_split(args, split):
@@ -91,8 +64,9 @@ def run_split(args, split):
     first = np.flatnonzero(split.piece_index == 0)
     last = tabs["last_piece"][:n]
     has_last = np.flatnonzero(last >= 0)
+    by_step = tabs["by_step"][:, tabs["by_step"][0] >= 0]  # the power-of-two padding columns: no sequence
     d = _to_device(dict(mode=tabs["mode"], first=first, first_seq=split.piece_seq[first], has_last=has_last,
-                        last=last[has_last]), dev)
+                        last=last[has_last], by_step=by_step), dev)
     f32 = torch.float32
     with _device_guard(dev):
         gc, _, w, u, k_rstd = launch_prepare(k, v, g, beta, pp, False, args.use_qk_l2norm)
@@ -100,7 +74,7 @@ def run_split(args, split):
         if h0 is not None:  # a first piece starts from its sequence's initial state
             start[d["first"]] = h0[d["first_seq"]].to(f32)
         em = launch_maps(k, w, u, gc, pp, d["mode"], start if h0 is not None else None, k_rstd)
-        start = scan_starts(em[..., :dv], em[..., dv:], tabs["by_step"], start.clone())
+        start = scan_starts(em[..., :dv], em[..., dv:], d["by_step"], start.clone(), sm_count(dev))
         _, _, fin, o = state_and_output(q, k, w, u, gc, pp, start, args, k_rstd)
     final = None
     if args.output_final_state:  # a sequence's final state is its last piece's; an empty one's its h0

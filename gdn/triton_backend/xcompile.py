@@ -245,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for shape, mode in [(s, "") for s in shapes] + [(shapes[0], "fuse"), (shapes[0], "split")]:
         print(f"H, HV, K, V, dtype = {shape}" + {"": "", "fuse": ", state.FUSE_OUTPUT",
-                                                 "split": ", the split's pass 1 (state MAPS mode)"}[mode])
+                                                 "split": ", the split's pass 1 (state MAPS mode) and scan"}[mode])
         state.FUSE_OUTPUT = mode == "fuse"
         try:
             if mode == "split":  # the other launches of the split are the chain's own compilations
                 launches = [lc for lc in chain_launches(*shape, lens=(300, 30), split=2)
-                            if lc.kwargs.get("MAPS")]
+                            if lc.kwargs.get("MAPS") or lc.name == "_scan_kernel"]
             else:
                 launches = chain_launches(*shape)
         finally:

@@ -13,8 +13,11 @@ H200 at HV = 32 (call h1: 0.203 ms for 15 steps), launch-bound at tensor-paralle
 Here one program per (sequence with several pieces, v head, V tile of ``BV`` columns) keeps ``s``
 [K, BV] fp32 in registers for the whole walk and reads each ``M`` once per tile (the V tiles of a
 head run side by side and share it in L2): one launch, no HBM round trip of ``s`` between steps.
-IEEE fp32 dots (HIGHEST), as the XLA scan; the pieces that no scan step reaches (first pieces,
-sequences of one piece, padding) keep ``start0``'s rows (aliased to the output).
+Products in tf32x3 (three TF32 tensor-core products, fp32 accuracy; IEEE fp32 in the interpreter)
+with 8 warps: the Triton backend's twin (gdn/triton_backend/scan.py) compiled for sm_90 so with
+84 B of register spills per thread at K = 128, an IEEE fp32 dot with 3 KB. The pieces that no
+scan step reaches (first pieces, sequences of one piece, padding) keep ``start0``'s rows (aliased
+to the output).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernel_utils import (compiler_params, dim_tile, grid_of, iota, load, mdot, pl, program_ids,
-                           sm_count, store, tiles)
+from .kernel_utils import (compiler_params, dim_tile, grid_of, iota, load, pl, program_ids, sdot,
+                           sm_count, solve_precision, store, tiles)
 
 #: launch overrides of :func:`scan_starts` over :func:`scan_tiles` (keys BV, num_warps, order).
 TILES: dict = {}
@@ -34,7 +37,7 @@ def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     (a tensor-parallel head count: more, thinner walks finish sooner; each step is K x K x BV
     fp32 FMAs on CUDA cores)."""
     bv = 32 if rows * hv * pl.cdiv(v, 32) >= sms else 16
-    return tiles(dict(BV=min(bv, dim_tile(v)), num_warps=4, order="triton"), TILES, "scan")
+    return tiles(dict(BV=min(bv, dim_tile(v)), num_warps=8, order="triton"), TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
@@ -53,6 +56,7 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
         return start0
     meta = scan_tiles(rows, hv, vdim, sm_count())
     bv, kp = meta["BV"], dim_tile(kdim)
+    prec = solve_precision(False, interpret)  # tf32x3 on the GPU, IEEE fp32 in the interpreter
 
     def kernel(ids_ref, e_ref, m_ref, start0_ref, out_ref):
         del start0_ref  # aliased to out_ref: the rows no step writes keep it
@@ -75,7 +79,7 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
                 store(out_ref.at[p, head, pl.ds(0, kp), vcols], s, smask)
                 m = load(m_ref.at[p, head, pl.ds(0, kp), pl.ds(0, kp)], mmask, 0.0)
                 e = load(e_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
-                return mdot(m, s, True) + e
+                return sdot(m, s, prec) + e
 
             s = load(e_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
             s = lax.fori_loop(1, n - 1, body, s)
