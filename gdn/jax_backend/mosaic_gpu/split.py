@@ -41,7 +41,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
     as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None).
     ``scan``: "xla" (:func:`scan_starts`) or "kernel" (one Pallas-Triton kernel,
-    :func:`gdn.jax_backend.pallas_triton.scan.scan_starts`: the same fp32 products).
+    :func:`gdn.jax_backend.pallas_triton.scan.scan_starts`: tf32x3 products, fp32 accuracy).
     ``_stop`` (a diagnostic: the check script times the passes by differences): "intra", "pass1"
     or "scan" returns (that stage's output, None, None) instead."""
     del return_stages
