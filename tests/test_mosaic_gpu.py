@@ -549,7 +549,7 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
                      (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError),
                      (dict(loop_direct_io=None), TypeError), (dict(loop_ctas=0), ValueError),
-                     (dict(loop_ctas=True), ValueError)):
+                     (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -802,6 +802,23 @@ def test_chunk_variant_policy():
     assert pick_chunk_variant(0, 32, 128, 132) == "default"
 
 
+def test_loop_ctas_policy():
+    """The wide loop runs on a persistent grid of one CTA per SM where its (sequence, v head) items
+    outnumber the SMs (the serving mix, 42 x 32 items: 8% faster on the H200), one CTA per item
+    otherwise, and never for the default loop or an unknown sequence count."""
+    from gdn.jax_backend.mosaic_gpu._driver import pick_chunk_variant, pick_loop_ctas
+
+    assert pick_loop_ctas(42, 32, "wide", 132) == 132
+    assert pick_loop_ctas(128, 32, "wide", 132) == 132
+    assert pick_loop_ctas(4, 32, "wide", 132) is None       # 128 items: a CTA each already
+    assert pick_loop_ctas(42, 32, "default", 132) is None
+    assert pick_loop_ctas(None, 32, "wide", 132) is None
+    for n, hv in ((42, 32), (4, 32), (1, 32), (4, 48), (128, 16)):
+        variant = pick_chunk_variant(n, hv, 128, 132)
+        ctas = pick_loop_ctas(n, hv, variant, 132)
+        assert ctas is None or (variant == "wide" and n * hv > 132), (n, hv)
+
+
 def test_auto_chunk_variant_ignores_empty_sequences(monkeypatch):
     """chunk_variant="auto" counts the sequences that have tokens: 5 sequences and the same 5 with 3
     empty ones appended (the parity suite's "pad" check) run the same loop, so bitwise the same."""
@@ -821,3 +838,27 @@ def test_auto_chunk_variant_ignores_empty_sequences(monkeypatch):
         _, args = api.validate(q, q, v, g, g, plan=make_plan(cu, num_tokens=t), backend="jax")
         _driver.prefill_arrays(args)
     assert seen == ["default", "default"], seen  # 8 counted sequences would pick "wide"
+
+
+def test_auto_loop_ctas_reaches_the_kernel(monkeypatch):
+    """prefill_arrays' loop_ctas="auto" resolves on the host plan's sequences with tokens: 42
+    sequences (x 32 v heads) get the persistent wide loop, and 8 more empty ones change nothing; an
+    explicit None keeps one CTA per item."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver
+
+    seen = []
+    monkeypatch.setattr(_driver, "run_core",
+                        lambda core, args, **kw: seen.append((kw["chunk_variant"], kw["loop_ctas"])))
+    monkeypatch.setattr(_driver, "_sm_count", lambda: 132)
+    t = 42 * 64
+    q = jnp.zeros((1, t, 16, 128), jnp.bfloat16)
+    v = jnp.zeros((1, t, 32, 128), jnp.bfloat16)
+    g = jnp.zeros((1, t, 32), jnp.float32)
+    cu = list(range(0, t + 1, 64))
+    for c, kw in ((cu, {}), (cu + [t] * 8, {}), (cu, dict(loop_ctas=None))):
+        _, args = api.validate(q, q, v, g, g, plan=make_plan(c, num_tokens=t), backend="jax")
+        _driver.prefill_arrays(args, **kw)
+    assert seen == [("wide", 132), ("wide", 132), ("wide", None)], seen
