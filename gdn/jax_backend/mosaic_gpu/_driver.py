@@ -166,7 +166,9 @@ def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) 
     3101 tokens, 1344 items) 0.924 / 0.919 against 1.021 / 0.997 one CTA per item: the longest
     items start first instead of in grid order; 128x256 (4096 items of equal length, the waves in
     step) 0.897 against 0.887; 4x8192 (128 items, each its own CTA either way) 0.664 against 0.671.
-    By the item count alone (not the lengths), so a new batch in the same bucket keeps its loop.
+    Decided on the host sequence count alone, as the chunk variant is (the lengths would flip it
+    between batches far more often): a bucket whose batches straddle ``sms / hv`` sequences
+    compiles both grids once each.
     """
     if chunk_variant != "wide" or num_seqs is None or num_seqs * hv <= sms:
         return None
