@@ -794,6 +794,8 @@ def main():
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
     ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
+    ap.add_argument("--split-no-f64", action="store_true",
+                    help="split: skip the float64 bar (its compilations took a short call's budget)")
     a = ap.parse_args()
     lens = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     os.makedirs(a.out, exist_ok=True)
@@ -808,7 +810,8 @@ def main():
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
                 "ablate": (sec_ablate, ()),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
-                                       if not a.split_shapes or s[0] in a.split_shapes.split(",")],)),
+                                       if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
+                          + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
                 "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens)))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
