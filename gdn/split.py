@@ -24,7 +24,7 @@ import numpy as np
 
 from .planner import Plan, Split, plan as make_plan
 
-__all__ = ["split_prefill", "piece_tables", "two_pass_tables"]
+__all__ = ["split_prefill", "piece_tables", "two_pass_tables", "scan_columns"]
 
 
 def piece_tables(split: Split, num_seqs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,6 +79,14 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
     last_piece = np.full(seqs_pad, -1, np.int32)
     last_piece[seq[last]] = np.arange(p)[last]
     return dict(mode=mode, h0_row=h0_row, by_step=by_step, last_piece=last_piece)
+
+
+def scan_columns(rows: int, hv: int, v: int, sms: int) -> int:
+    """V columns per program of both backends' scan kernels (gdn/triton_backend/scan.py and
+    gdn/jax_backend/pallas_triton/scan.py), before clamping to V's tile: 32, or 16 where 32 would
+    leave fewer programs than SMs (each step is K x K x columns products; more, thinner walks
+    finish sooner when the GPU has room)."""
+    return 32 if rows * hv * -(-v // 32) >= sms else 16
 
 
 def _ops(xp, like):

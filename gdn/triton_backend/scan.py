@@ -56,9 +56,10 @@ def _scan_kernel(ids, e_map, m_map, start, R,
 
 
 def scan_tiles(rows: int, hv: int, v: int, sms: int) -> int:
-    """V columns per program: 32, or 16 where 32 leaves fewer programs than SMs (each step is
-    K x K x BV fp32 FMAs; more, thinner walks finish sooner when the GPU has room)."""
-    return min(32 if rows * hv * cdiv(v, 32) >= sms else 16, pow2(v))
+    """V columns per program: :func:`gdn.split.scan_columns`, clamped to V's tile."""
+    from ..split import scan_columns
+
+    return min(scan_columns(rows, hv, v, sms), pow2(v))
 
 
 def scan_starts(e_map: torch.Tensor, m_map: torch.Tensor, by_step: torch.Tensor, start: torch.Tensor,

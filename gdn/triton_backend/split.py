@@ -89,8 +89,8 @@ def run_split(args, split):
 #: 2026-11-28), ``MANY`` with the 64-column default at two programs per SM (4x8192: 256 programs,
 #: 0.42 ms over 128 chunks), ``ALONE`` with 64-column programs one per SM (an estimate: 28672+4096's
 #: whole chain took 0.23 ms more than 1x32768's in the 2026-12-04 e4 benchmark, over its 448-chunk
-#: sequence). The scan's time per step (a gather, a batched [K, K] x [K, V] product, a scatter):
-#: an estimate.
+#: sequence). The scan's time per step: an estimate made for the loop of torch products that
+#: preceded the scan kernel (.scan, 2026-12-05), kept until the kernel is timed on the H200.
 FEW_CHUNK_US, MANY_CHUNK_US, ALONE_CHUNK_US, SCAN_STEP_US = 1.29, 3.28, 2.0, 30.0
 
 

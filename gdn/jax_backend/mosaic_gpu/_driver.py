@@ -175,6 +175,12 @@ def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) 
     return sms
 
 
+def _counted_seqs(plan) -> int | None:
+    """The sequences the grid policies count: those with tokens (an empty one's CTAs exit at once,
+    and padding a batch with empty sequences must not change the kernels), None under a jit."""
+    return plan.nonempty_seqs if plan.nonempty_seqs is not None else plan.num_seqs
+
+
 def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     """``chunk_variant`` checked ("auto" resolved by :func:`pick_chunk_variant` on ``plan``'s
     non-empty sequences: an empty one's CTAs exit at once, and padding a batch with empty
@@ -182,8 +188,7 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":
-        n = plan.nonempty_seqs if plan.nonempty_seqs is not None else plan.num_seqs
-        chunk_variant = pick_chunk_variant(n, hv, dv, _sm_count())
+        chunk_variant = pick_chunk_variant(_counted_seqs(plan), hv, dv, _sm_count())
     if chunk_variant == "wide" and dv not in WIDE_VALUE_DIMS:
         raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return chunk_variant
@@ -232,9 +237,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     if loop_ctas == "auto":
-        p = args.plan
-        loop_ctas = pick_loop_ctas(p.nonempty_seqs if p.nonempty_seqs is not None else p.num_seqs,
-                                   args.dims[1], chunk_variant, _sm_count())
+        loop_ctas = pick_loop_ctas(_counted_seqs(args.plan), args.dims[1], chunk_variant, _sm_count())
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,

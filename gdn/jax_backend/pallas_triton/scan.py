@@ -33,11 +33,12 @@ TILES: dict = {}
 
 
 def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
-    """Launch meta: BV = 32 V columns per program, 16 where that leaves fewer programs than SMs
-    (a tensor-parallel head count: more, thinner walks finish sooner; each step is K x K x BV
-    fp32 FMAs on CUDA cores)."""
-    bv = 32 if rows * hv * pl.cdiv(v, 32) >= sms else 16
-    return tiles(dict(BV=min(bv, dim_tile(v)), num_warps=8, order="triton"), TILES, "scan")
+    """Launch meta: BV = :func:`gdn.split.scan_columns` V columns per program (clamped to V's
+    tile), 8 warps, the Triton program order."""
+    from ...split import scan_columns
+
+    return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, order="triton"),
+                 TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
