@@ -417,7 +417,9 @@ def _main_interpret_cases(path):
     _timed(results, "direct_io_bits_wide", lambda: _loop_io_bits("wide", loop_direct_io=True))
     _timed(results, "direct_io_bits_narrow", lambda: _loop_io_bits("narrow", loop_direct_io=True))
     # 34 (sequence row, head) items on 3 persistent CTAs: empty sequences and the tail row in the stream
-    _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3))
+    # (with the L2 prefetch of each item's initial state: a hint that must not change a bit; the
+    # float64 case wide_persist_jit runs the grid without it)
+    _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -584,6 +586,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "wide_direct"),   # state I/O without SMEM staging
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_direct"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide_persist"),  # a persistent grid (loop_ctas)
+    (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # and its L2 prefetch of h0
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -604,8 +607,9 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
-        if variant == "wide_persist":
-            return prefill_arrays(args, chunk_variant="wide", loop_ctas=132)
+        if variant.startswith("wide_persist"):
+            return prefill_arrays(args, chunk_variant="wide", loop_ctas=132,
+                                  loop_prefetch=variant.endswith("_pf"))
         if variant.endswith("_direct"):
             return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
                                   loop_direct_io=True)
@@ -735,6 +739,26 @@ def test_loop_bare_drops_the_automatic_barriers(loop):
         [text] = _mosaic_module_texts(fn, *shapes)
         counts[bare] = text.count("bar.sync")
     assert 0 < counts[True] < counts[False] // 2, counts
+
+
+def test_persistent_loop_prefetch_takes_effect():
+    """prefetch_h0=True puts TMA L2 prefetches (of each item's initial state) into the persistent wide
+    loop and nothing else does: none without it, none without an initial state."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+
+    t, shapes = _LOOP_T, _loop_arg_shapes()
+    h0 = jax.ShapeDtypeStruct((2, 2, 128, 128), jnp.float32)
+    counts = {}
+    for pf, with_h0 in ((False, True), (True, True), (True, False)):
+        def fn(q, k, v, ag, gc, cu, h0, pf=pf, with_h0=with_h0):
+            return chunk_loop_wide(q, k, v, ag, gc, cu, h0 if with_h0 else None, scale=0.1, group=2, n_out=2,
+                                   t_valid=t, ctas=3, prefetch_h0=pf)
+        [text] = _mosaic_module_texts(fn, *shapes, h0)
+        counts[pf, with_h0] = text.count("cp.async.bulk.prefetch")  # not the tensormaps' prefetches
+    assert counts[False, True] == 0 and counts[True, False] == 0 and counts[True, True] >= 1, counts
 
 
 @pytest.mark.parametrize("t,h,group,dk,dtype,tiles,head_loop,merge,isolate,buffers", [

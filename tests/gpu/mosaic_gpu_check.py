@@ -157,15 +157,18 @@ def sec_small():
 
 
 @section("nan")
-def sec_nan():
+def sec_nan(names=()):
     """NaN / inf isolation compiled (tests/test_mosaic_gpu.py's poisoned batch): the default prefill
     and each chunk loop forced (the wide one at V = 128, its two state warpgroups), also as they were
     before lean and bare became their defaults; each loop with loop_direct_io and the wide loop on a
-    persistent grid of 3 CTAs against the default loop (the same bits)."""
+    persistent grid of 3 CTAs (also with its L2 prefetch of h0) against the default loop (the same
+    bits). ``names``: only these checks (default: all)."""
     tmg = _test_module()
     out = {}
     for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_plain", 128), ("narrow_plain", 128)):
         name = variant or "default"
+        if names and name not in names:
+            continue
         res = tmg._nan_isolation(variant, interpret=False, dv=dv)
         ok = (not res["changed"] and not res["dirty_finite"] and res["clean_finite"] and res["tail_zero"]
               and res["poisoned_nonfinite"] == sorted(tmg.NAN_POISON))
@@ -174,7 +177,10 @@ def sec_nan():
         TABLE.append(f"nan {name:8s} V={dv}: {'PASS' if ok else 'FAIL'} {res}")
     for name, loop, opts in (("direct_io_wide", "wide", dict(loop_direct_io=True)),
                              ("direct_io_narrow", "narrow", dict(loop_direct_io=True)),
-                             ("persistent_wide", "wide", dict(loop_ctas=3))):
+                             ("persistent_wide", "wide", dict(loop_ctas=3)),
+                             ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True))):
+        if names and name not in names:
+            continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
         ok = res["clean_same_bits"] and res["poisoned_same_bits"] and res["clean_nonfinite"] == 0
         out[name] = dict(res, ok=bool(ok))
@@ -454,6 +460,9 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # per SM's worth of CTAs in two waves, each walking its (sequence, head) items as one tile stream
     "persist": dict(chunk_variant="wide", loop_ctas=132),
     "persist264": dict(chunk_variant="wide", loop_ctas=264),
+    # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
+    "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
+    "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -793,6 +802,7 @@ def main():
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
+    ap.add_argument("--nan-names", default="", help="nan: only these checks (default: all)")
     ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
     ap.add_argument("--split-no-f64", action="store_true",
                     help="split: skip the float64 bar (its compilations took a short call's budget)")
@@ -806,7 +816,7 @@ def main():
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
-                "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ()),
+                "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
                 "ablate": (sec_ablate, ()),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES

@@ -84,8 +84,8 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
 
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
-                    bare: bool = True, direct_io: bool = False, ctas: int | None = None, interpret=None,
-                    _ablate: frozenset = frozenset()):
+                    bare: bool = True, direct_io: bool = False, ctas: int | None = None,
+                    prefetch_h0: bool = False, interpret=None, _ablate: frozenset = frozenset()):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -124,6 +124,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     warpgroups finish the current one, and a CTA's launch, barrier set-up and ring fill are paid
     once per CTA instead of once per item. The state enters and leaves as with ``direct_io`` (the
     SMEM staging would stall the stream). For many short sequences (128x256: 4128 items of 4 tiles).
+    ``prefetch_h0`` (with ``ctas`` and an initial state; UNTIMED): when the prep warpgroup's look-ahead
+    cursor reaches an item's first tile (``stages`` tiles before the state warpgroups need it) it asks
+    the TMA unit to prefetch that item's initial state [K, V] into L2, so the state warpgroups' direct
+    loads at the item's start find it there instead of in HBM (one HBM round trip on the chain per
+    item: 4 tiles per item at 128x256).
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     """
     t_pad, _, dk = q.shape
@@ -301,6 +306,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def issue_at(kk, ii, slot):
                 n, j = item_of(kk)
                 issue(j, row_tiles(n)[2](ii)[1], slot)
+                if prefetch_h0 and has_h0:  # the item's initial state into L2 ahead of its first tile
+                    plgpu.async_prefetch(h0_ref.at[jnp.minimum(n, n_h0 - 1), j], predicate=(ii == 0) & (n < n_h0))
 
             k0 = first_with_tiles(jnp.int32(0))
             ahead = (k0, jnp.int32(0))
@@ -310,8 +317,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
             def p_step(carry):
                 g, kc, ic, ka, ia = carry
-                _, nt_c, rows_c = row_tiles(item_of(kc)[0])
-                _, _, lo, hi = rows_c(ic)
+                with jax.named_scope("p_sched"):
+                    _, nt_c, rows_c = row_tiles(item_of(kc)[0])
+                    _, _, lo, hi = rows_c(ic)
                 prep_tile(lax.rem(g, stages), lo, hi)
                 refill = (g >= 1) & (ka < n_mine)
 
@@ -434,10 +442,13 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 def run_item(kk, g):
                     n, j = item_of(kk)
                     is_seq, nt, rows_of = row_tiles(n)
-                    s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), initial(n, j))
+                    with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
+                        s0 = initial(n, j)
+                    s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
                     pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
                     if out_final:
-                        pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
+                        with jax.named_scope("s_fin"):
+                            pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
                     return g + nt
 
                 lax.fori_loop(0, n_mine, run_item, jnp.int32(0))
