@@ -575,6 +575,47 @@ def sec_kernels():
         f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()))
 
 
+PERSIST_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone)
+    "one_per_item": dict(),
+    "order": dict(ctas=132, _schedule="order"),
+    "table": dict(ctas=132),
+    "order_pf": dict(ctas=132, _schedule="order", prefetch_h0=True),
+    "table_pf": dict(ctas=132, prefetch_h0=True),
+}
+
+
+@section("persist")
+def sec_persist(shapes=("128x256", "mix"), rounds=5):
+    """The wide chunk loop alone, interleaved: one CTA per item against the persistent grid with
+    its item lookups derived in the kernel ("order", session 8's) or read from the per-CTA table,
+    each with and without the L2 prefetch of the items' initial states; every variant's o and final
+    state checked bitwise against one CTA per item first."""
+    import jax
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+    if "mix" in shapes and not any(s[0] == "mix" for s in SHAPES):
+        _add_mix()
+    out = {}
+    for label in shapes:
+        lens = next(s[1] for s in SHAPES if s[0] == label)
+        x = _kernel_inputs(lens, 16, 32)
+        args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
+        fns = {name: jax.jit(lambda q, k, v, ag, gc, cu, h0, kw=kw: chunk_loop_wide(
+            q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=x["n"], t_valid=x["t"], **kw))
+            for name, kw in PERSIST_VARIANTS.items()}
+        ref = jax.block_until_ready(fns["one_per_item"](*args))
+        bits = {}
+        for name, fn in fns.items():
+            got = jax.block_until_ready(fn(*args))
+            bits[name] = all(bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+                             for a, b in zip(ref, got))
+        ts = _interleaved(fns, args, rounds)
+        out[label] = dict(same_bits=bits, ms={n: t[0] for n, t in ts.items()})
+        log(label, out[label])
+        TABLE.append(f"persist {label} (loop alone, median of {rounds}): " + ", ".join(
+            f"{n} {t[0]:.3f}{'' if bits[n] else ' BITS DIFFER'}" for n, t in ts.items()))
+    RESULTS["persist"] = out
+
+
 @section("ablate")
 def sec_ablate(lens=(8192,) * 4, rounds=5):
     """The wide chunk loop alone at ``lens``, whole and with each diagnostic ablation
@@ -818,7 +859,7 @@ def main():
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
-                "ablate": (sec_ablate, ()),
+                "ablate": (sec_ablate, ()), "persist": (sec_persist, ()),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),

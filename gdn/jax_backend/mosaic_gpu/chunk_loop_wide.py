@@ -82,10 +82,38 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
                               "bytes of SMEM")
 
 
+SCHEDULES = ("table", "order")
+
+
+def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
+    """The persistent grid's item list (XLA, on the device: no host read, a traced plan works).
+
+    ``order``: int32 [ns], the grid rows longest first (a stable sort: ties keep their order), the
+    tail row last. ``table``: int32 [ctas, ceil(ns * hv / ctas), 4], CTA c's kk-th item as (row,
+    v head, first token, end token): the ranked items u = row rank * hv + head dealt in a snake
+    (round kk: CTAs 0..ctas-1 when kk is even, ctas-1..0 when odd); the tail row and the entries past
+    the last item are (ns - 1, 0, 0, 0), no tiles."""
+    ns = cu.shape[0]
+    lens = cu[1:] - cu[:-1]
+    order = jnp.concatenate([jnp.argsort(-lens, stable=True), jnp.array([ns - 1])]).astype(jnp.int32)
+    if schedule == "order":
+        return order
+    n_items = ns * hv
+    kk = jnp.arange(-(-n_items // ctas), dtype=jnp.int32)[None, :]
+    c = jnp.arange(ctas, dtype=jnp.int32)[:, None]
+    u = kk * ctas + jnp.where(kk % 2 == 0, c, ctas - 1 - c)
+    row = jnp.where(u < n_items, order[jnp.minimum(u // hv, ns - 1)], ns - 1)
+    is_seq = row < ns - 1
+    a = jnp.where(is_seq, cu[jnp.minimum(row, ns - 2)], 0)
+    b = jnp.where(is_seq, cu[jnp.minimum(row + 1, ns - 1)], 0)
+    return jnp.stack([row, jnp.where(u < n_items, u % hv, 0), a, b], axis=-1).astype(jnp.int32)
+
+
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-                    prefetch_h0: bool = False, interpret=None, _ablate: frozenset = frozenset()):
+                    prefetch_h0: bool = False, interpret=None, _ablate: frozenset = frozenset(),
+                    _schedule: str = "table"):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -130,6 +158,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     loads at the item's start find it there instead of in HBM (one HBM round trip on the chain per
     item: 4 tiles per item at 128x256).
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
+    ``_schedule`` (persistent grid; a diagnostic to compare the two): "table" (default) reads each
+    item's (row, head, first token, end) from a per-CTA table XLA builds before the kernel (one
+    independent load per field, a CTA's items adjacent in memory); "order" derives them in the
+    kernel from the ranking and ``cu`` (two dependent global loads per item lookup, which both
+    cursors of the prep warpgroup and the state warpgroups repeat).
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -152,7 +185,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if persistent:
         if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
             raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
+        if _schedule not in SCHEDULES:
+            raise ValueError(f"_schedule must be one of {SCHEDULES}, got {_schedule!r}")
         ctas = min(ctas, n_items)
+        max_items = -(-n_items // ctas)
     r_prep, r_state = regs if regs is not None else REGS
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
@@ -188,7 +224,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         h0_ref = refs.pop(0) if has_h0 else None
-        order_ref = refs.pop(0) if persistent else None
+        sched_ref = refs.pop(0) if persistent else None  # the ranking, or the per-CTA item table
         o_ref = refs.pop(0)
         ht_ref = refs.pop(0) if out_final else None
         wg = lax.axis_index("wg")
@@ -210,13 +246,19 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             full = n_items // ctas
             n_mine = full + jnp.where(rank(full) < n_items, 1, 0)  # this CTA's items
 
-            def item_of(kk):
-                """This CTA's kk-th item -> (grid row, v head): the items ranked by their row's length
-                (``order``, longest first; heads of a row adjacent, so the CTAs running side by side
-                share q and k in L2), dealt to the CTAs in a snake: the longest items go first and
-                each round evens out the one before."""
-                u = rank(kk)  # past this CTA's items (a cursor's look-ahead): clamped to the tail row
-                return order_ref[jnp.minimum(lax.div(u, hv), ns - 1)], lax.rem(u, hv)
+            def item(kk):
+                """This CTA's kk-th item -> (grid row, v head, is_seq, tile count, rows_of): the items
+                ranked by their row's length (longest first; heads of a row adjacent, so the CTAs
+                running side by side share q and k in L2), dealt to the CTAs in a snake: the longest
+                items go first and each round evens out the one before. Past this CTA's items (a
+                cursor's look-ahead): the tail row, no tiles."""
+                if _schedule == "table":
+                    e = sched_ref.at[cta, jnp.minimum(kk, max_items - 1)]
+                    n = e[0]
+                    return (n, e[1], n < ns - 1) + seq_tiles(e[2], e[3])
+                u = rank(kk)
+                n = sched_ref[jnp.minimum(lax.div(u, hv), ns - 1)]
+                return (n, lax.rem(u, hv)) + row_tiles(n)
         else:
             j_grid, n_grid = lax.axis_index("h"), lax.axis_index("n")
 
@@ -295,7 +337,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             # persistent: one stream of tiles over this CTA's items (an item without tiles is
             # skipped); a cursor (item kk, tile ii) for the tile in hand and one `stages` ahead
             def tiles_of(kk):
-                return row_tiles(item_of(kk)[0])[1]
+                return item(kk)[3]
 
             def first_with_tiles(kk):  # n_mine or beyond when none is left
                 return lax.while_loop(lambda x: (x < n_mine) & (tiles_of(x) == 0), lambda x: x + 1, kk)
@@ -304,8 +346,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 return lax.cond(ii + 1 < nt, lambda: (kk, ii + 1), lambda: (first_with_tiles(kk + 1), jnp.int32(0)))
 
             def issue_at(kk, ii, slot):
-                n, j = item_of(kk)
-                issue(j, row_tiles(n)[2](ii)[1], slot)
+                n, j, _, _, rows_of = item(kk)
+                issue(j, rows_of(ii)[1], slot)
                 if prefetch_h0 and has_h0:  # the item's initial state into L2 ahead of its first tile
                     plgpu.async_prefetch(h0_ref.at[jnp.minimum(n, n_h0 - 1), j], predicate=(ii == 0) & (n < n_h0))
 
@@ -318,7 +360,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def p_step(carry):
                 g, kc, ic, ka, ia = carry
                 with jax.named_scope("p_sched"):
-                    _, nt_c, rows_c = row_tiles(item_of(kc)[0])
+                    _, _, _, nt_c, rows_c = item(kc)
                     _, _, lo, hi = rows_c(ic)
                 prep_tile(lax.rem(g, stages), lo, hi)
                 refill = (g >= 1) & (ka < n_mine)
@@ -440,8 +482,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
             if persistent:
                 def run_item(kk, g):
-                    n, j = item_of(kk)
-                    is_seq, nt, rows_of = row_tiles(n)
+                    n, j, is_seq, nt, rows_of = item(kk)
                     with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
                         s0 = initial(n, j)
                     s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
@@ -474,9 +515,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         finish_together(done)
 
     args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
-    if persistent:  # the grid rows longest first (a stable sort: ties keep their order), the tail row last
-        lens = cu[1:] - cu[:-1]
-        args.append(jnp.concatenate([jnp.argsort(-lens, stable=True), jnp.array([ns - 1])]).astype(jnp.int32))
+    if persistent:
+        args.append(_persistent_schedule(cu, hv, ctas, _schedule))
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(ctas,) if persistent else (hv, ns),
