@@ -846,6 +846,38 @@ def test_loop_ctas_policy():
         assert ctas is None or (variant == "wide" and n * hv > 132), (n, hv)
 
 
+@pytest.mark.parametrize("ctas", [1, 3, 7, 64])
+def test_persistent_schedule_table(ctas):
+    """The persistent grid's per-CTA item table: every (row, v head) item exactly once, longest rows
+    first in the snake's rounds (round kk: CTAs 0..ctas-1 when even, reversed when odd), a row's
+    heads adjacent, (first, end) token the row's cu entries, the tail row and the padding entries
+    without tokens; the in-kernel ranking ("order") is the same row order."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import _persistent_schedule
+
+    cu = np.array([0, 130, 130, 200, 205, 269, 269, 269], np.int32)  # 7 rows incl. empty ones; the tail row
+    hv, ns = 3, 8
+    order = np.asarray(_persistent_schedule(jnp.asarray(cu), hv, ctas, "order"))
+    lens = np.diff(cu)
+    assert list(order) == list(np.argsort(-lens, kind="stable")) + [ns - 1]
+    tab = np.asarray(_persistent_schedule(jnp.asarray(cu), hv, ctas, "table"))
+    n_items = ns * hv
+    assert tab.shape == (ctas, -(-n_items // ctas), 4)
+    seen = []
+    for kk in range(tab.shape[1]):
+        for i, c in enumerate(range(ctas) if kk % 2 == 0 else reversed(range(ctas))):
+            u = kk * ctas + i
+            row, j, a, b = tab[c, kk]
+            if u >= n_items:
+                assert (row, j, a, b) == (ns - 1, 0, 0, 0)
+                continue
+            assert (row, j) == (order[u // hv], u % hv), (c, kk)
+            assert (a, b) == ((cu[row], cu[row + 1]) if row < ns - 1 else (0, 0))
+            seen.append((row, j))
+    assert sorted(seen) == [(r, j) for r in range(ns) for j in range(hv)]
+
+
 def test_auto_chunk_variant_ignores_empty_sequences(monkeypatch):
     """chunk_variant="auto" counts the sequences that have tokens: 5 sequences and the same 5 with 3
     empty ones appended (the parity suite's "pad" check) run the same loop, so bitwise the same."""
