@@ -417,9 +417,12 @@ def _main_interpret_cases(path):
     _timed(results, "direct_io_bits_wide", lambda: _loop_io_bits("wide", loop_direct_io=True))
     _timed(results, "direct_io_bits_narrow", lambda: _loop_io_bits("narrow", loop_direct_io=True))
     # 34 (sequence row, head) items on 3 persistent CTAs: empty sequences and the tail row in the stream
-    # (with the L2 prefetch of each item's initial state: a hint that must not change a bit; the
-    # float64 case wide_persist_jit runs the grid without it)
-    _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True))
+    # (with the L2 prefetch of each item's initial state, a hint, and the output store deferred into
+    # the next tile, across items too: neither may change a bit; the float64 case wide_persist_jit
+    # runs the grid without them)
+    _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True,
+                                                                  loop_defer_store=True))
+    _timed(results, "defer_store_bits_wide", lambda: _loop_io_bits("wide", loop_defer_store=True))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -502,11 +505,13 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
     assert res["poisoned_nonfinite"] == sorted(NAN_POISON), res  # the poison did go in
 
 
-@pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide"])
+@pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide",
+                                  "defer_store_bits_wide"])
 def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
     """loop_direct_io=True (the initial / final state straight between global memory and registers)
     and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one
-    stream of tiles) give the default loop's bits, on clean inputs and on inputs whose one
+    stream of tiles, with loop_prefetch and loop_defer_store) and loop_defer_store alone give the
+    default loop's bits, on clean inputs and on inputs whose one
     sequence's initial state holds a NaN (which must stay in that sequence's final state only)."""
     res = interp_results[name]
     assert "error" not in res, res.get("error")
@@ -551,7 +556,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
                      (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError),
                      (dict(loop_direct_io=None), TypeError), (dict(loop_ctas=0), ValueError),
-                     (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError)):
+                     (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError),
+                     (dict(loop_prefetch=1), TypeError), (dict(loop_defer_store="no"), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -587,6 +593,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_direct"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide_persist"),  # a persistent grid (loop_ctas)
     (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # and its L2 prefetch of h0
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_defer"),  # the output store during the next products
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -607,6 +614,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
+        if variant == "wide_defer":
+            return prefill_arrays(args, chunk_variant="wide", loop_defer_store=True)
         if variant.startswith("wide_persist"):
             return prefill_arrays(args, chunk_variant="wide", loop_ctas=132,
                                   loop_prefetch=variant.endswith("_pf"))

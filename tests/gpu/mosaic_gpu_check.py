@@ -178,7 +178,9 @@ def sec_nan(names=()):
     for name, loop, opts in (("direct_io_wide", "wide", dict(loop_direct_io=True)),
                              ("direct_io_narrow", "narrow", dict(loop_direct_io=True)),
                              ("persistent_wide", "wide", dict(loop_ctas=3)),
-                             ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True))):
+                             ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True)),
+                             ("defer_store_wide", "wide", dict(loop_defer_store=True)),
+                             ("persistent_defer_wide", "wide", dict(loop_ctas=3, loop_defer_store=True))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
@@ -463,6 +465,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
+    "defer": dict(loop_defer_store=True),  # the wide loop's output store deferred into the next tile (UNTIMED)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -575,21 +578,22 @@ def sec_kernels():
         f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()))
 
 
-PERSIST_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone)
+LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loops)
     "one_per_item": dict(),
-    "order": dict(ctas=132, _schedule="order"),
-    "table": dict(ctas=132),
-    "order_pf": dict(ctas=132, _schedule="order", prefetch_h0=True),
-    "table_pf": dict(ctas=132, prefetch_h0=True),
+    "defer": dict(defer_store=True),  # each output tile stored during the next tile's first products
+    "order": dict(ctas=132, _schedule="order"),  # persistent, item lookups derived in the kernel (session 8)
+    "table": dict(ctas=132),  # persistent, items read from the per-CTA table
+    "table_pf": dict(ctas=132, prefetch_h0=True),  # ... and each item's h0 prefetched into L2
+    "table_defer": dict(ctas=132, defer_store=True),
+    "table_pf_defer": dict(ctas=132, prefetch_h0=True, defer_store=True),
 }
 
 
-@section("persist")
-def sec_persist(shapes=("128x256", "mix"), rounds=5):
-    """The wide chunk loop alone, interleaved: one CTA per item against the persistent grid with
-    its item lookups derived in the kernel ("order", session 8's) or read from the per-CTA table,
-    each with and without the L2 prefetch of the items' initial states; every variant's o and final
-    state checked bitwise against one CTA per item first."""
+@section("loops")
+def sec_loops(shapes=("128x256", "mix"), names=("one_per_item", "order", "table", "table_pf"), rounds=5):
+    """The wide chunk loop alone, interleaved, with the options ``names`` of :data:`LOOP_VARIANTS`
+    (their outputs checked bitwise against the first one's before anything is timed: none of them
+    changes the arithmetic)."""
     import jax
     from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
     if "mix" in shapes and not any(s[0] == "mix" for s in SHAPES):
@@ -599,21 +603,27 @@ def sec_persist(shapes=("128x256", "mix"), rounds=5):
         lens = next(s[1] for s in SHAPES if s[0] == label)
         x = _kernel_inputs(lens, 16, 32)
         args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
-        fns = {name: jax.jit(lambda q, k, v, ag, gc, cu, h0, kw=kw: chunk_loop_wide(
+        fns = {name: jax.jit(lambda q, k, v, ag, gc, cu, h0, kw=LOOP_VARIANTS[name]: chunk_loop_wide(
             q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=x["n"], t_valid=x["t"], **kw))
-            for name, kw in PERSIST_VARIANTS.items()}
-        ref = jax.block_until_ready(fns["one_per_item"](*args))
+            for name in names}
+        ref = jax.block_until_ready(fns[names[0]](*args))
         bits = {}
         for name, fn in fns.items():
-            got = jax.block_until_ready(fn(*args))
-            bits[name] = all(bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
-                             for a, b in zip(ref, got))
+            try:
+                got = jax.block_until_ready(fn(*args))
+                bits[name] = all(bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+                                 for a, b in zip(ref, got))
+            except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+                bits[name] = f"{type(e).__name__}: {str(e)[:300]}"
+                log(name, bits[name])
+        fns = {n: f for n, f in fns.items() if bits[n] is True}
         ts = _interleaved(fns, args, rounds)
         out[label] = dict(same_bits=bits, ms={n: t[0] for n, t in ts.items()})
         log(label, out[label])
-        TABLE.append(f"persist {label} (loop alone, median of {rounds}): " + ", ".join(
-            f"{n} {t[0]:.3f}{'' if bits[n] else ' BITS DIFFER'}" for n, t in ts.items()))
-    RESULTS["persist"] = out
+        TABLE.append(f"loops {label} (wide loop alone, median of {rounds}): " + ", ".join(
+            f"{n} {t[0]:.3f}" for n, t in ts.items()) + "".join(
+            f"; {n} FAILED ({str(b)[:60]})" for n, b in bits.items() if b is not True))
+    RESULTS.setdefault("loops", {}).update(out)
 
 
 @section("ablate")
@@ -843,6 +853,9 @@ def main():
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
+    ap.add_argument("--loop-shapes", default="128x256,mix", help="loops: the shapes")
+    ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
+                    help="loops: names of LOOP_VARIANTS (the first is the bitwise reference)")
     ap.add_argument("--nan-names", default="", help="nan: only these checks (default: all)")
     ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
     ap.add_argument("--split-no-f64", action="store_true",
@@ -859,7 +872,7 @@ def main():
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
-                "ablate": (sec_ablate, ()), "persist": (sec_persist, ()),
+                "ablate": (sec_ablate, ()), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),

@@ -112,8 +112,8 @@ def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-                    prefetch_h0: bool = False, interpret=None, _ablate: frozenset = frozenset(),
-                    _schedule: str = "table"):
+                    prefetch_h0: bool = False, defer_store: bool = False, interpret=None,
+                    _ablate: frozenset = frozenset(), _schedule: str = "table"):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -157,6 +157,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the TMA unit to prefetch that item's initial state [K, V] into L2, so the state warpgroups' direct
     loads at the item's start find it there instead of in HBM (one HBM round trip on the chain per
     item: 4 tiles per item at 128x256).
+    ``defer_store`` (UNTIMED, off): each state warpgroup stores tile i's output while the tensor cores
+    compute tile i + 1's first product group (U and X) instead of before issuing it: the store
+    (the wait for the previous TMA read, the transposed SMEM write, the fence, the TMA issue;
+    dropping it took 15% off the loop at 4x8192, session 4) leaves the state chain. The output tile
+    rides in registers (input dtype) from one tile to the next; the last one is stored after the
+    loop. The same products and bits.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     ``_schedule`` (persistent grid; a diagnostic to compare the two): "table" (default) reads each
     item's (row, head, first token, end) from a per-CTA table XLA builds before the kernel (one
@@ -427,8 +433,19 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 for_tail_tiles(cu_ref[ns - 1], t_valid,
                                lambda t0, lo: store(zero, j, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
 
-            def step(g, j, tile_rows, s_t):
-                """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows``."""
+            def pending0():  # no tile's output waiting (defer_store's carry: o^T, head, t0, lo, hi, live)
+                zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
+                return (zero,) + (jnp.int32(0),) * 5
+
+            def flush(pend):  # store the output tile that ``pend`` holds, if any
+                o_p, j_p, t0_p, lo_p, hi_p, live = pend
+                if not ab("store"):
+                    pl.when(live != 0)(lambda: store(o_p, j_p, pl.ds(pl.multiple_of(t0_p, C), C), lo_p, hi_p, t0_p))
+
+            def step(g, j, tile_rows, s_t, pend=None):
+                """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows`` -> the new state
+                (with ``defer_store``: and this tile's output, pending; ``pend``, the previous tile's,
+                is stored while the first product group runs)."""
                 slot = lax.rem(g, stages)
                 t0, tok, lo, hi = tile_rows
                 with jax.named_scope("s_wait"):
@@ -438,7 +455,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
-                vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last)
+                during = None if pend is None else (lambda: flush(pend))
+                vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last, during)
                 with jax.named_scope("s_update"):
                     if ab("o"):
                         s_new, = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]))
@@ -447,22 +465,25 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
                                               ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
                     plgpu.barrier_arrive(in_free.at[slot])
+                o_lo_t = (o_t if lean else o_t * scale).astype(out_dtype)
+                if pend is not None:
+                    return s_new, (o_lo_t, j, t0, lo, hi, jnp.int32(1))
                 if not ab("store"):
                     with jax.named_scope("s_store"):
-                        store((o_t if lean else o_t * scale).astype(out_dtype), j, tok, lo, hi, t0)
+                        store(o_lo_t, j, tok, lo, hi, t0)
                 return s_new
 
-            def three_groups(slot, s_lo, valid, g_vec, g_last):
+            def three_groups(slot, s_lo, valid, g_vec, g_last, during):
                 """(Vnew^T, its decayed copy) in the input dtype, from U^T and X = Sl K^T (one group),
                 then W^T Ag^T (a second)."""
                 sel = column_select(not (ab("selects") or lean))
                 if ab("xw"):  # Vnew = U: no product with the state
-                    u_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]))
+                    u_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=during)
                     vn_t = u_t
                 else:
                     with jax.named_scope("s_ux"):
                         u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
-                                            ((BV, C), None, [(s_lo, k_s.at[slot].T)]))
+                                            ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=during)
                     if ab("w"):  # Vnew = U + X: no second product
                         vn_t = u_t + x_t
                     else:
@@ -481,23 +502,34 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 return vn_lo, vd_t
 
             if persistent:
-                def run_item(kk, g):
+                def run_item(kk, carry):
+                    g, pend = carry
                     n, j, is_seq, nt, rows_of = item(kk)
                     with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
                         s0 = initial(n, j)
-                    s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
+                    if defer_store:  # the item's last output tile stays pending into the next item
+                        s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
+                    else:
+                        s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
                     pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
                     if out_final:
                         with jax.named_scope("s_fin"):
                             pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
-                    return g + nt
+                    return g + nt, pend
 
-                lax.fori_loop(0, n_mine, run_item, jnp.int32(0))
+                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if defer_store else None))
+                if defer_store:
+                    flush(pend)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
                 return
 
             is_seq, nt, rows_of = row_tiles(n_grid)
-            s_t = lax.fori_loop(0, nt, lambda i, s: step(i, j_grid, rows_of(i), s), initial(n_grid, j_grid))
+            if defer_store:
+                s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(i, j_grid, rows_of(i), *c),
+                                          (initial(n_grid, j_grid), pending0()))
+                flush(pend)
+            else:
+                s_t = lax.fori_loop(0, nt, lambda i, s: step(i, j_grid, rows_of(i), s), initial(n_grid, j_grid))
             pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j_grid))
             if direct_io:
                 if out_final:

@@ -99,16 +99,20 @@ def mm(a, b, shape, init=None):
     return lax.optimization_barrier(out)
 
 
-def products(*accs):
+def products(*accs, during=None):
     """Several tensor-core products issued back to back with ONE wait: each entry of ``accs`` is
     ``(shape, init, pairs)`` and gives the fp32 ``init + sum(a @ b for a, b in pairs)`` (``init``
     None: zero). ``a``: SMEM ref or 16-bit registers; ``b``: SMEM ref. Independent products overlap
     on the tensor cores instead of each paying its own latency (:func:`mm` waits per product).
+    ``during``: a function run after the products were issued and before the wait (work that
+    touches none of their operands or accumulators, done while the tensor cores compute).
 
     The results pass one optimization barrier (see :func:`mm`). Under the Mosaic GPU interpreter the
     products are plain fp32-accumulated dots of the same 16-bit values.
     """
     if _INTERPRET.get():
+        if during is not None:
+            during()
         outs = []
         for shape, init, pairs in accs:
             out = init
@@ -126,6 +130,8 @@ def products(*accs):
         for ref, (_, _, pairs) in zip(refs, accs):
             for a, b in pairs:
                 plgpu.wgmma(ref, a, b)
+        if during is not None:
+            during()
         return tuple(ref[...] for ref in refs)
 
     outs = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in accs))
