@@ -580,7 +580,10 @@ def sec_kernels():
 
 LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loops)
     "one_per_item": dict(),
-    "defer": dict(defer_store=True),  # each output tile stored during the next tile's first products
+    # each output tile stored during the next tile's first products, the column factors' exps and the
+    # state's decay in the groups' shadows too; _shadow=False: the store alone
+    "defer": dict(defer_store=True),
+    "defer_store_only": dict(defer_store=True, _shadow=False),
     "order": dict(ctas=132, _schedule="order"),  # persistent, item lookups derived in the kernel (session 8)
     "table": dict(ctas=132),  # persistent, items read from the per-CTA table
     "table_pf": dict(ctas=132, prefetch_h0=True),  # ... and each item's h0 prefetched into L2

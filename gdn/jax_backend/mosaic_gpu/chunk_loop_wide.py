@@ -113,7 +113,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, defer_store: bool = False, interpret=None,
-                    _ablate: frozenset = frozenset(), _schedule: str = "table"):
+                    _ablate: frozenset = frozenset(), _schedule: str = "table", _shadow: bool = True):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -162,7 +162,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     (the wait for the previous TMA read, the transposed SMEM write, the fence, the TMA issue;
     dropping it took 15% off the loop at 4x8192, session 4) leaves the state chain. The output tile
     rides in registers (input dtype) from one tile to the next; the last one is stored after the
-    loop. The same products and bits.
+    loop. With it (unless ``_shadow=False``, a diagnostic to tell the two apart) the other work off
+    the chain moves into the product groups' shadows too: the two column factors' exponentials
+    (``exp(gc)`` for ``X``, ``exp(gc_last - gc)`` for ``Vnew``) are taken while the first group runs,
+    the state's decay ``exp(gc_last) S^T`` while the second does. The same products and bits.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     ``_schedule`` (persistent grid; a diagnostic to compare the two): "table" (default) reads each
     item's (row, head, first token, end) from a per-CTA table XLA builds before the kernel (one
@@ -455,14 +458,13 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
-                during = None if pend is None else (lambda: flush(pend))
-                vn_lo, vd_t = three_groups(slot, s_lo, valid, g_vec, g_last, during)
+                vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend)
                 with jax.named_scope("s_update"):
                     if ab("o"):
-                        s_new, = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]))
+                        s_new, = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]))
                         o_t = vn_lo.astype(F32)
                     else:  # o^T = Sl (diag(exp(gc)) Q)^T + Vnew^T P^T
-                        s_new, o_t = products(((BV, dk), s_t * jnp.exp(g_last), [(vd_t, k_s.at[slot])]),
+                        s_new, o_t = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]),
                                               ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
                     plgpu.barrier_arrive(in_free.at[slot])
                 o_lo_t = (o_t if lean else o_t * scale).astype(out_dtype)
@@ -473,17 +475,36 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         store(o_lo_t, j, tok, lo, hi, t0)
                 return s_new
 
-            def three_groups(slot, s_lo, valid, g_vec, g_last, during):
-                """(Vnew^T, its decayed copy) in the input dtype, from U^T and X = Sl K^T (one group),
-                then W^T Ag^T (a second)."""
+            def three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend):
+                """(Vnew^T, its decayed copy, both in the input dtype; the decayed state exp(gc_last) S^T)
+                from U^T and X = Sl K^T (one group), then W^T Ag^T (a second). With ``pend``
+                (``defer_store``) the previous tile's output is stored while the first group runs, and
+                with ``_shadow`` the column factors and the state's decay are computed in the groups'
+                shadows (the same values)."""
                 sel = column_select(not (ab("selects") or lean))
+                shadow = pend is not None and _shadow
+
+                def x_factor():  # exp(gc) of X's columns; with lean 0 on other sequences' columns
+                    return masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+
+                def vd_factor():
+                    return masked_exp(valid, g_last - g_vec)
+
+                def first_shadow():
+                    flush(pend)
+                    return (x_factor(), vd_factor()) if shadow else None
+
+                first = None if pend is None else first_shadow
+                s_dec = fac = None
                 if ab("xw"):  # Vnew = U: no product with the state
-                    u_t, = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=during)
+                    res = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=first)
+                    (u_t,), fac = res if first else (res, None)
                     vn_t = u_t
                 else:
                     with jax.named_scope("s_ux"):
-                        u_t, x_t = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
-                                            ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=during)
+                        res = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
+                                       ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=first)
+                        (u_t, x_t), fac = res if first else (res, None)
                     if ab("w"):  # Vnew = U + X: no second product
                         vn_t = u_t + x_t
                     else:
@@ -491,15 +512,21 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             # -(S^T K^T) diag(exp(gc)); columns of other sequences 0 (their Ag rows may be
                             # NaN): selected, or with lean X's are 0 already (their k rows are) and so is
                             # the masked factor
-                            e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+                            e_vec = fac[0] if shadow else x_factor()
                             w_neg = sel(cols(valid, sh), x_t * cols(-e_vec, sh)).astype(dtype)
                         with jax.named_scope("s_vnew"):
-                            vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
+                            if shadow:
+                                (vn_t,), s_dec = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]),
+                                                          during=lambda: s_t * jnp.exp(g_last))
+                            else:
+                                vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
                 with jax.named_scope("s_vd"):
                     vn_t = sel(cols(valid, sh), vn_t)
                     vn_lo = vn_t.astype(dtype)
-                    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), sh)).astype(dtype)
-                return vn_lo, vd_t
+                    vd_t = (vn_t * cols(fac[1] if shadow else vd_factor(), sh)).astype(dtype)
+                if s_dec is None:
+                    s_dec = s_t * jnp.exp(g_last)
+                return vn_lo, vd_t, s_dec
 
             if persistent:
                 def run_item(kk, carry):

@@ -105,14 +105,14 @@ def products(*accs, during=None):
     None: zero). ``a``: SMEM ref or 16-bit registers; ``b``: SMEM ref. Independent products overlap
     on the tensor cores instead of each paying its own latency (:func:`mm` waits per product).
     ``during``: a function run after the products were issued and before the wait (work that
-    touches none of their operands or accumulators, done while the tensor cores compute).
+    touches none of their operands or accumulators, done while the tensor cores compute); with it
+    the result is ``(products, during())``.
 
     The results pass one optimization barrier (see :func:`mm`). Under the Mosaic GPU interpreter the
     products are plain fp32-accumulated dots of the same 16-bit values.
     """
     if _INTERPRET.get():
-        if during is not None:
-            during()
+        extra = during() if during is not None else None
         outs = []
         for shape, init, pairs in accs:
             out = init
@@ -121,7 +121,7 @@ def products(*accs, during=None):
                 part = jnp.dot(av, plgpu.load(b, layout=WG), preferred_element_type=F32)
                 out = part if out is None else out + part
             outs.append(out)
-        return tuple(outs)
+        return tuple(outs) if during is None else (tuple(outs), extra)
 
     def scoped(*refs):
         for ref, (_, init, _) in zip(refs, accs):
@@ -130,12 +130,12 @@ def products(*accs, during=None):
         for ref, (_, _, pairs) in zip(refs, accs):
             for a, b in pairs:
                 plgpu.wgmma(ref, a, b)
-        if during is not None:
-            during()
-        return tuple(ref[...] for ref in refs)
+        extra = during() if during is not None else None
+        return tuple(ref[...] for ref in refs), extra
 
-    outs = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in accs))
-    return lax.optimization_barrier(tuple(outs))
+    outs, extra = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in accs))
+    outs = lax.optimization_barrier(tuple(outs))
+    return outs if during is None else (outs, extra)
 
 
 def masked_exp(mask, x):
