@@ -179,8 +179,8 @@ def sec_nan(names=()):
                              ("direct_io_narrow", "narrow", dict(loop_direct_io=True)),
                              ("persistent_wide", "wide", dict(loop_ctas=3)),
                              ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True)),
-                             ("defer_store_wide", "wide", dict(loop_defer_store=True)),
-                             ("persistent_defer_wide", "wide", dict(loop_ctas=3, loop_defer_store=True))):
+                             ("overlap_wide", "wide", dict(loop_overlap=True)),
+                             ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
@@ -465,7 +465,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
-    "defer": dict(loop_defer_store=True),  # the wide loop's output store deferred into the next tile (UNTIMED)
+    "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -582,13 +582,13 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "one_per_item": dict(),
     # each output tile stored during the next tile's first products, the column factors' exps and the
     # state's decay in the groups' shadows too; _shadow=False: the store alone
-    "defer": dict(defer_store=True),
-    "defer_store_only": dict(defer_store=True, _shadow=False),
+    "overlap": dict(overlap=True),
+    "overlap_store_only": dict(overlap=True, _shadow=False),
     "order": dict(ctas=132, _schedule="order"),  # persistent, item lookups derived in the kernel (session 8)
     "table": dict(ctas=132),  # persistent, items read from the per-CTA table
     "table_pf": dict(ctas=132, prefetch_h0=True),  # ... and each item's h0 prefetched into L2
-    "table_defer": dict(ctas=132, defer_store=True),
-    "table_pf_defer": dict(ctas=132, prefetch_h0=True, defer_store=True),
+    "table_overlap": dict(ctas=132, overlap=True),
+    "table_pf_overlap": dict(ctas=132, prefetch_h0=True, overlap=True),
 }
 
 

@@ -63,7 +63,7 @@ def _l2norm(x):
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_defer_store"))
+    "loop_ctas", "loop_prefetch", "loop_overlap"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -71,7 +71,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
-         loop_prefetch: bool = False, loop_defer_store: bool = False):
+         loop_prefetch: bool = False, loop_overlap: bool = False):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -88,7 +88,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                        interpret=interpret)[:2]
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
-                        ctas=loop_ctas, prefetch_h0=loop_prefetch, defer_store=loop_defer_store,
+                        ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
                         interpret=interpret)
     return x.unpad(o), final, None
 
@@ -144,17 +144,17 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-         prefetch_h0: bool = False, defer_store: bool = False, interpret=None):
+         prefetch_h0: bool = False, overlap: bool = False, interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
-    ``ctas`` / ``prefetch_h0`` / ``defer_store``: the wide loop's persistent grid, its L2 prefetch of
+    ``ctas`` / ``prefetch_h0`` / ``overlap``: the wide loop's persistent grid, its L2 prefetch of
     each item's initial state and its output store deferred into the next tile (the default loop
     has none of them and ignores them)."""
     t_pad = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_pad, stages=stages, regs=regs, lean=lean, bare=bare,
-                               direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, defer_store=defer_store,
+                               direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
                                interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
@@ -205,7 +205,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
                    chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
-                   loop_prefetch: bool = False, loop_defer_store: bool = False):
+                   loop_prefetch: bool = False, loop_overlap: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -232,15 +232,15 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``ctas``; the default loop ignores it), None for
     one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch`` (UNTIMED, off):
     on that grid, each item's initial state prefetched into L2 ``stages`` tiles ahead
-    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_defer_store`` (UNTIMED, off):
-    the wide loop stores each output tile during the next tile's first products (its
-    ``defer_store``)."""
+    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap`` (UNTIMED, off):
+    the work that is off the state chain (the output store, exponentials, the state's decay, the
+    narrow loop's publications) done while the chain's products run (either loop's ``overlap``)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_prefetch", loop_prefetch), ("loop_defer_store", loop_defer_store)):
+                      ("loop_prefetch", loop_prefetch), ("loop_overlap", loop_overlap)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if loop_ctas not in (None, "auto") and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int)
@@ -254,4 +254,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
                     intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
-                    loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_defer_store=loop_defer_store)
+                    loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap)

@@ -112,7 +112,7 @@ def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-                    prefetch_h0: bool = False, defer_store: bool = False, interpret=None,
+                    prefetch_h0: bool = False, overlap: bool = False, interpret=None,
                     _ablate: frozenset = frozenset(), _schedule: str = "table", _shadow: bool = True):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -157,7 +157,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the TMA unit to prefetch that item's initial state [K, V] into L2, so the state warpgroups' direct
     loads at the item's start find it there instead of in HBM (one HBM round trip on the chain per
     item: 4 tiles per item at 128x256).
-    ``defer_store`` (UNTIMED, off): each state warpgroup stores tile i's output while the tensor cores
+    ``overlap`` (UNTIMED, off): each state warpgroup stores tile i's output while the tensor cores
     compute tile i + 1's first product group (U and X) instead of before issuing it: the store
     (the wait for the previous TMA read, the transposed SMEM write, the fence, the TMA issue;
     dropping it took 15% off the loop at 4x8192, session 4) leaves the state chain. The output tile
@@ -436,7 +436,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 for_tail_tiles(cu_ref[ns - 1], t_valid,
                                lambda t0, lo: store(zero, j, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
 
-            def pending0():  # no tile's output waiting (defer_store's carry: o^T, head, t0, lo, hi, live)
+            def pending0():  # no tile's output waiting (overlap's carry: o^T, head, t0, lo, hi, live)
                 zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
                 return (zero,) + (jnp.int32(0),) * 5
 
@@ -447,7 +447,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
             def step(g, j, tile_rows, s_t, pend=None):
                 """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows`` -> the new state
-                (with ``defer_store``: and this tile's output, pending; ``pend``, the previous tile's,
+                (with ``overlap``: and this tile's output, pending; ``pend``, the previous tile's,
                 is stored while the first product group runs)."""
                 slot = lax.rem(g, stages)
                 t0, tok, lo, hi = tile_rows
@@ -478,7 +478,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend):
                 """(Vnew^T, its decayed copy, both in the input dtype; the decayed state exp(gc_last) S^T)
                 from U^T and X = Sl K^T (one group), then W^T Ag^T (a second). With ``pend``
-                (``defer_store``) the previous tile's output is stored while the first group runs, and
+                (``overlap``) the previous tile's output is stored while the first group runs, and
                 with ``_shadow`` the column factors and the state's decay are computed in the groups'
                 shadows (the same values)."""
                 sel = column_select(not (ab("selects") or lean))
@@ -534,7 +534,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     n, j, is_seq, nt, rows_of = item(kk)
                     with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
                         s0 = initial(n, j)
-                    if defer_store:  # the item's last output tile stays pending into the next item
+                    if overlap:  # the item's last output tile stays pending into the next item
                         s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
                     else:
                         s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
@@ -544,14 +544,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
                     return g + nt, pend
 
-                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if defer_store else None))
-                if defer_store:
+                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if overlap else None))
+                if overlap:
                     flush(pend)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
                 return
 
             is_seq, nt, rows_of = row_tiles(n_grid)
-            if defer_store:
+            if overlap:
                 s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(i, j_grid, rows_of(i), *c),
                                           (initial(n_grid, j_grid), pending0()))
                 flush(pend)
