@@ -423,6 +423,7 @@ def _main_interpret_cases(path):
     _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True,
                                                                   loop_overlap=True))
     _timed(results, "overlap_bits_wide", lambda: _loop_io_bits("wide", loop_overlap=True))
+    _timed(results, "overlap_bits_narrow", lambda: _loop_io_bits("narrow", loop_overlap=True))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -506,12 +507,12 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
 
 
 @pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide",
-                                  "overlap_bits_wide"])
+                                  "overlap_bits_wide", "overlap_bits_narrow"])
 def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
     """loop_direct_io=True (the initial / final state straight between global memory and registers)
     and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one
-    stream of tiles, with loop_prefetch and loop_overlap) and loop_overlap alone give the
-    default loop's bits, on clean inputs and on inputs whose one
+    stream of tiles, with loop_prefetch and loop_overlap) and loop_overlap alone (both loops) give
+    the default loop's bits, on clean inputs and on inputs whose one
     sequence's initial state holds a NaN (which must stay in that sequence's final state only)."""
     res = interp_results[name]
     assert "error" not in res, res.get("error")
@@ -594,6 +595,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "wide_persist"),  # a persistent grid (loop_ctas)
     (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # and its L2 prefetch of h0
     (128, 128, 16, 32, "bfloat16", True, True, "wide_overlap"),  # the output store during the next products
+    (128, 128, 16, 32, "bfloat16", True, True, "narrow_overlap"),  # the publications during the products
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -614,8 +616,9 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
-        if variant == "wide_overlap":
-            return prefill_arrays(args, chunk_variant="wide", loop_overlap=True)
+        if variant.endswith("_overlap"):
+            return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
+                                  loop_overlap=True)
         if variant.startswith("wide_persist"):
             return prefill_arrays(args, chunk_variant="wide", loop_ctas=132,
                                   loop_prefetch=variant.endswith("_pf"))

@@ -180,7 +180,8 @@ def sec_nan(names=()):
                              ("persistent_wide", "wide", dict(loop_ctas=3)),
                              ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True)),
                              ("overlap_wide", "wide", dict(loop_overlap=True)),
-                             ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True))):
+                             ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True)),
+                             ("overlap_narrow", "narrow", dict(loop_overlap=True))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned

@@ -147,9 +147,8 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
          prefetch_h0: bool = False, overlap: bool = False, interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
-    ``ctas`` / ``prefetch_h0`` / ``overlap``: the wide loop's persistent grid, its L2 prefetch of
-    each item's initial state and its output store deferred into the next tile (the default loop
-    has none of them and ignores them)."""
+    ``ctas`` / ``prefetch_h0``: the wide loop's persistent grid and its L2 prefetch of each item's
+    initial state (the default loop has neither and ignores them); ``overlap``: either loop's."""
     t_pad = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
@@ -158,7 +157,7 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
                                interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
-                      interpret=interpret)
+                      overlap=overlap, interpret=interpret)
 
 
 def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) -> int | None:

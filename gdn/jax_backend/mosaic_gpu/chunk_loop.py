@@ -58,7 +58,7 @@ def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
     raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
 
 
-def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=None):
+def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=None, shadows=None):
     """``Vnew^T = W^T Ag^T`` [bv, 64] fp32 of one tile, ``W^T = V^T - (S^T K^T) diag(exp(gc))``.
 
     s_lo: ``S^T`` [bv, K] in the input dtype (registers); v_tile, k_tile, a_tile: SMEM [64, bv],
@@ -67,27 +67,53 @@ def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=
     Columns of other sequences come out 0 (their Ag rows may be NaN, and every later product
     contracts them): selected, or with ``lean`` 0 already (the caller zeroed their v, k and Ag
     rows, and exp(gc) is masked).
+    ``shadows``: None, or two functions run while the two products compute (``overlap``); V's load
+    and ``exp(gc)`` then also happen in the first product's shadow, and the result is
+    ``(Vnew^T, first(), second())``.
     """
     sh = (s_lo.shape[0], C)
     sel = column_select(not lean)
-    e_vec = masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
-    ks = mm(s_lo, k_tile.T, sh)  # S^T K^T
-    v_t = plgpu.load(v_tile.T, layout=WG).astype(F32)
-    if v_keep is not None:
-        v_t = jnp.where(v_keep, v_t, 0.0)
+
+    def x_factor():
+        return masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+
+    def v_values():
+        v_t = plgpu.load(v_tile.T, layout=WG).astype(F32)
+        return v_t if v_keep is None else jnp.where(v_keep, v_t, 0.0)
+
+    if shadows is None:
+        e_vec = x_factor()
+        ks = mm(s_lo, k_tile.T, sh)  # S^T K^T
+        v_t = v_values()
+    else:
+        ks, (e_vec, v_t, first) = mm(s_lo, k_tile.T, sh, during=lambda: (x_factor(), v_values(), shadows[0]()))
     w_t = sel(cols(valid, sh), v_t - ks * cols(e_vec, sh)).astype(s_lo.dtype)
-    return sel(cols(valid, sh), mm(w_t, a_tile.T, sh))
+    if shadows is None:
+        return sel(cols(valid, sh), mm(w_t, a_tile.T, sh))
+    vn_t, second = mm(w_t, a_tile.T, sh, during=shadows[1])
+    return sel(cols(valid, sh), vn_t), first, second
 
 
-def state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype):
-    """``S^T <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K`` ([bv, K] fp32)."""
-    vd_t = (vn_t * cols(masked_exp(valid, g_last - g_vec), vn_t.shape)).astype(dtype)
-    return mm(vd_t, k_tile, s_t.shape, init=s_t * jnp.exp(g_last))
+def state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype, factors=None, during=None):
+    """``S^T <- exp(gc_last) S^T + (Vnew^T diag(mask exp(gc_last - gc))) K`` ([bv, K] fp32).
+    ``factors``: None, or ``(exp(gc_last) S^T, mask exp(gc_last - gc))`` computed by the caller
+    (:func:`decay_factors`, in an earlier product's shadow); ``during``: run while the product
+    computes."""
+    s_dec, f_vec = decay_factors(s_t, g_vec, g_last, valid) if factors is None else factors
+    vd_t = (vn_t * cols(f_vec, vn_t.shape)).astype(dtype)
+    if during is None:
+        return mm(vd_t, k_tile, s_t.shape, init=s_dec)
+    return mm(vd_t, k_tile, s_t.shape, init=s_dec, during=during)[0]
+
+
+def decay_factors(s_t, g_vec, g_last, valid):
+    """The state update's fp32 factors: ``(exp(gc_last) S^T, mask exp(gc_last - gc))``."""
+    return s_t * jnp.exp(g_last), masked_exp(valid, g_last - g_vec)
 
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               direct_io: bool = False, interpret=None):
+               direct_io: bool = False, overlap: bool = False, interpret=None):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -110,6 +136,11 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     and the state warpgroup's registers without the SMEM staging (:func:`.common.load_state`,
     :func:`.common.store_state`), and the warpgroups' last waits on their TMA stores are for the
     SMEM reads only, as :func:`.chunk_loop_wide.chunk_loop_wide`'s ``direct_io``.
+    ``overlap`` (UNTIMED, off): the state warpgroup's work that is off its chain runs while the
+    chain's products compute: the publication of ``S^T``, V's load and ``exp(gc)`` during
+    ``S^T K^T``; the state's decay and the factor ``exp(gc_last - gc)`` during ``W^T Ag^T``; the
+    publication of ``Vnew`` (its store, fence and ``s_ready``) during the state update, where it
+    used to wait in front of it. The same products and bits.
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -231,15 +262,34 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
                 with jax.named_scope("s_vnew"):
                     s_lo = s_t.astype(dtype)
-                    s_pub.at[half][...] = s_lo
                     valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
                     g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
                     g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
-                    vn_t = new_values_t(s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean)
-                with jax.named_scope("s_publish"):
+
+                    def publish_s():
+                        s_pub.at[half][...] = s_lo
+
+                    if overlap:
+                        vn_t, _, factors = new_values_t(
+                            s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean,
+                            shadows=(publish_s, lambda: decay_factors(s_t, g_vec, g_last, valid)))
+                    else:
+                        publish_s()
+                        vn_t = new_values_t(s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean)
+
+                def publish_vn():  # S^T (written above) and Vnew for WG1
                     vn_pub.at[half].T[...] = vn_t.astype(dtype)
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(s_ready.at[half])
+
+                if overlap:
+                    with jax.named_scope("s_update"):
+                        s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype,
+                                               factors=factors, during=publish_vn)
+                        plgpu.barrier_arrive(in_free.at[slot])
+                    return s_new
+                with jax.named_scope("s_publish"):
+                    publish_vn()
                 with jax.named_scope("s_update"):
                     s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
                     plgpu.barrier_arrive(in_free.at[slot])

@@ -75,14 +75,18 @@ def _is_ref(x) -> bool:
     return isinstance(x, state_types.TransformedRef) or isinstance(jax.typeof(x), state_types.AbstractRef)
 
 
-def mm(a, b, shape, init=None):
-    """``init + a @ b`` on the tensor cores, fp32 accumulator (``a``: SMEM ref or 16-bit registers).
+def mm(a, b, shape, init=None, during=None):
+    """``init + a @ b`` on the tensor cores, fp32 accumulator (``a``: SMEM ref or 16-bit registers);
+    ``during``: as :func:`products`' (with it the result is ``(product, during())``).
 
     The result passes an optimization barrier: reading a WGMMA accumulator lowers to a wait that
     carries no data dependency, so without it LLVM may move arithmetic on the result above the wait.
     The Mosaic GPU interpreter has no WGMMA with a register operand: there the product is a plain
     fp32-accumulated dot of the same 16-bit values.
     """
+    if during is not None:
+        (out,), extra = products((shape, init, [(a, b)]), during=during)
+        return out, extra
     if _INTERPRET.get() and not _is_ref(a):
         bv = plgpu.load(b, layout=WG)
         out = jnp.dot(a, bv, preferred_element_type=F32)
