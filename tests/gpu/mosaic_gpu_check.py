@@ -584,7 +584,8 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     # each output tile stored during the next tile's first products, the column factors' exps and the
     # state's decay in the groups' shadows too; _shadow=False: the store alone
     "overlap": dict(overlap=True),
-    "overlap_store_only": dict(overlap=True, _shadow=False),
+    "overlap_store_only": dict(overlap=True, _shadow=False, _prep_shadow=False),
+    "overlap_no_prep": dict(overlap=True, _prep_shadow=False),
     "order": dict(ctas=132, _schedule="order"),  # persistent, item lookups derived in the kernel (session 8)
     "table": dict(ctas=132),  # persistent, items read from the per-CTA table
     "table_pf": dict(ctas=132, prefetch_h0=True),  # ... and each item's h0 prefetched into L2

@@ -113,7 +113,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
-                    _ablate: frozenset = frozenset(), _schedule: str = "table", _shadow: bool = True):
+                    _ablate: frozenset = frozenset(), _schedule: str = "table", _shadow: bool = True,
+                    _prep_shadow: bool = True):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
@@ -165,7 +166,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     loop. With it (unless ``_shadow=False``, a diagnostic to tell the two apart) the other work off
     the chain moves into the product groups' shadows too: the two column factors' exponentials
     (``exp(gc)`` for ``X``, ``exp(gc_last - gc)`` for ``Vnew``) are taken while the first group runs,
-    the state's decay ``exp(gc_last) S^T`` while the second does. The same products and bits.
+    the state's decay ``exp(gc_last) S^T`` while the second does; and in the prep warpgroup (unless
+    ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
+    ``Q K^T`` computes. The same products and bits.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     ``_schedule`` (persistent grid; a diagnostic to compare the two): "table" (default) reads each
     item's (row, head, first token, end) from a per-CTA table XLA builds before the kernel (one
@@ -294,13 +297,18 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
                         g_r = g_r + math.log(scale)
                     g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
-                    p = mm(q_s.at[slot], k_s.at[slot].T, sq)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
                     mask = (r >= c) & (c >= lo) & (c < hi)
-                    p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                    if overlap and _prep_shadow:  # the exponentials while Q K^T computes (same values)
+                        p, (dec, e_r) = mm(q_s.at[slot], k_s.at[slot].T, sq,
+                                           during=lambda: (jnp.exp(rows(g_r, sq) - cols(g_c, sq)), jnp.exp(g_r)))
+                        p_s.at[slot][...] = jnp.where(mask, p * dec, 0.0).astype(dtype)
+                    else:
+                        p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                        p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                        e_r = jnp.exp(g_r)
                 with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
-                    e_r = jnp.exp(g_r)
                     for h0_ in range(dk // BV):
                         qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
                         qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
