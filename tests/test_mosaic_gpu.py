@@ -417,11 +417,11 @@ def _main_interpret_cases(path):
     _timed(results, "direct_io_bits_wide", lambda: _loop_io_bits("wide", loop_direct_io=True))
     _timed(results, "direct_io_bits_narrow", lambda: _loop_io_bits("narrow", loop_direct_io=True))
     # 34 (sequence row, head) items on 3 persistent CTAs: empty sequences and the tail row in the stream
-    # (with the L2 prefetch of each item's initial state, a hint, and the output store deferred into
-    # the next tile, across items too: neither may change a bit; the float64 case wide_persist_jit
-    # runs the grid without them)
+    # (with its items read from the per-CTA table, the L2 prefetch of each item's initial state, a
+    # hint, and the output store deferred into the next tile, across items too: none may change a
+    # bit; the float64 case wide_persist_jit runs the grid without them, its items by the ranking)
     _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True,
-                                                                  loop_overlap=True))
+                                                                  loop_overlap=True, loop_schedule="table"))
     _timed(results, "overlap_bits_wide", lambda: _loop_io_bits("wide", loop_overlap=True))
     _timed(results, "overlap_bits_narrow", lambda: _loop_io_bits("narrow", loop_overlap=True))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
@@ -558,7 +558,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(loop_lean=1), TypeError), (dict(loop_bare="yes"), TypeError),
                      (dict(loop_direct_io=None), TypeError), (dict(loop_ctas=0), ValueError),
                      (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError),
-                     (dict(loop_prefetch=1), TypeError), (dict(loop_overlap="no"), TypeError)):
+                     (dict(loop_prefetch=1), TypeError), (dict(loop_overlap="no"), TypeError),
+                     (dict(loop_schedule="lookup"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -593,7 +594,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, True, "wide_direct"),   # state I/O without SMEM staging
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_direct"),
     (128, 128, 16, 32, "bfloat16", True, True, "wide_persist"),  # a persistent grid (loop_ctas)
-    (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # and its L2 prefetch of h0
+    (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # its L2 prefetch of h0, the item table
     (128, 128, 16, 32, "bfloat16", True, True, "wide_overlap"),  # the output store during the next products
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_overlap"),  # the publications during the products
 ])
@@ -620,8 +621,9 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
             return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
                                   loop_overlap=True)
         if variant.startswith("wide_persist"):
-            return prefill_arrays(args, chunk_variant="wide", loop_ctas=132,
-                                  loop_prefetch=variant.endswith("_pf"))
+            pf = variant.endswith("_pf")  # with the L2 prefetch and the item table
+            return prefill_arrays(args, chunk_variant="wide", loop_ctas=132, loop_prefetch=pf,
+                                  loop_schedule="table" if pf else "order")
         if variant.endswith("_direct"):
             return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
                                   loop_direct_io=True)

@@ -178,7 +178,8 @@ def sec_nan(names=()):
     for name, loop, opts in (("direct_io_wide", "wide", dict(loop_direct_io=True)),
                              ("direct_io_narrow", "narrow", dict(loop_direct_io=True)),
                              ("persistent_wide", "wide", dict(loop_ctas=3)),
-                             ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True)),
+                             ("persistent_prefetch_wide", "wide", dict(loop_ctas=3, loop_prefetch=True,
+                                                                       loop_schedule="table")),
                              ("overlap_wide", "wide", dict(loop_overlap=True)),
                              ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True)),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True))):
@@ -465,6 +466,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "persist264": dict(chunk_variant="wide", loop_ctas=264),
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
+    "persist_table_pf": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch=True),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
 }
@@ -586,11 +588,11 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "overlap": dict(overlap=True),
     "overlap_store_only": dict(overlap=True, _shadow=False, _prep_shadow=False),
     "overlap_no_prep": dict(overlap=True, _prep_shadow=False),
-    "order": dict(ctas=132, _schedule="order"),  # persistent, item lookups derived in the kernel (session 8)
-    "table": dict(ctas=132),  # persistent, items read from the per-CTA table
-    "table_pf": dict(ctas=132, prefetch_h0=True),  # ... and each item's h0 prefetched into L2
-    "table_overlap": dict(ctas=132, overlap=True),
-    "table_pf_overlap": dict(ctas=132, prefetch_h0=True, overlap=True),
+    "order": dict(ctas=132),  # persistent, item lookups derived in the kernel (session 8's default)
+    "table": dict(ctas=132, schedule="table"),  # persistent, items read from the per-CTA table
+    "table_pf": dict(ctas=132, schedule="table", prefetch_h0=True),  # ... and each item's h0 prefetched into L2
+    "order_overlap": dict(ctas=132, overlap=True),
+    "table_pf_overlap": dict(ctas=132, schedule="table", prefetch_h0=True, overlap=True),
 }
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ...api import PrefillArgs
 from ..common import count_trace, run_core
 from .chunk_loop import chunk_loop
-from .chunk_loop_wide import VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
+from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
@@ -63,7 +63,7 @@ def _l2norm(x):
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -71,7 +71,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
-         loop_prefetch: bool = False, loop_overlap: bool = False):
+         loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -89,7 +89,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
-                        interpret=interpret)
+                        schedule=loop_schedule, interpret=interpret)
     return x.unpad(o), final, None
 
 
@@ -144,17 +144,18 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-         prefetch_h0: bool = False, overlap: bool = False, interpret=None):
+         prefetch_h0: bool = False, overlap: bool = False, schedule: str = "order", interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
-    ``ctas`` / ``prefetch_h0``: the wide loop's persistent grid and its L2 prefetch of each item's
-    initial state (the default loop has neither and ignores them); ``overlap``: either loop's."""
+    ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
+    item's initial state and how its CTAs look their items up (the default loop has none of them
+    and ignores them); ``overlap``: either loop's."""
     t_pad = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_pad, stages=stages, regs=regs, lean=lean, bare=bare,
                                direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
-                               interpret=interpret)
+                               schedule=schedule, interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
                       overlap=overlap, interpret=interpret)
@@ -204,7 +205,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
                    chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
-                   loop_prefetch: bool = False, loop_overlap: bool = False):
+                   loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -233,7 +234,9 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     on that grid, each item's initial state prefetched into L2 ``stages`` tiles ahead
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap`` (UNTIMED, off):
     the work that is off the state chain (the output store, exponentials, the state's decay, the
-    narrow loop's publications) done while the chain's products run (either loop's ``overlap``)."""
+    narrow loop's publications) done while the chain's products run (either loop's ``overlap``);
+    ``loop_schedule`` (the persistent grid's item lookups): "order" (default, timed in session 8)
+    or "table" (UNTIMED: :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
@@ -242,6 +245,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                       ("loop_prefetch", loop_prefetch), ("loop_overlap", loop_overlap)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
+    if loop_schedule not in SCHEDULES:
+        raise ValueError(f"loop_schedule must be one of {SCHEDULES}, got {loop_schedule!r}")
     if loop_ctas not in (None, "auto") and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int)
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
@@ -253,4 +258,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
                     intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
-                    loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap)
+                    loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
+                    loop_schedule=loop_schedule)

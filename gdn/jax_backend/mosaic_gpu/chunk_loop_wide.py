@@ -82,7 +82,7 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
                               "bytes of SMEM")
 
 
-SCHEDULES = ("table", "order")
+SCHEDULES = ("order", "table")  # the persistent grid's item lookups (chunk_loop_wide's ``schedule``)
 
 
 def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
@@ -113,7 +113,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
-                    _ablate: frozenset = frozenset(), _schedule: str = "table", _shadow: bool = True,
+                    schedule: str = "order", _ablate: frozenset = frozenset(), _shadow: bool = True,
                     _prep_shadow: bool = True):
     """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -170,11 +170,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
     ``Q K^T`` computes. The same products and bits.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
-    ``_schedule`` (persistent grid; a diagnostic to compare the two): "table" (default) reads each
-    item's (row, head, first token, end) from a per-CTA table XLA builds before the kernel (one
-    independent load per field, a CTA's items adjacent in memory); "order" derives them in the
-    kernel from the ranking and ``cu`` (two dependent global loads per item lookup, which both
-    cursors of the prep warpgroup and the state warpgroups repeat).
+    ``schedule`` (persistent grid): how a CTA looks its items up, the same items in the same order
+    either way. "order" (default; what the H200 timed in session 8) derives them in the kernel from
+    the ranking and ``cu``: two dependent global loads per lookup, which both cursors of the prep
+    warpgroup and the state warpgroups repeat. "table" (UNTIMED) reads each item's (row, head,
+    first token, end) from a per-CTA table XLA builds before the kernel: independent loads, a CTA's
+    items adjacent in memory.
     """
     t_pad, _, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -197,8 +198,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if persistent:
         if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
             raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
-        if _schedule not in SCHEDULES:
-            raise ValueError(f"_schedule must be one of {SCHEDULES}, got {_schedule!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         ctas = min(ctas, n_items)
         max_items = -(-n_items // ctas)
     r_prep, r_state = regs if regs is not None else REGS
@@ -264,7 +265,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 running side by side share q and k in L2), dealt to the CTAs in a snake: the longest
                 items go first and each round evens out the one before. Past this CTA's items (a
                 cursor's look-ahead): the tail row, no tiles."""
-                if _schedule == "table":
+                if schedule == "table":
                     e = sched_ref.at[cta, jnp.minimum(kk, max_items - 1)]
                     n = e[0]
                     return (n, e[1], n < ns - 1) + seq_tiles(e[2], e[3])
@@ -583,7 +584,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
     args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
     if persistent:
-        args.append(_persistent_schedule(cu, hv, ctas, _schedule))
+        args.append(_persistent_schedule(cu, hv, ctas, schedule))
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(ctas,) if persistent else (hv, ns),
