@@ -469,6 +469,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "persist_table_pf": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch=True),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
+    "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
+    "narrow_overlap": dict(chunk_variant="default", loop_overlap=True),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -782,6 +784,9 @@ def sec_ptxas(out_dir, variants=(("default", {}),), lens=(256, 256), dump=False)
         for ln in keep[:20]:
             log(ln)
         TABLE.append(f"ptxas {vname}: " + " ; ".join(ln for ln in keep if "registers" in ln or "spill" in ln)[:400])
+        warns = sorted({ln[:160] for ln in keep if "warning" in ln.lower()})  # e.g. wgmma serialized (C7510/C7511)
+        if warns:
+            TABLE.append(f"ptxas {vname} WARNINGS: " + " | ".join(warns)[:600])
 
 
 def summarize_trace(path: str) -> dict:
