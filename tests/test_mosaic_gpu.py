@@ -87,7 +87,8 @@ CASES = [
     # (where a split that drops the early pieces' influence fails), no initial state
     ("two_pass_wide_nodecay_K128_V128", dict(lens=[330, 70], h=1, hv=2, k=128, v=128, gates="none", seed=17),
      dict(), "bfloat16", "two_pass:wide"),
-    # the scan as one Pallas-Triton kernel (scan="kernel"): 3 and 2 pieces, an initial state
+    # the scan as one Pallas-Triton kernel (scan="kernel"): 3 and 2 pieces, an initial state; both
+    # passes with loop_overlap (their off-chain work in the products' shadows)
     ("two_pass_scan_kernel_G2_h0", dict(lens=[300, 200], h=1, hv=2, k=64, v=64, initial_state=True, seed=18),
      dict(), "bfloat16", "two_pass:scan_kernel"),
 ]
@@ -101,7 +102,7 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
                 "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
                 "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
-                "scan_kernel": dict(scan="kernel")}
+                "scan_kernel": dict(scan="kernel", loop_overlap=True)}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -644,10 +645,11 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("chunk_variant,with_h0,direct,scan", [
-    ("wide", True, False, "xla"), ("default", False, False, "xla"), ("wide", True, True, "xla"),
-    ("default", True, True, "xla"), ("wide", True, False, "kernel"), ("default", False, False, "kernel")])
-def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct, scan):
+@pytest.mark.parametrize("chunk_variant,with_h0,direct,scan,overlap", [
+    ("wide", True, False, "xla", False), ("default", False, False, "xla", False), ("wide", True, True, "xla", False),
+    ("default", True, True, "xla", False), ("wide", True, False, "kernel", False),
+    ("default", False, False, "kernel", False), ("default", True, False, "kernel", True)])
+def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct, scan, overlap):
     """The exact split's two passes (intra on the piece plan, pass 1 piece_states, the scan, pass 2
     chunk loop) lower for an H200 at the Qwen3.5 head shape: the interpreter cases do not compile
     pass 1's kernel for the GPU."""
@@ -675,7 +677,7 @@ def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct, sca
         tabs = {name: jnp.asarray(a) for name, a in tables.items()}
         return core_split(q, k, v, g, beta, plan, h0, tabs, scale=d ** -0.5, use_qk_l2norm=True,
                           output_final_state=True, chunk_variant=chunk_variant, loop_direct_io=direct,
-                          scan=scan)[:2]
+                          loop_overlap=overlap, scan=scan)[:2]
 
     text = _lower_for_cuda(fn, q, q, v, g, g, h0, pp.to_jax()).as_text()
     for kernel in ("gdn_intra", "gdn_piece_states",

@@ -284,6 +284,8 @@ def test_mosaic_two_pass_options_are_checked():
         run_split(args, sp, interpret=True, stages1=5)
     with pytest.raises(TypeError, match="loop_direct_io"):
         run_split(args, sp, interpret=True, loop_direct_io="yes")
+    with pytest.raises(TypeError, match="loop_overlap"):
+        run_split(args, sp, interpret=True, loop_overlap=1)
 
 
 def _torch_inputs(x, dtype):

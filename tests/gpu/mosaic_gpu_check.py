@@ -281,14 +281,14 @@ def _jitted(lens, h, hv, dk, seed, piece_chunks=None, **kw):
 
 SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)
     # "64s4": pass 1 at 4 ring stages; "64d": pass 2 with loop_direct_io (the pieces' starts read into registers);
-    # "32k": the scan as one Pallas-Triton kernel (scan="kernel")
+    # "32k": the scan as one Pallas-Triton kernel (scan="kernel"); "32ko": and both passes with loop_overlap
     ("1x32768", [32768], 16, 32, 0.60, (32, "32k", 128, "64d")),
     ("28672+4096", [28672, 4096], 16, 32, 0.60, (32, 64, 128)),
     ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
     ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
     ("1x32768_HV64", [32768], 16, 64, 0.90, (64, 128)),
     # tensor-parallel head counts (Qwen3.5 at TP8 / TP4): the unsplit loop keeps 8 / 16 SMs busy
-    ("1x32768_tp8", [32768], 2, 4, None, (32, "32k", 16, "16k", 64)),
+    ("1x32768_tp8", [32768], 2, 4, None, (32, "32k", "32ko", 16, "16k", 64)),
     ("1x32768_tp4", [32768], 4, 8, None, (64, "64k", 32, "32k")),
     ("1x8192_tp8", [8192], 2, 4, None, (16, "16k", 8)),
 ]
@@ -324,11 +324,12 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         fns["unsplit"], a0, _ = _jitted(lens, h, hv, dk, seed=1)
         for pc in sizes:
             try:
-                chunks, st, direct, kscan = re.fullmatch(r"(\d+)(?:s(\d))?(d?)(k?)", str(pc)).groups()
+                chunks, st, direct, kscan, ov = re.fullmatch(r"(\d+)(?:s(\d))?(d?)(k?)(o?)", str(pc)).groups()
                 fns[f"split{pc}"], _, _ = _jitted(lens, h, hv, dk, 1, int(chunks),
                                                   **(dict(stages1=int(st)) if st else {}),
                                                   **(dict(loop_direct_io=True) if direct else {}),
-                                                  **(dict(scan="kernel") if kscan else {}))
+                                                  **(dict(scan="kernel") if kscan else {}),
+                                                  **(dict(loop_overlap=True) if ov else {}))
             except Exception as e:
                 row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()

@@ -28,7 +28,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .chunk_loop import new_values_t, state_update_t
+from .chunk_loop import decay_factors, new_values_t, state_update_t
 from .common import (C, COLS, F32, WG, WGT, compiler_params, finish_together, interpret_params, iota,
                      produce, seq_tiles, tile, tracing_for_interpreter, zero_rows_outside)
 
@@ -41,7 +41,7 @@ def smem_bytes(dk: int, itemsize: int, stages: int) -> int:
 
 
 def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, state_regs: int = 232,
-                 lean: bool = True, bare: bool = True, interpret=None):
+                 lean: bool = True, bare: bool = True, overlap: bool = False, interpret=None):
     """``[E | M]`` fp32 [P_pad, HV, K, V + K] of every piece (rows of mode-0 pieces: no meaning).
 
     k: [T_pad, H, K]; v: [T_pad, HV, V] (V and K multiples of 64); ag: [HV, T_pad, 64], gc:
@@ -49,7 +49,9 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
     cu_seqlens); mode: int32 [P_pad]; h0: None or fp32 [P_pad, HV, K, V] (each piece's E start).
     ``stages``: ring depth (2 leaves SMEM for two CTAs per SM); ``lean`` / ``bare``: as
     :func:`.chunk_loop.chunk_loop`'s (``bare``: the state staging is read before the first
-    product and rewritten after the last, with a warpgroup barrier between when it was read).
+    product and rewritten after the last, with a warpgroup barrier between when it was read);
+    ``overlap`` (UNTIMED, off): V's load and the exponentials during ``S^T K^T``, the state's decay
+    during ``W^T Ag^T`` (:func:`.chunk_loop.chunk_loop`'s ``overlap``; same bits).
     """
     t_pad, _, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -141,9 +143,15 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
                 valid = (tvec >= lo) & (tvec < hi)
                 g_vec = plgpu.load(gc_s.at[slot], layout=COLS)
                 g_last = gc_s[slot, hi - 1]
-                vn_t = new_values_t(s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec,
-                                    valid, lean, v_keep)
-                s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
+                if overlap:
+                    vn_t, _, factors = new_values_t(
+                        s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean, v_keep,
+                        shadows=(lambda: None, lambda: decay_factors(s_t, g_vec, g_last, valid)))
+                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype, factors=factors)
+                else:
+                    vn_t = new_values_t(s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec,
+                                        valid, lean, v_keep)
+                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 

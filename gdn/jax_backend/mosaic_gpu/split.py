@@ -32,11 +32,11 @@ from .piece_states import piece_states
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "chunk_variant",
-    "stages1", "loop_direct_io", "scan", "_stop"))
+    "stages1", "loop_direct_io", "loop_overlap", "scan", "_stop"))
 def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2norm: bool,
                output_final_state: bool, return_stages: bool = False, interpret=None,
                chunk_variant: str = "default", stages1: int = 2, loop_direct_io: bool = False,
-               scan: str = "xla", _stop: str | None = None):
+               loop_overlap: bool = False, scan: str = "xla", _stop: str | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]; plan: the PIECE plan (pytree);
     h0 None or [N_pad, HV, K, V] (the sequences' rows); tables: :func:`gdn.split.two_pass_tables`
     as device int32 arrays -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None).
@@ -63,7 +63,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     if x.h0 is not None:
         hp = jnp.where((h0_rows >= 0)[:, None, None, None], x.h0[jnp.maximum(h0_rows, 0)], 0.0)
     em = piece_states(x.k, x.v, ag, gc, x.cu, tables["mode"], hp, group=x.group, stages=stages1,
-                      interpret=interpret)
+                      overlap=loop_overlap, interpret=interpret)
     if _stop == "pass1":
         return em, None, None
     e_map, m_map = em[..., :dv], em[..., dv:]
@@ -79,7 +79,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
 
     # pass 2: the pieces from their true starts
     o, fin = _driver.loop(x, ag, gc, start, p_pad, chunk_variant=chunk_variant, scale=scale,
-                          direct_io=loop_direct_io, interpret=interpret)
+                          direct_io=loop_direct_io, overlap=loop_overlap, interpret=interpret)
     final = None
     if output_final_state:
         last = tables["last_piece"]
@@ -119,12 +119,14 @@ SCANS = ("xla", "kernel")
 
 
 def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
-              loop_direct_io: bool = False, scan: str = "xla", _stop: str | None = None):
+              loop_direct_io: bool = False, loop_overlap: bool = False, scan: str = "xla",
+              _stop: str | None = None):
     """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
     (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
     ``stages1``: pass 1's ring depth; ``loop_direct_io``: pass 2's chunk loop ``direct_io`` (each
-    piece's start state read straight into registers, :func:`._driver.prefill_arrays`); ``scan``:
+    piece's start state read straight into registers, :func:`._driver.prefill_arrays`);
+    ``loop_overlap`` (UNTIMED): both passes' ``overlap`` (:func:`._driver.prefill_arrays`); ``scan``:
     "xla" (a few XLA kernels per step) or "kernel" (UNTIMED: the whole scan in one Pallas-Triton
     kernel, for tensor-parallel head counts where the XLA steps are launch-bound)."""
     from ...planner import plan as make_plan
@@ -139,8 +141,9 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
-    if not isinstance(loop_direct_io, bool):
-        raise TypeError(f"loop_direct_io must be a bool, got {loop_direct_io!r}")
+    for name, val in (("loop_direct_io", loop_direct_io), ("loop_overlap", loop_overlap)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be a bool, got {val!r}")
     piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
     chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
     tables = {name: jax.device_put(a) for name, a in
@@ -152,7 +155,7 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
                              chunk_variant=chunk_variant, stages1=stages1, loop_direct_io=loop_direct_io,
-                             scan=scan, _stop=_stop)
+                             loop_overlap=loop_overlap, scan=scan, _stop=_stop)
     if _stop is not None:
         return o, None
     if final is not None and final.shape[0] != p.num_seqs:
