@@ -111,6 +111,25 @@ def decay_factors(s_t, g_vec, g_last, valid):
     return s_t * jnp.exp(g_last), masked_exp(valid, g_last - g_vec)
 
 
+def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bool, dtype, *, v_keep=None,
+               overlap: bool = False, before=lambda: None, between=None):
+    """One tile of the state chain -> the new ``S^T``: :func:`new_values_t` then
+    :func:`state_update_t`, with the caller's side work ``before`` (run before ``Vnew``'s products)
+    and ``between(Vnew^T)`` (None: nothing; run before the update). With ``overlap`` the side work
+    and the update's factors run in the products' shadows instead: ``before`` during ``S^T K^T``,
+    the decay during ``W^T Ag^T``, ``between`` during the update (the same values)."""
+    if not overlap:
+        before()
+        vn_t = new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean, v_keep)
+        if between is not None:
+            between(vn_t)
+        return state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype)
+    vn_t, _, factors = new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean, v_keep,
+                                    shadows=(before, lambda: decay_factors(s_t, g_vec, g_last, valid)))
+    return state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype, factors=factors,
+                                during=None if between is None else (lambda: between(vn_t)))
+
+
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, interpret=None):
@@ -260,39 +279,23 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         zero_rows_outside(v_s.at[slot], lo, hi)
                         zero_rows_outside(a_s.at[slot], lo, hi)
 
-                with jax.named_scope("s_vnew"):
-                    s_lo = s_t.astype(dtype)
-                    valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
-                    g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
-                    g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
+                s_lo = s_t.astype(dtype)
+                valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
+                g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
+                g_last = gc_state[slot, hi - 1]  # the gate of the last valid token closes the tile
 
-                    def publish_s():
-                        s_pub.at[half][...] = s_lo
+                def publish_s():
+                    s_pub.at[half][...] = s_lo
 
-                    if overlap:
-                        vn_t, _, factors = new_values_t(
-                            s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean,
-                            shadows=(publish_s, lambda: decay_factors(s_t, g_vec, g_last, valid)))
-                    else:
-                        publish_s()
-                        vn_t = new_values_t(s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean)
+                def publish_vn(vn_t):  # S^T (written above) and Vnew for WG1
+                    with jax.named_scope("s_publish"):
+                        vn_pub.at[half].T[...] = vn_t.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(s_ready.at[half])
 
-                def publish_vn():  # S^T (written above) and Vnew for WG1
-                    vn_pub.at[half].T[...] = vn_t.astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(s_ready.at[half])
-
-                if overlap:
-                    with jax.named_scope("s_update"):
-                        s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype,
-                                               factors=factors, during=publish_vn)
-                        plgpu.barrier_arrive(in_free.at[slot])
-                    return s_new
-                with jax.named_scope("s_publish"):
-                    publish_vn()
-                with jax.named_scope("s_update"):
-                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
-                    plgpu.barrier_arrive(in_free.at[slot])
+                s_new = state_step(s_t, s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, g_last, valid,
+                                   lean, dtype, overlap=overlap, before=publish_s, between=publish_vn)
+                plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
             s_t = lax.fori_loop(0, nt, step, s0)

@@ -454,10 +454,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 if not ab("store"):
                     pl.when(live != 0)(lambda: store(o_p, j_p, pl.ds(pl.multiple_of(t0_p, C), C), lo_p, hi_p, t0_p))
 
-            def step(g, j, tile_rows, s_t, pend=None):
-                """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows`` -> the new state
-                (with ``overlap``: and this tile's output, pending; ``pend``, the previous tile's,
-                is stored while the first product group runs)."""
+            def step(g, j, tile_rows, s_t, pend):
+                """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows`` -> (the new state,
+                the output pending: with ``overlap`` this tile's, stored while the next tile's first
+                product group runs as ``pend``, the previous tile's, is here; else None)."""
                 slot = lax.rem(g, stages)
                 t0, tok, lo, hi = tile_rows
                 with jax.named_scope("s_wait"):
@@ -482,7 +482,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 if not ab("store"):
                     with jax.named_scope("s_store"):
                         store(o_lo_t, j, tok, lo, hi, t0)
-                return s_new
+                return s_new, None
 
             def three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend):
                 """(Vnew^T, its decayed copy, both in the input dtype; the decayed state exp(gc_last) S^T)
@@ -499,21 +499,19 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 def vd_factor():
                     return masked_exp(valid, g_last - g_vec)
 
-                def first_shadow():
-                    flush(pend)
+                def first():  # nothing without ``pend``: the same module as with no ``during``
+                    if pend is not None:
+                        flush(pend)
                     return (x_factor(), vd_factor()) if shadow else None
 
-                first = None if pend is None else first_shadow
-                s_dec = fac = None
+                s_dec = None
                 if ab("xw"):  # Vnew = U: no product with the state
-                    res = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=first)
-                    (u_t,), fac = res if first else (res, None)
+                    (u_t,), fac = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=first)
                     vn_t = u_t
                 else:
                     with jax.named_scope("s_ux"):
-                        res = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
-                                       ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=first)
-                        (u_t, x_t), fac = res if first else (res, None)
+                        (u_t, x_t), fac = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
+                                                   ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=first)
                     if ab("w"):  # Vnew = U + X: no second product
                         vn_t = u_t + x_t
                     else:
@@ -543,10 +541,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     n, j, is_seq, nt, rows_of = item(kk)
                     with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
                         s0 = initial(n, j)
-                    if overlap:  # the item's last output tile stays pending into the next item
-                        s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
-                    else:
-                        s_t = lax.fori_loop(0, nt, lambda i, s: step(g + i, j, rows_of(i), s), s0)
+                    # with overlap the item's last output tile stays pending into the next item
+                    s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
                     pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
                     if out_final:
                         with jax.named_scope("s_fin"):
@@ -554,18 +550,16 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     return g + nt, pend
 
                 _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if overlap else None))
-                if overlap:
+                if pend is not None:
                     flush(pend)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
                 return
 
             is_seq, nt, rows_of = row_tiles(n_grid)
-            if overlap:
-                s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(i, j_grid, rows_of(i), *c),
-                                          (initial(n_grid, j_grid), pending0()))
+            s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(i, j_grid, rows_of(i), *c),
+                                      (initial(n_grid, j_grid), pending0() if overlap else None))
+            if pend is not None:
                 flush(pend)
-            else:
-                s_t = lax.fori_loop(0, nt, lambda i, s: step(i, j_grid, rows_of(i), s), initial(n_grid, j_grid))
             pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j_grid))
             if direct_io:
                 if out_final:

@@ -15,8 +15,7 @@ loaded v block: nothing extra in HBM) and starts from its 64 columns of the iden
 * 2: a later piece: E from 0 (``h0[p]`` is 0 there), M from the identity.
 
 Two warpgroups: WG0 keeps ``S^T`` [64, K] fp32 in registers (the products of
-:func:`.chunk_loop.new_values_t` and :func:`.chunk_loop.state_update_t`, the same code as the
-chunk loop's), WG1 loads k, the v block, ``Ag`` and ``gc`` by TMA into ``stages`` ring slots.
+:func:`.chunk_loop.state_step`, the same code as the chunk loop's), WG1 loads k, the v block, ``Ag`` and ``gc`` by TMA into ``stages`` ring slots.
 NaN isolation as in the chunk loop: on a boundary tile WG0 zeroes k's (and with ``lean``, v's and
 Ag's) rows of other sequences before the products.
 """
@@ -28,7 +27,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .chunk_loop import decay_factors, new_values_t, state_update_t
+from .chunk_loop import state_step
 from .common import (C, COLS, F32, WG, WGT, compiler_params, finish_together, interpret_params, iota,
                      produce, seq_tiles, tile, tracing_for_interpreter, zero_rows_outside)
 
@@ -143,15 +142,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
                 valid = (tvec >= lo) & (tvec < hi)
                 g_vec = plgpu.load(gc_s.at[slot], layout=COLS)
                 g_last = gc_s[slot, hi - 1]
-                if overlap:
-                    vn_t, _, factors = new_values_t(
-                        s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, valid, lean, v_keep,
-                        shadows=(lambda: None, lambda: decay_factors(s_t, g_vec, g_last, valid)))
-                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype, factors=factors)
-                else:
-                    vn_t = new_values_t(s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec,
-                                        valid, lean, v_keep)
-                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_vec, g_last, valid, dtype)
+                s_new = state_step(s_t, s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec,
+                                   g_last, valid, lean, dtype, v_keep=v_keep, overlap=overlap)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
