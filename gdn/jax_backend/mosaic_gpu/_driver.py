@@ -79,7 +79,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
     n_out = plan.padded_seqs if output_final_state else None
     if variant == "fused":
-        o, final = fused(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
+        xp = x.padded()
+        o, final = fused(xp.q, xp.k, xp.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
                          n_out=n_out, stages=stages, regs=regs, interpret=interpret)
     else:
         ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, tiles_per_cta=intra_tiles,
@@ -94,9 +95,11 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 
 class Prepared(NamedTuple):
-    """The kernels' operands: q, k [T_pad, H, K], v [T_pad, HV, V] (q's dtype), g_hm, beta_hm
-    [HV, T_pad] fp32, cu int32 [N_pad + 1], seg int32 [T_pad] (sequence id per token), h0 None
-    or fp32, group = HV / H; ``unpad`` maps the kernels' o [T_pad, HV, V] to the caller's shape."""
+    """The kernels' operands: q, k [T_q, H, K], v [T_q, HV, V] (q's dtype; T_q the caller's token
+    count B * T, or 64 when that is less), g_hm, beta_hm [HV, T_pad] fp32 (T_pad: whole tiles,
+    T_pad - 64 < T_q <= T_pad), cu int32 [N_pad + 1], seg int32 [T_pad] (sequence id per token),
+    h0 None or fp32, group = HV / H; ``unpad`` maps the kernels' o [T_q, HV, V] to the caller's
+    shape (no copy unless T_q was padded); :meth:`padded`: q, k, v padded to T_pad rows."""
     q: Any
     k: Any
     v: Any
@@ -112,10 +115,25 @@ class Prepared(NamedTuple):
         bsz, t_in, hv, dv = self.shape
         return o[: bsz * t_in].reshape(bsz, t_in, hv, dv)
 
+    def padded(self) -> "Prepared":
+        """q, k, v padded with zero rows to T_pad (for a kernel that reads only whole tiles in
+        bounds: the fused variant)."""
+        pad = self.g_hm.shape[1] - self.q.shape[0]
+        if not pad:
+            return self
+        q, k, v = (jnp.pad(a, ((0, pad), (0, 0), (0, 0))) for a in (self.q, self.k, self.v))
+        return self._replace(q=q, k=k, v=v)
+
 
 def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
-    """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, padding to
-    whole tiles, head-major fp32 gates, sequence ids from the plan (on the device)."""
+    """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, head-major fp32
+    gates padded to whole tiles, sequence ids from the plan (on the device).
+
+    q, k and v are NOT padded to whole tiles (unless the batch is shorter than one tile): the
+    kernels read the last, partial tile past the arrays' end, which TMA fills with zeros, and write
+    the output rows the caller has only. Padding them cost a copy of q, k and v before the kernels
+    and of o after (~48 KB a token at H = 16, HV = 32, K = V = 128 in bf16, read and written: ~0.3
+    ms of HBM time at 32K tokens) on every batch whose token count is not a multiple of 64."""
     bsz, t_in, h, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     t_arr = bsz * t_in
@@ -129,8 +147,13 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
     g = g.reshape(t_arr, hv).astype(jnp.float32)
     beta = beta.reshape(t_arr, hv).astype(jnp.float32)
     if pad:
-        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        # the gates are transposed to head-major anyway: their padding rides in that copy
         g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
+    if t_arr < C:
+        # q, k and v keep the caller's token count (a partial last tile is read past the array's
+        # end: TMA fills those rows with zeros, the values padding gave them); only a batch
+        # shorter than one tile is padded (a few rows), so no TMA box is larger than its array
+        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
     cu = plan.cu_seqlens.astype(jnp.int32)
     # unrolled: the default method is an XLA while loop, which on the GPU ran as ~16 small kernels and
     # copies per call (H200 trace of 2026-12-05: 10 device copies, 4 adds, 4 selects at 4x2048, in a
@@ -150,14 +173,14 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
     ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
     item's initial state and how its CTAs look their items up (the default loop has none of them
     and ignores them); ``overlap``: either loop's."""
-    t_pad = x.q.shape[0]
+    t_valid = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
-                               t_valid=t_pad, stages=stages, regs=regs, lean=lean, bare=bare,
+                               t_valid=t_valid, stages=stages, regs=regs, lean=lean, bare=bare,
                                direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
                                schedule=schedule, interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
-                      t_valid=t_pad, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
+                      t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
                       overlap=overlap, interpret=interpret)
 
 

@@ -133,12 +133,13 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, interpret=None):
-    """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
+    """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
-    q, k: [T_pad, H, K]; v: [T_pad, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
-    :func:`gdn.jax_backend.mosaic_gpu.intra.intra`); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
+    q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
+    :func:`gdn.jax_backend.mosaic_gpu.intra.intra`; T_pad - 64 < T_q <= T_pad: a tile's rows past
+    T_q are read as zeros, TMA fills them); cu: int32 [N_pad + 1] (the plan's cu_seqlens);
     h0: None or fp32 [N_h0, HV, K, V]; n_out: rows of the final state (None: no final state);
-    t_valid: tokens the caller's arrays hold (rows past it are not written).
+    t_valid <= T_q: tokens the caller's arrays hold (o's rows past it are not written).
     ``lean`` (default; False is the loop before 2026-12-04 s5): the state warpgroup's two
     [64, 64] NaN-isolation selects go (on a boundary tile it also zeroes v's and ``Ag``'s rows of
     other sequences, and ``X``'s columns take a masked ``exp(gc)``), and the output warpgroup's
@@ -161,7 +162,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     publication of ``Vnew`` (its store, fence and ``s_ready``) during the state update, where it
     used to wait in front of it. The same products and bits.
     """
-    t_pad, _, dk = q.shape
+    t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     hv, dv = v.shape[1], v.shape[2]
     ns = cu.shape[0]  # N_pad + 1 grid rows: the sequences, then the zero writer of the tail
     nv = dv // bv
@@ -175,7 +176,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     out_final = n_out is not None
     interp = bool(interpret)
 
-    out_type = [jax.ShapeDtypeStruct((t_pad, hv, dv), out_dtype)]
+    out_type = [jax.ShapeDtypeStruct((t_rows, hv, dv), out_dtype)]
     if out_final:
         out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
     vecs = plgpu.SMEM((stages, C), F32)

@@ -115,9 +115,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
                     schedule: str = "order", _ablate: frozenset = frozenset(), _shadow: bool = True,
                     _prep_shadow: bool = True):
-    """``(o [T_pad, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
+    """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
-    Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_pad, H, K]; v: [T_pad, HV, V] with V in
+    Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_q, H, K]; v: [T_q, HV, V] with V in
     {64, 128}; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32; cu: int32 [N_pad + 1]; h0: None or fp32
     [N_h0, HV, K, V]); ``regs``: (prep, state) register counts for setmaxnreg at V = 128.
     ``lean`` (default since 2026-12-04 s5, with ``bare``: 0.665 vs 0.684 ms at 4x8192): fewer
@@ -177,7 +177,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     first token, end) from a per-CTA table XLA builds before the kernel: independent loads, a CTA's
     items adjacent in memory.
     """
-    t_pad, _, dk = q.shape
+    t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     hv, dv = v.shape[1], v.shape[2]
     if dv not in VALUE_DIMS:
         raise NotImplementedError(f"the wide chunk loop runs V in {VALUE_DIMS} (one state warpgroup per 64 "
@@ -209,7 +209,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     interp = bool(interpret)
     wg_prep = nsw
 
-    out_type = [jax.ShapeDtypeStruct((t_pad, hv, dv), out_dtype)]
+    out_type = [jax.ShapeDtypeStruct((t_rows, hv, dv), out_dtype)]
     if out_final:
         out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
     vec = plgpu.SMEM((stages, C), F32)

@@ -94,7 +94,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
-    k: [T_pad, H, K] (T_pad a multiple of 64); g_hm, beta_hm: [HV, T_pad] fp32 with HV = H * group;
+    k: [T_k, H, K] with T_pad - 64 < T_k <= T_pad (the rows of the last tile past T_k are read as
+    zeros: TMA fills them); g_hm, beta_hm: [HV, T_pad] fp32 (T_pad a multiple of 64), HV = H * group;
     seg: [T_pad] int32 sequence ids, non-decreasing (tokens past the last sequence: one more id).
     Row ``t`` of ``Ag[j]`` holds the columns of t's tile: ``Ag[j, t, s - 64 (t // 64)]``; ``gc`` is
     the chunk-local gate cumsum, segmented by sequence. ``solve_pad``: row padding of the
@@ -110,10 +111,12 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     barriers: without them (tried 2026-12-04 s5, call g1) it measured 0.225 vs 0.208 ms alone at
     4x8192, 0.206 vs 0.211 at 128x256, so unlike the chunk loops it keeps them.
     """
-    t_pad, h, dk = k.shape
-    hv = g_hm.shape[0]
+    t_k, h, dk = k.shape
+    hv, t_pad = g_hm.shape
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
+    if t_pad % C or not t_pad - C < t_k <= t_pad:
+        raise ValueError(f"g_hm's tokens ({t_pad}) must be whole tiles of {C} and k's ({t_k}) end in the last")
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers)
     nb = out_buffers
     n_tiles = t_pad // C

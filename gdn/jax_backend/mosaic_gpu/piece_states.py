@@ -43,8 +43,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
                  lean: bool = True, bare: bool = True, overlap: bool = False, interpret=None):
     """``[E | M]`` fp32 [P_pad, HV, K, V + K] of every piece (rows of mode-0 pieces: no meaning).
 
-    k: [T_pad, H, K]; v: [T_pad, HV, V] (V and K multiples of 64); ag: [HV, T_pad, 64], gc:
-    [HV, T_pad] fp32 (the intra kernel's, on the piece plan); cu: int32 [P_pad + 1] (the pieces'
+    k: [T_q, H, K]; v: [T_q, HV, V] (V and K multiples of 64; T_q as :func:`.chunk_loop.chunk_loop`'s);
+    ag: [HV, T_pad, 64], gc: [HV, T_pad] fp32 (the intra kernel's, on the piece plan); cu: int32 [P_pad + 1] (the pieces'
     cu_seqlens); mode: int32 [P_pad]; h0: None or fp32 [P_pad, HV, K, V] (each piece's E start).
     ``stages``: ring depth (2 leaves SMEM for two CTAs per SM); ``lean`` / ``bare``: as
     :func:`.chunk_loop.chunk_loop`'s (``bare``: the state staging is read before the first
@@ -52,7 +52,7 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
     ``overlap`` (UNTIMED, off): V's load and the exponentials during ``S^T K^T``, the state's decay
     during ``W^T Ag^T`` (:func:`.chunk_loop.chunk_loop`'s ``overlap``; same bits).
     """
-    t_pad, _, dk = k.shape
+    _, _, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
     if dv % BV or dk % BV:
         raise NotImplementedError(f"piece_states needs K and V multiples of {BV}, got K={dk}, V={dv}")
