@@ -91,6 +91,16 @@ CASES = [
     # passes with loop_overlap (their off-chain work in the products' shadows)
     ("two_pass_scan_kernel_G2_h0", dict(lens=[300, 200], h=1, hv=2, k=64, v=64, initial_state=True, seed=18),
      dict(), "bfloat16", "two_pass:scan_kernel"),
+    # use_qk_l2norm folded into the kernels (q and k not rewritten: ln rstd of their rows joins the
+    # gates' exponents) in each loop and in the split's pass 1 (piece_states), on unnormalized q, k
+    ("wide_l2norm_varlen_G2_K128_V128_h0", dict(lens=[100, 0, 1, 63, 65], h=1, hv=2, k=128, v=128, l2norm_qk=False,
+                                                initial_state=True, seed=21), dict(use_qk_l2norm=True),
+     "bfloat16", "packed:wide"),
+    ("narrow_l2norm_varlen_G2_h0", dict(lens=[100, 1, 64, 65], h=1, hv=2, k=64, v=64, l2norm_qk=False,
+                                        initial_state=True, seed=22), dict(use_qk_l2norm=True), "bfloat16",
+     "packed:narrow"),
+    ("two_pass_l2norm_G2_h0", dict(lens=[300, 70], h=1, hv=2, k=64, v=64, l2norm_qk=False, initial_state=True,
+                                   seed=23), dict(use_qk_l2norm=True), "bfloat16", "two_pass"),
 ]
 
 #: layout suffix -> options of M.run
@@ -575,6 +585,36 @@ def test_unsupported_calls_raise_not_implemented():
     assert M.impl_status() == {"mosaic_gpu": M.status()}
 
 
+def test_kernels_check_their_token_and_scale_operands():
+    """The kernels' operands that the driver derives (a partial last tile of q, k, v; use_qk_l2norm's
+    row scales) are checked before anything is traced: a wrong pairing raises, naming the operand."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+
+    t, t_pad, h, hv, d = 70, 128, 1, 2, 64
+    k = jnp.zeros((t, h, d), jnp.bfloat16)
+    g = jnp.zeros((hv, t_pad), jnp.float32)
+    seg = jnp.zeros((t_pad,), jnp.int32)
+    with pytest.raises(ValueError, match="lrk must have shape"):
+        intra(k, g, g, seg, group=2, lrk=jnp.zeros((h, t), jnp.float32), interpret=True)
+    for rows in (t_pad + 1, t_pad - 64):  # k must end inside g's last tile
+        with pytest.raises(ValueError, match="whole tiles"):
+            intra(jnp.zeros((rows, h, d), jnp.bfloat16), g, g, seg, group=2, interpret=True)
+    with pytest.raises(ValueError, match="whole tiles"):
+        intra(k, g[:, :100], g[:, :100], seg[:100], group=2, interpret=True)
+    v = jnp.zeros((t, hv, d), jnp.bfloat16)
+    ag = jnp.zeros((hv, t_pad, 64), jnp.bfloat16)
+    cu = jnp.asarray([0, t], jnp.int32)
+    lr = jnp.zeros((h, t_pad), jnp.float32)
+    for loop in (chunk_loop, chunk_loop_wide):
+        for one in (dict(lrq=lr), dict(lrk=lr)):
+            with pytest.raises(ValueError, match="lrq and lrk"):
+                loop(k, k, v, ag, g, cu, None, scale=0.1, group=2, n_out=None, t_valid=t, interpret=True, **one)
+
+
 def _lower_for_cuda(fn, *args):
     import jax
     from jax._src.mesh import AbstractDevice
@@ -645,13 +685,17 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" in text
 
 
-@pytest.mark.parametrize("chunk_variant,split", [("wide", False), ("default", False), ("default", True)])
-def test_unaligned_tokens_cost_no_copy(chunk_variant, split):
+@pytest.mark.parametrize("chunk_variant,split,l2norm", [
+    ("wide", False, False), ("default", False, False), ("default", True, False),
+    ("wide", False, True), ("default", False, True), ("wide", True, True)])
+def test_unaligned_tokens_and_l2norm_cost_no_copy(chunk_variant, split, l2norm):
     """A batch whose token count is not a multiple of 64 reaches the kernels without a padded copy
     of q, k or v, and o leaves them without a slice: the lowered prefill (H200 target, the Qwen3.5
     head shape, 200 tokens) holds no pad or slice of a 16-bit array (the gates' padding is fp32 and
-    rides in their transpose). The interpreter cases check the values of such batches (TMA reads a
-    partial last tile as zeros past the array, the interpreter models it)."""
+    rides in their transpose). With use_qk_l2norm, no normalized copy of q or k either (no convert
+    to a 16-bit array: the kernels fold the row scales into their factors). The interpreter cases
+    check the values of such batches (TMA reads a partial last tile as zeros past the array, the
+    interpreter models it) and of the folded scales."""
     import jax
     import jax.numpy as jnp
 
@@ -676,18 +720,19 @@ def test_unaligned_tokens_cost_no_copy(chunk_variant, split):
 
         def fn(q, k, v, g, beta, plan):
             tabs = {name: jnp.asarray(a) for name, a in tables.items()}
-            return core_split(q, k, v, g, beta, plan, None, tabs, scale=dk ** -0.5, use_qk_l2norm=False,
+            return core_split(q, k, v, g, beta, plan, None, tabs, scale=dk ** -0.5, use_qk_l2norm=l2norm,
                               output_final_state=True, chunk_variant=chunk_variant)[:2]
         text = _lower_for_cuda(fn, q, q, v, g, g, pp.to_jax()).as_text()
     else:
 
         def fn(q, k, v, g, beta, plan):
-            _, args = api.validate(q, k, v, g, beta, plan=plan, backend="jax")
+            _, args = api.validate(q, k, v, g, beta, plan=plan, use_qk_l2norm=l2norm, backend="jax")
             return prefill_arrays(args, chunk_variant=chunk_variant)
         text = _lower_for_cuda(fn, q, q, v, g, g, p.to_jax()).as_text()
     assert "custom_call" in text
     copies = [line.strip() for line in text.splitlines()
-              if ("stablehlo.pad" in line or "stablehlo.slice" in line) and "bf16>" in line.split("->")[-1]]
+              if any(f"stablehlo.{op}" in line for op in ("pad", "slice", "convert"))
+              and "bf16>" in line.split("->")[-1]]
     assert not copies, copies
 
 

@@ -257,11 +257,13 @@ def sec_qwen(variants=(("default", {}),)):
     RESULTS["qwen"] = out
 
 
-def _jitted(lens, h, hv, dk, seed, piece_chunks=None, **kw):
+def _jitted(lens, h, hv, dk, seed, piece_chunks=None, _l2norm=None, **kw):
     """(jitted prefill on the host plan of ``lens``, its device inputs, cu_seqlens): the mosaic_gpu
     run with options ``kw``, or with ``piece_chunks`` the two-pass split
     (gdn.jax_backend.mosaic_gpu.split) in pieces of that many chunks; the host plan (and the
-    split's tables) become constants of the jitted call."""
+    split's tables) become constants of the jitted call. ``_l2norm``: None (no use_qk_l2norm),
+    "fold" (use_qk_l2norm=True: the kernels fold the row scales, 2026-12-05 s10) or "xla" (q and k
+    normalized by XLA first, then no use_qk_l2norm: what use_qk_l2norm cost before s10)."""
     import jax
     from gdn import api, plan as make_plan
     from gdn.jax_backend import mosaic_gpu as M
@@ -273,10 +275,21 @@ def _jitted(lens, h, hv, dk, seed, piece_chunks=None, **kw):
 
     @jax.jit
     def fn(q, k, v, g, beta, h0):
-        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax")
+        if _l2norm == "xla":
+            q, k = (_l2norm_xla(x) for x in (q, k))
+        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, use_qk_l2norm=_l2norm == "fold",
+                               backend="jax")
         return run_split(args, sp, **kw) if sp is not None else M.run(args, **kw)
 
     return fn, (q, k, v, g, beta, h0), cu
+
+
+def _l2norm_xla(x):
+    """x's rows l2-normalized in fp32, rounded back to x's dtype (the copy the kernels read before
+    use_qk_l2norm was folded into them)."""
+    import jax.numpy as jnp
+    from gdn.jax_backend.common import rstd
+    return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
 
 
 SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)
@@ -468,6 +481,9 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
     "persist_table_pf": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch=True),
+    # use_qk_l2norm: folded into the kernels (2026-12-05 s10, UNTIMED) vs q and k normalized by XLA first
+    "l2norm": dict(_l2norm="fold"),
+    "l2norm_xla": dict(_l2norm="xla"),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
@@ -482,6 +498,11 @@ SHAPES = [  # (label, lens, H, HV, target ms)
     ("1x32768", [32768], 16, 32, None),
     ("4x8192_HV48", [8192] * 4, 16, 48, 0.60),
     ("4x8192_HV16", [8192] * 4, 16, 16, 0.20),
+]
+NAMED_SHAPES = [  # timed only when --shapes names them
+    # token counts that are not a multiple of 64 (q, k, v no longer padded to whole tiles, s10, UNTIMED)
+    ("4x8191", [8191] * 4, 16, 32, None),
+    ("1x32767", [32767], 16, 32, None),
 ]
 
 
@@ -878,7 +899,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     if "mix" in a.shapes.split(","):
         _add_mix()
-    shapes = [s for s in SHAPES if not a.shapes or s[0] in a.shapes.split(",")]
+    shapes = SHAPES if not a.shapes else [s for s in SHAPES + NAMED_SHAPES if s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),

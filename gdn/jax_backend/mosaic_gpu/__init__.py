@@ -20,8 +20,9 @@ from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from
 
 Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
 have: NotImplementedError, so ``impl=None`` falls back), K in {64, 128}, V in {64, 128, 192, 256},
-any G = HV / H, varlen plans, initial and final states, ``use_qk_l2norm`` (applied in XLA before
-the kernels).
+any G = HV / H, varlen plans, initial and final states, ``use_qk_l2norm`` (XLA reduces q's and k's
+rows to their scales and the kernels fold them into their factors: q and k are never rewritten;
+the fused variant normalizes copies in XLA).
 
 Split-ready (gdn issue 6): a CTA walks any token range ``[cu[n], cu[n+1])`` from any state row, so
 the exact split (gdn.split) runs its pieces as the sequences of a finer plan, with the values

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ...api import PrefillArgs
-from ..common import count_trace, run_core
+from ..common import count_trace, rstd, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C
@@ -55,8 +55,7 @@ def _sm_count() -> int:
 
 
 def _l2norm(x):
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
+    return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -76,7 +75,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
     count_trace("mosaic_gpu")
-    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
+    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant != "fused")
     n_out = plan.padded_seqs if output_final_state else None
     if variant == "fused":
         xp = x.padded()
@@ -86,7 +85,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, tiles_per_cta=intra_tiles,
                        head_loop=head_loop, solve_pad=intra_pad, merge_variant=intra_merge,
                        solve_columns=intra_columns, isolate=intra_isolate, out_buffers=intra_out_buffers,
-                       interpret=interpret)[:2]
+                       lrk=x.lrk, interpret=interpret)[:2]
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
@@ -98,8 +97,10 @@ class Prepared(NamedTuple):
     """The kernels' operands: q, k [T_q, H, K], v [T_q, HV, V] (q's dtype; T_q the caller's token
     count B * T, or 64 when that is less), g_hm, beta_hm [HV, T_pad] fp32 (T_pad: whole tiles,
     T_pad - 64 < T_q <= T_pad), cu int32 [N_pad + 1], seg int32 [T_pad] (sequence id per token),
-    h0 None or fp32, group = HV / H; ``unpad`` maps the kernels' o [T_q, HV, V] to the caller's
-    shape (no copy unless T_q was padded); :meth:`padded`: q, k, v padded to T_pad rows."""
+    h0 None or fp32, group = HV / H; lrq, lrk: None, or with use_qk_l2norm fp32 [H, T_pad], ``ln
+    rstd`` of q's and k's rows (q and k not normalized: the kernels fold the scales into their
+    factors); ``unpad`` maps the kernels' o [T_q, HV, V] to the caller's shape (no copy unless T_q
+    was padded); :meth:`padded`: q, k, v padded to T_pad rows."""
     q: Any
     k: Any
     v: Any
@@ -110,6 +111,8 @@ class Prepared(NamedTuple):
     h0: Any
     group: int
     shape: tuple
+    lrq: Any = None
+    lrk: Any = None
 
     def unpad(self, o):
         bsz, t_in, hv, dv = self.shape
@@ -125,7 +128,7 @@ class Prepared(NamedTuple):
         return self._replace(q=q, k=k, v=v)
 
 
-def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
+def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool = True) -> Prepared:
     """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, head-major fp32
     gates padded to whole tiles, sequence ids from the plan (on the device).
 
@@ -133,14 +136,21 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
     kernels read the last, partial tile past the arrays' end, which TMA fills with zeros, and write
     the output rows the caller has only. Padding them cost a copy of q, k and v before the kernels
     and of o after (~48 KB a token at H = 16, HV = 32, K = V = 128 in bf16, read and written: ~0.3
-    ms of HBM time at 32K tokens) on every batch whose token count is not a multiple of 64."""
+    ms of HBM time at 32K tokens) on every batch whose token count is not a multiple of 64.
+
+    ``use_qk_l2norm`` with ``fold_l2norm`` (every kernel but the fused variant's): q and k are not
+    rewritten; one reduction each gives ``ln rstd`` of their rows (``lrq``, ``lrk``), which the
+    kernels fold into the exponents of the factors already on q's and k's rows. That saves writing
+    a normalized copy of q and k (and the kernels reading it): 8 KB a token at H = 16, K = 128 in
+    bf16, and the normalized q and k are never rounded to the input dtype (as the Triton backend and
+    the other JAX implementations do). Without ``fold_l2norm``: the normalized copies."""
     bsz, t_in, h, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     t_arr = bsz * t_in
     q = q.reshape(t_arr, h, dk)
     k = k.reshape(t_arr, h, dk)
     v = v.astype(q.dtype).reshape(t_arr, hv, dv)
-    if use_qk_l2norm:
+    if use_qk_l2norm and not fold_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     t_pad = max(C, -(-t_arr // C) * C)
     pad = t_pad - t_arr
@@ -162,7 +172,10 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool) -> Prepared:
                            method="scan_unrolled").astype(jnp.int32)
     if h0 is not None:
         h0 = h0.astype(jnp.float32)
-    return Prepared(q, k, v, g.T, beta.T, cu, seg, h0, hv // h, (bsz, t_in, hv, dv))
+    lrq = lrk = None
+    if use_qk_l2norm and fold_l2norm:  # [H, T_pad]; 0 (a factor of 1) on rows past the tokens
+        lrq, lrk = (jnp.pad(jnp.log(rstd(x)).T, ((0, 0), (0, t_pad - x.shape[0]))) for x in (q, k))
+    return Prepared(q, k, v, g.T, beta.T, cu, seg, h0, hv // h, (bsz, t_in, hv, dv), lrq, lrk)
 
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
@@ -178,10 +191,10 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_valid, stages=stages, regs=regs, lean=lean, bare=bare,
                                direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
-                               schedule=schedule, interpret=interpret)
+                               schedule=schedule, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
-                      overlap=overlap, interpret=interpret)
+                      overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
 
 
 def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) -> int | None:

@@ -45,15 +45,15 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
 
-def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
-    per_stage = (2 * C * dk + C * bv + C * C) * itemsize + 3 * C * 4
+def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
+    per_stage = (2 * C * dk + C * bv + C * C) * itemsize + (3 + 2 * l2) * C * 4
     fixed = max(2 * bv * dk * itemsize, dk * bv * 4) + 2 * C * bv * itemsize + 3 * C * bv * out_itemsize
     return stages * per_stage + fixed
 
 
-def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int) -> int:
+def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int, l2: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, bv, itemsize, out_itemsize, stages) <= SMEM_BUDGET:
+        if smem_bytes(dk, bv, itemsize, out_itemsize, stages, l2) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
 
@@ -112,27 +112,31 @@ def decay_factors(s_t, g_vec, g_last, valid):
 
 
 def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bool, dtype, *, v_keep=None,
-               overlap: bool = False, before=lambda: None, between=None):
+               overlap: bool = False, before=lambda: None, between=None, lk=None):
     """One tile of the state chain -> the new ``S^T``: :func:`new_values_t` then
     :func:`state_update_t`, with the caller's side work ``before`` (run before ``Vnew``'s products)
     and ``between(Vnew^T)`` (None: nothing; run before the update). With ``overlap`` the side work
     and the update's factors run in the products' shadows instead: ``before`` during ``S^T K^T``,
-    the decay during ``W^T Ag^T``, ``between`` during the update (the same values)."""
+    the decay during ``W^T Ag^T``, ``between`` during the update (the same values).
+    ``lk`` (use_qk_l2norm): ``ln rstd(k)`` of the tile's tokens (COLS): both products that contract
+    k's rows (``S^T K^T`` and the update) take k's row scale in their column factors' exponents,
+    ``exp(gc + lk)`` and ``exp(gc_last - gc + lk)``, so k itself stays the caller's."""
+    g_vec, g_d = (g_vec, g_vec) if lk is None else (g_vec + lk, g_vec - lk)
     if not overlap:
         before()
         vn_t = new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean, v_keep)
         if between is not None:
             between(vn_t)
-        return state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype)
+        return state_update_t(s_t, vn_t, k_tile, g_d, g_last, valid, dtype)
     vn_t, _, factors = new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean, v_keep,
-                                    shadows=(before, lambda: decay_factors(s_t, g_vec, g_last, valid)))
-    return state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype, factors=factors,
+                                    shadows=(before, lambda: decay_factors(s_t, g_d, g_last, valid)))
+    return state_update_t(s_t, vn_t, k_tile, g_d, g_last, valid, dtype, factors=factors,
                                 during=None if between is None else (lambda: between(vn_t)))
 
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               direct_io: bool = False, overlap: bool = False, interpret=None):
+               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -161,6 +165,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``S^T K^T``; the state's decay and the factor ``exp(gc_last - gc)`` during ``W^T Ag^T``; the
     publication of ``Vnew`` (its store, fence and ``s_ready``) during the state update, where it
     used to wait in front of it. The same products and bits.
+    ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
+    and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
+    and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     hv, dv = v.shape[1], v.shape[2]
@@ -169,8 +176,11 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     dtype = q.dtype
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    l2 = lrk is not None
+    if (lrq is None) == l2:
+        raise ValueError("lrq and lrk come together (use_qk_l2norm) or not at all")
     if stages is None:
-        stages = pick_stages(dk, bv, isz, osz)
+        stages = pick_stages(dk, bv, isz, osz, l2)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -195,19 +205,22 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         vn_pub=tile((2, C, bv), dtype),
         o_out=tile((2, C, bv), out_dtype),
         o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
-        in_bar=plgpu.Barrier(num_arrivals=7, num_barriers=stages),
+        in_bar=plgpu.Barrier(num_arrivals=7 + 2 * l2, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         s_ready=plgpu.Barrier(num_barriers=2),
         s_free=plgpu.Barrier(num_barriers=2),
         st_bar=plgpu.Barrier(),
         done=plgpu.Barrier(num_arrivals=3),
     )
+    if l2:  # q's row scales for WG1 (row view), k's for both (column view, read only)
+        scratch.update(lq_rows=vecs, lk_cols=vecs)
 
     def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, pub, vn_pub, o_out, o_part,
-             in_bar, in_free, s_ready, s_free, st_bar, done):
+             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None):
         s_pub, st_s = pub
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
+        lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
         o_ref = refs.pop(0)
         ht_ref = refs.pop(0) if out_final else None
@@ -234,6 +247,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
                 for buf in (gc_state, gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+                if l2:
+                    plgpu.copy_gmem_to_smem(lrq_ref.at[hk, tok], lq_rows.at[slot], bar)
+                    plgpu.copy_gmem_to_smem(lrk_ref.at[hk, tok], lk_cols.at[slot], bar)
 
             produce(nt, stages, issue, in_free)
 
@@ -295,7 +311,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         plgpu.barrier_arrive(s_ready.at[half])
 
                 s_new = state_step(s_t, s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, g_last, valid,
-                                   lean, dtype, overlap=overlap, before=publish_s, between=publish_vn)
+                                   lean, dtype, overlap=overlap, before=publish_s, between=publish_vn,
+                                   lk=plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
@@ -350,6 +367,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 if lean:  # o's scale folded into both row exponents: exp(gc_r + ln scale)
                     g_r = g_r + math.log(scale)
                 g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                if l2:  # P = (Q K^T) rstd(q_r) rstd(k_s) exp(gc_r - gc_s); o's rows (Q S) * rstd(q_r)
+                    g_r = g_r + plgpu.load(lq_rows.at[slot], layout=ROWS)
+                    g_c = g_c - plgpu.load(lk_cols.at[slot], layout=COLS)
                 mask = (r >= c) & (c >= lo) & (c < hi)
                 # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
                 # read k_s only after it (no SMEM race; P loses its overlap with WG0 there only).
@@ -391,7 +411,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
         finish_together(done)
 
-    args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
+    args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),

@@ -67,16 +67,17 @@ REGS = (104, 200)
 ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
 
 
-def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int) -> int:
+def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
     nsw = dv // BV
-    per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + 2 * C * 4  # q, k, v, Ag, P, gc x2
+    # q, k, v, Ag, P, gc x2 (+ q's and k's row scales)
+    per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + (2 + 2 * l2) * C * 4
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
     return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
 
 
-def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int) -> int:
+def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} "
                               "bytes of SMEM")
@@ -113,8 +114,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
-                    schedule: str = "order", _ablate: frozenset = frozenset(), _shadow: bool = True,
-                    _prep_shadow: bool = True):
+                    schedule: str = "order", lrq=None, lrk=None, _ablate: frozenset = frozenset(),
+                    _shadow: bool = True, _prep_shadow: bool = True):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_q, H, K]; v: [T_q, HV, V] with V in
@@ -170,6 +171,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
     ``Q K^T`` computes. The same products and bits.
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
+    ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
+    and k rows: q and k are the caller's, not normalized; the scales join the exponents of the
+    factors that already multiply q's rows and k's rows in the products (P's rows and columns, Q's
+    rewrite, the columns of ``X`` and of the decayed ``Vnew``), so the normalized q and k are never
+    rounded to the input dtype and cost no instruction on the products.
     ``schedule`` (persistent grid): how a CTA looks its items up, the same items in the same order
     either way. "order" (default; what the H200 timed in session 8) derives them in the kernel from
     the ranking and ``cu``: two dependent global loads per lookup, which both cursors of the prep
@@ -187,8 +193,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     dtype = q.dtype
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    l2 = lrk is not None
+    if (lrq is None) == l2:
+        raise ValueError("lrq and lrk come together (use_qk_l2norm) or not at all")
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz)
+        stages = pick_stages(dk, dv, isz, osz, l2)
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
@@ -214,7 +223,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
     vec = plgpu.SMEM((stages, C), F32)
     ring = (tile((stages, C, dk), dtype), tile((stages, C, dk), dtype), tile((stages, nsw, C, BV), dtype),
-            tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec)
+            tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec) + ((vec, vec) if l2 else ())
     scratch = dict(
         # the ring (q, k, v blocks, Ag, P, gc rows, gc cols) or, before the first and after the last
         # tile, the fp32 [K, 64] staging of each state warpgroup's initial / final state
@@ -222,7 +231,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         # per state warpgroup: the swizzled output tile or the plain one of the row stores
         # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
         o_st=tuple(plgpu.RefUnion(tile((C, BV), out_dtype), plgpu.SMEM((C, BV), out_dtype)) for _ in range(nsw)),
-        in_bar=plgpu.Barrier(num_arrivals=5 + nsw, num_barriers=stages),  # one arrival per TMA copy of a slot
+        in_bar=plgpu.Barrier(num_arrivals=5 + nsw + 2 * l2, num_barriers=stages),  # one per TMA copy of a slot
         ready=plgpu.Barrier(num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=nsw, num_barriers=stages),
         h0_bar=plgpu.Barrier(num_barriers=nsw),
@@ -232,10 +241,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     )
 
     def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
-        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols), st_s = ring
+        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *lq_lk), st_s = ring
+        lq_rows, lk_cols = lq_lk if l2 else (None, None)
         o_st = tuple(o_st)
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
+        lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
         sched_ref = refs.pop(0) if persistent else None  # the ranking, or the per-CTA item table
         o_ref = refs.pop(0)
@@ -285,6 +296,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
             for buf in (gc_rows, gc_cols):
                 plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+            if l2:
+                plgpu.copy_gmem_to_smem(lrq_ref.at[hk, tok], lq_rows.at[slot], bar)
+                plgpu.copy_gmem_to_smem(lrk_ref.at[hk, tok], lk_cols.at[slot], bar)
 
         def prep_tile(slot, lo, hi):
             """The prep warpgroup's work on the tile in ``slot`` (valid rows [lo, hi)), then ``ready``."""
@@ -298,6 +312,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
                         g_r = g_r + math.log(scale)
                     g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+                    if l2:  # P = (Q K^T) * rstd(q_r) rstd(k_s) exp(gc_r - gc_s), and Q's rows * rstd(q)
+                        g_r = g_r + plgpu.load(lq_rows.at[slot], layout=ROWS)
+                        g_c = g_c - plgpu.load(lk_cols.at[slot], layout=COLS)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
                     mask = (r >= c) & (c >= lo) & (c < hi)
@@ -465,9 +482,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 with jax.named_scope("s_pre"):
                     valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
+                    # the exponents of X's column factor and of Vnew's (gc_last - g_d): with l2norm k's
+                    # row scale joins both (its rows are contracted by both products)
+                    g_x = g_d = g_vec
+                    if l2:
+                        lk = plgpu.load(lk_cols.at[slot], layout=COLS)
+                        g_x, g_d = g_vec + lk, g_vec - lk
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
-                vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend)
+                vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend)
                 with jax.named_scope("s_update"):
                     if ab("o"):
                         s_new, = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]))
@@ -484,7 +507,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         store(o_lo_t, j, tok, lo, hi, t0)
                 return s_new, None
 
-            def three_groups(slot, s_t, s_lo, valid, g_vec, g_last, pend):
+            def three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend):
                 """(Vnew^T, its decayed copy, both in the input dtype; the decayed state exp(gc_last) S^T)
                 from U^T and X = Sl K^T (one group), then W^T Ag^T (a second). With ``pend``
                 (``overlap``) the previous tile's output is stored while the first group runs, and
@@ -494,10 +517,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 shadow = pend is not None and _shadow
 
                 def x_factor():  # exp(gc) of X's columns; with lean 0 on other sequences' columns
-                    return masked_exp(valid, g_vec) if lean else jnp.exp(g_vec)
+                    return masked_exp(valid, g_x) if lean else jnp.exp(g_x)
 
                 def vd_factor():
-                    return masked_exp(valid, g_last - g_vec)
+                    return masked_exp(valid, g_last - g_d)
 
                 def first():  # nothing without ``pend``: the same module as with no ``during``
                     if pend is not None:
@@ -576,7 +599,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
         finish_together(done)
 
-    args = [q, k, v, ag, gc, cu] + ([h0] if has_h0 else [])
+    args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     if persistent:
         args.append(_persistent_schedule(cu, hv, ctas, schedule))
     with tracing_for_interpreter(interp):

@@ -90,7 +90,7 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
           isolate: str = "boundary", out_buffers: int = 2, interpret=None,
-          debug_inverse: bool = False):
+          debug_inverse: bool = False, lrk=None):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``).
 
@@ -110,11 +110,17 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     4x8192, 0.206 vs 0.221 at 128x256, same bits). Compiled with Pallas's automatic warpgroup
     barriers: without them (tried 2026-12-04 s5, call g1) it measured 0.225 vs 0.208 ms alone at
     4x8192, 0.206 vs 0.211 at 128x256, so unlike the chunk loops it keeps them.
+    ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k_t)`` per k head and token: k is the caller's,
+    not normalized, and ``K K^T`` is scaled by ``rstd(k_r) rstd(k_s)`` once per tile (in fp32, so
+    the normalized k is never rounded to the input dtype).
     """
     t_k, h, dk = k.shape
     hv, t_pad = g_hm.shape
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
+    has_rk = lrk is not None
+    if has_rk and lrk.shape != (h, t_pad):
+        raise ValueError(f"lrk must have shape {(h, t_pad)} (H, T_pad), got {lrk.shape}")
     if t_pad % C or not t_pad - C < t_k <= t_pad:
         raise ValueError(f"g_hm's tokens ({t_pad}) must be whole tiles of {C} and k's ({t_k}) end in the last")
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers)
@@ -140,16 +146,22 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         na_s=plgpu.SMEM((C, C + solve_pad), F32),
         x_s=plgpu.SMEM((C, C + solve_pad), F32),
         bar_k=plgpu.Barrier(num_arrivals=1),
-        bar_s=plgpu.Barrier(num_arrivals=5, num_barriers=2),
+        bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2),
     )
+    if has_rk:  # k's row scales, one copy per layout they are read in
+        scratch.update(rk_r=plgpu.SMEM((2, C), F32), rk_c=plgpu.SMEM((2, C), F32))
     if debug_inverse:
         scratch["ai_s"] = plgpu.SMEM((2, C, C) if nb == 2 else (C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
-    def body(k_ref, g_ref, b_ref, seg_ref, ag_ref, gc_ref, *rest, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s,
-             na_s, x_s, bar_k, bar_s, ai_s=None):
-        ai_ref = rest[0] if debug_inverse else None
+    def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s, bar_k, bar_s, ai_s=None, rk_r=None,
+             rk_c=None):
+        refs = list(refs)
+        k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
+        lrk_ref = refs.pop(0) if has_rk else None
+        ag_ref, gc_ref = refs.pop(0), refs.pop(0)
+        ai_ref = refs.pop(0) if debug_inverse else None
         hk, cta = lax.axis_index("h"), lax.axis_index("m")
         first = cta * tpc
         count = jnp.minimum(tpc, n_tiles - first)
@@ -163,8 +175,11 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
         def issue_small(i, slot):
             tok = tok_of(i)
-            for src, dst in ((g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r),
-                             (b_ref.at[heads, tok], b_c), (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)):
+            pairs = [(g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r), (b_ref.at[heads, tok], b_c),
+                     (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)]
+            if has_rk:
+                pairs += [(lrk_ref.at[hk, tok], rk_r), (lrk_ref.at[hk, tok], rk_c)]
+            for src, dst in pairs:
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
 
         issue_k(0)
@@ -253,6 +268,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             with jax.named_scope("kk"):
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s
+                if has_rk:  # the normalized keys' products, in fp32
+                    kk = (kk * rows(jnp.exp(plgpu.load(rk_r.at[slot], layout=ROWS)), sq)
+                          * cols(jnp.exp(plgpu.load(rk_c.at[slot], layout=COLS)), sq))
 
             @pl.when(i + 1 < count)
             def _():
@@ -272,5 +290,5 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret),
             kernel_name="gdn_intra",
-        )(k, g_hm, beta_hm, seg)
+        )(k, g_hm, beta_hm, seg, *([lrk] if has_rk else []))
     return tuple(outs)

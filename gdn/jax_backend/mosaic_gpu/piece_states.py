@@ -35,22 +35,25 @@ BV = 64  # columns per CTA
 SMEM_BUDGET = 227 * 1024 - 4 * 1024
 
 
-def smem_bytes(dk: int, itemsize: int, stages: int) -> int:
-    return stages * ((C * dk + C * BV + C * C) * itemsize + C * 4) + dk * BV * 4
+def smem_bytes(dk: int, itemsize: int, stages: int, l2: bool = False) -> int:
+    return stages * ((C * dk + C * BV + C * C) * itemsize + (1 + l2) * C * 4) + dk * BV * 4
 
 
 def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, state_regs: int = 232,
-                 lean: bool = True, bare: bool = True, overlap: bool = False, interpret=None):
+                 lean: bool = True, bare: bool = True, overlap: bool = False, lrk=None, interpret=None):
     """``[E | M]`` fp32 [P_pad, HV, K, V + K] of every piece (rows of mode-0 pieces: no meaning).
 
     k: [T_q, H, K]; v: [T_q, HV, V] (V and K multiples of 64; T_q as :func:`.chunk_loop.chunk_loop`'s);
-    ag: [HV, T_pad, 64], gc: [HV, T_pad] fp32 (the intra kernel's, on the piece plan); cu: int32 [P_pad + 1] (the pieces'
-    cu_seqlens); mode: int32 [P_pad]; h0: None or fp32 [P_pad, HV, K, V] (each piece's E start).
+    ag: [HV, T_pad, 64], gc: [HV, T_pad] fp32 (the intra kernel's, on the piece plan); cu: int32
+    [P_pad + 1] (the pieces' cu_seqlens); mode: int32 [P_pad]; h0: None or fp32 [P_pad, HV, K, V]
+    (each piece's E start).
     ``stages``: ring depth (2 leaves SMEM for two CTAs per SM); ``lean`` / ``bare``: as
     :func:`.chunk_loop.chunk_loop`'s (``bare``: the state staging is read before the first
     product and rewritten after the last, with a warpgroup barrier between when it was read);
     ``overlap`` (UNTIMED, off): V's load and the exponentials during ``S^T K^T``, the state's decay
     during ``W^T Ag^T`` (:func:`.chunk_loop.chunk_loop`'s ``overlap``; same bits).
+    ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k)`` of each k head's rows; k stays the
+    caller's (:func:`.chunk_loop.state_step`'s ``lk``).
     """
     _, _, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -61,7 +64,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
         raise ValueError(f"mode must have shape ({ns},) (one per piece of cu), got {mode.shape}")
     nv_v, nv = dv // BV, (dv + dk) // BV
     dtype = k.dtype
-    if smem_bytes(dk, jnp.dtype(dtype).itemsize, stages) > SMEM_BUDGET:
+    l2 = lrk is not None
+    if smem_bytes(dk, jnp.dtype(dtype).itemsize, stages, l2) > SMEM_BUDGET:
         raise NotImplementedError(f"piece_states at {stages} stages exceeds the SMEM budget")
     has_h0 = h0 is not None
     interp = bool(interpret)
@@ -72,15 +76,18 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
         a_s=tile((stages, C, C), dtype),
         gc_s=plgpu.SMEM((stages, C), F32),
         st_s=plgpu.SMEM((dk, BV), F32),  # the initial and the final state of the CTA's columns
-        in_bar=plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+        in_bar=plgpu.Barrier(num_arrivals=4 + l2, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         st_bar=plgpu.Barrier(),
         done=plgpu.Barrier(num_arrivals=2),
     )
+    if l2:
+        scratch["lk_s"] = plgpu.SMEM((stages, C), F32)
 
-    def body(*refs, k_s, v_s, a_s, gc_s, st_s, in_bar, in_free, st_bar, done):
+    def body(*refs, k_s, v_s, a_s, gc_s, st_s, in_bar, in_free, st_bar, done, lk_s=None):
         refs = list(refs)
         k_ref, v_ref, ag_ref, gc_ref, cu_ref, mode_ref = (refs.pop(0) for _ in range(6))
+        lrk_ref = refs.pop(0) if l2 else None
         h0_ref = refs.pop(0) if has_h0 else None
         out_ref = refs.pop(0)
         iv, j, n = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("n")
@@ -105,6 +112,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
                 plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(vb, BV)], v_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], gc_s.at[slot], bar)
+                if l2:
+                    plgpu.copy_gmem_to_smem(lrk_ref.at[hk, tok], lk_s.at[slot], bar)
 
             produce(nt, stages, issue, in_free)
 
@@ -143,7 +152,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
                 g_vec = plgpu.load(gc_s.at[slot], layout=COLS)
                 g_last = gc_s[slot, hi - 1]
                 s_new = state_step(s_t, s_t.astype(dtype), v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec,
-                                   g_last, valid, lean, dtype, v_keep=v_keep, overlap=overlap)
+                                   g_last, valid, lean, dtype, v_keep=v_keep, overlap=overlap,
+                                   lk=plgpu.load(lk_s.at[slot], layout=COLS) if l2 else None)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
@@ -155,7 +165,7 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
 
         finish_together(done)
 
-    args = [k, v, ag, gc, cu, mode] + ([h0] if has_h0 else [])
+    args = [k, v, ag, gc, cu, mode] + ([lrk] if l2 else []) + ([h0] if has_h0 else [])
     with tracing_for_interpreter(interp):
         out = plgpu.kernel(
             body, out_type=jax.ShapeDtypeStruct((ns, hv, dk, dv + dk), F32), scratch_types=scratch,

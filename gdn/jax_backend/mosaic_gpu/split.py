@@ -53,7 +53,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     dk = x.k.shape[2]
     p_pad = x.cu.shape[0] - 1
     f32 = jnp.float32
-    ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, interpret=interpret)[:2]
+    ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, lrk=x.lrk, interpret=interpret)[:2]
     if _stop == "intra":
         return (ag, gc), None, None
 
@@ -63,7 +63,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     if x.h0 is not None:
         hp = jnp.where((h0_rows >= 0)[:, None, None, None], x.h0[jnp.maximum(h0_rows, 0)], 0.0)
     em = piece_states(x.k, x.v, ag, gc, x.cu, tables["mode"], hp, group=x.group, stages=stages1,
-                      overlap=loop_overlap, interpret=interpret)
+                      overlap=loop_overlap, lrk=x.lrk, interpret=interpret)
     if _stop == "pass1":
         return em, None, None
     e_map, m_map = em[..., :dv], em[..., dv:]
