@@ -17,7 +17,7 @@ from ...api import PrefillArgs
 from ..common import count_trace, rstd, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
-from .common import C
+from .common import C, TMA_ROWS
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
@@ -95,12 +95,12 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
 
 class Prepared(NamedTuple):
     """The kernels' operands: q, k [T_q, H, K], v [T_q, HV, V] (q's dtype; T_q the caller's token
-    count B * T, or 64 when that is less), g_hm, beta_hm [HV, T_pad] fp32 (T_pad: whole tiles,
-    T_pad - 64 < T_q <= T_pad), cu int32 [N_pad + 1], seg int32 [T_pad] (sequence id per token),
-    h0 None or fp32, group = HV / H; lrq, lrk: None, or with use_qk_l2norm fp32 [H, T_pad], ``ln
-    rstd`` of q's and k's rows (q and k not normalized: the kernels fold the scales into their
-    factors); ``unpad`` maps the kernels' o [T_q, HV, V] to the caller's shape (no copy unless T_q
-    was padded); :meth:`padded`: q, k, v padded to T_pad rows."""
+    count B * T rounded up to a multiple of TMA_ROWS = 8, or 64 when that is less), g_hm, beta_hm
+    [HV, T_pad] fp32 (T_pad: whole tiles, T_pad - 64 < T_q <= T_pad), cu int32 [N_pad + 1], seg
+    int32 [T_pad] (sequence id per token), h0 None or fp32, group = HV / H; lrq, lrk: None, or with
+    use_qk_l2norm fp32 [H, T_pad], ``ln rstd`` of q's and k's rows (q and k not normalized: the
+    kernels fold the scales into their factors); ``unpad`` maps the kernels' o [T_q, HV, V] to the
+    caller's shape (no copy unless T_q was padded); :meth:`padded`: q, k, v padded to T_pad rows."""
     q: Any
     k: Any
     v: Any
@@ -132,11 +132,12 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, head-major fp32
     gates padded to whole tiles, sequence ids from the plan (on the device).
 
-    q, k and v are NOT padded to whole tiles (unless the batch is shorter than one tile): the
-    kernels read the last, partial tile past the arrays' end, which TMA fills with zeros, and write
-    the output rows the caller has only. Padding them cost a copy of q, k and v before the kernels
-    and of o after (~48 KB a token at H = 16, HV = 32, K = V = 128 in bf16, read and written: ~0.3
-    ms of HBM time at 32K tokens) on every batch whose token count is not a multiple of 64.
+    q, k and v are NOT padded to whole tiles: the kernels read the last, partial tile past the
+    arrays' end, which TMA fills with zeros, and write the output rows the caller has only. Padding
+    them cost a copy of q, k and v before the kernels and of o after (~48 KB a token at H = 16,
+    HV = 32, K = V = 128 in bf16, read and written: ~0.3 ms of HBM time at 32K tokens) on every
+    batch whose token count is not a multiple of 64. The copy remains where TMA needs it: a token
+    count that is not a multiple of 8 (TMA_ROWS; padded to the next one) or under one tile.
 
     ``use_qk_l2norm`` with ``fold_l2norm`` (every kernel but the fused variant's): q and k are not
     rewritten; one reduction each gives ``ln rstd`` of their rows (``lrq``, ``lrk``), which the
@@ -159,11 +160,13 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     if pad:
         # the gates are transposed to head-major anyway: their padding rides in that copy
         g, beta = (jnp.pad(x, ((0, pad), (0, 0))) for x in (g, beta))
-    if t_arr < C:
-        # q, k and v keep the caller's token count (a partial last tile is read past the array's
-        # end: TMA fills those rows with zeros, the values padding gave them); only a batch
-        # shorter than one tile is padded (a few rows), so no TMA box is larger than its array
-        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    t_q = C if t_arr < C else -(-t_arr // TMA_ROWS) * TMA_ROWS
+    if t_q != t_arr:
+        # q, k and v keep the caller's token count where TMA can (a partial last tile is read past
+        # the array's end: TMA fills those rows with zeros, the values padding gave them). A copy
+        # is left for a count that is not a multiple of TMA_ROWS (up to 7 rows added) and for a
+        # batch shorter than one tile (no TMA box larger than its array)
+        q, k, v = (jnp.pad(x, ((0, t_q - t_arr), (0, 0), (0, 0))) for x in (q, k, v))
     cu = plan.cu_seqlens.astype(jnp.int32)
     # unrolled: the default method is an XLA while loop, which on the GPU ran as ~16 small kernels and
     # copies per call (H200 trace of 2026-12-05: 10 device copies, 4 adds, 4 selects at 4x2048, in a

@@ -38,7 +38,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params,
+from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
                      finish_together, interpret_params, iota, load_state, masked_decay, masked_exp, mm, produce,
                      rows, seq_tiles, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 
@@ -170,6 +170,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
+    check_token_rows("q", t_rows)
     hv, dv = v.shape[1], v.shape[2]
     ns = cu.shape[0]  # N_pad + 1 grid rows: the sequences, then the zero writer of the tail
     nv = dv // bv

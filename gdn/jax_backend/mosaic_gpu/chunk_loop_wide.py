@@ -50,9 +50,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, cols, column_select, compiler_params, drain_releases,
-                     finish_together, for_tail_tiles, interpret_params, iota, load_state, masked_decay, masked_exp,
-                     mm, products, rows, seq_tiles, store_final_state, store_rows, store_state, tile,
+from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
+                     drain_releases, finish_together, for_tail_tiles, interpret_params, iota, load_state, masked_decay,
+                     masked_exp, mm, products, rows, seq_tiles, store_final_state, store_rows, store_state, tile,
                      tracing_for_interpreter, zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
@@ -184,6 +184,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     items adjacent in memory.
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
+    check_token_rows("q", t_rows)
     hv, dv = v.shape[1], v.shape[2]
     if dv not in VALUE_DIMS:
         raise NotImplementedError(f"the wide chunk loop runs V in {VALUE_DIMS} (one state warpgroup per 64 "

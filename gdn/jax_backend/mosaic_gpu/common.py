@@ -25,6 +25,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 C = 64  # tokens per tile (the chunk size BT of the plan)
+#: TMA reads a swizzled [64, K] tile of q, k or v as 8-row groups of the whole array: its token
+#: count must be a multiple of 8 (Mosaic GPU refuses another at lowering; the interpreter does not)
+TMA_ROWS = 8
 F32 = jnp.float32
 WG = plgpu.Layout.WGMMA
 WGT = plgpu.Layout.WGMMA_TRANSPOSED
@@ -33,6 +36,12 @@ COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
 #: CUDA caps grid y and z at 65535; Pallas maps the grid (g0, g1, g2) to CUDA (z, y, x).
 MAX_GRID_YZ = 65535
+
+
+def check_token_rows(name: str, rows: int) -> None:
+    """ValueError unless an operand read by TMA in [64, K] tiles has a row count TMA can tile."""
+    if rows % TMA_ROWS:
+        raise ValueError(f"{name}'s tokens ({rows}) must be a multiple of {TMA_ROWS} (TMA_ROWS): pad them")
 
 
 def tile(shape, dtype) -> plgpu.SMEM:

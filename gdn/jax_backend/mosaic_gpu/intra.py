@@ -43,8 +43,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, cols, compiler_params, interpret_params, iota, mm,
-                     rows, tile, tracing_for_interpreter)
+from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, check_token_rows, cols, compiler_params, interpret_params,
+                     iota, mm, rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
@@ -123,6 +123,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError(f"lrk must have shape {(h, t_pad)} (H, T_pad), got {lrk.shape}")
     if t_pad % C or not t_pad - C < t_k <= t_pad:
         raise ValueError(f"g_hm's tokens ({t_pad}) must be whole tiles of {C} and k's ({t_k}) end in the last")
+    check_token_rows("k", t_k)
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers)
     nb = out_buffers
     n_tiles = t_pad // C

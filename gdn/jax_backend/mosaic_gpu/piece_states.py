@@ -28,8 +28,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .chunk_loop import state_step
-from .common import (C, COLS, F32, WG, WGT, compiler_params, finish_together, interpret_params, iota,
-                     produce, seq_tiles, tile, tracing_for_interpreter, zero_rows_outside)
+from .common import (C, COLS, F32, WG, WGT, check_token_rows, compiler_params, finish_together, interpret_params,
+                     iota, produce, seq_tiles, tile, tracing_for_interpreter, zero_rows_outside)
 
 BV = 64  # columns per CTA
 SMEM_BUDGET = 227 * 1024 - 4 * 1024
@@ -55,7 +55,8 @@ def piece_states(k, v, ag, gc, cu, mode, h0, *, group: int, stages: int = 2, sta
     ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k)`` of each k head's rows; k stays the
     caller's (:func:`.chunk_loop.state_step`'s ``lk``).
     """
-    _, _, dk = k.shape
+    t_rows, _, dk = k.shape
+    check_token_rows("k", t_rows)
     hv, dv = v.shape[1], v.shape[2]
     if dv % BV or dk % BV:
         raise NotImplementedError(f"piece_states needs K and V multiples of {BV}, got K={dk}, V={dv}")
