@@ -39,8 +39,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
-                     finish_together, interpret_params, iota, load_state, masked_decay, masked_exp, mm, produce,
-                     rows, seq_tiles, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
+                     finish_together, has_row_scales, interpret_params, iota, k_scaled, load_state, masked_decay,
+                     masked_exp, mm, produce, qk_scaled, rows, seq_tiles, store_rows, store_state, tile,
+                     tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
@@ -121,7 +122,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
     ``lk`` (use_qk_l2norm): ``ln rstd(k)`` of the tile's tokens (COLS): both products that contract
     k's rows (``S^T K^T`` and the update) take k's row scale in their column factors' exponents,
     ``exp(gc + lk)`` and ``exp(gc_last - gc + lk)``, so k itself stays the caller's."""
-    g_vec, g_d = (g_vec, g_vec) if lk is None else (g_vec + lk, g_vec - lk)
+    g_vec, g_d = k_scaled(g_vec, lk)
     if not overlap:
         before()
         vn_t = new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean, v_keep)
@@ -177,9 +178,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     dtype = q.dtype
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
-    l2 = lrk is not None
-    if (lrq is None) == l2:
-        raise ValueError("lrq and lrk come together (use_qk_l2norm) or not at all")
+    l2 = has_row_scales(lrq, lrk)
     if stages is None:
         stages = pick_stages(dk, bv, isz, osz, l2)
     has_h0 = h0 is not None
@@ -367,10 +366,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                 if lean:  # o's scale folded into both row exponents: exp(gc_r + ln scale)
                     g_r = g_r + math.log(scale)
-                g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
-                if l2:  # P = (Q K^T) rstd(q_r) rstd(k_s) exp(gc_r - gc_s); o's rows (Q S) * rstd(q_r)
-                    g_r = g_r + plgpu.load(lq_rows.at[slot], layout=ROWS)
-                    g_c = g_c - plgpu.load(lk_cols.at[slot], layout=COLS)
+                # with l2norm: P = (Q K^T) rstd(q_r) rstd(k_s) exp(gc_r - gc_s); o's rows (Q S) * rstd(q_r)
+                g_r, g_c = qk_scaled(g_r, plgpu.load(gc_cols.at[slot], layout=COLS), lq_rows, lk_cols, slot)
                 mask = (r >= c) & (c >= lo) & (c < hi)
                 # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
                 # read k_s only after it (no SMEM race; P loses its overlap with WG0 there only).

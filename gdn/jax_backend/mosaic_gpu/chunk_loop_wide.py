@@ -51,9 +51,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
-                     drain_releases, finish_together, for_tail_tiles, interpret_params, iota, load_state, masked_decay,
-                     masked_exp, mm, products, rows, seq_tiles, store_final_state, store_rows, store_state, tile,
-                     tracing_for_interpreter, zero_rows_outside)
+                     drain_releases, finish_together, for_tail_tiles, has_row_scales, interpret_params, iota,
+                     k_scaled, load_state, masked_decay, masked_exp, mm, products, qk_scaled, rows, seq_tiles,
+                     store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
@@ -194,9 +194,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     dtype = q.dtype
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
-    l2 = lrk is not None
-    if (lrq is None) == l2:
-        raise ValueError("lrq and lrk come together (use_qk_l2norm) or not at all")
+    l2 = has_row_scales(lrq, lrk)
     if stages is None:
         stages = pick_stages(dk, dv, isz, osz, l2)
     bad = set(_ablate) - set(ABLATIONS)
@@ -312,10 +310,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
                         g_r = g_r + math.log(scale)
-                    g_c = plgpu.load(gc_cols.at[slot], layout=COLS)
-                    if l2:  # P = (Q K^T) * rstd(q_r) rstd(k_s) exp(gc_r - gc_s), and Q's rows * rstd(q)
-                        g_r = g_r + plgpu.load(lq_rows.at[slot], layout=ROWS)
-                        g_c = g_c - plgpu.load(lk_cols.at[slot], layout=COLS)
+                    # with l2norm: P = (Q K^T) rstd(q_r) rstd(k_s) exp(gc_r - gc_s), and Q's rows * rstd(q)
+                    g_r, g_c = qk_scaled(g_r, plgpu.load(gc_cols.at[slot], layout=COLS), lq_rows, lk_cols, slot)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
                     mask = (r >= c) & (c >= lo) & (c < hi)
@@ -483,12 +479,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 with jax.named_scope("s_pre"):
                     valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
-                    # the exponents of X's column factor and of Vnew's (gc_last - g_d): with l2norm k's
-                    # row scale joins both (its rows are contracted by both products)
-                    g_x = g_d = g_vec
-                    if l2:
-                        lk = plgpu.load(lk_cols.at[slot], layout=COLS)
-                        g_x, g_d = g_vec + lk, g_vec - lk
+                    g_x, g_d = k_scaled(g_vec, plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
                 vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend)

@@ -151,6 +151,29 @@ def products(*accs, during=None):
     return outs if during is None else (outs, extra)
 
 
+def has_row_scales(lrq, lrk) -> bool:
+    """Whether a kernel got use_qk_l2norm's row scales (``lrq``, ``lrk``: fp32 [H, T_pad], ``ln rstd``
+    of q's and k's rows); ValueError for one without the other."""
+    if (lrq is None) != (lrk is None):
+        raise ValueError("lrq and lrk come together (use_qk_l2norm) or not at all")
+    return lrk is not None
+
+
+def qk_scaled(g_r, g_c, lq_rows, lk_cols, slot):
+    """P's row and column exponents (``exp(g_r - g_c)`` on ``Q K^T``; the rows' also on Q's) with
+    q's and k's row scales from the ring slot ``slot`` of ``lq_rows`` / ``lk_cols`` (None: none)."""
+    if lq_rows is None:
+        return g_r, g_c
+    return (g_r + plgpu.load(lq_rows.at[slot], layout=ROWS), g_c - plgpu.load(lk_cols.at[slot], layout=COLS))
+
+
+def k_scaled(g, lk):
+    """The exponents of a tile's k rows in the state chain: (X = S K^T's column factor ``exp(.)``,
+    the gate subtracted in the update's ``exp(gc_last - .)``); with k's row scale ``lk`` (``ln
+    rstd(k)``, COLS, or None) it joins both, as both products contract k's rows."""
+    return (g, g) if lk is None else (g + lk, g - lk)
+
+
 def masked_exp(mask, x):
     """``exp(x)`` where ``mask``, else exactly 0.
 

@@ -15,7 +15,8 @@ loaded v block: nothing extra in HBM) and starts from its 64 columns of the iden
 * 2: a later piece: E from 0 (``h0[p]`` is 0 there), M from the identity.
 
 Two warpgroups: WG0 keeps ``S^T`` [64, K] fp32 in registers (the products of
-:func:`.chunk_loop.state_step`, the same code as the chunk loop's), WG1 loads k, the v block, ``Ag`` and ``gc`` by TMA into ``stages`` ring slots.
+:func:`.chunk_loop.state_step`, the same code as the chunk loop's), WG1 loads k, the v block,
+``Ag`` and ``gc`` (and with use_qk_l2norm k's row scales) by TMA into ``stages`` ring slots.
 NaN isolation as in the chunk loop: on a boundary tile WG0 zeroes k's (and with ``lean``, v's and
 Ag's) rows of other sequences before the products.
 """
