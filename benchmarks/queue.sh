@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The queued H200 calls of benchmarks/mosaic_notes.md, one short call each (a machine that stops
+# answering returns nothing, so no call runs past ~330 s). Output: $OUT/<call>.log (+ JSON).
+#
+#   bash benchmarks/queue.sh c1     # session 10's changes compiled (small), m1's timings with FLA
+#   bash benchmarks/queue.sh k1     # ptxas of the overlap variants, NaN bits, the wide loop at 4x8192
+#   bash benchmarks/queue.sh k2     # the persistent options at 128x256, whole prefills with FLA
+#   bash benchmarks/queue.sh j1     # the split at tensor-parallel head counts, the dispatch probe
+#   bash benchmarks/queue.sh t1     # the triton split and its scan kernel
+#
+# FLA comes from wheels in .whl/ (see GPU.md), installed into /tmp/peers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/queue}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_FLASH_QLA=0
+unset TRITON_INTERPRET JAX_PLATFORMS
+if compgen -G ".whl/*.whl" > /dev/null && [ ! -d /tmp/peers/fla ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl
+fi
+export PYTHONPATH=$PYTHONPATH:/tmp/peers
+M="python3 tests/gpu/mosaic_gpu_check.py --out $OUT"
+call=${1:?usage: queue.sh CALL}
+case $call in
+  c1) timeout -s INT 320 $M --only env,small,time --tag c1 \
+        --shapes 4x8192,4x8184,4x8191,1x32760 --variants default,l2norm,l2norm_xla --fla-shapes 4x8192 ;;
+  k1) timeout -s INT 290 $M --only ptxas,nan,loops --tag k1 \
+        --variants wide,wide_overlap,narrow,narrow_overlap --ptxas-lens 256,256,256,256 \
+        --nan-names persistent_prefetch_wide,overlap_wide,persistent_overlap_wide,overlap_narrow \
+        --loop-shapes 4x8192 --loop-variants one_per_item,overlap,overlap_no_prep,overlap_store_only ;;
+  k2) timeout -s INT 290 $M --only loops,time --tag k2 --loop-shapes 128x256 \
+        --loop-variants order,table,table_pf,order_overlap,table_pf_overlap \
+        --variants default,overlap --shapes 4x8192,1x32768,4x8192_HV48 --fla-shapes 4x8192 ;;
+  j1) timeout -s INT 250 $M --only split --split-no-f64 --tag j1 \
+        --split-shapes 1x32768_tp8,1x32768_tp4,1x8192_tp8
+      timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
+  t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
+  *) echo "unknown call $call" >&2; exit 2 ;;
+esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
