@@ -19,6 +19,7 @@ ablate (the wide chunk loop alone at 4x8192, whole and with each diagnostic abla
 chunk_loop_wide.ABLATIONS: what each piece of a tile costs),
 intra_cmp (the intra kernel's configurations vs the float64 stages, then timed alone, interleaved),
 nan (NaN / inf isolation of the default prefill and of each chunk loop, compiled),
+oob (TMA's out-of-bounds fill at full size: exact token counts against the same arrays zero-padded),
 profile (Mosaic's in-kernel profiler at --profile-lens, default 4x2048: the time of each named scope
 per warpgroup, in a subprocess with GDN_MOSAIC_PROFILE_DIR; --profile-variant picks the variant).
 
@@ -210,6 +211,51 @@ def _qwen_inputs(lens, h, hv, dk, seed, initial_state=True):
     h0 = (0.1 * jax.random.normal(k4, (len(lens), hv, dk, dk), jnp.float32)) if initial_state else None
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return q, k, v, jnp.asarray(g[None]), jnp.asarray(beta[None]), h0, cu
+
+
+OOB_LAYOUTS = (  # token counts that are multiples of 8 and not of 64: the last tile is read past the end
+    ("1x32760", [32760]),
+    ("3 docs, 32760", [8000, 4093, 20667]),  # boundary tiles shared by two sequences too
+    ("4x8184", [8184] * 4),
+)
+
+
+@section("oob")
+def sec_oob(layouts=OOB_LAYOUTS, heads=(16, 32, 128), **run_kw):
+    """TMA's out-of-bounds fill at full size (2026-12-05 s10: q, k, v keep the caller's token count,
+    the last tile is read past the arrays' end and its output store is clipped). Each layout at the
+    Qwen3.5 shape, with and without use_qk_l2norm: the prefill on the exact arrays against the same
+    arrays padded with zero tokens to whole tiles (the old copy; the padding is past cu[-1]). Must be
+    the same bits: o over the caller's tokens and the final states."""
+    import jax
+    import jax.numpy as jnp
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    out = {}
+    for label, lens in layouts:
+        q, k, v, g, beta, h0, cu = _qwen_inputs(lens, *heads, seed=5)
+        t = q.shape[1]
+        tp = -(-t // 64) * 64
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - t)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
+        for l2 in (False, True):
+            res = []
+            for arrs, n in (((q, k, v, g, beta), t), (tuple(pad(a) for a in (q, k, v, g, beta)), tp)):
+                _, args = api.validate(*arrs, plan=make_plan(cu, num_tokens=n), initial_state=h0,
+                                       use_qk_l2norm=l2, backend="jax")
+                o, f = jax.block_until_ready(M.run(args, **run_kw))
+                res.append((np.asarray(o[:, :t]), np.asarray(f[: len(lens)])))
+            (o1, f1), (o2, f2) = res
+            same_o = bool(np.array_equal(o1.view(np.uint16), o2.view(np.uint16)))
+            same_f = bool(np.array_equal(f1, f2))
+            finite = bool(np.isfinite(o1.astype(np.float32)).all() and np.isfinite(f1).all())
+            name = f"{label}{' l2norm' if l2 else ''}"
+            diff = float(np.abs(o1.astype(np.float32) - o2.astype(np.float32)).max())
+            out[name] = dict(same_o=same_o, same_final=same_f, finite=finite, max_diff_o=diff)
+            ok = same_o and same_f and finite
+            log(name, out[name])
+            TABLE.append(f"oob {name:22s} exact vs padded: {'PASS' if ok else 'FAIL'} (o max diff {diff:.1e}, "
+                         f"final same {same_f})")
+    RESULTS["oob"] = out
 
 
 @section("qwen")
@@ -896,7 +942,7 @@ def main():
         _add_mix()
     shapes = SHAPES if not a.shapes else [s for s in SHAPES + NAMED_SHAPES if s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
-    sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()),
+    sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()), "oob": (sec_oob, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
