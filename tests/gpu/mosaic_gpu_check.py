@@ -46,6 +46,10 @@ import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("FLA_FLASH_QLA", "0")
+# under the Mosaic GPU interpreter (GDN_MOSAIC_INTERPRET=1 on a CPU host) every warpgroup is a thread
+# whose barrier waits hold an XLA CPU callback thread: one CPU device on a 2-core host deadlocks
+# (tests/test_mosaic_gpu.py runs its cases with 4 for the same reason); no effect on the GPU
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
@@ -226,7 +230,10 @@ def sec_oob(layouts=OOB_LAYOUTS, heads=(16, 32, 128), **run_kw):
     the last tile is read past the arrays' end and its output store is clipped). Each layout at the
     Qwen3.5 shape, with and without use_qk_l2norm: the prefill on the exact arrays against the same
     arrays padded with zero tokens to whole tiles (the old copy; the padding is past cu[-1]). Must be
-    the same bits: o over the caller's tokens and the final states."""
+    the same bits: o over the caller's tokens and the final states. The fill's values do not reach
+    the result (the kernels isolate tokens past cu[-1]: in the interpreter, padding of 1.0 or NaN
+    gives the same bits too), so this checks the compiled path end to end at full size: partial last
+    tiles loaded and stored through TMA without a fault or a write outside the array."""
     import jax
     import jax.numpy as jnp
     from gdn import api, plan as make_plan
