@@ -23,7 +23,7 @@ M="python3 tests/gpu/mosaic_gpu_check.py --out $OUT"
 call=${1:?usage: queue.sh CALL}
 case $call in
   c1) timeout -s INT 360 $M --only env,oob,small,time --tag c1 \
-        --shapes 4x8192,4x8184,4x8191,1x32760 --variants default,l2norm,l2norm_xla --fla-shapes 4x8192 ;;
+        --shapes 4x8192,4x8184,1x32760 --variants default,wide_r88,l2norm,l2norm_xla --fla-shapes 4x8192 ;;
   k1) timeout -s INT 290 $M --only ptxas,nan,loops --tag k1 \
         --variants wide,wide_overlap,narrow,narrow_overlap --ptxas-lens 256,256,256,256 \
         --nan-names persistent_prefetch_wide,overlap_wide,persistent_overlap_wide,overlap_narrow \
