@@ -1,10 +1,12 @@
 """ptxas's report (registers, spills, serialized WGMMA warnings) of gdn's Mosaic GPU kernels, on a host
 without a GPU (benchmarks/ptx_local/setup.sh first). Each variant's prefill (H = 16, HV = 32,
 K = V = 128, bf16, an initial state, ``--lens``) is lowered for an H200; every Mosaic kernel module in
-it goes through ``MosaicGpuCompile`` with a stand-in driver, which writes PTX, the ptxas report and
-(with nvdisasm on PATH) SASS under ``--out/<variant>/`` before failing the load.
+it goes through ``MosaicGpuCompile`` with a stand-in driver, which writes the PTX and the ptxas
+report under ``--out/<variant>/`` before failing the load. SASS and an instruction histogram per loop
+body: benchmarks/sass.sh on that PTX with this ptxas.
 
     .venv/bin/python benchmarks/ptx_local/report.py --variants default,wide_overlap --lens 256,256
+    GDN_NVCC_CACHE=~/.cache/gdn-ptx-local/site bash benchmarks/sass.sh /tmp/gdn_ptx_local/wide/<kernel>.ptx
 
 Variants are tests/gpu/mosaic_gpu_check.py's VARIANTS (the options of mosaic_gpu.run). Checked
 against the H200 (2026-12-05): the intra kernel's 245 registers and the wide loop's 168 are what
@@ -36,12 +38,6 @@ def _reexec_with_driver():
                MOSAIC_GPU_CUDA_ROOT=os.path.join(CACHE, "site", "nvidia", "cu13"),
                MOSAIC_GPU_RUNTIME_LIB_PATH=os.path.join(CACHE, "site", "jax_cuda13_plugin",
                                                         "libmosaic_gpu_runtime.so"))
-    try:  # nvdisasm for MOSAIC_GPU_DUMP_SASS (triton's wheel ships one)
-        import triton
-        env["PATH"] = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin") + \
-            os.pathsep + env.get("PATH", "")
-    except ImportError:
-        pass
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
@@ -81,14 +77,16 @@ def lower_modules(options: dict, lens: list[int]) -> list[bytes]:
 
 def compile_modules(mods: list[bytes], out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    os.environ.update(MOSAIC_GPU_DUMP_TO=out, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1",
-                      MOSAIC_GPU_DUMP_SASS="1")
+    os.environ.update(MOSAIC_GPU_DUMP_TO=out, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
     dll = ctypes.CDLL(PLUGIN)
     fn = dll.MosaicGpuCompile
     fn.argtypes = [ctypes.c_char_p, ctypes.c_int]
     fn.restype = ctypes.POINTER(ctypes.c_void_p)
     for m in mods:
         fn(ctypes.c_char_p(m), ctypes.c_int(len(m)))  # returns null: the stand-in refuses the load
+    os.environ.pop("MOSAIC_GPU_DUMP_TO")  # the next variant's lowering must not dump here
+    for f in glob.glob(os.path.join(out, "*.mlir-passes.log")):  # ~100 MB each, not needed here
+        os.remove(f)
 
 
 def summarize(out: str) -> list[str]:

@@ -23,4 +23,5 @@ done
 for w in "$cache"/whl/*.whl; do (cd "$cache/site" && "$py" -m zipfile -e "$w" .); done
 chmod +x "$cache"/site/nvidia/cu13/bin/*
 gcc -shared -fPIC -O1 -o "$cache/fakecuda/libcuda.so.1" "$root/benchmarks/ptx_local/fakecuda.c"
+# MOSAIC_GPU_DUMP_SASS wants nvdisasm beside ptxas; benchmarks/sass.sh finds triton's itself
 echo "ready: $cache"

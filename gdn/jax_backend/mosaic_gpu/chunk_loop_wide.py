@@ -58,8 +58,12 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
-#: (prep, state) registers per thread at V = 128 (three warpgroups share 512 per thread of a warpgroup)
-REGS = (104, 200)
+#: (prep, state) registers per thread at V = 128 (three warpgroups share 3 x 168 = 504 per thread).
+#: (104, 200) until 2026-12-05: ptxas 13.0 then serialized every WGMMA of the state warpgroups
+#: (C7512, a wait after each HGMMA in the SASS) and spilled; at (88, 208) it does neither, the PTX is
+#: the same but for the setmaxnreg lines, and the prefill ran 3-4% faster at 4x8192 (0.627 vs 0.648,
+#: 0.610 vs 0.636 ms best of rounds) and 2.6% at 128x256 on an H100 (benchmarks/RESULTS.md, session 11)
+REGS = (88, 208)
 
 
 #: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
