@@ -21,6 +21,8 @@ import os
 import re
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.environ.get("GDN_PTX_CACHE", os.path.expanduser("~/.cache/gdn-ptx-local"))
 PLUGIN = os.path.join(CACHE, "site", "jax_plugins", "xla_cuda13", "xla_cuda_plugin.so")
@@ -49,16 +51,13 @@ def lower_modules(options: dict, lens: list[int]) -> list[bytes]:
 
     sys.path.insert(0, ROOT)
     from gdn import api, plan as make_plan
-    from gdn.jax_backend.mosaic_gpu._driver import prefill_arrays
+    from gdn.jax_backend.mosaic_gpu._driver import _l2norm as normalize, prefill_arrays
     from tests.test_mosaic_gpu import _lower_for_cuda
 
     opts = dict(options)
-    l2 = opts.pop("_l2norm", None)
+    l2 = opts.pop("_l2norm", None)  # "fold": use_qk_l2norm; "xla": q and k normalized before the kernels
     t = sum(lens)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    p = make_plan(cu, num_tokens=t)
+    p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
     sds = jax.ShapeDtypeStruct
     q = sds((1, t, 16, 128), jnp.bfloat16)
     v = sds((1, t, 32, 128), jnp.bfloat16)
@@ -66,6 +65,8 @@ def lower_modules(options: dict, lens: list[int]) -> list[bytes]:
     h0 = sds((p.padded_seqs, 32, 128, 128), jnp.float32)
 
     def fn(q, k, v, g, beta, h0, plan):
+        if l2 == "xla":
+            q, k = normalize(q), normalize(k)
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, backend="jax",
                                use_qk_l2norm=l2 == "fold")
         return prefill_arrays(args, **opts)

@@ -502,16 +502,13 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "t8": dict(intra_tiles=8),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
     "wide_r120": dict(chunk_variant="wide", regs=(120, 192)),
-    # register splits of the wide loop: (88, 208) the default since 2026-12-05 s11; at (104, 200), the
-    # default before, ptxas 13.0 serializes the state warpgroups' WGMMAs (C7512) and spills 32 B
-    # (benchmarks/ptx_local)
+    # register splits of the wide loop ("wide" / "persist" are the default (88, 208) since 2026-12-05
+    # s11, timed there as wide_r88 / persist_r88); at (104, 200), the default before, ptxas 13.0
+    # serializes the state warpgroups' WGMMAs (C7512) and spills (benchmarks/ptx_local)
     "wide_r104": dict(chunk_variant="wide", regs=(104, 200)),
     "persist_r104": dict(chunk_variant="wide", loop_ctas=132, regs=(104, 200)),
-    "wide_r88": dict(chunk_variant="wide", regs=(88, 208)),
     "wide_r72": dict(chunk_variant="wide", regs=(72, 216)),
     "wide_r56": dict(chunk_variant="wide", regs=(56, 224)),
-    "wide_overlap_r88": dict(chunk_variant="wide", loop_overlap=True, regs=(88, 208)),
-    "persist_r88": dict(chunk_variant="wide", loop_ctas=132, regs=(88, 208)),
     "levels": dict(intra_merge="levels"),  # the intra kernel's merges by levels 16 -> 32 -> 64 (solve.merge)
     "pad0": dict(intra_pad=0),  # the intra substitution's fp32 buffers unpadded (bank conflicts)
     "rows": dict(intra_columns=False),  # the substitution reads -A^T by rows (a second, transposed exp pass)
