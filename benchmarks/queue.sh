@@ -7,6 +7,7 @@
 #   bash benchmarks/queue.sh k2     # the persistent options at 128x256, whole prefills with FLA
 #   bash benchmarks/queue.sh j1     # the split at tensor-parallel head counts, the dispatch probe
 #   bash benchmarks/queue.sh t1     # the triton split and its scan kernel
+#   bash benchmarks/queue.sh n1     # s12: use_qk_l2norm's norms from the intra kernel, compiled float64 + timed
 #
 # FLA comes from wheels in .whl/ (see GPU.md), installed into /tmp/peers.
 set -uo pipefail
@@ -34,6 +35,8 @@ case $call in
   j1) timeout -s INT 250 $M --only split --split-no-f64 --tag j1 \
         --split-shapes 1x32768_tp8,1x32768_tp4,1x8192_tp8
       timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
+  n1) timeout -s INT 200 $M --only small,time --tag n1 --small-names l2norm \
+        --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_xla_norms --fla-shapes 4x8192 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -345,7 +345,7 @@ def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
 
 def _loop_io_bits(variant, interpret=True, dv=128, **options):
     """The chunk loop ``variant`` ("wide" / "narrow") with ``options`` (``loop_direct_io=True``, the wide
-    loop's persistent ``loop_ctas``) against the default loop on the clean and the poisoned inputs of
+    loop's persistent ``loop_ctas``) against the plain loop (those options off) on the clean and the poisoned inputs of
     :func:`_nan_inputs` (an initial state with a NaN in one sequence's, 9 sequences in 16 grid rows):
     o and the final state must be the same bits (NaN where NaN): only the way the state enters and
     leaves, or which CTA walks which (sequence, head), changes."""
@@ -364,7 +364,9 @@ def _loop_io_bits(variant, interpret=True, dv=128, **options):
         _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
                                initial_state=jnp.asarray(h0), backend="jax")
         runs = []
-        for opts in ({}, options):
+        # the baseline is the plain loop, not the defaults (which turn some of these options on)
+        base = dict(loop_direct_io=False, loop_prefetch=False, loop_overlap=False, loop_schedule="order")
+        for opts in (base, dict(base, **options)):
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 o, f = M.run(args, interpret=interpret, chunk_variant="wide" if variant == "wide" else "default",
@@ -583,6 +585,64 @@ def test_unsupported_calls_raise_not_implemented():
         with pytest.raises(NotImplementedError, match="Hopper"):
             M.run(args_for(jnp.bfloat16))
     assert M.impl_status() == {"mosaic_gpu": M.status()}
+
+
+@pytest.mark.parametrize("hv,tiles", [(2, None), (1, 1)])
+def test_intra_kernel_computes_the_qk_norms(hv, tiles):
+    """use_qk_l2norm's row norms from the intra kernel (the diagonals of Q Q^T and K K^T) equal
+    XLA's reductions (qk_norms="xla") to fp32 rounding, and the inverse it writes is the same;
+    four tiles per CTA reuse the norms' SMEM slots (G = 2), one tile per CTA with G = 1."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+
+    rng = np.random.default_rng(hv)
+    lens = [100, 1, 64, 67]  # 232 tokens: the last tile's 24 rows past the arrays read as zeros
+    t, cu = sum(lens), np.concatenate([[0], np.cumsum(lens)])
+    row_scale = np.exp(rng.uniform(-2.0, 2.0, (2, 1, t, 1, 1)))  # norms that differ row to row
+    q = jnp.asarray(rng.standard_normal((1, t, 1, 64)) * row_scale[0], jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((1, t, 1, 64)) * row_scale[1], jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((1, t, hv, 64)), jnp.bfloat16)
+    g = jnp.asarray(-rng.uniform(0.01, 0.3, (1, t, hv)), jnp.float32)
+    b = jnp.asarray(rng.uniform(0.1, 0.9, (1, t, hv)), jnp.float32)
+    p = make_plan(cu, num_tokens=t)
+    _, a = api.validate(q, k, v, g, b, plan=p, use_qk_l2norm=True, backend="jax")
+    ref, mine = (D.prepare(a.q, a.k, a.v, a.g, a.beta, p.to_jax(), None, True, qk_norms=n) for n in ("xla", "intra"))
+    assert mine.lrq is None and mine.lrk is None and ref.lrk is not None
+    ag0, gc0, _ = D.run_intra(ref, True, tiles_per_cta=tiles, interpret=True)
+    ag1, gc1, out = D.run_intra(mine, True, tiles_per_cta=tiles, interpret=True)
+    for name in ("lrq", "lrk"):
+        want, got = np.asarray(getattr(ref, name))[:, :t], np.asarray(getattr(out, name))[:, :t]
+        assert np.abs(got - want).max() < 1e-5, name
+        assert np.ptp(want) > 1.0, name  # the rows' norms differ: a constant could not pass
+    assert np.abs(np.asarray(ag0, np.float32) - np.asarray(ag1, np.float32)).max() < 1e-3
+    assert np.array_equal(np.asarray(gc0), np.asarray(gc1))
+    with pytest.raises(ValueError, match="qk_norms"):
+        D.prepare(a.q, a.k, a.v, a.g, a.beta, p.to_jax(), None, True, qk_norms="host")
+
+
+def test_loop_option_defaults_resolve_per_loop(monkeypatch):
+    """loop_overlap="auto" is on for the narrow loop and off for the wide one (the H200's verdict,
+    session 12); an explicit bool wins; the persistent grid's table and prefetch are on by default;
+    the split resolves "auto" on its pass-2 loop the same way."""
+    import jax.numpy as jnp
+
+    from gdn import api
+    from gdn.jax_backend.mosaic_gpu import _driver
+
+    seen = []
+    monkeypatch.setattr(_driver, "run_core", lambda core, args, **kw: seen.append(kw))
+    q = jnp.zeros((1, 70, 1, 64), jnp.bfloat16)
+    g = jnp.zeros((1, 70, 2), jnp.float32)
+    args = api.validate(q, q, jnp.zeros((1, 70, 2, 64), jnp.bfloat16), g, g, cu_seqlens=[0, 30, 70],
+                        backend="jax")[1]
+    for opts in (dict(chunk_variant="default"), dict(chunk_variant="wide"),
+                 dict(chunk_variant="default", loop_overlap=False), dict(chunk_variant="wide", loop_overlap=True)):
+        _driver.prefill_arrays(args, interpret=True, **opts)
+    assert [kw["loop_overlap"] for kw in seen] == [True, False, False, True]
+    assert all(kw["loop_schedule"] == "table" and kw["loop_prefetch"] for kw in seen)
+    assert _driver.resolve_loop_overlap("auto", "default") and not _driver.resolve_loop_overlap("auto", "wide")
 
 
 def test_kernels_check_their_token_and_scale_operands():

@@ -144,13 +144,17 @@ def sec_intra():
 
 
 @section("small")
-def sec_small():
+def sec_small(names=()):
+    """test_mosaic_gpu's CASES compiled against float64; ``names``: only cases whose name contains
+    one of these."""
     spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
     tmg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tmg)
     from gdn.tolerances import vs_f64
     out = {}
     for case in tmg.CASES:
+        if names and not any(n in case[0] for n in names):
+            continue
         res = tmg._run_case(*case, interpret=False)
         ok = res["o"] < vs_f64(res["dtype"]) and res["tail"] == 0 and res.get("final", 0) < vs_f64(res["dtype"])
         res["ok"] = bool(ok)
@@ -537,6 +541,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # use_qk_l2norm: folded into the kernels (2026-12-05 s10, UNTIMED) vs q and k normalized by XLA first
     "l2norm": dict(_l2norm="fold"),
     "l2norm_xla": dict(_l2norm="xla"),
+    # use_qk_l2norm folded, the row norms from two XLA reductions (s10's default) instead of the intra kernel
+    "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
@@ -946,6 +952,7 @@ def main():
     ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
                     help="loops: names of LOOP_VARIANTS (the first is the bitwise reference)")
     ap.add_argument("--nan-names", default="", help="nan: only these checks (default: all)")
+    ap.add_argument("--small-names", default="", help="small: only cases whose names contain one of these")
     ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
     ap.add_argument("--split-no-f64", action="store_true",
                     help="split: skip the float64 bar (its compilations took a short call's budget)")
@@ -956,7 +963,7 @@ def main():
         _add_mix()
     shapes = SHAPES if not a.shapes else [s for s in SHAPES + NAMED_SHAPES if s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
-    sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ()), "oob": (sec_oob, ()),
+    sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ([n for n in a.small_names.split(",") if n],)), "oob": (sec_oob, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),

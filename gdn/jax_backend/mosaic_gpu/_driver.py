@@ -23,6 +23,8 @@ from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
 VARIANTS = ("two_kernels", "fused")
 CHUNK_VARIANTS = ("auto", "default", "wide")
+#: where use_qk_l2norm's row norms are computed (prefill_arrays' ``qk_norms``)
+QK_NORMS = ("intra", "xla")
 #: Per-tile time of one CTA (H200, 2026-12-04, H = 16, HV = 32, K = V = 128, each loop alone at
 #: 4x8192): the wide loop 0.416 ms for one wave of 128 tiles, the default 0.494 ms for two waves.
 WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
@@ -62,7 +64,7 @@ def _l2norm(x):
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -70,22 +72,22 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
-         loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order"):
+         loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order",
+         qk_norms: str = "intra"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
     count_trace("mosaic_gpu")
-    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant != "fused")
+    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant != "fused", qk_norms=qk_norms)
     n_out = plan.padded_seqs if output_final_state else None
     if variant == "fused":
         xp = x.padded()
         o, final = fused(xp.q, xp.k, xp.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
                          n_out=n_out, stages=stages, regs=regs, interpret=interpret)
     else:
-        ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, tiles_per_cta=intra_tiles,
-                       head_loop=head_loop, solve_pad=intra_pad, merge_variant=intra_merge,
-                       solve_columns=intra_columns, isolate=intra_isolate, out_buffers=intra_out_buffers,
-                       lrk=x.lrk, interpret=interpret)[:2]
+        ag, gc, x = run_intra(x, use_qk_l2norm, tiles_per_cta=intra_tiles, head_loop=head_loop,
+                              solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
+                              isolate=intra_isolate, out_buffers=intra_out_buffers, interpret=interpret)
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
@@ -128,7 +130,8 @@ class Prepared(NamedTuple):
         return self._replace(q=q, k=k, v=v)
 
 
-def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool = True) -> Prepared:
+def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool = True,
+            qk_norms: str = "intra") -> Prepared:
     """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, head-major fp32
     gates padded to whole tiles, sequence ids from the plan (on the device).
 
@@ -144,7 +147,11 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     kernels fold into the exponents of the factors already on q's and k's rows. That saves writing
     a normalized copy of q and k (and the kernels reading it): 8 KB a token at H = 16, K = 128 in
     bf16, and the normalized q and k are never rounded to the input dtype (as the Triton backend and
-    the other JAX implementations do). Without ``fold_l2norm``: the normalized copies."""
+    the other JAX implementations do). Without ``fold_l2norm``: the normalized copies.
+    ``qk_norms`` (with ``fold_l2norm``): "intra" (the default) leaves ``lrq`` / ``lrk`` None for the
+    intra kernel to compute (:func:`run_intra`); "xla": two XLA reductions compute them here."""
+    if qk_norms not in QK_NORMS:
+        raise ValueError(f"qk_norms must be one of {QK_NORMS}, got {qk_norms!r}")
     bsz, t_in, h, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     t_arr = bsz * t_in
@@ -176,9 +183,20 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     if h0 is not None:
         h0 = h0.astype(jnp.float32)
     lrq = lrk = None
-    if use_qk_l2norm and fold_l2norm:  # [H, T_pad]; 0 (a factor of 1) on rows past the tokens
+    if use_qk_l2norm and fold_l2norm and qk_norms == "xla":  # [H, T_pad]; 0 (a factor of 1) past the tokens
         lrq, lrk = (jnp.pad(jnp.log(rstd(x)).T, ((0, 0), (0, t_pad - x.shape[0]))) for x in (q, k))
     return Prepared(q, k, v, g.T, beta.T, cu, seg, h0, hv // h, (bsz, t_in, hv, dv), lrq, lrk)
+
+
+def run_intra(x: Prepared, use_qk_l2norm: bool, **options) -> tuple[Any, Any, Prepared]:
+    """The intra kernel on prepared operands -> (ag, gc, x); with use_qk_l2norm and no ``lrq`` /
+    ``lrk`` yet (:func:`prepare`'s ``qk_norms="intra"``) the kernel also computes them, returned in
+    ``x``. ``options``: :func:`.intra.intra`'s."""
+    if use_qk_l2norm and x.lrk is None:
+        ag, gc, lrq, lrk = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, q=x.q, **options)
+        return ag, gc, x._replace(lrq=lrq, lrk=lrk)
+    ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, lrk=x.lrk, **options)[:2]
+    return ag, gc, x
 
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
@@ -238,13 +256,29 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     return chunk_variant
 
 
+def check_loop_overlap(loop_overlap) -> None:
+    """TypeError unless ``loop_overlap`` is a bool or "auto"."""
+    if not isinstance(loop_overlap, bool) and loop_overlap != "auto":
+        raise TypeError(f"loop_overlap must be a bool or 'auto', got {loop_overlap!r}")
+
+
+def resolve_loop_overlap(loop_overlap: bool | str, chunk_variant: str) -> bool:
+    """``loop_overlap`` for the resolved ``chunk_variant``: "auto" is on for the narrow loop
+    ("default"), whose overlap ptxas compiles without spills, and off for the wide one (its state
+    warpgroups spill with it; slower on the H200, 2026-12-05)."""
+    if loop_overlap == "auto":
+        return chunk_variant == "default"
+    return loop_overlap
+
+
 def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
                    chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
-                   loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order"):
+                   loop_prefetch: bool = True, loop_overlap: bool | str = "auto",
+                   loop_schedule: str = "table", qk_norms: str = "intra"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -269,27 +303,40 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ms at 128x256, 1.017 vs 1.021 on the serving mix, so off); ``loop_ctas``: the wide loop's
     persistent grid of that many CTAs walking the (sequence, v head) items
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``ctas``; the default loop ignores it), None for
-    one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch`` (UNTIMED, off):
+    one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch`` (on by default):
     on that grid, each item's initial state prefetched into L2 ``stages`` tiles ahead
-    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap`` (UNTIMED, off):
-    the work that is off the state chain (the output store, exponentials, the state's decay, the
-    narrow loop's publications) done while the chain's products run (either loop's ``overlap``);
-    ``loop_schedule`` (the persistent grid's item lookups): "order" (default, timed in session 8)
-    or "table" (UNTIMED: :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``)."""
+    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap``: the work that is
+    off the state chain (the output store, exponentials, the state's decay, the narrow loop's
+    publications) done while the chain's products run (either loop's ``overlap``); "auto" (the
+    default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`);
+    ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
+    :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
+    ``qk_norms`` (use_qk_l2norm): where ``ln rstd`` of q's and k's rows is computed: "intra" (the
+    default: in the intra kernel, from the diagonals of ``Q Q^T`` and ``K K^T``) or "xla" (two
+    reductions before the kernels, :func:`prepare`).
+    The three defaults are from the H200 calls k1 / k2 / m2 of 2026-12-05 (session 12): the wide
+    loop alone at 128x256 on the persistent grid 0.591 ms with the table and the prefetch vs 0.607
+    with neither (the same bits); ``loop_overlap`` loses on the wide loop (0.674 vs 0.591 ms at
+    4x8192, ptxas spills 68 B) and wins or ties on the narrow one (1.004 vs 1.042 at 1x32768, 0.939
+    vs 0.948 at 4x8192 with HV = 48, 0.365 vs 0.369 at HV = 16; 1.054 vs 1.047 at 1x32760)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_prefetch", loop_prefetch), ("loop_overlap", loop_overlap)):
+                      ("loop_prefetch", loop_prefetch)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
+    check_loop_overlap(loop_overlap)
     if loop_schedule not in SCHEDULES:
         raise ValueError(f"loop_schedule must be one of {SCHEDULES}, got {loop_schedule!r}")
+    if qk_norms not in QK_NORMS:
+        raise ValueError(f"qk_norms must be one of {QK_NORMS}, got {qk_norms!r}")
     if loop_ctas not in (None, "auto") and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int)
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
+    loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
     if loop_ctas == "auto":
         loop_ctas = pick_loop_ctas(_counted_seqs(args.plan), args.dims[1], chunk_variant, _sm_count())
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
@@ -298,4 +345,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
-                    loop_schedule=loop_schedule)
+                    loop_schedule=loop_schedule, qk_norms=qk_norms)

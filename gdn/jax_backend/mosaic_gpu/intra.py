@@ -90,9 +90,9 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
           isolate: str = "boundary", out_buffers: int = 2, interpret=None,
-          debug_inverse: bool = False, lrk=None):
+          debug_inverse: bool = False, lrk=None, q=None):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
-    ``debug_inverse``).
+    ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
 
     k: [T_k, H, K] with T_pad - 64 < T_k <= T_pad (the rows of the last tile past T_k are read as
     zeros: TMA fills them); g_hm, beta_hm: [HV, T_pad] fp32 (T_pad a multiple of 64), HV = H * group;
@@ -113,12 +113,22 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k_t)`` per k head and token: k is the caller's,
     not normalized, and ``K K^T`` is scaled by ``rstd(k_r) rstd(k_s)`` once per tile (in fp32, so
     the normalized k is never rounded to the input dtype).
+    ``q`` (use_qk_l2norm with the norms in here; ``lrk`` must then be None): q [T_k, H, K], k's
+    dtype. The kernel also loads q's tile and returns ``ln rstd`` of q's and k's rows (``rstd =
+    1 / sqrt(sum x^2 + 1e-6)``), for the chunk loops, and scales ``K K^T`` by them: the sums of
+    squares are the diagonals of ``Q Q^T`` and of ``K K^T`` (fp32 accumulation), so no separate
+    reduction reads q and k (H200, 2026-12-05: XLA's two reductions took 0.075 ms of a 0.66 ms
+    prefill at 4x8192). Tokens past T_k read as zeros: their factor is 1e3, on zero rows.
     """
     t_k, h, dk = k.shape
     hv, t_pad = g_hm.shape
     if hv != h * group:
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     has_rk = lrk is not None
+    has_q = q is not None
+    if has_q and (has_rk or q.shape != k.shape or q.dtype != k.dtype):
+        raise ValueError(f"q must match k ({k.shape}, {k.dtype}) and lrk be None, got q {q.shape} "
+                         f"{q.dtype}, lrk {None if lrk is None else lrk.shape}")
     if has_rk and lrk.shape != (h, t_pad):
         raise ValueError(f"lrk must have shape {(h, t_pad)} (H, T_pad), got {lrk.shape}")
     if t_pad % C or not t_pad - C < t_k <= t_pad:
@@ -135,6 +145,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
+    if has_q:
+        out_type += [jax.ShapeDtypeStruct((h, t_pad), F32)] * 2
     vec = plgpu.SMEM((2, group, C), F32)
     scratch = dict(
         k_s=tile((C, dk), dtype),
@@ -146,23 +158,27 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         gc_s=plgpu.SMEM((2, C) if nb == 2 else (C,), F32),
         na_s=plgpu.SMEM((C, C + solve_pad), F32),
         x_s=plgpu.SMEM((C, C + solve_pad), F32),
-        bar_k=plgpu.Barrier(num_arrivals=1),
+        bar_k=plgpu.Barrier(num_arrivals=1 + has_q),
         bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2),
     )
     if has_rk:  # k's row scales, one copy per layout they are read in
         scratch.update(rk_r=plgpu.SMEM((2, C), F32), rk_c=plgpu.SMEM((2, C), F32))
+    if has_q:  # q's tile (refilled like k's), and the tile's ln rstd of q and k for their TMA stores
+        scratch.update(q_s=tile((C, dk), dtype), nrm_s=plgpu.SMEM((2, 2, C), F32))
     if debug_inverse:
         scratch["ai_s"] = plgpu.SMEM((2, C, C) if nb == 2 else (C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s, bar_k, bar_s, ai_s=None, rk_r=None,
-             rk_c=None):
+             rk_c=None, q_s=None, nrm_s=None):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
+        q_ref = refs.pop(0) if has_q else None
         ag_ref, gc_ref = refs.pop(0), refs.pop(0)
         ai_ref = refs.pop(0) if debug_inverse else None
+        lrq_out, lrk_out = (refs.pop(0), refs.pop(0)) if has_q else (None, None)
         hk, cta = lax.axis_index("h"), lax.axis_index("m")
         first = cta * tpc
         count = jnp.minimum(tpc, n_tiles - first)
@@ -173,6 +189,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
         def issue_k(i):
             plgpu.copy_gmem_to_smem(k_ref.at[tok_of(i), hk], k_s, bar_k)
+            if has_q:
+                plgpu.copy_gmem_to_smem(q_ref.at[tok_of(i), hk], q_s, bar_k)
 
         def issue_small(i, slot):
             tok = tok_of(i)
@@ -253,6 +271,30 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 for e in range(group):
                     one_head(e, kk, slot, tok, apart, i * group + e)
 
+        def ln_rstd(gram):
+            """ln rstd of the rows whose [64, 64] Gram matrix is ``gram``: from its diagonal."""
+            eye = iota(sq, 0) == iota(sq, 1)
+            return -0.5 * jnp.log(jnp.where(eye, gram, 0.0).sum(axis=1) + 1e-6)
+
+        def q_norms(slot):
+            """The tile's ln rstd of q's rows into ``nrm_s[slot, 0]``."""
+            lq = ln_rstd(mm(q_s, q_s.T, sq))
+            # this slot's last stores (tile i - 2's) were grouped with tile i - 2's first head: every
+            # group but the newest (tile i - 1's last head's) done covers them
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            nrm_s.at[slot, 0][...] = lq
+
+        def scale_by_norms(kk, slot, tok):
+            """K K^T scaled by rstd(k_r) rstd(k_s) (from its diagonal); the tile's ln rstd of q
+            and k stored (they join the next commit group of the outputs)."""
+            lk = ln_rstd(kk)
+            nrm_s.at[slot, 1][...] = lk
+            plgpu.commit_smem()
+            kk = kk * rows(jnp.exp(lk), sq) * cols(jnp.exp(plgpu.load(nrm_s.at[slot, 1], layout=COLS)), sq)
+            plgpu.copy_smem_to_gmem(nrm_s.at[slot, 0], lrq_out.at[hk, tok], commit_group=False)
+            plgpu.copy_smem_to_gmem(nrm_s.at[slot, 1], lrk_out.at[hk, tok], commit_group=False)
+            return kk
+
         @pl.loop(0, count)
         def _tile(i):
             slot = lax.rem(i, 2)
@@ -267,9 +309,13 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 plgpu.barrier_wait(bar_k)
                 plgpu.barrier_wait(bar_s.at[slot])
             with jax.named_scope("kk"):
+                if has_q:  # q's norms first: Q Q^T's registers are free before K K^T takes its own
+                    q_norms(slot)
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
-                plgpu.commit_smem()  # every warp is past its read of k_s
-                if has_rk:  # the normalized keys' products, in fp32
+                plgpu.commit_smem()  # every warp is past its read of k_s (and q_s)
+                if has_q:
+                    kk = scale_by_norms(kk, slot, tok)
+                elif has_rk:  # the normalized keys' products, in fp32
                     kk = (kk * rows(jnp.exp(plgpu.load(rk_r.at[slot], layout=ROWS)), sq)
                           * cols(jnp.exp(plgpu.load(rk_c.at[slot], layout=COLS)), sq))
 
@@ -291,5 +337,5 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
             compiler_params=compiler_params(), interpret=interpret_params(interpret),
             kernel_name="gdn_intra",
-        )(k, g_hm, beta_hm, seg, *([lrk] if has_rk else []))
+        )(k, g_hm, beta_hm, seg, *([lrk] if has_rk else []), *([q] if has_q else []))
     return tuple(outs)

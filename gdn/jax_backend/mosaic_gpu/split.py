@@ -26,7 +26,6 @@ import numpy as np
 from ...api import PrefillArgs
 from ..common import _pad_rows, _take_rows, count_trace
 from . import _driver
-from .intra import intra
 from .piece_states import piece_states
 
 
@@ -48,12 +47,12 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     if _stop not in (None, "intra", "pass1", "scan"):
         raise ValueError(f"_stop must be None, 'intra', 'pass1' or 'scan', got {_stop!r}")
     count_trace("mosaic_gpu_split")
-    x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
+    x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)  # the norms come from the intra kernel
     _, hv, dv = x.v.shape
     dk = x.k.shape[2]
     p_pad = x.cu.shape[0] - 1
     f32 = jnp.float32
-    ag, gc = intra(x.k, x.g_hm, x.beta_hm, x.seg, group=x.group, lrk=x.lrk, interpret=interpret)[:2]
+    ag, gc, x = _driver.run_intra(x, use_qk_l2norm, interpret=interpret)
     if _stop == "intra":
         return (ag, gc), None, None
 
@@ -119,16 +118,19 @@ SCANS = ("xla", "kernel")
 
 
 def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
-              loop_direct_io: bool = False, loop_overlap: bool = False, scan: str = "xla",
+              loop_direct_io: bool = False, loop_overlap: bool | str = "auto", scan: str = "kernel",
               _stop: str | None = None):
     """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
     (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
     ``stages1``: pass 1's ring depth; ``loop_direct_io``: pass 2's chunk loop ``direct_io`` (each
     piece's start state read straight into registers, :func:`._driver.prefill_arrays`);
-    ``loop_overlap`` (UNTIMED): both passes' ``overlap`` (:func:`._driver.prefill_arrays`); ``scan``:
-    "xla" (a few XLA kernels per step) or "kernel" (UNTIMED: the whole scan in one Pallas-Triton
-    kernel, for tensor-parallel head counts where the XLA steps are launch-bound)."""
+    ``loop_overlap``: both passes' ``overlap`` ("auto": on where pass 2 runs the narrow loop,
+    :func:`._driver.resolve_loop_overlap`); ``scan``: "kernel" (the default: the whole scan in one
+    Pallas-Triton kernel) or "xla" (a few XLA kernels per step). H200, 2026-12-05 (call j1): at
+    1x32768 with H/HV 2/4, pieces of 32 chunks, 0.259 ms with the XLA scan, 0.244 with the kernel,
+    0.240 with the kernel and overlap (FLA 0.816); at 4/8, pieces of 64, 0.385 vs 0.358 (FLA
+    0.959); the same bits as the unsplit call at these piece sizes."""
     from ...planner import plan as make_plan
     from ...split import two_pass_tables
     from . import check_runnable
@@ -141,11 +143,12 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
-    for name, val in (("loop_direct_io", loop_direct_io), ("loop_overlap", loop_overlap)):
-        if not isinstance(val, bool):
-            raise TypeError(f"{name} must be a bool, got {val!r}")
+    if not isinstance(loop_direct_io, bool):
+        raise TypeError(f"loop_direct_io must be a bool, got {loop_direct_io!r}")
+    _driver.check_loop_overlap(loop_overlap)
     piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
     chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
+    loop_overlap = _driver.resolve_loop_overlap(loop_overlap, chunk_variant)
     tables = {name: jax.device_put(a) for name, a in
               two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
     h0 = args.initial_state
@@ -166,8 +169,10 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
 #: Pass 1's time per tile of one CTA with ``MAP_CTAS_PER_SM`` of them per SM (its SMEM allows
 #: two): taken as the narrow loop's measured tile time (the same state chain, there beside an
 #: output warpgroup), a CTA sharing its SM being assumed no faster; the scan's time per step.
-#: Both are estimates until tests/gpu/mosaic_gpu_check.py --only split times the stages.
-MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US = _driver.DEFAULT_TILE_US, 2, 15.0
+#: Measured on the H200 (call j1, 2026-12-05): pass 1 64 us at 1x32768, H/HV 2/4, pieces of 32
+#: chunks (modelled 62), 120 at 4/8, pieces of 64 (modelled 124); the scan kernel's 15 steps ~59
+#: us and 7 steps ~30 us (the XLA scan: 74 and 57), hence ~4.5 us a step (15 before that call).
+MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US = _driver.DEFAULT_TILE_US, 2, 4.5
 
 
 def loop_us(chunks, hv: int, dv: int, sms: int) -> float:
