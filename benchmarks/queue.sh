@@ -37,6 +37,8 @@ case $call in
       timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
   n1) timeout -s INT 200 $M --only small,time --tag n1 --small-names l2norm \
         --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_xla_norms --fla-shapes 4x8192 ;;
+  n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names wide_l2norm,two_pass_l2norm \
+        --shapes 4x8192 --variants l2norm,l2norm_xla_norms --fla-shapes none ;;  # n1 cut to ~140 s
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -229,12 +229,15 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
       seq_collective: how ``seq_axis`` combines them: "all_gather" (every piece's map to every
         device, then one scan) or "ppermute" (a chain of sends to the right neighbour).
       split: the exact sequence split on one device (gdn/split.py): True lets
-        ``gdn.planner.split_policy`` decide, an int sets the piece size in chunks; None/False off.
+        ``gdn.planner.split_policy`` decide, an int sets the piece size in chunks, False is off.
+        None (the default) is True on jax's mosaic_gpu path with a packed batch and a host plan
+        (``gdn.split.auto_split_applies``: its model splits one or two long prompts at few v
+        heads, as in tensor-parallel serving, and keeps the rest unsplit) and off elsewhere.
         Needs a packed batch with a host plan. On jax's mosaic_gpu impl the pieces run in two
         passes on its kernels (gdn/jax_backend/mosaic_gpu/split.py: the pieces' state maps, a
         scan, the pieces from their true starts); elsewhere through the backend with K extra value
         columns and a correction of o (a correctness tool: 38.8 ms against 1.28 unsplit at 1x32768
-        on the H200, 2026-12-03). Off by default; benchmarks/RESULTS.md has the measured times.
+        on the H200, 2026-12-03). benchmarks/RESULTS.md has the measured times.
 
     Returns (o [B, T, HV, V] in q's dtype, final_state fp32 [N, HV, K, V] or None). Tokens past
     ``cu_seqlens[-1]`` get zero output. Under ``jax.jit`` with the plan passed as an argument the
@@ -258,6 +261,10 @@ def prefill(q, k, v, g, beta, *, cu_seqlens=None, plan: Plan | None = None, init
         from .jax_backend.sharded import run_sharded
 
         return run_sharded(args, mesh, head_axis, seq_axis, seq_collective)
+    if split is None:
+        from .split import auto_split_applies
+
+        split = auto_split_applies(backend, args)
     if split:
         if isinstance(split, bool):
             piece_chunks = None

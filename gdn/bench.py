@@ -185,6 +185,9 @@ class Runner:
     key = ""  # the --impl name
     name = ""  # the column / row label
     framework = "torch"
+    #: --qk-l2norm: q and k L2-normalized by the call (the serving configuration of Qwen3-Next /
+    #: Qwen3.5: vLLM's use_qk_l2norm_in_kernel=True); each runner does it its own way
+    qk_l2norm = False
 
     def unavailable(self) -> str | None:
         return None
@@ -211,7 +214,7 @@ class GdnRunner(Runner):
 
     def _kw(self) -> dict:
         """gdn.prefill's options of this row."""
-        return dict(backend=self.backend, impl=self.impl)
+        return dict(backend=self.backend, impl=self.impl, use_qk_l2norm=self.qk_l2norm)
 
     def _eager(self, wl):
         """The user-facing call on input set i: eager gdn.prefill with the prebuilt host plan."""
@@ -331,11 +334,12 @@ class FlaRunner(Runner):
             q, k, v, g, beta, h0 = sets[i]
             return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
                                           output_final_state=True, cu_seqlens=cu,
-                                          chunk_indices=ci)
+                                          chunk_indices=ci, use_qk_l2norm_in_kernel=self.qk_l2norm)
 
         mode = os.environ.get("FLA_FLASH_QLA")
         return Call(run, lambda out: out[0][0], run,
-                    note=f"FLA_FLASH_QLA={mode}, cu_seqlens + prebuilt chunk_indices")
+                    note=f"FLA_FLASH_QLA={mode}, cu_seqlens + prebuilt chunk_indices"
+                    + ("; use_qk_l2norm_in_kernel" if self.qk_l2norm else ""))
 
 
 class FlashInferRunner(Runner):
@@ -369,14 +373,19 @@ class FlashInferRunner(Runner):
         cu = torch.as_tensor(wl.cu, dtype=torch.int32).to(prepared[0][0].device)
         max_len = int(max(wl.lens))
 
+        l2 = self.qk_l2norm
+
         def run(i=0):
             q, k, v, alpha, beta, h0t, out_state = prepared[i]
+            if l2:  # its SM90 path does not normalize (use_qk_l2norm_in_kernel is not passed on)
+                q, k = (torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
             return chunk_gated_delta_rule(q, k, v, g=alpha, beta=beta, initial_state=h0t,
                                           output_final_state=True, cu_seqlens=cu,
                                           output_state=out_state, max_seqlen=max_len)
 
         return Call(run, lambda out: out[0], run,
-                    note="packed [T, heads, 128], alpha = exp(g), states [N, HV, V, K]")
+                    note="packed [T, heads, 128], alpha = exp(g), states [N, HV, V, K]"
+                    + ("; q, k normalized by torch first (timed)" if l2 else ""))
 
 
 class JlaRunner(Runner):
@@ -407,12 +416,20 @@ class JlaRunner(Runner):
                 seg = jnp.asarray(np.repeat(np.arange(n, dtype=np.int32), wl.lens)[None])
                 args.append((q, k, v, g, beta, h0[:1], seg))
 
+        def normalize(x):  # --qk-l2norm: in the jitted call, before the kernels (XLA fuses it)
+            xf = x.astype(jnp.float32)
+            return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+
         if getattr(self, "_fn", None) is None:
+            l2 = self.qk_l2norm
             self._fn = jax.jit(lambda q, k, v, g, beta, h0, seg: gated_delta_rule(
-                q, k, v, g, beta, initial_state=h0, output_final_state=True, segment_ids=seg))
+                normalize(q) if l2 else q, normalize(k) if l2 else k, v, g, beta, initial_state=h0,
+                output_final_state=True, segment_ids=seg))
         fn = self._fn
         note = ("[B, L] batch" if equal else
                 "packed documents via segment_ids: ONE state per row, not per document")
+        if self.qk_l2norm:
+            note += "; q, k normalized by XLA first (timed)"
         return Call(lambda i: fn(*args[i]), lambda out: out[0].reshape(t, wl.hv, wl.v),
                     lambda: fn(*args[0]), jitted=(fn, args[0]), note=note)
 
@@ -444,6 +461,7 @@ def runners(opts) -> tuple[list[Runner], list[tuple[str, str]]]:
             r.key, pat + ":*") for pat in opts.impl)]
     ok, missing = [], []
     for r in cands:
+        r.qk_l2norm = bool(getattr(opts, "qk_l2norm", False))
         why = r.unavailable()
         (missing.append((r.key, why)) if why else ok.append(r))
     return ok, missing
@@ -584,6 +602,7 @@ class Options:
     profile: bool
     no_peers: bool = False
     impl: list | None = None
+    qk_l2norm: bool = False
     profile_calls: int = 20
     checkpoint: Callable[[list], None] | None = None  # called with the rows after each workload
 
@@ -886,6 +905,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="only these (repeatable): fla, flashinfer, jla, reference, "
                         "triton:triton, jax:*")
     p.add_argument("--no-peers", action="store_true", help="gdn implementations only")
+    p.add_argument("--qk-l2norm", action="store_true",
+                   help="the serving configuration: q and k L2-normalized by every call (gdn "
+                        "use_qk_l2norm, FLA use_qk_l2norm_in_kernel; FlashInfer and "
+                        "jax-linear-attention rows normalize first, timed)")
     p.add_argument("--site", action="append", metavar="DIR",
                    help="site dir to add for peers (default /tmp/fisite when it exists)")
     p.add_argument("--xla-max-tokens", type=int, default=8192,
@@ -929,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     o = Options(gpu=gpu and not smoke, smoke=smoke,
                 reps=opts.reps or (1 if smoke else 10), host_reps=1 if smoke else 20,
                 xla_max_tokens=opts.xla_max_tokens, profile=not opts.no_profile,
-                no_peers=opts.no_peers, impl=_split(opts.impl) or None)
+                no_peers=opts.no_peers, impl=_split(opts.impl) or None, qk_l2norm=opts.qk_l2norm)
     if smoke:
         shapes = [(h, hv, SMOKE_DIM) for h, hv in SMOKE_HEADS]
         layouts = dict(SMOKE_LAYOUTS)
@@ -949,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
     if smoke:
         notes.insert(0, "CPU smoke run: tiny shapes in interpret mode; the times say nothing "
                         "about GPU speed")
+    if opts.qk_l2norm:
+        notes.insert(0, "--qk-l2norm: every call L2-normalizes q and k (the serving configuration); "
+                        "each row's note says how")
     print(f"gdn bench: {'CPU smoke' if smoke else 'GPU'}, {len(shapes)} head configs x "
           f"{len(layouts)} layouts x {len(rlist)} implementations "
           f"({', '.join(r.name for r in rlist) or 'none'})", flush=True)

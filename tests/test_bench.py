@@ -121,6 +121,25 @@ def test_filters_and_speedup_against_fla(tmp_path, monkeypatch):
     assert rows[1]["tflops"] == pytest.approx(2.0)  # 1 GFLOP in 0.5 ms
 
 
+def test_qk_l2norm_reaches_the_calls(tmp_path, monkeypatch):
+    """--qk-l2norm: the gdn rows call prefill with use_qk_l2norm=True (its output still checked
+    against the reference row: the inputs are unit rows already) and the record says so."""
+    seen = []
+    real = bench.prefill
+
+    def spy(*a, **kw):
+        seen.append(kw.get("use_qk_l2norm"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "prefill", spy)
+    assert bench.main(["--cpu-smoke", "--qk-l2norm", "--impl", "reference", "--impl", "jax:xla",
+                       "--layouts", "3+61+64", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "bench.json").read_text())
+    assert seen and all(seen) and any("--qk-l2norm" in n for n in rec["notes"])
+    row = next(r for r in rec["rows"] if r["key"] == "jax:xla")
+    assert row["status"] == "ok" and row["check_rms"] < 1e-2
+
+
 def test_gpu_timing_paths_run_with_jax_on_the_cpu():
     """The GPU-mode code (jitted loop timing, memory analysis, profiler cross-check, the xla
     size rule, checkpoints) exercised with jax on the CPU."""

@@ -270,6 +270,52 @@ def test_prefill_split_routes_mosaic_to_two_passes(monkeypatch):
     assert seen["pieces"] == [0, 128, 256, 300, 340]
 
 
+def test_prefill_default_asks_the_mosaic_split_model(monkeypatch):
+    """split=None (the default) asks the two-pass model on mosaic_gpu with a host plan: at 4 v heads
+    one 32K prompt is split (the layout the H200 timed at 3.4x unsplit); split=False, a traced
+    plan, a batch of equal rows or another backend / impl stay unsplit."""
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+
+    import gdn.jax_backend.mosaic_gpu as M
+    import gdn.jax_backend.mosaic_gpu.split as S
+    from gdn import api
+    from gdn.split import auto_split_applies
+
+    monkeypatch.setenv("GDN_MOSAIC_INTERPRET", "1")  # the path counts as runnable here (nothing runs)
+    calls = []
+    monkeypatch.setattr(S, "run_split", lambda args, split, **kw: (calls.append("split"), None)[::-1])
+    monkeypatch.setattr(M, "run", lambda args, *a, **kw: (calls.append("unsplit"), None)[::-1])
+    t = 32768
+    zeros = [jnp.zeros((1, t, 2, 128), jnp.bfloat16), jnp.zeros((1, t, 2, 128), jnp.bfloat16),
+             jnp.zeros((1, t, 4, 128), jnp.bfloat16), jnp.zeros((1, t, 4), jnp.float32),
+             jnp.zeros((1, t, 4), jnp.float32)]
+    cu = [0, t]
+    gdn.prefill(*zeros, cu_seqlens=cu, impl="mosaic_gpu")
+    gdn.prefill(*zeros, cu_seqlens=cu, impl="mosaic_gpu", split=False)
+    assert calls == ["split", "unsplit"]
+    assert S.pick_piece_chunks([t], 4, 128, 128, 132)  # what the default asked
+    _, args = api.validate(*zeros, cu_seqlens=cu, backend="jax", impl="mosaic_gpu")
+    assert auto_split_applies("jax", args)
+    assert not auto_split_applies("triton", args)
+    for impl in ("xla", "pallas_triton"):
+        assert not auto_split_applies("jax", api.validate(*zeros, cu_seqlens=cu, backend="jax", impl=impl)[1])
+    # 40 sequences x 4 v heads x 2 value tiles fill the SMs: the model (milliseconds of host time
+    # for many sequences) is not asked
+    many = [0] + [t // 40 * (i + 1) for i in range(40)]
+    assert not auto_split_applies("jax", api.validate(*[z[:, : many[-1]] for z in zeros], cu_seqlens=many,
+                                                      backend="jax", impl="mosaic_gpu")[1])
+    assert auto_split_applies("jax", api.validate(*[z[:, : many[16]] for z in zeros], cu_seqlens=many[:17],
+                                                  backend="jax", impl="mosaic_gpu")[1])
+    two_rows = [z.reshape((2, t // 2) + z.shape[2:]) for z in zeros]
+    assert not auto_split_applies("jax", api.validate(*two_rows, backend="jax", impl="mosaic_gpu")[1])
+
+    seen = []
+    jax.jit(lambda plan: seen.append(auto_split_applies(
+        "jax", api.validate(*zeros, plan=plan, backend="jax", impl="mosaic_gpu")[1])))(gdn.plan(cu).to_jax())
+    assert seen == [False]
+
+
 def test_mosaic_two_pass_options_are_checked():
     """The two-pass split's tuning options are refused by name before anything is traced."""
     jnp = pytest.importorskip("jax.numpy")
