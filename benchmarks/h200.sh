@@ -7,6 +7,7 @@
 #   bash benchmarks/h200.sh parity      # only the parity suite
 #   bash benchmarks/h200.sh bench 16/32 8/32   # only the benchmark, these head configurations
 #   GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" bash benchmarks/h200.sh bench   # these only
+#   GDN_BENCH_ARGS="--qk-l2norm --layouts 4x8192,mix" bash benchmarks/h200.sh bench 16/32   # more bench flags
 #   (all seven implementations at 16/32 take ~330 s, 2026-12-04; the peers + mosaic_gpu ~170 s)
 #
 # Peers: wheels in .whl/ (fla-core, jax-linear-attention; pip download --no-deps, see GPU.md) are
@@ -51,6 +52,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== bench $hd (up to ${t} s)"
     dir="$OUT/bench-${hd/\//-}"
     impl_args=(); for im in ${GDN_BENCH_IMPLS:-}; do impl_args+=(--impl "$im"); done
+    for a in ${GDN_BENCH_ARGS:-}; do impl_args+=("$a"); done
     timeout --signal=INT --kill-after=10 "$t" "$PY" -m gdn bench --heads "$hd" --out "$dir" "${impl_args[@]}" \
       > "$dir.txt" 2> "$dir.log"
     echo "bench $hd exit code $? (124: cut by the budget)"

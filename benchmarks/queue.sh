@@ -7,7 +7,8 @@
 #   bash benchmarks/queue.sh k2     # the persistent options at 128x256, whole prefills with FLA
 #   bash benchmarks/queue.sh j1     # the split at tensor-parallel head counts, the dispatch probe
 #   bash benchmarks/queue.sh t1     # the triton split and its scan kernel
-#   bash benchmarks/queue.sh n1     # s12: use_qk_l2norm's norms from the intra kernel, compiled float64 + timed
+#   bash benchmarks/queue.sh b1     # gdn bench --qk-l2norm (the serving configuration) with the peers
+#   bash benchmarks/queue.sh n1     # s12: use_qk_l2norm's norms from the intra kernel (opt-in), compiled + timed
 #
 # FLA comes from wheels in .whl/ (see GPU.md), installed into /tmp/peers.
 set -uo pipefail
@@ -36,9 +37,12 @@ case $call in
         --split-shapes 1x32768_tp8,1x32768_tp4,1x8192_tp8
       timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
   n1) timeout -s INT 200 $M --only small,time --tag n1 --small-names l2norm \
-        --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_xla_norms --fla-shapes 4x8192 ;;
-  n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names wide_l2norm,two_pass_l2norm \
-        --shapes 4x8192 --variants l2norm,l2norm_xla_norms --fla-shapes none ;;  # n1 cut to ~140 s
+        --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_intra_norms --fla-shapes 4x8192 ;;
+  n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names qkn \
+        --shapes 4x8192 --variants l2norm,l2norm_intra_norms --fla-shapes none ;;  # n1 cut to ~140 s
+  b1) GDN_BUDGET_S=280 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/b1 \
+        GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192,128x256,1x32768,mix" \
+        bash benchmarks/h200.sh bench 16/32 ;;  # the serving configuration against the peers
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -101,6 +101,13 @@ CASES = [
      "packed:narrow"),
     ("two_pass_l2norm_G2_h0", dict(lens=[300, 70], h=1, hv=2, k=64, v=64, l2norm_qk=False, initial_state=True,
                                    seed=23), dict(use_qk_l2norm=True), "bfloat16", "two_pass"),
+    # the row norms from the intra kernel (qk_norms="intra", s12): G = 1 (the norms' SMEM slots reused
+    # with one head per tile) and the wide loop at G = 2 with fp16
+    ("narrow_l2norm_qkn_G1_h0", dict(lens=[100, 1, 64, 200], h=2, hv=2, k=64, v=64, l2norm_qk=False,
+                                     initial_state=True, seed=24), dict(use_qk_l2norm=True), "bfloat16",
+     "packed:narrow_qkn"),
+    ("wide_l2norm_qkn_G2_K128_fp16", dict(lens=[130, 0, 70], h=1, hv=2, k=128, v=128, l2norm_qk=False, seed=25),
+     dict(use_qk_l2norm=True, scale=0.2), "float16", "packed:wide_qkn"),
 ]
 
 #: layout suffix -> options of M.run
@@ -112,7 +119,9 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
                 "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
                 "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
-                "scan_kernel": dict(scan="kernel", loop_overlap=True)}
+                "scan_kernel": dict(scan="kernel", loop_overlap=True),
+                "narrow_qkn": dict(chunk_variant="default", qk_norms="intra"),
+                "wide_qkn": dict(chunk_variant="wide", qk_norms="intra")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):

@@ -541,8 +541,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # use_qk_l2norm: folded into the kernels (2026-12-05 s10, UNTIMED) vs q and k normalized by XLA first
     "l2norm": dict(_l2norm="fold"),
     "l2norm_xla": dict(_l2norm="xla"),
-    # use_qk_l2norm folded, the row norms from two XLA reductions (s10's default) instead of the intra kernel
-    "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
+    # use_qk_l2norm folded, the row norms from the intra kernel (s12, UNTIMED) instead of two XLA reductions
+    "l2norm_intra_norms": dict(_l2norm="fold", qk_norms="intra"),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # work off the state chain in the product groups' shadows (UNTIMED)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
