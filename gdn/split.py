@@ -167,7 +167,7 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
 def auto_split_applies(backend: str, args) -> bool:
     """Whether ``gdn.prefill``'s default (``split=None``) asks the split's cost model: a packed batch
     with a host plan on the jax backend's mosaic_gpu path (asked for, or what impl=None picks
-    here), whose two passes were timed on the H200 (3.4x / 2.4x the unsplit call at 1x32768 with
+    here), whose two passes were timed on the H200 (3.5x / 2.4x the unsplit call at 1x32768 with
     4 / 8 v heads, the same bits, 2026-12-05) and whose model keeps every layout it did not win
     unsplit. Elsewhere the split stays opt-in (the triton two passes are untimed; the K-column
     correction is a correctness tool). The model is asked only where the unsplit narrow loop's CTAs
@@ -176,14 +176,16 @@ def auto_split_applies(backend: str, args) -> bool:
     which a prefill called eagerly layer after layer must not pay."""
     if backend != "jax" or args.impl not in (None, "mosaic_gpu") or args.batch != 1 or not args.plan.is_host:
         return False
-    from .jax_backend import mosaic_gpu as M
-    from .jax_backend.mosaic_gpu._driver import _sm_count
-
+    try:
+        from .jax_backend import mosaic_gpu as M
+        from .jax_backend.mosaic_gpu._driver import _sm_count
+    except ImportError:  # no jax here: loading the backend says so, with the reason
+        return False
+    if args.impl is None and (M.status() is not None or M.unsupported_reason(args) is not None):
+        return False
     _, hv, _, dv = args.dims
     seqs = int(np.count_nonzero(args.plan.seq_lens))
-    if seqs * hv * -(-dv // 64) >= _sm_count():
-        return False
-    return args.impl == "mosaic_gpu" or (M.status() is None and M.unsupported_reason(args) is None)
+    return seqs * hv * -(-dv // 64) < _sm_count()
 
 
 def run_split(backend: str, args, piece_chunks: int | None = None):
