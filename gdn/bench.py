@@ -416,9 +416,10 @@ class JlaRunner(Runner):
                 seg = jnp.asarray(np.repeat(np.arange(n, dtype=np.int32), wl.lens)[None])
                 args.append((q, k, v, g, beta, h0[:1], seg))
 
+        from .jax_backend.common import rstd
+
         def normalize(x):  # --qk-l2norm: in the jitted call, before the kernels (XLA fuses it)
-            xf = x.astype(jnp.float32)
-            return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+            return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
 
         if getattr(self, "_fn", None) is None:
             l2 = self.qk_l2norm
@@ -461,7 +462,7 @@ def runners(opts) -> tuple[list[Runner], list[tuple[str, str]]]:
             r.key, pat + ":*") for pat in opts.impl)]
     ok, missing = [], []
     for r in cands:
-        r.qk_l2norm = bool(getattr(opts, "qk_l2norm", False))
+        r.qk_l2norm = opts.qk_l2norm
         why = r.unavailable()
         (missing.append((r.key, why)) if why else ok.append(r))
     return ok, missing

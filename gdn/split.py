@@ -164,6 +164,16 @@ def split_prefill(xp, run_pieces: Callable[..., tuple[Any, Any]], q, k, v, g, be
     return o[None], s
 
 
+def _on_mosaic_gpu(backend: str, args) -> bool:
+    """Whether ``args`` run on the jax backend's mosaic_gpu path: asked for, or what impl=None
+    picks here."""
+    if backend != "jax" or args.impl not in (None, "mosaic_gpu"):
+        return False
+    from .jax_backend import mosaic_gpu as M
+
+    return args.impl == "mosaic_gpu" or (M.status() is None and M.unsupported_reason(args) is None)
+
+
 def auto_split_applies(backend: str, args) -> bool:
     """Whether ``gdn.prefill``'s default (``split=None``) asks the split's cost model: a packed batch
     with a host plan on the jax backend's mosaic_gpu path (asked for, or what impl=None picks
@@ -174,14 +184,13 @@ def auto_split_applies(backend: str, args) -> bool:
     (sequences x v heads x 64-column value tiles) are fewer than the SMs: it never splits
     otherwise, and for many sequences it costs milliseconds of host time (its list scheduling),
     which a prefill called eagerly layer after layer must not pay."""
-    if backend != "jax" or args.impl not in (None, "mosaic_gpu") or args.batch != 1 or not args.plan.is_host:
+    if args.batch != 1 or not args.plan.is_host:
         return False
     try:
-        from .jax_backend import mosaic_gpu as M
+        if not _on_mosaic_gpu(backend, args):
+            return False
         from .jax_backend.mosaic_gpu._driver import _sm_count
     except ImportError:  # no jax here: loading the backend says so, with the reason
-        return False
-    if args.impl is None and (M.status() is not None or M.unsupported_reason(args) is not None):
         return False
     _, hv, _, dv = args.dims
     seqs = int(np.count_nonzero(args.plan.seq_lens))
@@ -212,13 +221,11 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
         return split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], chunks, p.chunk_size)
 
     two_pass = None  # a path with its own two passes: (its cost model, its unsplit call, the split)
-    if backend == "jax" and args.impl in (None, "mosaic_gpu"):
+    if _on_mosaic_gpu(backend, args):
         from .jax_backend import mosaic_gpu as M
+        from .jax_backend.mosaic_gpu import split as S
 
-        if args.impl == "mosaic_gpu" or (M.status() is None and M.unsupported_reason(args) is None):
-            from .jax_backend.mosaic_gpu import split as S
-
-            two_pass = (S.pick_piece_chunks, M.run, S.run_split)
+        two_pass = (S.pick_piece_chunks, M.run, S.run_split)
     elif backend == "triton" and args.impl in (None, "triton"):  # two passes of its state kernel
         from .triton_backend import split as S
 

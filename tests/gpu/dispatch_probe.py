@@ -34,36 +34,11 @@ for lens in ([2048] * 4, [8192]):
           flush=True)
 
 # the GPU's own view: kernel durations and the busy span of 20 calls at 4x2048 and 1x8192 (CUPTI trace)
-import collections  # noqa: E402
-import glob  # noqa: E402
-import tempfile  # noqa: E402
+from tests.gpu.kernel_trace import print_kernel_times  # noqa: E402
 
 for lens in ([2048] * 4, [8192]):
     try:
         fn, args, _ = FNS[len(lens)]
-        jax.block_until_ready(fn(*args))
-        d = tempfile.mkdtemp()
-        with jax.profiler.trace(d):
-            for _ in range(20):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        path = glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]
-        prof = jax.profiler.ProfileData.from_file(path)
-        for plane in prof.planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            per = collections.defaultdict(list)
-            lo, hi = None, None
-            for line in plane.lines:
-                for ev in line.events:
-                    per[ev.name].append(ev.duration_ns)
-                    s, e = ev.start_ns, ev.start_ns + ev.duration_ns
-                    lo = s if lo is None else min(lo, s)
-                    hi = e if hi is None else max(hi, e)
-            busy = sum(sum(v) for v in per.values()) / 20e3
-            print(f"trace {len(lens)}x{lens[0]} {plane.name}: span {(hi - lo) / 20e3 if lo else 0:.1f} us/call, "
-                  f"sum of events {busy:.1f} us/call")
-            for name, v in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:14]:
-                print(f"   {sum(v) / 20e3:8.1f} us/call  n={len(v):4d}  {name[:110]}")
+        print_kernel_times(f"{len(lens)}x{lens[0]}", fn, args)
     except Exception as e:  # noqa: BLE001
         print(f"trace {lens}: ERROR {type(e).__name__}: {str(e)[:300]}")

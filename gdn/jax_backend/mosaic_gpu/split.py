@@ -47,7 +47,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     if _stop not in (None, "intra", "pass1", "scan"):
         raise ValueError(f"_stop must be None, 'intra', 'pass1' or 'scan', got {_stop!r}")
     count_trace("mosaic_gpu_split")
-    x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)  # the norms come from the intra kernel
+    x = _driver.prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm)
     _, hv, dv = x.v.shape
     dk = x.k.shape[2]
     p_pad = x.cu.shape[0] - 1
