@@ -9,6 +9,12 @@
 #   bash benchmarks/queue.sh t1     # the triton split and its scan kernel
 #   bash benchmarks/queue.sh b1     # gdn bench --qk-l2norm (the serving configuration) with the peers
 #   bash benchmarks/queue.sh n1     # s12: use_qk_l2norm's norms from the intra kernel (opt-in), compiled + timed
+#   bash benchmarks/queue.sh fi1    # FlashInfer's bundle, part 1 (carry .fib/part1): copied to /tmp
+#   bash benchmarks/queue.sh p1     # FlashInfer unpacked (carry .fib/part2, < 30 s after fi1), then gdn bench
+#                                   # 16/32, every layout, with FLA, FlashInfer, jax-linear-attention
+#   bash benchmarks/queue.sh p2     # the same peers at H/HV 16/48, 16/16, 16/64 (4x8192, 1x32768)
+#   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
+#                                   # policy and the intra norms by default, with FLA
 #
 # FLA comes from wheels in .whl/ (see GPU.md), installed into /tmp/peers.
 set -uo pipefail
@@ -38,11 +44,23 @@ case $call in
       timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
   n1) timeout -s INT 200 $M --only small,time --tag n1 --small-names l2norm \
         --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_intra_norms --fla-shapes 4x8192 ;;
-  n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names qkn \
-        --shapes 4x8192 --variants l2norm,l2norm_intra_norms --fla-shapes none ;;  # n1 cut to ~140 s
+  n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names xla_norms \
+        --shapes 4x8192 --variants l2norm,l2norm_xla_norms --fla-shapes none ;;  # n1 cut to ~140 s
   b1) GDN_BUDGET_S=280 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/b1 \
         GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192,128x256,1x32768,mix" \
         bash benchmarks/h200.sh bench 16/32 ;;  # the serving configuration against the peers
+  fi1) cp .fib/part1/fisite.part.aa /tmp/ && ls -la /tmp/fisite.part.aa ;;
+  p1) if [ ! -d /tmp/fisite/flashinfer ]; then
+        cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
+      fi
+      GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p1 \
+        GDN_BENCH_ARGS="--no-profile" bash benchmarks/h200.sh bench 16/32 ;;
+  p2) GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p2 \
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,1x32768" bash benchmarks/h200.sh bench 16/48 16/16 16/64 ;;
+  v1) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1 \
+        GDN_BENCH_ARGS="--no-profile --layouts 128x256,mix,4x8192,1x32768,1x8192" bash benchmarks/h200.sh bench 16/32
+      GDN_BUDGET_S=100 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1l \
+        GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192,128x256" bash benchmarks/h200.sh bench 16/32 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

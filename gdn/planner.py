@@ -18,7 +18,6 @@ Static shapes for ``jax.jit``: ``N``, ``NT`` and ``T`` are padded to buckets by 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import sys
 import threading
 from typing import Any, Callable
@@ -26,7 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split",
-           "split_policy", "split_pieces", "two_pass_policy", "two_pass_cost", "makespan"]
+           "split_policy", "split_pieces", "two_pass_policy", "two_pass_cost", "makespan",
+           "seq_bucket_range"]
 
 #: chunk_indices value of padding rows (both columns). Kernels test ``seq_id < 0`` and exit.
 SENTINEL = -1
@@ -64,6 +64,23 @@ def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, 
     t_pad = bucket(num_tokens, _FLOOR_TOKENS)
     t_pad = -(-t_pad // 64) * 64
     return t_pad, bucket(num_seqs, _FLOOR_SEQS), bucket(num_chunks, _FLOOR_CHUNKS)
+
+
+def seq_bucket_range(n_pad: int) -> tuple[int, int] | None:
+    """The sequence counts ``N`` that :func:`padded_sizes` pads to ``n_pad`` sequence rows, as
+    ``(lo, n_pad)`` (inclusive; ``lo`` is 0 for the floor bucket), or None if no count does (a
+    plan padded by hand). What a kernel traced with a device plan may assume about ``N``."""
+    n_pad = int(n_pad)
+    if n_pad < 0 or bucket(n_pad, _FLOOR_SEQS) != n_pad:
+        return None
+    lo, hi = 0, n_pad  # the smallest n with bucket(n) == n_pad (bucket is monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bucket(mid, _FLOOR_SEQS) < n_pad:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo, n_pad
 
 
 def _is_device_array(x: Any) -> str | None:
@@ -385,10 +402,20 @@ def makespan(tiles: Any, slots: int) -> float:
         return float(d[0])
     if d.size > 16 * slots:
         return float(min(d.sum() / slots + d[0], -(-d.size // slots) * d[0]))
-    load = [0] * slots
-    for x in d.tolist():
-        heapq.heapreplace(load, load[0] + x)
-    return float(max(load))
+    # The same list schedule, a group of equal lengths at a time (a split's pieces are nearly all
+    # one length; one CTA at a time through a heap cost ~2 ms of host time per eager prefill of
+    # one long sequence, 2026-12-05). Slot i, at load a_i, takes its j-th CTA of length x when its
+    # load a_i + j x is the smallest of all slots': the group's m CTAs go to the m smallest of the
+    # values {a_i + j x}. Ties between slots change which slot, not the loads' multiset.
+    load = np.zeros(slots, np.int64)
+    lengths, counts = np.unique(d, return_counts=True)
+    for x, m in zip(lengths[::-1].tolist(), counts[::-1].tolist()):
+        spread = int(load.max() - load.min())
+        depth = m // slots + spread // x + 2  # no slot takes more of this group
+        picks = (load[:, None] + x * np.arange(depth, dtype=np.int64)[None, :]).ravel()
+        chosen = np.argpartition(picks, m - 1)[:m] if m < picks.size else np.arange(picks.size)
+        load += x * np.bincount(chosen // depth, minlength=slots)
+    return float(load.max())
 
 
 def two_pass_policy(seq_lens: Any, *, loop_us: Callable[[np.ndarray], float],

@@ -101,13 +101,13 @@ CASES = [
      "packed:narrow"),
     ("two_pass_l2norm_G2_h0", dict(lens=[300, 70], h=1, hv=2, k=64, v=64, l2norm_qk=False, initial_state=True,
                                    seed=23), dict(use_qk_l2norm=True), "bfloat16", "two_pass"),
-    # the row norms from the intra kernel (qk_norms="intra", s12): G = 1 (the norms' SMEM slots reused
-    # with one head per tile) and the wide loop at G = 2 with fp16
-    ("narrow_l2norm_qkn_G1_h0", dict(lens=[100, 1, 64, 200], h=2, hv=2, k=64, v=64, l2norm_qk=False,
+    # the cases above take the row norms from the intra kernel (qk_norms="intra", the default since
+    # s13); these two from XLA's reductions (qk_norms="xla"): G = 1 and the wide loop at G = 2 with fp16
+    ("narrow_l2norm_xla_norms_G1_h0", dict(lens=[100, 1, 64, 200], h=2, hv=2, k=64, v=64, l2norm_qk=False,
                                      initial_state=True, seed=24), dict(use_qk_l2norm=True), "bfloat16",
-     "packed:narrow_qkn"),
-    ("wide_l2norm_qkn_G2_K128_fp16", dict(lens=[130, 0, 70], h=1, hv=2, k=128, v=128, l2norm_qk=False, seed=25),
-     dict(use_qk_l2norm=True, scale=0.2), "float16", "packed:wide_qkn"),
+     "packed:narrow_xla_norms"),
+    ("wide_l2norm_xla_norms_G2_K128_fp16", dict(lens=[130, 0, 70], h=1, hv=2, k=128, v=128, l2norm_qk=False, seed=25),
+     dict(use_qk_l2norm=True, scale=0.2), "float16", "packed:wide_xla_norms"),
 ]
 
 #: layout suffix -> options of M.run
@@ -120,8 +120,8 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "narrow_direct": dict(chunk_variant="default", loop_direct_io=True),
                 "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
                 "scan_kernel": dict(scan="kernel", loop_overlap=True),
-                "narrow_qkn": dict(chunk_variant="default", qk_norms="intra"),
-                "wide_qkn": dict(chunk_variant="wide", qk_norms="intra")}
+                "narrow_xla_norms": dict(chunk_variant="default", qk_norms="xla"),
+                "wide_xla_norms": dict(chunk_variant="wide", qk_norms="xla")}
 
 
 def _run_case(name, mk, kw, dtype, layout, interpret=True):
@@ -1030,6 +1030,37 @@ def test_loop_ctas_policy():
         variant = pick_chunk_variant(n, hv, 128, 132)
         ctas = pick_loop_ctas(n, hv, variant, 132)
         assert ctas is None or (variant == "wide" and n * hv > 132), (n, hv)
+
+
+def test_traced_plan_grid_policy():
+    """With a plan traced under the caller's jit (its sequence count unknown), the loop and its grid
+    are picked for every count of the plan's bucket, so one compilation serves the bucket: the wide
+    loop on a persistent grid for buckets of many sequences (128x256, the serving mix), the default
+    loop where the bucket's counts disagree (the floor bucket of 0..8 at HV = 32: 1 sequence wants
+    the default loop, 4 the wide one) or all want it; a host plan decides on its own count."""
+    import dataclasses
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.planner import plan as make_plan
+
+    def picks(lens, hv, traced):
+        p = make_plan(np.cumsum([0] + list(lens)))
+        if traced:  # what the Plan pytree's unflatten leaves under jit
+            p = dataclasses.replace(p, num_seqs=None, num_chunks=None, num_tokens=None, nonempty_seqs=None)
+        variant = D.resolve_chunk_variant("auto", p, hv, 128)
+        rng = D._seq_range(p)
+        return variant, D.pick_loop_ctas(None if rng is None else rng[1], hv, variant, 132)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D, "_sm_count", lambda: 132)
+        assert picks([256] * 128, 32, True) == ("wide", 132)
+        assert picks([256] * 125, 32, True) == ("wide", 132)  # the same bucket, the same kernels
+        assert picks([100 + 70 * i for i in range(42)], 32, True) == ("wide", 132)
+        assert picks([8192] * 4, 32, True) == ("default", None)  # floor bucket: 1..8 disagree
+        assert picks([32768], 32, True) == ("default", None)
+        assert picks([8192] * 4, 4, True) == ("default", None)  # 1..8 sequences all want it
+        assert picks([8192] * 4, 32, False) == ("wide", None)  # a host plan: its own count
+        assert picks([256] * 128, 32, False) == ("wide", 132)
+        assert picks([32768], 32, False) == ("default", None)
 
 
 @pytest.mark.parametrize("ctas", [1, 3, 7, 64])

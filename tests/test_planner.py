@@ -61,6 +61,20 @@ def test_bucket_properties(n, floor):
         assert b - n < n / 8 + 1  # bounded waste: below 1/8 of the real size
 
 
+def test_seq_bucket_range():
+    """Exactly the sequence counts that pad to N_pad (what a kernel traced with a device plan may
+    assume about N); None for a row count no batch pads to."""
+    from gdn.planner import seq_bucket_range
+
+    for n_pad in range(0, 300):
+        counts = [n for n in range(0, 400) if padded_sizes(64, n, 8)[1] == n_pad]
+        if counts:
+            assert seq_bucket_range(n_pad) == (min(counts), max(counts)), n_pad
+        else:
+            assert seq_bucket_range(n_pad) is None, n_pad
+    assert seq_bucket_range(8) == (0, 8) and seq_bucket_range(128) == (121, 128)
+
+
 def test_padded_sizes_whole_chunks():
     for t in (0, 1, 63, 64, 65, 1000, 32768, 300_001):
         tp, _, _ = padded_sizes(t, 1, 1)

@@ -208,6 +208,28 @@ def test_makespan():
     assert 1000 * 7 / 8 <= makespan(big, 8) <= 1000 * 7 / 8 + 50 + 7
 
 
+def test_makespan_is_the_list_schedule():
+    """The grouped computation equals list scheduling one CTA at a time (longest first, each to the
+    least loaded slot), on random lengths with repeats, long outliers and empty CTAs."""
+    import heapq
+
+    from gdn.planner import makespan
+
+    def one_at_a_time(tiles, slots):
+        load = [0] * slots
+        for x in sorted((int(t) for t in tiles if t > 0), reverse=True):
+            heapq.heapreplace(load, load[0] + x)
+        return float(max(load))
+
+    rng = np.random.default_rng(7)
+    for trial in range(600):
+        slots = int(rng.integers(1, 30))
+        n = int(rng.integers(0, 16 * slots - 2))
+        tiles = [rng.integers(0, 40, n), rng.choice([1, 3, 8, 64], n), rng.choice([5, 7, 32], n)][trial % 3]
+        tiles = np.concatenate([tiles, rng.integers(100, 600, int(rng.integers(0, 3)))])
+        assert makespan(tiles, slots) == one_at_a_time(tiles, slots), (trial, slots)
+
+
 def test_two_pass_policy():
     from gdn.planner import makespan, two_pass_policy
 

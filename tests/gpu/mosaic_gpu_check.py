@@ -541,8 +541,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # use_qk_l2norm: folded into the kernels (s10; H200 s12: 0.681 vs 0.714 ms at 4x8192) vs q and k normalized by XLA first
     "l2norm": dict(_l2norm="fold"),
     "l2norm_xla": dict(_l2norm="xla"),
-    # use_qk_l2norm folded, the row norms from the intra kernel (s12, UNTIMED) instead of two XLA reductions
+    # use_qk_l2norm folded, the row norms from the intra kernel (s12; the default since s13: 0.642 vs
+    # 0.699 ms at 4x8192 on the H200) or from two XLA reductions
     "l2norm_intra_norms": dict(_l2norm="fold", qk_norms="intra"),
+    "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # off-chain work in the products' shadows (on by default for the narrow loop, s12)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),

@@ -8,7 +8,9 @@ Two kernels per call, no per-chunk state in HBM:
    ``K K^T``. Sequence boundaries inside a tile split it into independent blocks.
 2. the chunk loop, which walks each sequence's tiles with the fp32 state in registers and writes the
    output once and the final state once:
-   ``chunk_variant="auto"`` (the default) picks one of two per call (``_driver.pick_chunk_variant``):
+   ``chunk_variant="auto"`` (the default) picks one of two per call (``_driver.pick_chunk_variant``;
+   with a plan traced under the caller's jit, for every sequence count of its bucket:
+   ``_driver.resolve_chunk_variant``):
    :func:`chunk_loop.chunk_loop` (``chunk_variant="default"``), grid (V / 64, HV, N_pad + 1): one CTA
    per sequence, v head and 64-column V tile (TMA producer, state chain, output warpgroups); or
    :func:`chunk_loop_wide.chunk_loop_wide` (``chunk_variant="wide"``, V in {64, 128}), grid
@@ -20,9 +22,9 @@ from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from
 
 Supported: q/k/v bf16 or fp16 (fp32 inputs need IEEE fp32 products, which the tensor cores do not
 have: NotImplementedError, so ``impl=None`` falls back), K in {64, 128}, V in {64, 128, 192, 256},
-any G = HV / H, varlen plans, initial and final states, ``use_qk_l2norm`` (XLA reduces q's and k's
-rows to their scales and the kernels fold them into their factors: q and k are never rewritten;
-the fused variant normalizes copies in XLA).
+any G = HV / H, varlen plans, initial and final states, ``use_qk_l2norm`` (the intra kernel reduces
+q's and k's rows to their scales and the kernels fold them into their factors: q and k are never
+rewritten; the fused variant normalizes copies in XLA).
 
 Split-ready (gdn issue 6): a CTA walks any token range ``[cu[n], cu[n+1])`` from any state row, so
 the exact split (gdn.split) runs its pieces as the sequences of a finer plan, with the values

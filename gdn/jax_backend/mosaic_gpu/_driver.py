@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ...api import PrefillArgs
+from ...planner import seq_bucket_range
 from ..common import count_trace, rstd, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
@@ -33,8 +34,8 @@ WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
 def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
     """"wide" where its CTAs (one per sequence and v head, one per SM) fill the GPU's waves better
     than the default's (twice as many, a V half each), else "default". ``num_seqs``: the sequences
-    with tokens (an empty one's CTAs exit at once). "default" when the real
-    sequence count is unknown (a plan traced under the caller's jit) or V != 128 (the wide loop is
+    with tokens (an empty one's CTAs exit at once). "default" when the
+    sequence count is unknown or V != 128 (the wide loop is
     measured at V = 128 only). Sequences taken as equally long: a wave model, not a promise.
 
     On the H200 (2026-12-04) it picks what measured faster at 4x8192, 8x4096, 128x256 and 4x2048
@@ -73,7 +74,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order",
-         qk_norms: str = "xla"):
+         qk_norms: str = "intra"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -131,7 +132,7 @@ class Prepared(NamedTuple):
 
 
 def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool = True,
-            qk_norms: str = "xla") -> Prepared:
+            qk_norms: str = "intra") -> Prepared:
     """The XLA glue before the kernels (inside the caller's jit): packing, l2norm, head-major fp32
     gates padded to whole tiles, sequence ids from the plan (on the device).
 
@@ -148,8 +149,8 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     a normalized copy of q and k (and the kernels reading it): 8 KB a token at H = 16, K = 128 in
     bf16, and the normalized q and k are never rounded to the input dtype (as the Triton backend and
     the other JAX implementations do). Without ``fold_l2norm``: the normalized copies.
-    ``qk_norms`` (with ``fold_l2norm``): "xla" (the default): two XLA reductions compute them here;
-    "intra" leaves ``lrq`` / ``lrk`` None for the intra kernel to compute (:func:`run_intra`)."""
+    ``qk_norms`` (with ``fold_l2norm``): "intra" (the default) leaves ``lrq`` / ``lrk`` None for the
+    intra kernel to compute (:func:`run_intra`); "xla": two XLA reductions compute them here."""
     if qk_norms not in QK_NORMS:
         raise ValueError(f"qk_norms must be one of {QK_NORMS}, got {qk_norms!r}")
     bsz, t_in, h, dk = q.shape
@@ -221,8 +222,8 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
 def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) -> int | None:
     """The wide loop's grid: ``sms`` persistent CTAs walking the (sequence, v head) items longest
     first (:func:`.chunk_loop_wide.chunk_loop_wide`'s ``ctas``) where there are more items than
-    SMs, else None (one CTA per item). ``num_seqs``: the sequences with tokens (None: unknown, a
-    traced plan, which the default loop runs anyway).
+    SMs, else None (one CTA per item). ``num_seqs``: the sequences with tokens (None: unknown; a
+    traced plan passes its bucket's largest count).
 
     H200, 2026-12-05 (calls i3 / i4, whole prefill, ms): the serving mix (42 sequences of 46 to
     3101 tokens, 1344 items) 0.924 / 0.919 against 1.021 / 0.997 one CTA per item: the longest
@@ -243,14 +244,35 @@ def _counted_seqs(plan) -> int | None:
     return plan.nonempty_seqs if plan.nonempty_seqs is not None else plan.num_seqs
 
 
+def _seq_range(plan) -> tuple[int, int] | None:
+    """The sequence counts the grid policies decide for: ``(n, n)`` with a host plan's non-empty
+    count ``n``; for a plan traced under the caller's jit (its count unknown) every count its
+    bucket holds (:func:`gdn.planner.seq_bucket_range`: within 1/8 of ``N_pad`` above the floor
+    bucket of 0..8), so one compilation serves the bucket; None if unknown."""
+    n = _counted_seqs(plan)
+    return (n, n) if n is not None else seq_bucket_range(plan.padded_seqs)
+
+
+def _auto_chunk_variant(plan, hv: int, dv: int) -> str:
+    """:func:`pick_chunk_variant` over :func:`_seq_range`: its pick where the whole range agrees,
+    else "default" (the narrow loop, which no count makes much slower: with a traced plan in the
+    floor bucket at HV = 32, 1 sequence wants it and 4 the wide loop)."""
+    rng = _seq_range(plan)
+    if rng is None:
+        return "default"
+    picks = {pick_chunk_variant(max(n, 1), hv, dv, _sm_count()) for n in rng}
+    return picks.pop() if len(picks) == 1 else "default"
+
+
 def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     """``chunk_variant`` checked ("auto" resolved by :func:`pick_chunk_variant` on ``plan``'s
     non-empty sequences: an empty one's CTAs exit at once, and padding a batch with empty
-    sequences must not change which loop runs it) -> "default" or "wide"."""
+    sequences must not change which loop runs it; with a traced plan, on its bucket's counts,
+    :func:`_auto_chunk_variant`) -> "default" or "wide"."""
     if chunk_variant not in CHUNK_VARIANTS:
         raise ValueError(f"chunk_variant must be one of {CHUNK_VARIANTS}, got {chunk_variant!r}")
     if chunk_variant == "auto":
-        chunk_variant = pick_chunk_variant(_counted_seqs(plan), hv, dv, _sm_count())
+        chunk_variant = _auto_chunk_variant(plan, hv, dv)
     if chunk_variant == "wide" and dv not in WIDE_VALUE_DIMS:
         raise NotImplementedError(f"mosaic_gpu chunk_variant 'wide' runs V in {WIDE_VALUE_DIMS}")
     return chunk_variant
@@ -278,7 +300,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool = True, loop_overlap: bool | str = "auto",
-                   loop_schedule: str = "table", qk_norms: str = "xla"):
+                   loop_schedule: str = "table", qk_norms: str = "intra"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -311,10 +333,12 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`);
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
-    ``qk_norms`` (use_qk_l2norm): where ``ln rstd`` of q's and k's rows is computed: "xla" (the
-    default: two reductions before the kernels, :func:`prepare`; 0.075 ms of 0.681 at 4x8192 on the
-    H200, 2026-12-05) or "intra" (UNTIMED and not yet compiled on a GPU, so opt-in: in the intra
-    kernel, from the diagonals of ``Q Q^T`` and ``K K^T``).
+    ``qk_norms`` (use_qk_l2norm): where ``ln rstd`` of q's and k's rows is computed: "intra" (the
+    default: in the intra kernel, from the diagonals of ``Q Q^T`` and ``K K^T``) or "xla" (two
+    reductions before the kernels, :func:`prepare`; 0.075 ms of 0.681 at 4x8192 in an H200 trace of
+    2026-12-05). H200, 2026-12-05 (session 13, call n1, whole prefill with use_qk_l2norm, median of
+    interleaved rounds): 0.642 vs 0.699 ms at 4x8192, 0.818 vs 0.867 at 128x256 (no l2norm: 0.589 /
+    0.778); its float64 cases compiled there pass.
     The three defaults are from the H200 calls k1 / k2 / m2 of 2026-12-05 (session 12): the wide
     loop alone at 128x256 on the persistent grid 0.591 ms with the table and the prefetch vs 0.607
     with neither (the same bits); ``loop_overlap`` loses on the wide loop (0.674 vs 0.591 ms at
@@ -338,8 +362,9 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
-    if loop_ctas == "auto":
-        loop_ctas = pick_loop_ctas(_counted_seqs(args.plan), args.dims[1], chunk_variant, _sm_count())
+    if loop_ctas == "auto":  # a traced plan: its bucket's largest count (a persistent grid of few items
+        rng = _seq_range(args.plan)  # is one CTA per item, as the other grid would be)
+        loop_ctas = pick_loop_ctas(None if rng is None else rng[1], args.dims[1], chunk_variant, _sm_count())
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,

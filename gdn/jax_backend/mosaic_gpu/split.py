@@ -205,10 +205,19 @@ def _costs(hv: int, dk: int, dv: int, sms: int | None) -> dict:
 
 def pick_piece_chunks(seq_lens, hv: int, dk: int, dv: int, sms: int | None = None) -> int | None:
     """Chunks per piece of the two-pass split, or None when it does not pay
-    (:func:`gdn.planner.two_pass_policy` with this path's costs)."""
+    (:func:`gdn.planner.two_pass_policy` with this path's costs). Remembered per chunk counts: a
+    model's forward asks it once per linear-attention layer with the same batch."""
+    nc = -(-np.asarray(seq_lens, np.int64).ravel() // 64)
+    model = (MAP_TILE_US, MAP_CTAS_PER_SM, SCAN_STEP_US, _driver.WIDE_TILE_US, _driver.DEFAULT_TILE_US)
+    return _pick_piece_chunks(tuple(nc[nc > 0].tolist()), hv, dk, dv, sms or _driver._sm_count(), model)
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_piece_chunks(chunks: tuple[int, ...], hv: int, dk: int, dv: int, sms: int, model: tuple) -> int | None:
+    """``model``: the cost constants in force (part of the key: a changed constant is a new model)."""
     from ...planner import two_pass_policy
 
-    return two_pass_policy(seq_lens, **_costs(hv, dk, dv, sms))
+    return two_pass_policy(np.asarray(chunks, np.int64) * 64, **_costs(hv, dk, dv, sms))
 
 
 def model_us(seq_lens, piece_chunks: int | None, hv: int, dk: int, dv: int, sms: int | None = None) -> dict:
