@@ -13,6 +13,8 @@
 #   bash benchmarks/queue.sh p1     # FlashInfer unpacked (carry .fib/part2, < 30 s after fi1), then gdn bench
 #                                   # 16/32, every layout, with FLA, FlashInfer, jax-linear-attention
 #   bash benchmarks/queue.sh p2     # the same peers at H/HV 16/48, 16/16, 16/64 (4x8192, 1x32768)
+#   bash benchmarks/queue.sh h1     # s13, UNTIMED: the wide loop's runtime mode (loop_halves) under jit vs the
+#                                   # narrow loop the floor bucket runs now, and the wide one, with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -57,10 +59,14 @@ case $call in
         GDN_BENCH_ARGS="--no-profile" bash benchmarks/h200.sh bench 16/32 ;;
   p2) GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192,1x32768" bash benchmarks/h200.sh bench 16/48 16/16 16/64 ;;
-  v1) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1 \
-        GDN_BENCH_ARGS="--no-profile --layouts 128x256,mix,4x8192,1x32768,1x8192" bash benchmarks/h200.sh bench 16/32
-      GDN_BUDGET_S=100 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1l \
-        GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192,128x256" bash benchmarks/h200.sh bench 16/32 ;;
+  h1) timeout -s INT 300 $M --only time --tag h1 --shapes 1x32768,4x8192,1x8192,8x4096 \
+        --variants jit,jit_halves,jit_wide,default --fla-shapes 4x8192 ;;
+  v1) GDN_BUDGET_S=150 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1 \
+        GDN_BENCH_ARGS="--no-profile --layouts 128x256,mix,4x8192,1x32768" bash benchmarks/h200.sh bench 16/32
+      GDN_BUDGET_S=70 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/v1l \
+        GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32
+      GDN_BUDGET_S=70 GDN_BENCH_IMPLS="jax:mosaic_gpu jax:mosaic_gpu:split" OUT=$OUT/v1s \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 16/16 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -74,9 +74,10 @@ CASES = [
                                                  initial_state=True, pad_tokens=20, seed=19), dict(),
      "bfloat16", "packed:narrow_direct"),
     # the wide loop on a persistent grid of 3 CTAs (loop_ctas=3) walking the 2 x 9 (row, head) items
-    # of a traced plan: empty sequences, a 5-token one, the tail row inside the CTAs' streams
+    # of a traced plan: empty sequences, a 5-token one, the tail row inside the CTAs' streams, the
+    # final states of the N_pad rows (what the jitted default runs for buckets of many sequences)
     ("wide_persist_jit_G2_K128_V128", dict(lens=[130, 0, 70, 5, 64], h=1, hv=2, k=128, v=128,
-                                           initial_state=True, seed=20), dict(output_final_state=False),
+                                           initial_state=True, seed=20), dict(),
      "bfloat16", "jit:wide_persist"),
     # the exact split's two passes on these kernels (mosaic_gpu/split.py) in pieces of 2 chunks:
     # sequences starting inside a tile, an empty one, a piece of 2 tokens, the initial state of a
@@ -180,6 +181,8 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
             return M.run(args, interpret=interpret, **opts)
 
         o, f = fn(q, k, v, g, beta, h0, p)
+        if f is not None:  # N_pad rows under jit: the real sequences' come first
+            f = f[:len(mk["lens"])]
     else:
         _, args = api.validate(q, k, v, g, beta, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="jax", **kw)
         o, f = M.run(args, interpret=interpret, **opts)
@@ -711,6 +714,9 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # its L2 prefetch of h0, the item table
     (128, 128, 16, 32, "bfloat16", True, True, "wide_overlap"),  # the output store during the next products
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_overlap"),  # the publications during the products
+    # loop_halves: the traced floor bucket at HV = 32 (1 sequence wants the narrow loop, 8 the wide one)
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_halves"),
+    (64, 128, 16, 32, "float16", False, True, "wide_halves"),
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -734,6 +740,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         if variant.endswith("_overlap"):
             return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
                                   loop_overlap=True)
+        if variant == "wide_halves":
+            return prefill_arrays(args, loop_halves=True)
         if variant.startswith("wide_persist"):
             pf = variant.endswith("_pf")  # with the L2 prefetch and the item table
             return prefill_arrays(args, chunk_variant="wide", loop_ctas=132, loop_prefetch=pf,
@@ -1032,35 +1040,104 @@ def test_loop_ctas_policy():
         assert ctas is None or (variant == "wide" and n * hv > 132), (n, hv)
 
 
-def test_traced_plan_grid_policy():
+def test_traced_plan_grid_policy(monkeypatch):
     """With a plan traced under the caller's jit (its sequence count unknown), the loop and its grid
     are picked for every count of the plan's bucket, so one compilation serves the bucket: the wide
     loop on a persistent grid for buckets of many sequences (128x256, the serving mix), the default
     loop where the bucket's counts disagree (the floor bucket of 0..8 at HV = 32: 1 sequence wants
-    the default loop, 4 the wide one) or all want it; a host plan decides on its own count."""
-    import dataclasses
+    the default loop, 4 the wide one) or all want it, and a persistent grid only where every count
+    wants one; a host plan decides on its own count."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
-    from gdn.planner import plan as make_plan
 
-    def picks(lens, hv, traced):
-        p = make_plan(np.cumsum([0] + list(lens)))
-        if traced:  # what the Plan pytree's unflatten leaves under jit
-            p = dataclasses.replace(p, num_seqs=None, num_chunks=None, num_tokens=None, nonempty_seqs=None)
-        variant = D.resolve_chunk_variant("auto", p, hv, 128)
-        rng = D._seq_range(p)
-        return variant, D.pick_loop_ctas(None if rng is None else rng[1], hv, variant, 132)
+    seen = []
+    monkeypatch.setattr(D, "run_core", lambda core, args, **kw: (
+        seen.append((kw["chunk_variant"], kw["loop_ctas"])), (jnp.zeros(1), None))[1])
+    monkeypatch.setattr(D, "_sm_count", lambda: 132)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(D, "_sm_count", lambda: 132)
-        assert picks([256] * 128, 32, True) == ("wide", 132)
-        assert picks([256] * 125, 32, True) == ("wide", 132)  # the same bucket, the same kernels
-        assert picks([100 + 70 * i for i in range(42)], 32, True) == ("wide", 132)
-        assert picks([8192] * 4, 32, True) == ("default", None)  # floor bucket: 1..8 disagree
-        assert picks([32768], 32, True) == ("default", None)
-        assert picks([8192] * 4, 4, True) == ("default", None)  # 1..8 sequences all want it
-        assert picks([8192] * 4, 32, False) == ("wide", None)  # a host plan: its own count
-        assert picks([256] * 128, 32, False) == ("wide", 132)
-        assert picks([32768], 32, False) == ("default", None)
+    def picks(lens, hv, traced, **opts):
+        t = sum(lens)
+        p = make_plan(np.cumsum([0] + list(lens)), num_tokens=t)
+        q = jnp.zeros((1, t, min(16, hv), 128), jnp.bfloat16)
+        v = jnp.zeros((1, t, hv, 128), jnp.bfloat16)
+        g = jnp.zeros((1, t, hv), jnp.float32)
+
+        def fn(pl, q, v, g):
+            _, args = api.validate(q, q, v, g, g, plan=pl, backend="jax")
+            return D.prefill_arrays(args, **opts)[0]
+
+        (jax.jit(fn)(p.to_jax(), q, v, g) if traced else fn(p, q, v, g))
+        return seen.pop()
+
+    assert picks([256] * 128, 32, True) == ("wide", 132)
+    assert picks([256] * 125, 32, True) == ("wide", 132)  # the same bucket, the same kernels
+    assert picks([100 + 70 * i for i in range(42)], 32, True) == ("wide", 132)
+    assert picks([8192] * 4, 32, True) == ("default", None)  # floor bucket: 1..8 disagree
+    assert picks([32768], 32, True) == ("default", None)
+    assert picks([8192] * 4, 4, True) == ("default", None)  # 1..8 sequences all want it
+    assert picks([8192] * 4, 32, True, chunk_variant="wide") == ("wide", None)  # 1..8: not all persistent
+    assert picks([8192] * 4, 32, False) == ("wide", None)  # a host plan: its own count
+    assert picks([256] * 128, 32, False) == ("wide", 132)
+    assert picks([32768], 32, False) == ("default", None)
+
+
+@pytest.mark.parametrize("lens, mode", [([130, 0], 1), ([130, 0, 70], 0)])
+def test_wide_loop_halves_mode_same_bits(monkeypatch, lens, mode):
+    """loop_halves=True under jit (a traced plan in the floor bucket, where with 4 SMs and 2 v heads
+    1 sequence wants the narrow loop and 2 the wide one): the wide loop reads its mode on the device.
+    Mode 1 (one non-empty sequence) gives each state warpgroup its own CTA, mode 0 (two) runs the
+    wide loop. Both give the wide loop's bits and meet the float64 bar, final states included."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan, reference as R
+    from gdn.inputs import make_inputs, round_to_dtype
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.tolerances import vs_f64
+
+    monkeypatch.setattr(D, "_sm_count", lambda: 4)
+    x = make_inputs(lens=lens, h=1, hv=2, k=128, v=128, initial_state=True, seed=31)
+    qkv = [round_to_dtype(a, "bfloat16") for a in (x.q, x.k, x.v)]
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv)
+    p = make_plan(x.cu_seqlens, num_tokens=q.shape[1])
+    table = D.halves_table(dataclasses_replace_traced(p), 2, 128)
+    assert table is not None and table[1] == 1 and table[2] == 0, table
+    h0 = jnp.pad(jnp.asarray(x.initial_state), ((0, p.padded_seqs - len(lens)), (0, 0), (0, 0), (0, 0)))
+    seen = []
+    real_loop = D.loop
+    monkeypatch.setattr(D, "loop", lambda *a, **kw: (seen.append((kw["chunk_variant"], kw["halves"])),
+                                                      real_loop(*a, **kw))[1])
+
+    def run(**opts):
+        @jax.jit
+        def fn(q, k, v, g, beta, h0, pl):
+            _, args = api.validate(q, k, v, g, beta, plan=pl, initial_state=h0, backend="jax",
+                                   output_final_state=True)
+            return D.prefill_arrays(args, interpret=True, **opts)
+
+        o, f = fn(q, k, v, jnp.asarray(x.g), jnp.asarray(x.beta), h0, p.to_jax())
+        return np.asarray(o, np.float64), np.asarray(f)[:len(lens)]
+
+    o_h, f_h = run(loop_halves=True)
+    o_w, f_w = run(chunk_variant="wide")
+    assert seen[0] == ("wide", table) and seen[1] == ("wide", None), seen
+    np.testing.assert_array_equal(o_h, o_w)
+    np.testing.assert_array_equal(f_h, f_w)
+    ref_o, ref_f = R.recurrent(*qkv, x.g, x.beta, cu_seqlens=x.cu_seqlens, initial_state=x.initial_state)
+    t = int(x.cu_seqlens[-1])
+    assert R.rms_ratio(o_h[:, :t], ref_o[:, :t]) < vs_f64("bfloat16")
+    assert R.rms_ratio(f_h, ref_f) < vs_f64("bfloat16")
+    assert table[sum(n > 0 for n in lens)] == mode
+
+
+def dataclasses_replace_traced(p):
+    """``p`` as the Plan pytree's unflatten leaves it under jit (its counts unknown)."""
+    import dataclasses
+
+    return dataclasses.replace(p, num_seqs=None, num_chunks=None, num_tokens=None, nonempty_seqs=None)
 
 
 @pytest.mark.parametrize("ctas", [1, 3, 7, 64])

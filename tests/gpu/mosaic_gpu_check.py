@@ -34,6 +34,7 @@ The default (the chunk loop picked per call) against each chunk loop forced, in 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -314,13 +315,15 @@ def sec_qwen(variants=(("default", {}),)):
     RESULTS["qwen"] = out
 
 
-def _jitted(lens, h, hv, dk, seed, piece_chunks=None, _l2norm=None, **kw):
+def _jitted(lens, h, hv, dk, seed, piece_chunks=None, _l2norm=None, _traced=False, **kw):
     """(jitted prefill on the host plan of ``lens``, its device inputs, cu_seqlens): the mosaic_gpu
     run with options ``kw``, or with ``piece_chunks`` the two-pass split
     (gdn.jax_backend.mosaic_gpu.split) in pieces of that many chunks; the host plan (and the
     split's tables) become constants of the jitted call. ``_l2norm``: None (no use_qk_l2norm),
     "fold" (use_qk_l2norm=True: the kernels fold the row scales, 2026-12-05 s10) or "xla" (q and k
-    normalized by XLA first, then no use_qk_l2norm: what use_qk_l2norm cost before s10)."""
+    normalized by XLA first, then no use_qk_l2norm: what use_qk_l2norm cost before s10).
+    ``_traced``: the plan is an argument of the jitted call instead (a device plan, its sequence
+    count unknown at trace time, the initial states padded to N_pad rows: what `gdn bench` times)."""
     import jax
     from gdn import api, plan as make_plan
     from gdn.jax_backend import mosaic_gpu as M
@@ -339,6 +342,17 @@ def _jitted(lens, h, hv, dk, seed, piece_chunks=None, _l2norm=None, **kw):
                                backend="jax")
         return run_split(args, sp, **kw) if sp is not None else M.run(args, **kw)
 
+    if _traced:
+        import jax.numpy as jnp
+
+        @jax.jit
+        def fn_traced(q, k, v, g, beta, h0, pl):
+            _, args = api.validate(q, k, v, g, beta, plan=pl, initial_state=h0, use_qk_l2norm=_l2norm == "fold",
+                                   backend="jax")
+            return M.run(args, **kw)
+
+        h0p = jnp.pad(h0, ((0, p.padded_seqs - h0.shape[0]), (0, 0), (0, 0), (0, 0)))
+        return fn_traced, (q, k, v, g, beta, h0p, p.to_jax()), cu
     return fn, (q, k, v, g, beta, h0), cu
 
 
@@ -545,6 +559,12 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # 0.699 ms at 4x8192 on the H200) or from two XLA reductions
     "l2norm_intra_norms": dict(_l2norm="fold", qk_norms="intra"),
     "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
+    # s13, UNTIMED: a traced plan in a bucket whose counts want different loops (the floor bucket at
+    # HV = 32) runs the wide loop with a runtime mode (one state warpgroup per CTA for 1-2 sequences)
+    "halves": dict(loop_halves=True),  # (a host plan knows its count: as "default" there)
+    "jit": dict(_traced=True),  # the plan an argument of the jitted call (what gdn bench times)
+    "jit_halves": dict(_traced=True, loop_halves=True),
+    "jit_wide": dict(_traced=True, chunk_variant="wide"),
     "one_per_item": dict(loop_ctas=None),  # the grid of one CTA per item (before 2026-12-05 s8)
     "overlap": dict(loop_overlap=True),  # off-chain work in the products' shadows (on by default for the narrow loop, s12)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
@@ -566,6 +586,7 @@ NAMED_SHAPES = [  # timed only when --shapes names them
     ("4x8184", [8184] * 4, 16, 32, None),
     ("1x32760", [32760], 16, 32, None),
     ("4x8191", [8191] * 4, 16, 32, None),
+    ("1x8192", [8192], 16, 32, 0.15),  # issue 6's target (the floor bucket's narrow pick under jit)
 ]
 
 
@@ -594,10 +615,11 @@ def sec_time(shapes, variants, fla_shapes, rounds=3):
     out = {}
     for label, lens, h, hv, target in shapes:
         row = dict(target=target)
-        fns, args = {}, None
+        fns, args = {}, ()
         for vname, kw in variants:
-            try:
-                fns[vname], args, _ = _jitted(lens, h, hv, 128, seed=1, **kw)
+            try:  # each variant bound to its own arguments (a traced plan's call takes the plan too)
+                fn, a, _ = _jitted(lens, h, hv, 128, seed=1, **kw)
+                fns[vname] = functools.partial(fn, *a)
             except Exception as e:
                 row[vname] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()

@@ -65,7 +65,7 @@ def _l2norm(x):
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -74,7 +74,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_out_buffers: int = 2, chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order",
-         qk_norms: str = "intra"):
+         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -92,7 +92,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
-                        schedule=loop_schedule, interpret=interpret)
+                        schedule=loop_schedule, halves=loop_halves, interpret=interpret)
     return x.unpad(o), final, None
 
 
@@ -202,18 +202,19 @@ def run_intra(x: Prepared, use_qk_l2norm: bool, **options) -> tuple[Any, Any, Pr
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-         prefetch_h0: bool = False, overlap: bool = False, schedule: str = "order", interpret=None):
+         prefetch_h0: bool = False, overlap: bool = False, schedule: str = "order", halves=None,
+         interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
     ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
     item's initial state and how its CTAs look their items up (the default loop has none of them
-    and ignores them); ``overlap``: either loop's."""
+    and ignores them); ``halves``: the wide loop's runtime mode table; ``overlap``: either loop's."""
     t_valid = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_valid, stages=stages, regs=regs, lean=lean, bare=bare,
                                direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
-                               schedule=schedule, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
+                               schedule=schedule, lrq=x.lrq, lrk=x.lrk, halves=halves, interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
                       overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
@@ -223,7 +224,7 @@ def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) 
     """The wide loop's grid: ``sms`` persistent CTAs walking the (sequence, v head) items longest
     first (:func:`.chunk_loop_wide.chunk_loop_wide`'s ``ctas``) where there are more items than
     SMs, else None (one CTA per item). ``num_seqs``: the sequences with tokens (None: unknown; a
-    traced plan passes its bucket's largest count).
+    traced plan passes its bucket's smallest count).
 
     H200, 2026-12-05 (calls i3 / i4, whole prefill, ms): the serving mix (42 sequences of 46 to
     3101 tokens, 1344 items) 0.924 / 0.919 against 1.021 / 0.997 one CTA per item: the longest
@@ -264,6 +265,20 @@ def _auto_chunk_variant(plan, hv: int, dv: int) -> str:
     return picks.pop() if len(picks) == 1 else "default"
 
 
+def halves_table(plan, hv: int, dv: int) -> tuple[int, ...] | None:
+    """For ``loop_halves``: where a traced plan's bucket holds counts that want different loops
+    (:func:`_auto_chunk_variant` falls back to "default" there), the wide loop's mode per count of
+    sequences with tokens (``halves[n]`` = 1 where :func:`pick_chunk_variant` picks the narrow
+    loop for n sequences; :func:`.chunk_loop_wide.chunk_loop_wide`'s ``halves``), else None."""
+    rng = _seq_range(plan)
+    if rng is None or rng[0] == rng[1] or dv != 128 or plan.num_seqs is not None:
+        return None
+    picks = [pick_chunk_variant(max(n, 1), hv, dv, _sm_count()) for n in range(plan.padded_seqs + 1)]
+    if len(set(picks[rng[0]:])) == 1:
+        return None
+    return tuple(int(p == "default") for p in picks)
+
+
 def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     """``chunk_variant`` checked ("auto" resolved by :func:`pick_chunk_variant` on ``plan``'s
     non-empty sequences: an empty one's CTAs exit at once, and padding a batch with empty
@@ -300,7 +315,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool = True, loop_overlap: bool | str = "auto",
-                   loop_schedule: str = "table", qk_norms: str = "intra"):
+                   loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
@@ -333,6 +348,10 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`);
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
+    ``loop_halves`` (UNTIMED, off): with a plan traced under jit whose bucket holds sequence counts
+    that want different loops (the floor bucket of 0..8 at HV = 32: 1 or 2 sequences the narrow
+    loop, 4 the wide one), the wide loop compiled with a runtime mode (:func:`halves_table`) picks
+    per batch on the device instead of the narrow loop for all.
     ``qk_norms`` (use_qk_l2norm): where ``ln rstd`` of q's and k's rows is computed: "intra" (the
     default: in the intra kernel, from the diagonals of ``Q Q^T`` and ``K K^T``) or "xla" (two
     reductions before the kernels, :func:`prepare`; 0.075 ms of 0.681 at 4x8192 in an H200 trace of
@@ -349,7 +368,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers"))
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_prefetch", loop_prefetch)):
+                      ("loop_prefetch", loop_prefetch), ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)
@@ -360,15 +379,21 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if loop_ctas not in (None, "auto") and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int)
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
-    chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
+    halves = None
+    if loop_halves and chunk_variant == "auto":
+        halves = halves_table(args.plan, args.dims[1], args.dims[3])
+    chunk_variant = "wide" if halves else resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
-    if loop_ctas == "auto":  # a traced plan: its bucket's largest count (a persistent grid of few items
-        rng = _seq_range(args.plan)  # is one CTA per item, as the other grid would be)
-        loop_ctas = pick_loop_ctas(None if rng is None else rng[1], args.dims[1], chunk_variant, _sm_count())
+    if halves:  # one CTA (pair) per item
+        loop_ctas = None
+    elif loop_ctas == "auto":  # a traced plan: persistent where every count of its bucket wants it
+        rng = _seq_range(args.plan)  # (one CTA per item otherwise, what a host plan of 4 x 32 items runs)
+        loop_ctas = pick_loop_ctas(None if rng is None else max(rng[0], 1), args.dims[1], chunk_variant,
+                                   _sm_count())
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
                     intra_out_buffers=intra_out_buffers, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
-                    loop_schedule=loop_schedule, qk_norms=qk_norms)
+                    loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves)

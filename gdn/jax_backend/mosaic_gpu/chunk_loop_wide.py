@@ -118,7 +118,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
-                    schedule: str = "order", lrq=None, lrk=None, _ablate: frozenset = frozenset(),
+                    schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
+                    _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -174,6 +175,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the state's decay ``exp(gc_last) S^T`` while the second does; and in the prep warpgroup (unless
     ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
     ``Q K^T`` computes. The same products and bits.
+    ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
+    narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
+    ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
+    Mode 0 is the wide loop: the second CTA of each pair exits at once. Mode 1 is the narrow loop's
+    grid: CTA x of the pair runs only state warpgroup x (the V columns [64 x, 64 x + 64)). Its other
+    state warpgroup only takes part in the barriers (each tile's ``ready`` and ``in_free``, the
+    state staging's). The prep warpgroup's work is the same in both modes, and so are the bits.
+    For a plan traced under jit whose bucket holds counts that want different loops
+    (:func:`._driver.halves_table`).
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows: q and k are the caller's, not normalized; the scales join the exponents of the
@@ -206,6 +216,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
     ab = frozenset(_ablate).__contains__
     persistent = ctas is not None
+    if halves is not None and (persistent or len(halves) != ns or nsw != 2):
+        raise ValueError(f"halves: a table of {ns} modes for the grid of one CTA per item at V = 128, "
+                         f"got {len(halves)} with ctas={ctas}, V={dv}")
     n_items = hv * ns
     if persistent:
         if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
@@ -252,6 +265,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
         sched_ref = refs.pop(0) if persistent else None  # the ranking, or the per-CTA item table
+        mode_ref = refs.pop(0) if halves is not None else None  # int32 [1]: 1 = a state warpgroup per CTA
         o_ref = refs.pop(0)
         ht_ref = refs.pop(0) if out_final else None
         wg = lax.axis_index("wg")
@@ -288,6 +302,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 return (n, lax.rem(u, hv)) + row_tiles(n)
         else:
             j_grid, n_grid = lax.axis_index("h"), lax.axis_index("n")
+        if halves is not None:
+            # read where used (the state warpgroups, the CTA's exit): a value live across the prep
+            # warpgroup's loop spilled there (ptxas, 88 registers)
+            x_half = lax.axis_index("x")
 
         def issue(j, tok, slot):
             hk = lax.div(j, group)
@@ -343,7 +361,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             plgpu.commit_smem()
             plgpu.barrier_arrive(ready.at[slot])
 
-        @pl.when(wg == wg_prep)
         def _prep():
             if nsw > 1:
                 plgpu.set_max_registers(r_prep, action="decrease")
@@ -415,6 +432,30 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         def state(w: int):
             if nsw > 1:
                 plgpu.set_max_registers(r_state, action="increase")
+            if halves is None:
+                return state_walk(w)
+            active = (mode_ref[0] == 0) | (x_half == w)
+            pl.when(active)(lambda: state_walk(w))
+            pl.when(jnp.logical_not(active))(idle)
+
+        def idle():
+            """A state warpgroup whose columns the pair's other CTA owns (``halves``, mode 1): every
+            barrier phase it would have taken part in, nothing else."""
+            _, nt, _ = row_tiles(n_grid)
+            if has_h0 and not direct_io:
+                plgpu.barrier_arrive(h0_done)
+
+            @pl.loop(0, nt)
+            def _tile(i):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_arrive(in_free.at[slot])
+
+            if out_final and not direct_io:
+                plgpu.barrier_arrive(loop_done)
+                plgpu.barrier_wait(loop_done)
+
+        def state_walk(w: int):
             v0 = w * BV
             o_tile, o_part = o_st[w]
             sh = (BV, C)
@@ -590,18 +631,28 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     store_final_state(loop_done, st_s[w], s_t, ht_ref.at[n_grid, j_grid, :, pl.ds(v0, BV)],
                                       n_grid < n_out)
 
-        for w in range(nsw):
-            pl.when(wg == w)(lambda w=w: state(w))
+        def run_cta():
+            pl.when(wg == wg_prep)(_prep)
+            for w in range(nsw):
+                pl.when(wg == w)(lambda w=w: state(w))
+            finish_together(done)
 
-        finish_together(done)
+        if halves is None:
+            run_cta()
+        else:  # mode 0: the pair's second CTA has nothing to do
+            pl.when((mode_ref[0] != 0) | (x_half == 0))(run_cta)
 
     args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     if persistent:
         args.append(_persistent_schedule(cu, hv, ctas, schedule))
+    grid, grid_names = ((ctas,), ("c",)) if persistent else ((hv, ns), ("h", "n"))
+    if halves is not None:  # the mode from the count of sequences with tokens, on the device
+        nonempty = jnp.sum((cu[1:] > cu[:-1]).astype(jnp.int32))
+        args.append(jnp.asarray(halves, jnp.int32)[nonempty][None])
+        grid, grid_names = (2,) + grid, ("x",) + grid_names
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=scratch, grid=(ctas,) if persistent else (hv, ns),
-            grid_names=("c",) if persistent else ("h", "n"),
+            body, out_type=tuple(out_type), scratch_types=scratch, grid=grid, grid_names=grid_names,
             num_threads=nsw + 1, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop_wide",
         )(*args)
