@@ -13,6 +13,8 @@
 #   bash benchmarks/queue.sh p1     # FlashInfer unpacked (carry .fib/part2, < 30 s after fi1), then gdn bench
 #                                   # 16/32, every layout, with FLA, FlashInfer, jax-linear-attention
 #   bash benchmarks/queue.sh p2     # the same peers at H/HV 16/48, 16/16, 16/64 (4x8192, 1x32768)
+#   bash benchmarks/queue.sh p3     # after fi1 (FlashInfer unpacked like p1): the jitted rows with the device plan
+#                                   # (the bucket policy of s13) and the host plan (jax:mosaic_gpu:host), the peers
 #   bash benchmarks/queue.sh h1     # s13, UNTIMED: the wide loop's runtime mode (loop_halves) under jit vs the
 #                                   # narrow loop the floor bucket runs now, and the wide one, with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
@@ -57,6 +59,11 @@ case $call in
       fi
       GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p1 \
         GDN_BENCH_ARGS="--no-profile" bash benchmarks/h200.sh bench 16/32 ;;
+  p3) if [ ! -d /tmp/fisite/flashinfer ]; then
+        cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
+      fi
+      GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/p3 \
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,128x256,mix,1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 ;;
   p2) GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192,1x32768" bash benchmarks/h200.sh bench 16/48 16/16 16/64 ;;
   h1) timeout -s INT 300 $M --only time --tag h1 --shapes 1x32768,4x8192,1x8192,8x4096 \

@@ -4,6 +4,7 @@ FlashInfer, jax-linear-attention) over a matrix of head configurations and batch
     python -m gdn bench                          # the whole matrix on a GPU (--quick: a subset)
     python -m gdn bench --heads 16/32 --layouts 1x32768,4x8192 --out out/bench
     python -m gdn bench --impl fla --impl jax:mosaic_gpu --impl jax:mosaic_gpu:split  # and the split
+    python -m gdn bench --impl jax:mosaic_gpu --impl jax:mosaic_gpu:host  # jitted: device vs host plan
     python -m gdn bench --heads 2/4 --heads 2/8 --impl fla --impl triton:triton --impl triton:triton:split
     python -m gdn bench --cpu-smoke --out /tmp/b  # tiny shapes in interpret mode (automatic
                                                   # without a GPU): checks the harness, not speed
@@ -255,23 +256,48 @@ class GdnRunner(Runner):
         return self._fn
 
 
-class SplitRunner(GdnRunner):
+class HostPlanRunner(GdnRunner):
+    """gdn jitted with the host plan as a constant of the call (``--impl jax:mosaic_gpu:host``): what
+    an eager ``gdn.prefill`` or a jit closing over the plan runs. The loop and grid are picked for
+    the batch's own sequence count, and ``split=None`` applies its default. Each layout compiles
+    once (the first call's time shows it)."""
+
+    suffix = ":host"
+
+    def __init__(self, backend: str, impl: str):
+        super().__init__(backend, impl)
+        self.key += self.suffix
+        self.name = f"gdn {self.key}"
+
+    def _note(self, wl) -> str:
+        return "host plan" if self.framework == "torch" else "host plan, a constant of the jitted call"
+
+    def prepare(self, wl):
+        sets, p, kw, eager = wl.sets(self.backend), wl.plan, self._kw(), self._eager(wl)
+        note = self._note(wl)
+        if self.framework == "torch":  # the triton backend's calls are eager with the host plan anyway
+            return Call(eager, lambda out: out[0][0], eager, note=note)
+        import jax
+
+        fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
+        return Call(lambda i: fn(*sets[i]), lambda out: out[0][0], eager, jitted=(fn, sets[0]), note=note)
+
+
+class SplitRunner(HostPlanRunner):
     """gdn's exact sequence split on one device (``gdn.prefill(split=...)``): ``split=True`` lets
     the path's cost model pick the pieces or none (then the row is the unsplit call), an int sets
     the chunks per piece. The split is planned on the host, so the plan is a constant of the
     jitted call: each layout compiles once (the first call's time shows it)."""
 
     def __init__(self, backend: str, impl: str, split: bool | int = True):
-        super().__init__(backend, impl)
         self.split = split
-        self.key += ":split" if split is True else f":split{int(split)}"
-        self.name = f"gdn {self.key}"
+        self.suffix = ":split" if split is True else f":split{int(split)}"
+        super().__init__(backend, impl)
 
     def _kw(self) -> dict:
         return dict(super()._kw(), split=self.split)
 
-    def prepare(self, wl):
-        sets, p, kw, eager = wl.sets(self.backend), wl.plan, self._kw(), self._eager(wl)
+    def _note(self, wl) -> str:
         note = "split=True: the path's cost model" if self.split is True else f"pieces of {self.split} chunks"
         if self.split is True and self.impl in ("mosaic_gpu", "triton"):
             if self.impl == "mosaic_gpu":
@@ -280,13 +306,7 @@ class SplitRunner(GdnRunner):
                 from .triton_backend.split import pick_piece_chunks
             pc = pick_piece_chunks(wl.lens, wl.hv, wl.k, wl.v)
             note += f" ({'unsplit' if not pc else f'pieces of {pc} chunks'})"
-        if self.framework == "torch":  # the triton backend's two passes: eager, like its plain row
-            return Call(eager, lambda out: out[0][0], eager, note=note + "; host plan")
-        import jax
-
-        fn = jax.jit(lambda q, k, v, g, beta, h0: prefill(q, k, v, g, beta, plan=p, initial_state=h0, **kw))
-        return Call(lambda i: fn(*sets[i]), lambda out: out[0][0], eager, jitted=(fn, sets[0]),
-                    note=note + "; host plan, a constant of the jitted call")
+        return note + "; " + super()._note(wl)
 
 
 class ReferenceRunner(Runner):
@@ -471,6 +491,9 @@ def runners(opts) -> tuple[list[Runner], list[tuple[str, str]]]:
         if (im.backend, im.impl) in (("jax", "mosaic_gpu"), ("triton", "triton")) and any(
                 "split" in pat for pat in opts.impl or ()):
             rs.append(SplitRunner(im.backend, im.impl))
+        # and the host plan's row (--impl jax:mosaic_gpu:host): the eager caller's picks
+        if im.backend == "jax" and any(pat.endswith(":host") for pat in opts.impl or ()):
+            rs.append(HostPlanRunner(im.backend, im.impl))
         for r in rs:
             if not im.available:
                 r.unavailable = lambda why=im.reason: why

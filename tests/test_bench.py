@@ -201,6 +201,38 @@ def test_split_row_only_when_asked_for(monkeypatch):
         assert "triton:triton:split" not in keys(None)
 
 
+def test_host_plan_row(tmp_path, monkeypatch):
+    """``--impl <jax impl>:host`` adds a row jitted with the host plan as a constant (what an eager
+    caller's picks are): only when asked for, checked against the reference like the others, and
+    its calls see a host plan (the plain row's a traced one)."""
+    import gdn.jax_backend.mosaic_gpu as M
+
+    monkeypatch.setattr(M, "status", lambda: None)  # as on a Hopper GPU
+
+    def keys(impl):
+        opts = bench.Options(gpu=False, smoke=True, reps=1, host_reps=1, xla_max_tokens=1, profile=False,
+                             no_peers=True, impl=impl)
+        return [r.key for r in bench.runners(opts)[0]]
+
+    assert not any(k.endswith(":host") for k in keys(None))
+    assert keys(["jax:mosaic_gpu:host"]) == ["jax:mosaic_gpu:host"]
+    monkeypatch.undo()
+    hosts = []
+    real = bench.prefill
+
+    def spy(*a, **kw):
+        hosts.append(kw["plan"].is_host)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "prefill", spy)
+    assert bench.main(["--cpu-smoke", "--impl", "reference", "--impl", "jax:xla", "--impl", "jax:xla:host",
+                       "--layouts", "3+61+64", "--out", str(tmp_path)]) == 0
+    rows = {r["key"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    for key in ("jax:xla", "jax:xla:host"):
+        assert rows[key]["status"] == "ok" and rows[key]["check_rms"] < 1e-2, rows[key]
+    assert "host plan" in rows["jax:xla:host"]["note"] and True in hosts and False in hosts
+
+
 def test_triton_split_row_matches_the_unsplit_row():
     """The triton backend's split row runs gdn.prefill(split=...) through its two passes (Triton's
     interpreter here) and agrees with its plain row."""
