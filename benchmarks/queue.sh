@@ -7,6 +7,7 @@
 #   bash benchmarks/queue.sh k2     # the persistent options at 128x256, whole prefills with FLA
 #   bash benchmarks/queue.sh j1     # the split at tensor-parallel head counts, the dispatch probe
 #   bash benchmarks/queue.sh t1     # the triton split and its scan kernel
+#   bash benchmarks/queue.sh j2     # s13: the split at HV = 16 and 32 on one long prompt (FlashInfer 0.438 / 0.755 ms)
 #   bash benchmarks/queue.sh b1     # gdn bench --qk-l2norm (the serving configuration) with the peers
 #   bash benchmarks/queue.sh n1     # s12: use_qk_l2norm's norms from the intra kernel (opt-in), compiled + timed
 #   bash benchmarks/queue.sh fi1    # FlashInfer's bundle, part 1 (carry .fib/part1): copied to /tmp
@@ -46,6 +47,7 @@ case $call in
   j1) timeout -s INT 250 $M --only split --split-no-f64 --tag j1 \
         --split-shapes 1x32768_tp8,1x32768_tp4,1x8192_tp8
       timeout -s INT 60 python3 tests/gpu/dispatch_probe.py ;;
+  j2) timeout -s INT 280 $M --only split --split-no-f64 --tag j2 --split-shapes 1x32768_HV16,1x8192_tp8,1x32768 ;;
   n1) timeout -s INT 200 $M --only small,time --tag n1 --small-names l2norm \
         --shapes 4x8192,4x8192_HV16,128x256 --variants default,l2norm,l2norm_intra_norms --fla-shapes 4x8192 ;;
   n0) timeout -s INT 140 $M --only small,time --tag n0 --small-names xla_norms \

@@ -364,6 +364,9 @@ SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chu
     ("1x8192", [8192], 16, 32, 0.15, (16, 32, 64)),
     ("4x2048", [2048] * 4, 16, 32, 0.08, (8, 16)),
     ("1x32768_HV64", [32768], 16, 64, 0.90, (64, 128)),
+    # HV = 16 (Qwen3.5 at TP2): 32 narrow CTAs unsplit (H200 s13: 0.925 ms jitted, FlashInfer 0.438);
+    # the policy picks pieces of 64 chunks
+    ("1x32768_HV16", [32768], 16, 16, None, ("64k", "32k", 128)),
     # tensor-parallel head counts (Qwen3.5 at TP8 / TP4): the unsplit loop keeps 8 / 16 SMs busy
     ("1x32768_tp8", [32768], 2, 4, None, (32, "32k", "32ko", 16, "16k", 64)),
     ("1x32768_tp4", [32768], 4, 8, None, (64, "64k", 32, "32k")),
