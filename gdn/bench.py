@@ -456,10 +456,7 @@ class JlaRunner(Runner):
                 seg = jnp.asarray(np.repeat(np.arange(n, dtype=np.int32), wl.lens)[None])
                 args.append((q, k, v, g, beta, h0[:1], seg))
 
-        from .jax_backend.common import rstd
-
-        def normalize(x):  # --qk-l2norm: in the jitted call, before the kernels (XLA fuses it)
-            return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
+        from .jax_backend.common import l2normalize as normalize  # --qk-l2norm: in the jitted call
 
         if getattr(self, "_fn", None) is None:
             l2 = self.qk_l2norm

@@ -51,7 +51,8 @@ def lower_modules(options: dict, lens: list[int]) -> list[bytes]:
 
     sys.path.insert(0, ROOT)
     from gdn import api, plan as make_plan
-    from gdn.jax_backend.mosaic_gpu._driver import _l2norm as normalize, prefill_arrays
+    from gdn.jax_backend.common import l2normalize as normalize
+    from gdn.jax_backend.mosaic_gpu._driver import prefill_arrays
     from tests.test_mosaic_gpu import _lower_for_cuda
 
     opts = dict(options)

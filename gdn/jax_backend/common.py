@@ -26,7 +26,7 @@ from jax import lax
 
 from .. import planner
 
-__all__ = ["run_core", "pack", "rstd", "dot", "token_valid", "pallas_triton_warnings",
+__all__ = ["run_core", "pack", "rstd", "l2normalize", "dot", "token_valid", "pallas_triton_warnings",
            "TRACE_COUNTS", "count_trace", "next_pow2"]
 
 planner._maybe_register()  # the Plan is a pytree from here on (jax is imported)
@@ -108,6 +108,11 @@ def rstd(x):
     """1 / sqrt(sum(x^2) + 1e-6) over the last axis, fp32: the use_qk_l2norm scale of each row."""
     xf = x.astype(jnp.float32)
     return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + 1e-6)
+
+
+def l2normalize(x):
+    """``x`` scaled by :func:`rstd` of its rows, in ``x``'s dtype (a normalized copy)."""
+    return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
 
 
 def pack(q, k, v, g, beta, use_qk_l2norm: bool):

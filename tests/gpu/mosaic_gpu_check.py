@@ -333,27 +333,20 @@ def _jitted(lens, h, hv, dk, seed, piece_chunks=None, _l2norm=None, _traced=Fals
     p = make_plan(cu, num_tokens=q.shape[1])
     sp = split_pieces(cu, piece_chunks) if piece_chunks else None
 
-    @jax.jit
-    def fn(q, k, v, g, beta, h0):
+    def body(q, k, v, g, beta, h0, pl):
         if _l2norm == "xla":  # the normalized copies the kernels read before s10 (the fused variant's)
-            from gdn.jax_backend.mosaic_gpu._driver import _l2norm as normalize
+            from gdn.jax_backend.common import l2normalize as normalize
             q, k = normalize(q), normalize(k)
-        _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, use_qk_l2norm=_l2norm == "fold",
+        _, args = api.validate(q, k, v, g, beta, plan=pl, initial_state=h0, use_qk_l2norm=_l2norm == "fold",
                                backend="jax")
         return run_split(args, sp, **kw) if sp is not None else M.run(args, **kw)
 
-    if _traced:
+    if _traced:  # (the split plans on the host: not with a traced plan)
         import jax.numpy as jnp
 
-        @jax.jit
-        def fn_traced(q, k, v, g, beta, h0, pl):
-            _, args = api.validate(q, k, v, g, beta, plan=pl, initial_state=h0, use_qk_l2norm=_l2norm == "fold",
-                                   backend="jax")
-            return M.run(args, **kw)
-
         h0p = jnp.pad(h0, ((0, p.padded_seqs - h0.shape[0]), (0, 0), (0, 0), (0, 0)))
-        return fn_traced, (q, k, v, g, beta, h0p, p.to_jax()), cu
-    return fn, (q, k, v, g, beta, h0), cu
+        return jax.jit(body), (q, k, v, g, beta, h0p, p.to_jax()), cu
+    return jax.jit(lambda *a: body(*a, p)), (q, k, v, g, beta, h0), cu
 
 
 SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chunks to time)

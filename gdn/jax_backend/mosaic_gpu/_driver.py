@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from ...api import PrefillArgs
 from ...planner import seq_bucket_range
-from ..common import count_trace, rstd, run_core
+from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
 from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
 from .common import C, TMA_ROWS
@@ -55,10 +55,6 @@ def _sm_count() -> int:
         return int(getattr(jax.devices()[0], "core_count", 0) or 132)
     except Exception:  # pragma: no cover - no backend
         return 132
-
-
-def _l2norm(x):
-    return (x.astype(jnp.float32) * rstd(x)[..., None]).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -160,7 +156,7 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     k = k.reshape(t_arr, h, dk)
     v = v.astype(q.dtype).reshape(t_arr, hv, dv)
     if use_qk_l2norm and not fold_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
+        q, k = l2normalize(q), l2normalize(k)
     t_pad = max(C, -(-t_arr // C) * C)
     pad = t_pad - t_arr
     g = g.reshape(t_arr, hv).astype(jnp.float32)
@@ -254,14 +250,19 @@ def _seq_range(plan) -> tuple[int, int] | None:
     return (n, n) if n is not None else seq_bucket_range(plan.padded_seqs)
 
 
+def _picks(counts, hv: int, dv: int) -> list[str]:
+    """:func:`pick_chunk_variant` for each sequence count of ``counts`` (0 taken as 1)."""
+    return [pick_chunk_variant(max(n, 1), hv, dv, _sm_count()) for n in counts]
+
+
 def _auto_chunk_variant(plan, hv: int, dv: int) -> str:
-    """:func:`pick_chunk_variant` over :func:`_seq_range`: its pick where the whole range agrees,
-    else "default" (the narrow loop, which no count makes much slower: with a traced plan in the
-    floor bucket at HV = 32, 1 sequence wants it and 4 the wide loop)."""
+    """:func:`pick_chunk_variant` over :func:`_seq_range`: its pick where every count of the range
+    agrees, else "default" (the narrow loop, which no count makes much slower: with a traced plan
+    in the floor bucket at HV = 32, 1 sequence wants it and 4 the wide loop)."""
     rng = _seq_range(plan)
     if rng is None:
         return "default"
-    picks = {pick_chunk_variant(max(n, 1), hv, dv, _sm_count()) for n in rng}
+    picks = set(_picks(range(rng[0], rng[1] + 1), hv, dv))
     return picks.pop() if len(picks) == 1 else "default"
 
 
@@ -271,9 +272,9 @@ def halves_table(plan, hv: int, dv: int) -> tuple[int, ...] | None:
     sequences with tokens (``halves[n]`` = 1 where :func:`pick_chunk_variant` picks the narrow
     loop for n sequences; :func:`.chunk_loop_wide.chunk_loop_wide`'s ``halves``), else None."""
     rng = _seq_range(plan)
-    if rng is None or rng[0] == rng[1] or dv != 128 or plan.num_seqs is not None:
+    if rng is None or rng[0] == rng[1]:  # (n, n): a host plan, or a bucket of one count
         return None
-    picks = [pick_chunk_variant(max(n, 1), hv, dv, _sm_count()) for n in range(plan.padded_seqs + 1)]
+    picks = _picks(range(plan.padded_seqs + 1), hv, dv)
     if len(set(picks[rng[0]:])) == 1:
         return None
     return tuple(int(p == "default") for p in picks)
