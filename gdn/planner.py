@@ -37,6 +37,10 @@ _BUCKET_BITS = 3
 _FLOOR_TOKENS = 64
 _FLOOR_SEQS = 8
 _FLOOR_CHUNKS = 8
+#: Batches of at most this many sequences get their own sequence bucket below the floor: one or
+#: two long prompts leave a per-(sequence, v head) grid a fraction of the GPU, where three to
+#: eight fill it, and a kernel traced with a device plan must pick its grid for the whole bucket.
+_FEW_SEQS = 2
 
 
 def bucket(n: int, floor: int = 1) -> int:
@@ -59,24 +63,30 @@ def bucket(n: int, floor: int = 1) -> int:
 def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, int, int]:
     """(T, N, NT) -> (T_pad, N_pad, NT_pad). The one bucketing policy of gdn.
 
-    T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 sequences, 8 chunks.
+    T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 chunks, and 2 or 8
+    sequences (0..2 pad to 2, 3..8 to 8).
     """
     t_pad = bucket(num_tokens, _FLOOR_TOKENS)
     t_pad = -(-t_pad // 64) * 64
-    return t_pad, bucket(num_seqs, _FLOOR_SEQS), bucket(num_chunks, _FLOOR_CHUNKS)
+    return t_pad, _seq_bucket(num_seqs), bucket(num_chunks, _FLOOR_CHUNKS)
+
+
+def _seq_bucket(n: int) -> int:
+    """N_pad for ``n`` sequences: ``bucket(n, 8)``, except that 0..2 sequences pad to 2."""
+    return _FEW_SEQS if 0 <= n <= _FEW_SEQS else bucket(n, _FLOOR_SEQS)
 
 
 def seq_bucket_range(n_pad: int) -> tuple[int, int] | None:
     """The sequence counts ``N`` that :func:`padded_sizes` pads to ``n_pad`` sequence rows, as
-    ``(lo, n_pad)`` (inclusive; ``lo`` is 0 for the floor bucket), or None if no count does (a
+    ``(lo, n_pad)`` (inclusive; the floor buckets are 0..2 and 3..8), or None if no count does (a
     plan padded by hand). What a kernel traced with a device plan may assume about ``N``."""
     n_pad = int(n_pad)
-    if n_pad < 0 or bucket(n_pad, _FLOOR_SEQS) != n_pad:
+    if n_pad < 0 or _seq_bucket(n_pad) != n_pad:
         return None
-    lo, hi = 0, n_pad  # the smallest n with bucket(n) == n_pad (bucket is monotone)
+    lo, hi = 0, n_pad  # the smallest n with _seq_bucket(n) == n_pad (it is monotone)
     while lo < hi:
         mid = (lo + hi) // 2
-        if bucket(mid, _FLOOR_SEQS) < n_pad:
+        if _seq_bucket(mid) < n_pad:
             lo = mid + 1
         else:
             hi = mid

@@ -46,7 +46,7 @@ BAD = [
     (dict(cu_seqlens=[0, 16], plan=gdn.plan([0, 16])), ValueError, "not both"),
     (dict(plan="plan"), TypeError, "gdn.Plan"),
     (dict(plan=gdn.plan([0, 40])), ValueError, "plan was built for 40 tokens"),
-    (dict(initial_state=np.zeros((2, 4, 8, 8), np.float32)), ValueError, "initial_state must be"),
+    (dict(initial_state=np.zeros((3, 4, 8, 8), np.float32)), ValueError, "initial_state must be"),
     (dict(initial_state=np.zeros((1, 4, 8, 9), np.float32)), ValueError, "initial_state must be"),
     (dict(initial_state=np.zeros((1, 4, 8, 8), np.int32)), TypeError, "initial_state must be a floating"),
     (dict(scale="x"), TypeError, "scale"),

@@ -153,7 +153,7 @@ def test_pallas_triton_stage_kernels_alone_match_the_fused_chain(name):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inside_jit_with_the_plan_as_argument_compiles_once_per_bucket(impl):
     t_arr = 256
-    lens_a, lens_b = [100, 30], [50, 0, 20, 130]
+    lens_a, lens_b = [100, 30, 1], [50, 0, 20, 130]
     plans = [gdn.plan(np.cumsum([0] + ls), num_tokens=t_arr) for ls in (lens_a, lens_b)]
     pads = {(p.padded_seqs, p.padded_chunks, p.padded_tokens) for p in plans}
     assert len(pads) == 1, "both batches must fall in one bucket for this test"
@@ -189,7 +189,7 @@ import jax.numpy as jnp, gdn
 from gdn.inputs import make_inputs
 from gdn.jax_backend import common
 for impl in ("xla", "pallas_triton", "mosaic_gpu"):
-    for lens in ([90, 30], [40, 0, 70]):  # N = 2 and 3 rows of initial state: padded outside
+    for lens in ([90, 30, 5], [40, 0, 70, 2]):  # N = 3 and 4 rows of initial state: padded outside
         x = make_inputs(lens, k=64, v=64, seed=1, initial_state=True, pad_tokens=192 - sum(lens))
         a = [jnp.asarray(y, jnp.bfloat16) for y in x.arrays[:3]]
         a += [jnp.asarray(y) for y in x.arrays[3:]]

@@ -714,7 +714,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # its L2 prefetch of h0, the item table
     (128, 128, 16, 32, "bfloat16", True, True, "wide_overlap"),  # the output store during the next products
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_overlap"),  # the publications during the products
-    # loop_halves: the traced floor bucket at HV = 32 (1 sequence wants the narrow loop, 8 the wide one)
+    # loop_halves: a traced plan whose bucket wants both loops (HV = 32, 3..8 sequences)
     (128, 128, 16, 32, "bfloat16", True, True, "wide_halves"),
     (64, 128, 16, 32, "float16", False, True, "wide_halves"),
 ])
@@ -1023,6 +1023,32 @@ def test_chunk_variant_policy():
     assert pick_chunk_variant(0, 32, 128, 132) == "default"
 
 
+def test_chunk_variant_policy_for_a_bucket():
+    """One loop for a traced plan's bucket: the common pick where every count agrees, else the loop
+    whose worst slowdown (the wave model) over the bucket is smaller, checked against a brute
+    force over buckets, head counts and SM counts; V != 128 keeps the default loop."""
+    from gdn.jax_backend.mosaic_gpu._driver import loop_wave_us, pick_chunk_variant, pick_chunk_variant_for
+    from gdn.planner import seq_bucket_range
+
+    assert pick_chunk_variant_for(range(3, 9), 32, 128, 132) == "wide"
+    assert pick_chunk_variant_for(range(0, 3), 32, 128, 132) == "default"
+    assert pick_chunk_variant_for(range(3, 9), 32, 64, 132) == "default"
+    for sms in (4, 78, 132):
+        for hv in (1, 2, 4, 8, 16, 32, 48, 64):
+            for n_pad in (2, 8, 9, 16, 18, 64, 120):
+                lo, hi = seq_bucket_range(n_pad)
+                counts = range(lo, hi + 1)
+                pick = pick_chunk_variant_for(counts, hv, 128, sms)
+                own = {pick_chunk_variant(max(n, 1), hv, 128, sms) for n in counts}
+                if len(own) == 1:
+                    assert pick == own.pop()
+                    continue
+                worst = {v: max(loop_wave_us(n, hv, sms)[v] / min(loop_wave_us(n, hv, sms).values())
+                                for n in counts) for v in ("wide", "default")}
+                other = "default" if pick == "wide" else "wide"
+                assert worst[pick] <= worst[other], (sms, hv, n_pad, worst)
+
+
 def test_loop_ctas_policy():
     """The wide loop runs on a persistent grid of one CTA per SM where its (sequence, v head) items
     outnumber the SMs (the serving mix, 42 x 32 items: 8% faster on the H200), one CTA per item
@@ -1044,9 +1070,9 @@ def test_traced_plan_grid_policy(monkeypatch):
     """With a plan traced under the caller's jit (its sequence count unknown), the loop and its grid
     are picked for every count of the plan's bucket, so one compilation serves the bucket: the wide
     loop on a persistent grid for buckets of many sequences (128x256, the serving mix), the default
-    loop where the bucket's counts disagree (the floor bucket of 0..8 at HV = 32: 1 sequence wants
-    the default loop, 4 the wide one) or all want it, and a persistent grid only where every count
-    wants one; a host plan decides on its own count."""
+    loop where every count wants it (1 or 2 sequences at HV = 32, 3..8 at HV = 4), the loop with the
+    smaller worst case where they disagree (3..8 at HV = 32: the wide one), and a persistent grid
+    only where every count wants one; a host plan decides on its own count."""
     import jax
     import jax.numpy as jnp
 
@@ -1075,10 +1101,12 @@ def test_traced_plan_grid_policy(monkeypatch):
     assert picks([256] * 128, 32, True) == ("wide", 132)
     assert picks([256] * 125, 32, True) == ("wide", 132)  # the same bucket, the same kernels
     assert picks([100 + 70 * i for i in range(42)], 32, True) == ("wide", 132)
-    assert picks([8192] * 4, 32, True) == ("default", None)  # floor bucket: 1..8 disagree
-    assert picks([32768], 32, True) == ("default", None)
-    assert picks([8192] * 4, 4, True) == ("default", None)  # 1..8 sequences all want it
-    assert picks([8192] * 4, 32, True, chunk_variant="wide") == ("wide", None)  # 1..8: not all persistent
+    assert picks([8192] * 4, 32, True) == ("wide", None)  # 3..8 disagree: the wide loop's worst is 1.12x
+    assert picks([4096] * 6, 32, True) == ("wide", None)  # the same bucket
+    assert picks([32768], 32, True) == ("default", None)  # 0..2 all want the narrow loop
+    assert picks([16384] * 2, 32, True) == ("default", None)
+    assert picks([8192] * 4, 4, True) == ("default", None)  # 3..8 sequences all want it
+    assert picks([8192] * 4, 32, True, chunk_variant="wide") == ("wide", None)  # 3..8: not all persistent
     assert picks([8192] * 4, 32, False) == ("wide", None)  # a host plan: its own count
     assert picks([256] * 128, 32, False) == ("wide", 132)
     assert picks([32768], 32, False) == ("default", None)
@@ -1086,7 +1114,7 @@ def test_traced_plan_grid_policy(monkeypatch):
 
 @pytest.mark.parametrize("lens, mode", [([130, 0], 1), ([130, 0, 70], 0)])
 def test_wide_loop_halves_mode_same_bits(monkeypatch, lens, mode):
-    """loop_halves=True under jit (a traced plan in the floor bucket, where with 4 SMs and 2 v heads
+    """loop_halves=True under jit (a traced plan in a floor bucket, where with 4 SMs and 2 v heads
     1 sequence wants the narrow loop and 2 the wide one): the wide loop reads its mode on the device.
     Mode 1 (one non-empty sequence) gives each state warpgroup its own CTA, mode 0 (two) runs the
     wide loop. Both give the wide loop's bits and meet the float64 bar, final states included."""

@@ -206,7 +206,7 @@ BAD = [
      ValueError, r"plan's arrays are on meta"),
     ("B2-with-cu", lambda F, A: dict(cu_seqlens=[0, 8]), ValueError, r"B == 1"),
     ("B2-with-plan", lambda F, A: dict(plan=gdn.plan([0, 8])), ValueError, r"B == 1"),
-    ("h0-N", lambda F, A: dict(initial_state=F.arr(np.zeros((2, 4, 8, 8), np.float32))),
+    ("h0-N", lambda F, A: dict(initial_state=F.arr(np.zeros((3, 4, 8, 8), np.float32))),
      ValueError, r"initial_state must be \[N, HV, K, V\] = \(1, 4, 8, 8\)"),
     ("h0-HV", lambda F, A: dict(initial_state=F.arr(np.zeros((1, 2, 8, 8), np.float32))),
      ValueError, r"initial_state must be \[N, HV, K, V\]"),

@@ -31,22 +31,47 @@ QK_NORMS = ("intra", "xla")
 WIDE_TILE_US, DEFAULT_TILE_US = 3.25, 1.93
 
 
+def loop_wave_us(num_seqs: int, hv: int, sms: int) -> dict[str, float]:
+    """The wave model of the two chunk loops, per chunk of the sequences (us): ``"wide"`` runs a
+    CTA per (sequence, v head), ``"default"`` two (a V half each), one CTA per SM, every sequence
+    taken as equally long. A model for choosing, not a promise."""
+    ctas = max(num_seqs, 1) * hv
+    return {"wide": -(-ctas // sms) * WIDE_TILE_US, "default": -(-2 * ctas // sms) * DEFAULT_TILE_US}
+
+
 def pick_chunk_variant(num_seqs: int | None, hv: int, dv: int, sms: int) -> str:
     """"wide" where its CTAs (one per sequence and v head, one per SM) fill the GPU's waves better
     than the default's (twice as many, a V half each), else "default". ``num_seqs``: the sequences
     with tokens (an empty one's CTAs exit at once). "default" when the
     sequence count is unknown or V != 128 (the wide loop is
-    measured at V = 128 only). Sequences taken as equally long: a wave model, not a promise.
+    measured at V = 128 only). :func:`loop_wave_us`'s model.
 
     On the H200 (2026-12-04) it picks what measured faster at 4x8192, 8x4096, 128x256 and 4x2048
     (wide) and at 1x32768 and 4x8192 with HV = 16 or 48 (default).
     """
     if num_seqs is None or dv != 128 or num_seqs <= 0:
         return "default"
-    ctas = num_seqs * hv
-    wide = -(-ctas // sms) * WIDE_TILE_US
-    default = -(-2 * ctas // sms) * DEFAULT_TILE_US
-    return "wide" if wide < default else "default"
+    t = loop_wave_us(num_seqs, hv, sms)
+    return "wide" if t["wide"] < t["default"] else "default"
+
+
+def pick_chunk_variant_for(counts, hv: int, dv: int, sms: int) -> str:
+    """One loop for every sequence count of ``counts`` (a traced plan's bucket, which one
+    compilation serves): :func:`pick_chunk_variant`'s pick where all counts agree, else the loop
+    whose worst slowdown against the count's own pick (:func:`loop_wave_us`) is smaller, ties to
+    "default". At HV = 32 the bucket of 3..8 sequences gets the wide loop (at most 1.12x the
+    narrow one, at 5 and 6 sequences, against 1.19x the other way, at 3, 4, 7 and 8); 0..2
+    sequences get the narrow one (the wide loop would be 1.68x)."""
+    counts = [max(int(n), 1) for n in counts]
+    picks = {pick_chunk_variant(n, hv, dv, sms) for n in counts}
+    if len(picks) == 1:
+        return picks.pop()
+    worst = {v: 1.0 for v in ("default", "wide")}
+    for n in counts:
+        t = loop_wave_us(n, hv, sms)
+        for v in worst:
+            worst[v] = max(worst[v], t[v] / min(t.values()))
+    return "wide" if worst["wide"] < worst["default"] else "default"
 
 
 @functools.cache
@@ -245,7 +270,7 @@ def _seq_range(plan) -> tuple[int, int] | None:
     """The sequence counts the grid policies decide for: ``(n, n)`` with a host plan's non-empty
     count ``n``; for a plan traced under the caller's jit (its count unknown) every count its
     bucket holds (:func:`gdn.planner.seq_bucket_range`: within 1/8 of ``N_pad`` above the floor
-    bucket of 0..8), so one compilation serves the bucket; None if unknown."""
+    buckets of 0..2 and 3..8), so one compilation serves the bucket; None if unknown."""
     n = _counted_seqs(plan)
     return (n, n) if n is not None else seq_bucket_range(plan.padded_seqs)
 
@@ -256,19 +281,17 @@ def _picks(counts, hv: int, dv: int) -> list[str]:
 
 
 def _auto_chunk_variant(plan, hv: int, dv: int) -> str:
-    """:func:`pick_chunk_variant` over :func:`_seq_range`: its pick where every count of the range
-    agrees, else "default" (the narrow loop, which no count makes much slower: with a traced plan
-    in the floor bucket at HV = 32, 1 sequence wants it and 4 the wide loop)."""
+    """:func:`pick_chunk_variant_for` over :func:`_seq_range` ("default" if the range is
+    unknown)."""
     rng = _seq_range(plan)
     if rng is None:
         return "default"
-    picks = set(_picks(range(rng[0], rng[1] + 1), hv, dv))
-    return picks.pop() if len(picks) == 1 else "default"
+    return pick_chunk_variant_for(range(rng[0], rng[1] + 1), hv, dv, _sm_count())
 
 
 def halves_table(plan, hv: int, dv: int) -> tuple[int, ...] | None:
     """For ``loop_halves``: where a traced plan's bucket holds counts that want different loops
-    (:func:`_auto_chunk_variant` falls back to "default" there), the wide loop's mode per count of
+    (:func:`_auto_chunk_variant` then runs the one with the smaller worst case), the wide loop's mode per count of
     sequences with tokens (``halves[n]`` = 1 where :func:`pick_chunk_variant` picks the narrow
     loop for n sequences; :func:`.chunk_loop_wide.chunk_loop_wide`'s ``halves``), else None."""
     rng = _seq_range(plan)
@@ -349,10 +372,12 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`);
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
-    ``loop_halves`` (UNTIMED, off): with a plan traced under jit whose bucket holds sequence counts
-    that want different loops (the floor bucket of 0..8 at HV = 32: 1 or 2 sequences the narrow
-    loop, 4 the wide one), the wide loop compiled with a runtime mode (:func:`halves_table`) picks
-    per batch on the device instead of the narrow loop for all.
+    ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts
+    that want different loops (at HV = 32 the bucket of 3..8: 5 and 6 sequences the narrow
+    loop, the others the wide one), the wide loop compiled with a runtime mode (:func:`halves_table`) picks
+    per batch on the device instead of one loop for all. Its narrow mode does not keep the narrow
+    loop's pace (H100, 2026-12-05, session 14, call h1, jitted, ms: 1x32768 1.232 vs 0.999, 1x8192
+    0.351 vs 0.293; its wide mode at 4x8192 0.601 vs the wide loop's 0.595).
     ``qk_norms`` (use_qk_l2norm): where ``ln rstd`` of q's and k's rows is computed: "intra" (the
     default: in the intra kernel, from the diagonals of ``Q Q^T`` and ``K K^T``) or "xla" (two
     reductions before the kernels, :func:`prepare`; 0.075 ms of 0.681 at 4x8192 in an H200 trace of
