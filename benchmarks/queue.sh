@@ -18,6 +18,8 @@
 #                                   # (the bucket policy of s13) and the host plan (jax:mosaic_gpu:host), the peers
 #   bash benchmarks/queue.sh h1     # s13, UNTIMED: the wide loop's runtime mode (loop_halves) under jit vs the
 #                                   # narrow loop the floor bucket runs now, and the wide one, with FLA
+#   bash benchmarks/queue.sh l1     # s14: mosaic_gpu's 300k-token one call vs three chained, no host sync
+#   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -65,7 +67,7 @@ case $call in
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
       fi
       GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/p3 \
-        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,128x256,mix,1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 ;;
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,8x4096,2048x4,128x256,mix,1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 ;;
   p2) GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu" OUT=$OUT/p2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192,1x32768" bash benchmarks/h200.sh bench 16/48 16/16 16/64 ;;
   h1) timeout -s INT 300 $M --only time --tag h1 --shapes 1x32768,4x8192,1x8192,8x4096 \
@@ -77,5 +79,8 @@ case $call in
       GDN_BUDGET_S=70 GDN_BENCH_IMPLS="jax:mosaic_gpu jax:mosaic_gpu:split" OUT=$OUT/v1s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 16/16 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
+  l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
+        --json "$OUT/l1.json" ;;
+  hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
