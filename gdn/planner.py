@@ -359,6 +359,9 @@ class Split:
     piece_index: np.ndarray
     piece_chunks: int
     max_pieces: int
+    #: the sequences' ``cu_seqlens`` [N + 1] the pieces were cut from
+    cu_seqlens: np.ndarray | None = None
+    chunk_size: int = 64
 
     @property
     def num_pieces(self) -> int:
@@ -493,4 +496,4 @@ def split_pieces(cu_seqlens: Any, piece_chunks: int, chunk_size: int = 64) -> Sp
     # pieces tile [0, cu[-1]) without gaps: empty sequences hold no tokens, so each piece ends
     # where the next one starts
     return Split(_frozen(pcu), _frozen(piece_seq), _frozen(piece_index), int(piece_chunks),
-                 int(npieces.max()) if npieces.size else 0)
+                 int(npieces.max()) if npieces.size else 0, _frozen(cu), int(chunk_size))

@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .planner import Plan, Split, plan as make_plan
+from .planner import Plan, Split, plan as make_plan, seq_bucket_range
 
-__all__ = ["split_prefill", "piece_tables", "two_pass_tables", "scan_columns"]
+__all__ = ["split_prefill", "piece_tables", "two_pass_tables", "split_tables", "scan_columns"]
 
 
 def piece_tables(split: Split, num_seqs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,28 +57,55 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
     r-th sequence of more than one piece in order, -1 past its last; S and R are those counts
     rounded up to powers of two (fewer compilations; sequences of one piece need no scan).
     ``last_piece`` [seqs_pad]: each sequence's last piece or -1 (empty sequence).
+    :func:`split_tables` computes them (here with NumPy, from the split's ``cu_seqlens``).
     """
     p, n = split.num_pieces, int(np.max(split.piece_seq, initial=-1)) + 1
     if pieces_pad < p or seqs_pad < n:
         raise ValueError(f"tables of {p} pieces of {n} sequences do not fit {pieces_pad} / {seqs_pad} rows")
-    seq, idx = split.piece_seq.astype(np.int64), split.piece_index.astype(np.int64)
-    last = np.ones(p, bool)
-    last[:-1] = seq[1:] != seq[:-1]
-    mode = np.zeros(pieces_pad, np.int32)
-    mode[:p] = np.where(last, 0, np.where(idx == 0, 1, 2))
-    h0_row = np.full(pieces_pad, -1, np.int32)
-    h0_row[:p] = np.where(idx == 0, seq, -1)
+    cu = np.asarray(split.cu_seqlens, np.int64)
+    cu = np.concatenate([cu, np.full(seqs_pad + 1 - cu.size, cu[-1], np.int64)])
+    multi = int(np.count_nonzero(np.bincount(split.piece_seq, minlength=1) > 1))
     steps = 1 << max(split.max_pieces - 1, 0).bit_length()
-    counts = np.bincount(seq, minlength=n)
-    multi = np.flatnonzero(counts > 1)
-    col = np.full(max(n, 1), -1, np.int64)
-    col[multi] = np.arange(multi.size)
-    by_step = np.full((steps, 1 << max(multi.size - 1, 0).bit_length()), -1, np.int32)
-    keep = col[seq] >= 0
-    by_step[idx[keep], col[seq[keep]]] = np.arange(p)[keep]
-    last_piece = np.full(seqs_pad, -1, np.int32)
-    last_piece[seq[last]] = np.arange(p)[last]
-    return dict(mode=mode, h0_row=h0_row, by_step=by_step, last_piece=last_piece)
+    cols = 1 << max(multi - 1, 0).bit_length()
+    tb = split_tables(np, cu, split.piece_chunks, chunk_size=split.chunk_size, pieces_pad=pieces_pad,
+                      steps=steps, cols=cols)
+    del tb["piece_cu_seqlens"]
+    return tb
+
+
+def split_tables(xp, cu, piece_chunks: int, *, chunk_size: int, pieces_pad: int, steps: int,
+                 cols: int) -> dict[str, Any]:
+    """The pieces of :func:`gdn.planner.split_pieces` and the tables of :func:`two_pass_tables`
+    from the sequences' ``cu`` [N_pad + 1] (padded: empty sequences repeat the last offset), by
+    gathers only, so that ``xp`` = jax.numpy computes them from a plan traced under jit (nothing
+    read back to the host) and ``xp`` = numpy on the host. Static: ``piece_chunks``, the row
+    counts ``pieces_pad`` (>= the pieces), ``steps`` (>= the most pieces of one sequence) and
+    ``cols`` (>= the sequences of more than one piece); what does not fit is dropped, so the
+    caller's bounds must hold. Returns int32 ``piece_cu_seqlens`` [pieces_pad + 1] (padding pieces
+    empty at the end), ``mode``, ``h0_row``, ``by_step`` [steps, cols] and ``last_piece``."""
+    i32 = xp.int32
+    cu = xp.asarray(cu).astype(i32)
+    n_pad = cu.shape[0] - 1
+    step = piece_chunks * chunk_size
+    npieces = (cu[1:] - cu[:-1] + step - 1) // step
+    first = xp.concatenate([xp.zeros(1, i32), xp.cumsum(npieces).astype(i32)])
+    j = xp.arange(pieces_pad, dtype=i32)
+    valid = j < first[-1]
+    seq = xp.minimum(xp.searchsorted(first[1:], j, side="right"), n_pad - 1).astype(i32)
+    idx = j - first[seq]
+    last = valid & (idx == npieces[seq] - 1)
+    starts = xp.where(valid, cu[seq] + idx * step, cu[-1])
+    multi = xp.cumsum((npieces > 1).astype(i32))
+    r = xp.arange(cols, dtype=i32)
+    col_seq = xp.minimum(xp.searchsorted(multi, r + 1, side="left"), n_pad - 1).astype(i32)
+    s = xp.arange(steps, dtype=i32)[:, None]
+    by_step = xp.where((r < multi[-1])[None, :] & (s < npieces[col_seq][None, :]),
+                       first[col_seq][None, :] + s, -1)
+    return dict(piece_cu_seqlens=xp.concatenate([starts, cu[-1:]]).astype(i32),
+                mode=xp.where(valid & ~last, xp.where(idx == 0, 1, 2), 0).astype(i32),
+                h0_row=xp.where(valid & (idx == 0), seq, -1).astype(i32),
+                by_step=by_step.astype(i32),
+                last_piece=xp.where(npieces > 0, first[1:] - 1, -1).astype(i32))
 
 
 def scan_columns(rows: int, hv: int, v: int, sms: int) -> int:
@@ -183,8 +210,10 @@ def auto_split_applies(backend: str, args) -> bool:
     correction is a correctness tool). The model is asked only where the unsplit narrow loop's CTAs
     (sequences x v heads x 64-column value tiles) are fewer than the SMs: it never splits
     otherwise, and for many sequences it costs milliseconds of host time (its list scheduling),
-    which a prefill called eagerly layer after layer must not pay."""
-    if args.batch != 1 or not args.plan.is_host:
+    which a prefill called eagerly layer after layer must not pay. With a plan traced under jit
+    (mosaic_gpu only) the same test holds for the largest count of the plan's bucket, and
+    :func:`run_split` asks the model about one sequence of all the token rows."""
+    if args.batch != 1:
         return False
     try:
         if not _on_mosaic_gpu(backend, args):
@@ -193,7 +222,13 @@ def auto_split_applies(backend: str, args) -> bool:
     except ImportError:  # no jax here: loading the backend says so, with the reason
         return False
     _, hv, _, dv = args.dims
-    seqs = int(np.count_nonzero(args.plan.seq_lens))
+    if args.plan.is_host:
+        seqs = int(np.count_nonzero(args.plan.seq_lens))
+    else:  # traced under jit: every count of the plan's bucket must leave SMs idle
+        rng = seq_bucket_range(args.plan.padded_seqs)
+        if rng is None:
+            return False
+        seqs = rng[1]
     return seqs * hv * -(-dv // 64) < _sm_count()
 
 
@@ -213,9 +248,19 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
     from .planner import split_pieces, split_policy
 
     p = args.plan
-    if args.batch != 1 or not p.is_host:
-        raise ValueError("split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
+    if args.batch != 1:
+        raise ValueError("split needs a packed batch (cu_seqlens or plan, B == 1)")
     _, hv, dk, dv = args.dims
+    if not p.is_host:  # a plan traced under jit: the mosaic_gpu two passes, pieces cut on the device
+        if not _on_mosaic_gpu(backend, args):
+            raise ValueError("split with a plan traced under jax.jit runs on jax's mosaic_gpu impl only; "
+                             "elsewhere pass a host plan (gdn.plan(...) closed over, or call eagerly)")
+        from .jax_backend import mosaic_gpu as M
+        from .jax_backend.mosaic_gpu import split as S
+
+        if piece_chunks is None:  # the model asked about the bucket's longest chain: one sequence
+            piece_chunks = S.pick_piece_chunks([args.q.shape[1]], hv, dk, dv)
+        return S.run_split(args, piece_chunks) if piece_chunks else M.run(args)
 
     def pieces(chunks: int) -> Split:
         return split_pieces(np.asarray(p.cu_seqlens)[: p.num_seqs + 1], chunks, p.chunk_size)

@@ -92,6 +92,9 @@ CASES = [
     # passes with loop_overlap (their off-chain work in the products' shadows)
     ("two_pass_scan_kernel_G2_h0", dict(lens=[300, 200], h=1, hv=2, k=64, v=64, initial_state=True, seed=18),
      dict(), "bfloat16", "two_pass:scan_kernel"),
+    # ... and under jit with the plan traced: the pieces and tables cut on the device (split_tables)
+    ("two_pass_jit_varlen_G2_h0_pad", dict(lens=[300, 0, 130, 64], h=1, hv=2, k=64, v=64, initial_state=True,
+                                           pad_tokens=20, seed=19), dict(), "bfloat16", "jit_split"),
     # use_qk_l2norm folded into the kernels (q and k not rewritten: ln rstd of their rows joins the
     # gates' exponents) in each loop and in the split's pass 1 (piece_states), on unnormalized q, k
     ("wide_l2norm_varlen_G2_K128_V128_h0", dict(lens=[100, 0, 1, 63, 65], h=1, hv=2, k=128, v=128, l2norm_qk=False,
@@ -170,6 +173,19 @@ def _run_case(name, mk, kw, dtype, layout, interpret=True):
 
         _, args = api.validate(q, k, v, g, beta, cu_seqlens=x.cu_seqlens, initial_state=h0, backend="jax", **kw)
         o, f = run_split(args, split_pieces(x.cu_seqlens, 2), interpret=interpret, **opts)
+    elif layout == "jit_split":  # the two passes under jit, the plan traced: pieces of 2 chunks
+        from gdn.jax_backend.mosaic_gpu.split import run_split
+
+        p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
+        h0 = jnp.pad(h0, ((0, p.padded_seqs - h0.shape[0]), (0, 0), (0, 0), (0, 0)))
+
+        @jax.jit
+        def fn(q, k, v, g, beta, h0, p):
+            _, args = api.validate(q, k, v, g, beta, plan=p, initial_state=h0, backend="jax", **kw)
+            return run_split(args, 2, interpret=interpret, **opts)
+
+        o, f = fn(q, k, v, g, beta, h0, p)
+        f = f[:len(mk["lens"])]
     elif layout == "jit":
         p = make_plan(x.cu_seqlens, num_tokens=q.shape[1]).to_jax()
         if h0 is not None:  # under jit the plan's real count is unknown: states have N_pad rows
@@ -864,6 +880,34 @@ def test_two_pass_split_cross_lowers_to_cuda(chunk_variant, with_h0, direct, sca
         assert kernel in text, kernel
 
 
+def test_traced_plan_split_cross_lowers_to_cuda(monkeypatch):
+    """The two passes with the pieces cut on the device from a traced plan (TP8 heads, the default
+    scan kernel, an initial state) lower for an H200: every kernel of the split is in the module."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.jax_backend.mosaic_gpu.split import run_split
+
+    monkeypatch.setattr(M, "check_runnable", lambda args, interpret=None: False)  # (compiled, not run)
+
+    t, h, hv, d = 1024, 2, 4, 128
+    p = make_plan([0, 700, 700, 1024], num_tokens=t)
+    sds = jax.ShapeDtypeStruct
+    q, v = sds((1, t, h, d), jnp.bfloat16), sds((1, t, hv, d), jnp.bfloat16)
+    g = sds((1, t, hv), jnp.float32)
+    h0 = sds((p.padded_seqs, hv, d, d), jnp.float32)
+
+    def fn(q, k, v, g, beta, h0, plan):
+        _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, backend="jax")
+        return run_split(args, 2)
+
+    text = _lower_for_cuda(fn, q, q, v, g, g, h0, p.to_jax()).as_text()
+    for kernel in ("gdn_intra", "gdn_piece_states", "gdn_chunk_loop", "gdn_split_scan"):
+        assert kernel in text, kernel
+
+
 _LOOP_T = 256  # tokens of the chunk loops' lowering-only tests
 
 
@@ -1110,6 +1154,61 @@ def test_traced_plan_grid_policy(monkeypatch):
     assert picks([8192] * 4, 32, False) == ("wide", None)  # a host plan: its own count
     assert picks([256] * 128, 32, False) == ("wide", 132)
     assert picks([32768], 32, False) == ("default", None)
+
+
+def test_traced_plan_split_routing(monkeypatch):
+    """gdn.prefill under jit with the plan traced (mosaic_gpu): the default asks the split's model
+    about the bucket's longest chain (one sequence of all the token rows) where every count of the
+    bucket leaves SMs idle, and cuts on the device in the pieces it picks (an int reaches
+    run_split); it stays unsplit where the model says so or the bucket can fill the GPU; an
+    explicit piece size is used as given; other impls refuse a traced split by name."""
+    import jax
+    import jax.numpy as jnp
+
+    import gdn
+    from gdn import plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.jax_backend.mosaic_gpu import _driver as D, split as S
+
+    seen = []
+
+    def fake(tag):
+        def run(args, *rest, **kw):
+            seen.append((tag, rest[0] if tag == "split" else None))
+            return jnp.zeros(args.q.shape[:3] + (args.v.shape[-1],), args.q.dtype), None
+        return run
+
+    import gdn.jax_backend as JB
+
+    monkeypatch.setattr(S, "run_split", fake("split"))
+    monkeypatch.setattr(M, "run", fake("unsplit"))
+    monkeypatch.setattr(JB, "_status", lambda impl: None)  # (no GPU here: the calls never run)
+    monkeypatch.setattr(D, "_sm_count", lambda: 132)
+
+    def route(lens, h, hv, **kw):
+        t = sum(lens)
+        p = make_plan(np.cumsum([0] + lens), num_tokens=t)
+        sds = jax.ShapeDtypeStruct
+        q, v, g = sds((1, t, h, 128), jnp.bfloat16), sds((1, t, hv, 128), jnp.bfloat16), sds((1, t, hv), jnp.float32)
+        jax.eval_shape(lambda pl, q, v, g: gdn.prefill(q, q, v, g, g, plan=pl, impl="mosaic_gpu",
+                                                       output_final_state=False, **kw)[0], p.to_jax(), q, v, g)
+        return seen.pop()
+
+    want = S.pick_piece_chunks([32768], 4, 128, 128)
+    assert isinstance(want, int) and want > 0  # TP8: the host plan's split, measured 3.5x unsplit
+    assert route([32768], 2, 4) == ("split", want)
+    assert route([16384, 16384], 2, 4) == ("split", want)  # the bucket 0..2: the same pieces
+    assert route([32768], 16, 32) == ("unsplit", None)  # the model keeps HV = 32 unsplit
+    assert route([8192] * 4, 2, 4, split=True) == ("split", S.pick_piece_chunks([32768], 4, 128, 128))
+    assert route([8192] * 4, 2, 4) == ("split", want)  # 3..8 x 4 heads x 2 tiles < 132 SMs
+    assert route([2048] * 20, 2, 4) == ("unsplit", None)  # 17..20 ... x 4 x 2 >= 132: not asked
+    assert route([8192] * 4, 16, 32) == ("unsplit", None)
+    assert route([32768], 2, 4, split=3) == ("split", 3)
+    with pytest.raises(ValueError, match="mosaic_gpu"):
+        p = make_plan([0, 256], num_tokens=256).to_jax()
+        x = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+        jax.jit(lambda pl: gdn.prefill(x, x, x, x[..., 0].astype(jnp.float32), x[..., 0].astype(jnp.float32),
+                                       plan=pl, impl="xla", split=2))(p)
 
 
 @pytest.mark.parametrize("lens, mode", [([130, 0], 1), ([130, 0, 70], 0)])

@@ -179,6 +179,46 @@ def test_two_pass_simulation_catches_wrong_tables(mutate):
     assert not (np.abs(o - o_ref).max() < 1e-3 and np.abs(f - f_ref).max() < 1e-3)
 
 
+def test_split_tables_traced_equal_host():
+    """split_tables under jax.jit from a traced cu (a device plan: static bounds from its bucket)
+    gives the host split's pieces and tables on random layouts (empty sequences, partial chunks,
+    padding rows), its padding beyond the host's rows empty pieces / -1."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.split import split_tables, two_pass_tables
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(rng.integers(1, 7))
+        lens = rng.integers(0, 700, n) * (rng.random(n) < 0.8)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        pc = int(rng.choice([1, 2, 3, 8]))
+        p = gdn.plan(cu)
+        sp = split_pieces(cu, pc)
+        step = pc * 64
+        pieces_pad = int(cu[-1]) // step + p.padded_seqs + 3  # bounds a traced plan can know
+        steps = -(-int(cu[-1]) // step) + 1
+        cols = p.padded_seqs
+        fn = jax.jit(lambda c: split_tables(jnp, c, pc, chunk_size=64, pieces_pad=pieces_pad,
+                                            steps=steps, cols=cols))
+        dev = {key: np.asarray(a) for key, a in fn(p.to_jax().cu_seqlens).items()}
+        host = two_pass_tables(sp, p.padded_seqs, pieces_pad)
+        np_ = split_tables(np, p.cu_seqlens, pc, chunk_size=64, pieces_pad=pieces_pad, steps=steps, cols=cols)
+        k = sp.num_pieces
+        for key in ("mode", "h0_row", "last_piece"):
+            np.testing.assert_array_equal(dev[key], host[key], err_msg=f"{key} {lens} {pc}")
+        a, b = dev["by_step"], host["by_step"]  # (the host rounds its bounds up to powers of two)
+        r, c = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+        np.testing.assert_array_equal(a[:r, :c], b[:r, :c])
+        for x in (a, b):
+            assert (x[r:] == -1).all() and (x[:, c:] == -1).all()
+        np.testing.assert_array_equal(dev["piece_cu_seqlens"][:k + 1], sp.piece_cu_seqlens)
+        assert (dev["piece_cu_seqlens"][k:] == cu[-1]).all()
+        for key in dev:
+            np.testing.assert_array_equal(dev[key], np_[key])
+
+
 def test_two_pass_tables_layout():
     from gdn.split import two_pass_tables
 
@@ -296,8 +336,9 @@ def test_prefill_split_routes_mosaic_to_two_passes(monkeypatch):
 
 def test_prefill_default_asks_the_mosaic_split_model(monkeypatch):
     """split=None (the default) asks the two-pass model on mosaic_gpu with a host plan: at 4 v heads
-    one 32K prompt is split (the layout the H200 timed at 3.5x unsplit); split=False, a traced
-    plan, a batch of equal rows or another backend / impl stay unsplit."""
+    one 32K prompt is split (the layout the H200 timed at 3.5x unsplit); split=False, a batch of
+    equal rows, another backend / impl, or a traced plan whose bucket can fill the SMs stay
+    unsplit."""
     jnp = pytest.importorskip("jax.numpy")
     import jax
 
@@ -338,10 +379,12 @@ def test_prefill_default_asks_the_mosaic_split_model(monkeypatch):
     two_rows = [z.reshape((2, t // 2) + z.shape[2:]) for z in zeros]
     assert not auto_split_applies("jax", api.validate(*two_rows, backend="jax", impl="mosaic_gpu")[1])
 
+    # a plan traced under jit: the largest count of its bucket decides (0..2 here; 17..20 below)
     seen = []
-    jax.jit(lambda plan: seen.append(auto_split_applies(
-        "jax", api.validate(*zeros, plan=plan, backend="jax", impl="mosaic_gpu")[1])))(gdn.plan(cu).to_jax())
-    assert seen == [False]
+    for c in (cu, many[:21]):
+        jax.jit(lambda plan: seen.append(auto_split_applies("jax", api.validate(
+            *[z[:, : c[-1]] for z in zeros], plan=plan, backend="jax", impl="mosaic_gpu")[1])))(gdn.plan(c).to_jax())
+    assert seen == [True, False]
 
 
 def test_mosaic_two_pass_options_are_checked():

@@ -120,8 +120,11 @@ SCANS = ("xla", "kernel")
 def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = "auto", stages1: int = 2,
               loop_direct_io: bool = False, loop_overlap: bool | str = "auto", scan: str = "kernel",
               _stop: str | None = None):
-    """The two-pass split of validated ``args`` (packed batch, host plan) cut by ``split``
-    (:class:`gdn.planner.Split`) -> (o, final or None), like :func:`gdn.jax_backend.mosaic_gpu.run`.
+    """The two-pass split of validated ``args`` (packed batch) cut by ``split`` -> (o, final or
+    None), like :func:`gdn.jax_backend.mosaic_gpu.run`. With a host plan ``split`` is the host's
+    :class:`gdn.planner.Split`; with a plan traced under the caller's jit it is the piece size in
+    chunks (an int), and the pieces and tables come from the traced ``cu_seqlens`` on the device
+    (:func:`traced_pieces`): one compilation serves the plan's bucket, nothing is read back.
     ``chunk_variant``: pass 2's loop ("auto": :func:`._driver.pick_chunk_variant` on the pieces);
     ``stages1``: pass 1's ring depth; ``loop_direct_io``: pass 2's chunk loop ``direct_io`` (each
     piece's start state read straight into registers, :func:`._driver.prefill_arrays`);
@@ -131,14 +134,17 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     1x32768 with H/HV 2/4, pieces of 32 chunks, 0.259 ms with the XLA scan, 0.244 with the kernel,
     0.240 with the kernel and overlap (FLA 0.816); at 4/8, pieces of 64, 0.385 vs 0.358 (FLA
     0.959); the same bits as the unsplit call at these piece sizes."""
-    from ...planner import plan as make_plan
+    from ...planner import Split, plan as make_plan
     from ...split import two_pass_tables
     from . import check_runnable
 
     interpret = check_runnable(args, interpret)
     p = args.plan
-    if args.batch != 1 or not p.is_host:
-        raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1) and a host plan")
+    if args.batch != 1:
+        raise ValueError("the split needs a packed batch (cu_seqlens or plan, B == 1)")
+    if not isinstance(split, Split if p.is_host else int) or isinstance(split, bool):
+        raise TypeError(f"split must be a gdn.planner.Split with a host plan, the piece size in chunks "
+                        f"(an int) with a traced one; got {type(split).__name__}")
     if stages1 not in (2, 3, 4):
         raise ValueError(f"stages1 must be 2, 3 or 4, got {stages1!r}")
     if scan not in SCANS:
@@ -146,24 +152,54 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     if not isinstance(loop_direct_io, bool):
         raise TypeError(f"loop_direct_io must be a bool, got {loop_direct_io!r}")
     _driver.check_loop_overlap(loop_overlap)
-    piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
+    if p.is_host:
+        piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=args.q.shape[1])
+        tables = {name: jax.device_put(a) for name, a in
+                  two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
+    else:
+        piece_plan, tables = traced_pieces(p, split, args.q.shape[1])
     chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
     loop_overlap = _driver.resolve_loop_overlap(loop_overlap, chunk_variant)
-    tables = {name: jax.device_put(a) for name, a in
-              two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
     h0 = args.initial_state
     if h0 is not None and h0.shape[0] != p.padded_seqs:
         h0 = _pad_rows(h0, p.padded_seqs)
-    o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta, piece_plan.to_jax(), h0, tables,
+    o, final, _ = core_split(args.q, args.k, args.v, args.g, args.beta,
+                             piece_plan.to_jax() if piece_plan.is_host else piece_plan, h0, tables,
                              scale=args.scale, use_qk_l2norm=args.use_qk_l2norm,
                              output_final_state=args.output_final_state, interpret=interpret,
                              chunk_variant=chunk_variant, stages1=stages1, loop_direct_io=loop_direct_io,
                              loop_overlap=loop_overlap, scan=scan, _stop=_stop)
     if _stop is not None:
         return o, None
-    if final is not None and final.shape[0] != p.num_seqs:
+    if final is not None and p.num_seqs is not None and final.shape[0] != p.num_seqs:
         final = _take_rows(final, p.num_seqs)
     return o, final
+
+
+def traced_pieces(plan, piece_chunks: int, num_tokens: int):
+    """(piece plan, tables) of a plan traced under jit (its ``cu_seqlens`` a tracer) cut into
+    pieces of ``piece_chunks`` chunks, computed on the device (:func:`gdn.split.split_tables`).
+    The static bounds hold for every batch of the plan's bucket of ``num_tokens`` token rows: at
+    most ``T / step + N_pad`` pieces (a sequence adds at most one partial piece), ``ceil(T /
+    step)`` of one sequence, ``min(N_pad, T / (step + 1))`` sequences of several (rounded up to
+    powers of two, as the host's, for the scan kernel's block loads). The piece plan carries only
+    ``cu_seqlens``: the Mosaic kernels walk every sequence from it (its chunk tables are None)."""
+    from ...planner import Plan
+    from ...split import split_tables
+
+    step = piece_chunks * plan.chunk_size
+    pieces_pad = num_tokens // step + plan.padded_seqs
+
+    def pow2(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+    tb = split_tables(jnp, plan.cu_seqlens, piece_chunks, chunk_size=plan.chunk_size, pieces_pad=pieces_pad,
+                      steps=pow2(-(-num_tokens // step)), cols=pow2(min(plan.padded_seqs, num_tokens // (step + 1))))
+    piece_plan = Plan(cu_seqlens=tb.pop("piece_cu_seqlens"), chunk_indices=None, chunk_offsets=None,
+                      num_seqs=None, num_chunks=None, num_tokens=None, padded_seqs=pieces_pad,
+                      padded_chunks=plan.padded_chunks + pieces_pad, padded_tokens=plan.padded_tokens,
+                      chunk_size=plan.chunk_size)
+    return piece_plan, tb
 
 
 #: Pass 1's time per tile of one CTA with ``MAP_CTAS_PER_SM`` of them per SM (its SMEM allows
