@@ -212,7 +212,7 @@ def auto_split_applies(backend: str, args) -> bool:
     otherwise, and for many sequences it costs milliseconds of host time (its list scheduling),
     which a prefill called eagerly layer after layer must not pay. With a plan traced under jit
     (mosaic_gpu only) the same test holds for the largest count of the plan's bucket, and
-    :func:`run_split` asks the model about one sequence of all the token rows."""
+    :func:`run_split` asks the model about the batches of equal sequences the bucket holds."""
     if args.batch != 1:
         return False
     try:
@@ -258,8 +258,9 @@ def run_split(backend: str, args, piece_chunks: int | None = None):
         from .jax_backend import mosaic_gpu as M
         from .jax_backend.mosaic_gpu import split as S
 
-        if piece_chunks is None:  # the model asked about the bucket's longest chain: one sequence
-            piece_chunks = S.pick_piece_chunks([args.q.shape[1]], hv, dk, dv)
+        if piece_chunks is None:  # the model asked about every batch of equal sequences the bucket holds
+            rng = seq_bucket_range(p.padded_seqs) or (1, p.padded_seqs)
+            piece_chunks = S.pick_piece_chunks_for_bucket(args.q.shape[1], rng, hv, dk, dv)
         return S.run_split(args, piece_chunks) if piece_chunks else M.run(args)
 
     def pieces(chunks: int) -> Split:

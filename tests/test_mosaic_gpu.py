@@ -1194,13 +1194,15 @@ def test_traced_plan_split_routing(monkeypatch):
                                                        output_final_state=False, **kw)[0], p.to_jax(), q, v, g)
         return seen.pop()
 
-    want = S.pick_piece_chunks([32768], 4, 128, 128)
-    assert isinstance(want, int) and want > 0  # TP8: the host plan's split, measured 3.5x unsplit
+    want = S.pick_piece_chunks_for_bucket(32768, (0, 2), 4, 128, 128, 132)
+    assert want == S.pick_piece_chunks([32768], 4, 128, 128, 132) == 32  # TP8: j1's 3.5x unsplit
     assert route([32768], 2, 4) == ("split", want)
     assert route([16384, 16384], 2, 4) == ("split", want)  # the bucket 0..2: the same pieces
     assert route([32768], 16, 32) == ("unsplit", None)  # the model keeps HV = 32 unsplit
-    assert route([8192] * 4, 2, 4, split=True) == ("split", S.pick_piece_chunks([32768], 4, 128, 128))
-    assert route([8192] * 4, 2, 4) == ("split", want)  # 3..8 x 4 heads x 2 tiles < 132 SMs
+    want8 = S.pick_piece_chunks_for_bucket(32768, (3, 8), 4, 128, 128, 132)
+    assert want8
+    assert route([8192] * 4, 2, 4, split=True) == ("split", want8)
+    assert route([8192] * 4, 2, 4) == ("split", want8)  # 3..8 x 4 heads x 2 tiles < 132 SMs
     assert route([2048] * 20, 2, 4) == ("unsplit", None)  # 17..20 ... x 4 x 2 >= 132: not asked
     assert route([8192] * 4, 16, 32) == ("unsplit", None)
     assert route([32768], 2, 4, split=3) == ("split", 3)
@@ -1209,6 +1211,28 @@ def test_traced_plan_split_routing(monkeypatch):
         x = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
         jax.jit(lambda pl: gdn.prefill(x, x, x, x[..., 0].astype(jnp.float32), x[..., 0].astype(jnp.float32),
                                        plan=pl, impl="xla", split=2))(p)
+
+
+def test_traced_split_pick_holds_for_the_bucket():
+    """The piece size a traced plan gets costs, in the split's model, at most BUCKET_SLACK more
+    than running unsplit for every batch of equal sequences its bucket holds, and splits one or
+    two long prompts at TP head counts (as the host plan's pick does) but not at HV = 32."""
+    from gdn.jax_backend.mosaic_gpu import split as S
+    from gdn.planner import seq_bucket_range
+
+    assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 4, 128, 128, 132) == 32
+    assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 8, 128, 128, 132) == 64
+    assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 32, 128, 128, 132) is None
+    for hv in (2, 4, 8, 16, 32):
+        for t in (8192, 32768, 131072):
+            for n_pad in (2, 8):
+                lo, hi = seq_bucket_range(n_pad)
+                pc = S.pick_piece_chunks_for_bucket(t, (lo, hi), hv, 128, 128, 132)
+                for n in range(max(lo, 1), hi + 1):
+                    lens = [t // n] * n
+                    unsplit = S.model_us(lens, None, hv, 128, 128, 132)["unsplit"]
+                    split = sum(S.model_us(lens, pc, hv, 128, 128, 132).values()) if pc else unsplit
+                    assert split <= S.BUCKET_SLACK * unsplit, (hv, t, n, pc, split, unsplit)
 
 
 @pytest.mark.parametrize("lens, mode", [([130, 0], 1), ([130, 0, 70], 0)])

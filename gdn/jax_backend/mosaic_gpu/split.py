@@ -256,6 +256,41 @@ def _pick_piece_chunks(chunks: tuple[int, ...], hv: int, dk: int, dv: int, sms: 
     return two_pass_policy(np.asarray(chunks, np.int64) * 64, **_costs(hv, dk, dv, sms))
 
 
+#: A traced plan's pieces may cost at most this much more than unsplit (in the model) on any
+#: batch of equal sequences its bucket holds.
+BUCKET_SLACK = 1.05
+
+
+def pick_piece_chunks_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int, dv: int,
+                                 sms: int | None = None) -> int | None:
+    """Chunks per piece for a plan traced under jit (its lengths unknown): of the piece sizes
+    whose modelled time is within ``BUCKET_SLACK`` of the unsplit one for every batch of ``n``
+    equal sequences of ``num_tokens`` tokens in all (``n`` over ``counts``, the bucket's range),
+    the one whose worst ratio to that batch's best option is smallest; None (unsplit) when none
+    beats running unsplit."""
+    return _pick_for_bucket(int(num_tokens), (max(int(counts[0]), 1), int(counts[1])), hv, dk, dv,
+                            sms or _driver._sm_count())
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int, dv: int,
+                     sms: int) -> int | None:
+    layouts = [[num_tokens // n] * n for n in range(counts[0], counts[1] + 1) if num_tokens // n]
+    if not layouts:
+        return None
+    cost = {pc: [sum(model_us(lens, pc, hv, dk, dv, sms).values()) for lens in layouts]
+            for pc in (None, 8, 16, 32, 64, 128, 256)}
+    best = [min(c[i] for c in cost.values()) for i in range(len(layouts))]
+
+    def regret(pc):
+        return max(c / b for c, b in zip(cost[pc], best))
+
+    ok = [pc for pc in cost if pc is None
+          or all(c <= BUCKET_SLACK * u for c, u in zip(cost[pc], cost[None]))]
+    pick = min(ok, key=lambda pc: (regret(pc), pc is not None))
+    return pick
+
+
 def model_us(seq_lens, piece_chunks: int | None, hv: int, dk: int, dv: int, sms: int | None = None) -> dict:
     """This path's modelled times in us (what :func:`pick_piece_chunks` compares): ``unsplit``,
     or ``pass1`` / ``scan`` / ``pass2`` at ``piece_chunks`` (the check script prints them beside
