@@ -62,6 +62,8 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
     p, n = split.num_pieces, int(np.max(split.piece_seq, initial=-1)) + 1
     if pieces_pad < p or seqs_pad < n:
         raise ValueError(f"tables of {p} pieces of {n} sequences do not fit {pieces_pad} / {seqs_pad} rows")
+    if split.cu_seqlens is None:
+        raise ValueError("two_pass_tables needs a Split from gdn.planner.split_pieces (it keeps cu_seqlens)")
     cu = np.asarray(split.cu_seqlens, np.int64)
     cu = np.concatenate([cu, np.full(seqs_pad + 1 - cu.size, cu[-1], np.int64)])
     multi = int(np.count_nonzero(np.bincount(split.piece_seq, minlength=1) > 1))

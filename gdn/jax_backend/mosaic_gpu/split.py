@@ -287,8 +287,7 @@ def _pick_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int,
 
     ok = [pc for pc in cost if pc is None
           or all(c <= BUCKET_SLACK * u for c, u in zip(cost[pc], cost[None]))]
-    pick = min(ok, key=lambda pc: (regret(pc), pc is not None))
-    return pick
+    return min(ok, key=lambda pc: (regret(pc), pc is not None))
 
 
 def model_us(seq_lens, piece_chunks: int | None, hv: int, dk: int, dv: int, sms: int | None = None) -> dict:
