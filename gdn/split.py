@@ -67,12 +67,16 @@ def two_pass_tables(split: Split, seqs_pad: int, pieces_pad: int) -> dict[str, n
     cu = np.asarray(split.cu_seqlens, np.int64)
     cu = np.concatenate([cu, np.full(seqs_pad + 1 - cu.size, cu[-1], np.int64)])
     multi = int(np.count_nonzero(np.bincount(split.piece_seq, minlength=1) > 1))
-    steps = 1 << max(split.max_pieces - 1, 0).bit_length()
-    cols = 1 << max(multi - 1, 0).bit_length()
     tb = split_tables(np, cu, split.piece_chunks, chunk_size=split.chunk_size, pieces_pad=pieces_pad,
-                      steps=steps, cols=cols)
+                      steps=pow2_at_least(split.max_pieces), cols=pow2_at_least(multi))
     del tb["piece_cu_seqlens"]
     return tb
+
+
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1): the tables' step and column counts (fewer
+    compilations; the scan kernels' block loads need powers of two)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def split_tables(xp, cu, piece_chunks: int, *, chunk_size: int, pieces_pad: int, steps: int,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import planner
+from ..split import pow2_at_least
 
 __all__ = ["run_core", "pack", "rstd", "l2normalize", "dot", "token_valid", "pallas_triton_warnings",
            "TRACE_COUNTS", "count_trace", "next_pow2"]
@@ -47,7 +48,7 @@ def count_trace(name: str) -> None:
 
 
 def next_pow2(n: int, floor: int = 1) -> int:
-    return max(int(floor), 1 << max(0, int(n) - 1).bit_length())
+    return max(int(floor), pow2_at_least(n))
 
 
 @contextlib.contextmanager

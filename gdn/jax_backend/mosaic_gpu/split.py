@@ -185,16 +185,13 @@ def traced_pieces(plan, piece_chunks: int, num_tokens: int):
     powers of two, as the host's, for the scan kernel's block loads). The piece plan carries only
     ``cu_seqlens``: the Mosaic kernels walk every sequence from it (its chunk tables are None)."""
     from ...planner import Plan
-    from ...split import split_tables
+    from ...split import pow2_at_least, split_tables
 
     step = piece_chunks * plan.chunk_size
     pieces_pad = num_tokens // step + plan.padded_seqs
-
-    def pow2(n: int) -> int:
-        return 1 << max(n - 1, 0).bit_length()
-
     tb = split_tables(jnp, plan.cu_seqlens, piece_chunks, chunk_size=plan.chunk_size, pieces_pad=pieces_pad,
-                      steps=pow2(-(-num_tokens // step)), cols=pow2(min(plan.padded_seqs, num_tokens // (step + 1))))
+                      steps=pow2_at_least(-(-num_tokens // step)),
+                      cols=pow2_at_least(min(plan.padded_seqs, num_tokens // (step + 1))))
     piece_plan = Plan(cu_seqlens=tb.pop("piece_cu_seqlens"), chunk_indices=None, chunk_offsets=None,
                       num_seqs=None, num_chunks=None, num_tokens=None, padded_seqs=pieces_pad,
                       padded_chunks=plan.padded_chunks + pieces_pad, padded_tokens=plan.padded_tokens,
