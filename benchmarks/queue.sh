@@ -21,6 +21,8 @@
 #   bash benchmarks/queue.sh l1     # s14: mosaic_gpu's 300k-token one call vs three chained, no host sync
 #   bash benchmarks/queue.sh s1     # s14, UNTIMED: the split under jit (traced plan) at TP heads vs the host plan's, FLA
 #   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
+#   bash benchmarks/queue.sh z1     # s15: one call for a scarce machine: the jitted rows (s14's loop pick) and
+#                                   # the host plan at 16/32, then the split under jit at 2/4, with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -84,6 +86,10 @@ case $call in
         --json "$OUT/l1.json" ;;
   s1) GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
+  z1) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1 \
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,8x4096,1x32768" bash benchmarks/h200.sh bench 16/32
+      GDN_BUDGET_S=100 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1s \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
