@@ -86,9 +86,9 @@ case $call in
         --json "$OUT/l1.json" ;;
   s1) GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
-  z1) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1 \
+  z1) GDN_BUDGET_S=150 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192,8x4096,1x32768" bash benchmarks/h200.sh bench 16/32
-      GDN_BUDGET_S=100 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1s \
+      GDN_BUDGET_S=80 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
