@@ -23,6 +23,7 @@
 #   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
 #   bash benchmarks/queue.sh z1     # s15: one call for a scarce machine: the jitted rows (s14's loop pick) and
 #                                   # the host plan at 16/32, then the split under jit at 2/4, with FLA
+#   bash benchmarks/queue.sh z2     # s15: z1 cut to ~160 s, the split under jit first (its first GPU run)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -90,6 +91,10 @@ case $call in
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192,8x4096,1x32768" bash benchmarks/h200.sh bench 16/32
       GDN_BUDGET_S=80 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4 ;;
+  z2) GDN_BUDGET_S=95 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z2s \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4
+      GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
