@@ -600,7 +600,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(loop_direct_io=None), TypeError), (dict(loop_ctas=0), ValueError),
                      (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError),
                      (dict(loop_prefetch=1), TypeError), (dict(loop_overlap="no"), TypeError),
-                     (dict(loop_schedule="lookup"), ValueError)):
+                     (dict(loop_schedule="lookup"), ValueError), (dict(intra_solve="regs"), ValueError),
+                     (dict(intra_solve="warp", intra_columns=False), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -960,6 +961,19 @@ def _mosaic_module_texts(fn, *shapes) -> list[str]:
     return seen
 
 
+def _intra_smem_bytes(fn, t, h, hv, dk, dt) -> list[int]:
+    """The dynamic SMEM size of each Mosaic kernel of ``fn`` (intra's argument shapes)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    sds = jax.ShapeDtypeStruct
+    texts = _mosaic_module_texts(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
+                                 sds((t,), jnp.int32))
+    return [int(m) for text in texts for m in re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", text)]
+
+
 @pytest.mark.parametrize("loop", ["wide", "narrow"])
 def test_loop_bare_drops_the_automatic_barriers(loop):
     """The chunk loops with bare=True compile without Pallas's automatic warpgroup barriers: far
@@ -1004,6 +1018,7 @@ def test_persistent_loop_prefetch_takes_effect():
     (512, 16, 2, 128, "bfloat16", None, "unroll", "chain", "all", 1),  # the substitution reading -A by columns
     (320, 1, 3, 64, "float16", 2, "unroll", "levels", "boundary", 1),  # G = 3, a short last CTA, the debug output
     (320, 1, 3, 64, "float16", 2, "loop", "chain", "boundary", 2),  # two output stagings (the debug output too)
+    (512, 16, 2, 128, "bfloat16", None, "loop", "warp", "boundary", 2),  # the diagonal blocks in registers
 ])
 def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate, buffers):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
@@ -1015,12 +1030,111 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
     sds = jax.ShapeDtypeStruct
     dt = getattr(jnp, dtype)
     hv = h * group
+    solve = "warp" if merge == "warp" else "smem"
+    merge = "chain" if merge == "warp" else merge
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
                                   merge_variant=merge, solve_columns=merge == "chain", isolate=isolate,
-                                  out_buffers=buffers, debug_inverse=tiles is not None)
+                                  out_buffers=buffers, debug_inverse=tiles is not None, solve=solve)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()
     assert "gdn_intra" in text
+    if solve == "warp":  # the substitution's SMEM buffers are gone: the kernel is ~36 KB smaller
+        fn_warp = lambda k, g, b, s: intra(k, g, b, s, group=group, head_loop=head_loop,  # noqa: E731
+                                           isolate=isolate, out_buffers=buffers, solve="warp")
+        [smem_warp] = _intra_smem_bytes(fn_warp, t, h, hv, dk, dt)
+        fn_smem = lambda k, g, b, s: intra(k, g, b, s, group=group, head_loop=head_loop,  # noqa: E731
+                                           isolate=isolate, out_buffers=buffers)
+        [smem] = _intra_smem_bytes(fn_smem, t, h, hv, dk, dt)
+        assert smem - smem_warp >= 2 * 64 * 64 * 4, (smem, smem_warp)
+
+
+class _NumpyLanes:
+    """The 128 threads of a warpgroup as NumPy vectors, for :func:`solve.warp_solve_steps`'s lane
+    arithmetic (float64 values; ``shfl`` reads lane ``src`` of the reader's own warp)."""
+
+    def __init__(self):
+        tid = np.arange(128)
+        self.lane, self.warp = tid % 32, tid // 32
+
+    def f32(self, v):
+        return np.full(128, float(v))
+
+    idiv = staticmethod(lambda a, b: a // b)
+    irem = staticmethod(lambda a, b: a % b)
+    iadd = staticmethod(lambda a, b: a + b)
+    imul = staticmethod(lambda a, b: a * b)
+    ieq = staticmethod(lambda a, b: a == b)
+    select = staticmethod(np.where)
+    fma = staticmethod(lambda a, b, c: a * b + c)
+
+    def shfl(self, v, src):
+        return v[self.warp * 32 + src]
+
+
+def _warp_solve_emulated(a: np.ndarray, seg: np.ndarray | None = None) -> np.ndarray:
+    """(I + A)^-1 on the 16x16 diagonal blocks of a strictly lower [64, 64] ``a``, by
+    warp_solve_steps on emulated lanes: each thread's entries in and out in the WGMMA layout."""
+    from gdn.jax_backend.mosaic_gpu.solve import warp_solve_steps
+
+    ops = _NumpyLanes()
+    w, q, p = ops.warp, ops.lane // 4, ops.lane % 4
+    row = lambda h: 16 * w + 8 * h + q  # noqa: E731
+    col = lambda jb, e: 16 * w + 8 * jb + 2 * p + e  # noqa: E731
+    na = [[[-a[row(h), col(jb, e)] for e in range(2)] for jb in range(2)] for h in range(2)]
+    seg_rows = seg_of = seg_cols = None
+    if seg is not None:
+        seg_rows = [seg[row(h)] for h in range(2)]
+        seg_of = lambda j: seg[16 * w + j]  # noqa: E731
+        seg_cols = [[seg[col(jb, e)] for e in range(2)] for jb in range(2)]
+    x = warp_solve_steps(ops, na, seg_rows, seg_of, seg_cols)
+    out = np.zeros((64, 64))
+    for h in range(2):
+        for jb in range(2):
+            for e in range(2):
+                out[row(h), col(jb, e)] = x[h][jb][e]
+    return out
+
+
+def _block_lower(rng, seg=None):
+    r, c = np.indices((64, 64))
+    keep = (r > c) & (r // 16 == c // 16)
+    if seg is not None:
+        keep &= seg[r] == seg[c]
+    return np.where(keep, rng.normal(0.0, 0.4, (64, 64)), 0.0)
+
+
+def test_warp_solve_lane_arithmetic_inverts_each_diagonal_block():
+    """solve="warp": the shuffles' lanes and register slots, emulated on the CPU (the interpreter
+    cannot run the kernel's MLIR), give each 16x16 diagonal block's inverse of I + A."""
+    rng = np.random.default_rng(0)
+    a = _block_lower(rng)
+    x = _warp_solve_emulated(a)
+    want = np.zeros((64, 64))
+    for b in range(4):
+        blk = slice(16 * b, 16 * b + 16)
+        want[blk, blk] = np.linalg.inv(np.eye(16) + a[blk, blk])
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-12)
+
+
+def test_warp_solve_keeps_a_poisoned_sequence_apart():
+    """With the tile's sequence ids, a NaN sequence sharing a block leaves its neighbours' entries
+    as they are without it, and every entry across two sequences exactly 0."""
+    rng = np.random.default_rng(1)
+    seg = np.repeat(np.arange(6), [5, 20, 3, 17, 11, 8])  # boundaries inside blocks
+    a = _block_lower(rng, seg)
+    clean = _warp_solve_emulated(a, seg)
+    dirty_a = np.where((seg[:, None] == 3) & (np.indices((64, 64))[0] > np.indices((64, 64))[1]), np.nan, a)
+    dirty = _warp_solve_emulated(dirty_a, seg)
+    r, c = np.indices((64, 64))
+    same_block = r // 16 == c // 16
+    other = (seg[r] != 3) & (seg[c] != 3)
+    np.testing.assert_array_equal(dirty[other], clean[other])
+    assert np.all(dirty[(seg[r] != seg[c]) & same_block] == 0.0)
+    want = np.zeros((64, 64))
+    for b in range(4):
+        blk = slice(16 * b, 16 * b + 16)
+        want[blk, blk] = np.linalg.inv(np.eye(16) + a[blk, blk])
+    np.testing.assert_allclose(clean, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.gpu

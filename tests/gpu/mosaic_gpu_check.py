@@ -557,6 +557,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
     # s13, UNTIMED: a traced plan in a bucket whose counts want different loops (the floor bucket at
     # HV = 32) runs the wide loop with a runtime mode (one state warpgroup per CTA for 1-2 sequences)
+    # s15, UNTIMED: the intra kernel's 16x16 diagonal inverses in registers, one warp per block
+    "intra_warp": dict(intra_solve="warp"),
     "halves": dict(loop_halves=True),  # (a host plan knows its count: as "default" there)
     "jit": dict(_traced=True),  # the plan an argument of the jitted call (what gdn bench times)
     "jit_halves": dict(_traced=True, loop_halves=True),
@@ -771,7 +773,8 @@ def _test_module():
 
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
-             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1))]
+             ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
+             ("warp", dict(solve="warp"))]  # s15, UNTIMED: the diagonal blocks in registers (same bits expected)
 
 
 @section("intra_cmp")
@@ -792,7 +795,7 @@ def sec_intra_cmp(names=None):
         TABLE.append(f"intra {name:12s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
         log(name, err)
-        if name in (cmp[0][0], "levels"):
+        if name in (cmp[0][0], "levels", "warp"):
             nan = tmg._intra_nan_isolation(hl, interpret=False, **kw)
             out["nan_" + name] = nan
             ok = nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"]

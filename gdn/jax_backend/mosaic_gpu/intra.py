@@ -65,14 +65,18 @@ SOLVE_PAD = 8
 #: 1.136 at 1x32768).
 ISOLATE = ("boundary", "all")
 OUT_BUFFERS = (1, 2)
+#: how the 16x16 diagonal blocks are inverted: "smem" (the substitution through padded fp32 SMEM, one
+#: thread per column) or "warp" (each warp its block in registers by shuffles, UNTIMED:
+#: :func:`solve.warp_solve_steps`; needs ``solve_columns``)
+SOLVES = ("smem", "warp")
 
 
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
-                  out_buffers: int = 2,
+                  out_buffers: int = 2, solve: str = "smem",
                   names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate",
-                                            "out_buffers")) -> None:
+                                            "out_buffers", "solve")) -> None:
     """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
-    last five."""
+    last six."""
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if merge_variant not in MERGES:
@@ -85,11 +89,15 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[3]} must be one of {ISOLATE}, got {isolate!r}")
     if out_buffers not in OUT_BUFFERS or isinstance(out_buffers, bool):
         raise ValueError(f"{names[4]} must be one of {OUT_BUFFERS}, got {out_buffers!r}")
+    if solve not in SOLVES:
+        raise ValueError(f"{names[5]} must be one of {SOLVES}, got {solve!r}")
+    if solve == "warp" and not solve_columns:
+        raise ValueError(f"{names[5]}='warp' reads -A by columns: it needs {names[2]}=True")
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
-          isolate: str = "boundary", out_buffers: int = 2, interpret=None,
+          isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", interpret=None,
           debug_inverse: bool = False, lrk=None, q=None):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
@@ -110,6 +118,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     4x8192, 0.206 vs 0.221 at 128x256, same bits). Compiled with Pallas's automatic warpgroup
     barriers: without them (tried 2026-12-04 s5, call g1) it measured 0.225 vs 0.208 ms alone at
     4x8192, 0.206 vs 0.211 at 128x256, so unlike the chunk loops it keeps them.
+    ``solve``: :data:`SOLVES` (the interpreter runs the same jnp substitution for both).
     ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k_t)`` per k head and token: k is the caller's,
     not normalized, and ``K K^T`` is scaled by ``rstd(k_r) rstd(k_s)`` once per tile (in fp32, so
     the normalized k is never rounded to the input dtype).
@@ -134,7 +143,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     if t_pad % C or not t_pad - C < t_k <= t_pad:
         raise ValueError(f"g_hm's tokens ({t_pad}) must be whole tiles of {C} and k's ({t_k}) end in the last")
     check_token_rows("k", t_k)
-    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers)
+    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers, solve)
+    warp = solve == "warp"
     nb = out_buffers
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
@@ -156,11 +166,11 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         lo_s=tile((C, C), dtype),
         ag_s=tile((2, C, C) if nb == 2 else (C, C), dtype),
         gc_s=plgpu.SMEM((2, C) if nb == 2 else (C,), F32),
-        na_s=plgpu.SMEM((C, C + solve_pad), F32),
-        x_s=plgpu.SMEM((C, C + solve_pad), F32),
         bar_k=plgpu.Barrier(num_arrivals=1 + has_q),
         bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2),
     )
+    if not warp:  # the substitution's operand and result
+        scratch.update(na_s=plgpu.SMEM((C, C + solve_pad), F32), x_s=plgpu.SMEM((C, C + solve_pad), F32))
     if has_rk:  # k's row scales, one copy per layout they are read in
         scratch.update(rk_r=plgpu.SMEM((2, C), F32), rk_c=plgpu.SMEM((2, C), F32))
     if has_q:  # q's tile (refilled like k's), and the tile's ln rstd of q and k for their TMA stores
@@ -170,8 +180,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     interp = bool(interpret)
     sq = (C, C)
 
-    def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, na_s, x_s, bar_k, bar_s, ai_s=None, rk_r=None,
-             rk_c=None, q_s=None, nrm_s=None):
+    def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
@@ -240,9 +250,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                                         r, c, sq, interp, from_columns=solve_columns)
                 a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
             with jax.named_scope("diag_solve"):
-                x = diag_block_inverse(a_low, na_t, na_s.at[:, :C], x_s.at[:, :C], interpret=interp,
+                x = diag_block_inverse(a_low, na_t, None if warp else na_s.at[:, :C],
+                                       None if warp else x_s.at[:, :C], interpret=interp,
                                        same=same() if interp else None, seg_ref=s_r.at[slot] if apart else None,
-                                       from_columns=solve_columns)
+                                       from_columns=solve_columns, warp=warp)
             with jax.named_scope("merge"):
                 if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
                     x = merge_chain(x, a_lo16, lo_s, ag_s_, dtype, same=same())

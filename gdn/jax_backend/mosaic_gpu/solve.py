@@ -1,7 +1,8 @@
 """The 64x64 unit-lower-triangular inverse of one tile, ``X = (I + A)^-1``, for the intra kernel.
 
 Blocked like FLA's solve_tril: the four 16x16 diagonal blocks are inverted in IEEE fp32 on the CUDA
-cores (forward substitution, one column per thread, :func:`diag_block_inverse`); the blocks are then
+cores (forward substitution, one column per thread through SMEM, :func:`diag_block_inverse`, or one
+warp per block in registers, :func:`warp_solve_steps`); the blocks are then
 merged on the tensor cores, either 16 -> 32 -> 64 with ``X <- X - X (L X)``, ``L`` the strictly
 lower off-diagonal block of ``A`` at that level (:func:`merge`, four dependent products), or all at
 once as ``X0 (I - M)(I + M^2)`` with ``M = Ao X0`` (:func:`merge_chain`, three dependent product
@@ -23,11 +24,12 @@ rows then see the same operands, bit for bit, whatever its neighbours hold (docs
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.experimental.mosaic.gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, memref, vector
+from jaxlib.mlir.dialects import arith, memref, nvvm, vector
 from jaxlib.mlir.dialects import math as mlir_math
 
 from .common import C, F32, cols, iota, masked_decay, mm, products, rows
@@ -111,6 +113,153 @@ def _diag_solve_body(ctx, na_t, na_ref, x_ref, seg_ref=None, from_columns: bool 
 _DIAG_SOLVE = {(seg, cols_): _diag_solve_mgpu(seg, cols_) for seg in (False, True) for cols_ in (False, True)}
 
 
+def warp_solve_steps(ops, na, seg_rows=None, seg_of=None, seg_cols=None):
+    """Forward substitution of one warp's 16x16 diagonal block, in registers (``solve="warp"``).
+
+    In the WGMMA layout warp ``w`` holds rows ``16 w .. 16 w + 15`` of a [64, 64] array: lane ``l``
+    has rows ``q = l // 4`` and ``8 + q`` of the block (``h`` = 0, 1) and, in each of the block's
+    two 8-column groups ``jb``, columns ``8 jb + 2 (l % 4) + e`` (``e`` = 0, 1), the m16n8
+    accumulator fragment of ``mma.sync``. ``na[h][jb][e]``: this lane's entries of ``-A``'s
+    diagonal block (strictly lower; zero on and above the diagonal). Returns ``x[h][jb][e]``, the
+    same entries of ``(I + A)^-1``. Step ``j``: rows ``i > j`` take ``x_i += (-A_ij) x_j``, in the
+    order and with the fma of :func:`_diag_solve_body` (the same bits expected; not yet run on a
+    GPU). Row ``j`` comes from its quad by four shuffles, ``-A_ij`` from this lane's quad by two;
+    no SMEM, no barrier.
+    ``seg_rows`` (``[h]``, the sequence ids of this lane's rows), ``seg_of(j)`` (block row
+    ``j``'s) and ``seg_cols`` (``[jb][e]``, its columns'): a tile shared by sequences keeps
+    ``x_i`` where row ``j`` is of another sequence (``-A_ij`` is 0 there, but ``x_j`` may be NaN:
+    module docstring), and returns exact zeros across sequences (a NaN row times a zero column
+    is NaN; the SMEM substitution stores its selected ``x_j`` for the same reason).
+
+    ``ops`` builds the arithmetic: :class:`_MlirLanes` (the kernel) or a NumPy emulation of the
+    128 lanes (tests/test_mosaic_gpu.py, which checks the lane arithmetic on the CPU).
+    """
+    lane = ops.lane
+    q, p = ops.idiv(lane, 4), ops.irem(lane, 4)
+    one, zero = ops.f32(1.0), ops.f32(0.0)
+    x = [[[ops.select(ops.ieq(ops.iadd(q, 8 * h), ops.iadd(ops.imul(p, 2), 8 * jb + e)), one, zero)
+           for e in range(2)] for jb in range(2)] for h in range(2)]
+    for j in range(BLOCK):
+        hj, jbj, pj, ej = j // 8, j // 8, (j % 8) // 2, j % 2
+        src_x = ops.iadd(p, 4 * (j % 8))  # the lane of row j's quad with this lane's columns
+        xj = [[ops.shfl(x[hj][jb][e], src_x) for e in range(2)] for jb in range(2)]
+        src_a = ops.iadd(ops.imul(q, 4), pj)  # the lane of this quad that holds column j
+        for h in range(2):
+            a = ops.shfl(na[h][jbj][ej], src_a)
+            keep = None if seg_rows is None else ops.ieq(seg_rows[h], seg_of(j))
+            for jb in range(2):
+                for e in range(2):
+                    upd = ops.fma(a, xj[jb][e], x[h][jb][e])
+                    x[h][jb][e] = upd if keep is None else ops.select(keep, upd, x[h][jb][e])
+    if seg_rows is not None:
+        x = [[[ops.select(ops.ieq(seg_rows[h], seg_cols[jb][e]), x[h][jb][e], zero) for e in range(2)]
+              for jb in range(2)] for h in range(2)]
+    return x
+
+
+class _MlirLanes:
+    """:func:`warp_solve_steps`'s operations as MLIR (i32 lane arithmetic, f32 values)."""
+
+    def __init__(self, lane):
+        self.lane = lane
+        self.i32 = ir.IntegerType.get_signless(32)
+        self.f32t = ir.F32Type.get()
+
+    def _c(self, v):
+        return v if isinstance(v, ir.Value) else mu.c(v, self.i32)
+
+    def f32(self, v):
+        return mu.c(v, self.f32t)
+
+    def idiv(self, a, b):
+        return arith.divui(self._c(a), self._c(b))
+
+    def irem(self, a, b):
+        return arith.remui(self._c(a), self._c(b))
+
+    def iadd(self, a, b):
+        return arith.addi(self._c(a), self._c(b))
+
+    def imul(self, a, b):
+        return arith.muli(self._c(a), self._c(b))
+
+    def ieq(self, a, b):
+        return arith.cmpi(arith.CmpIPredicate.eq, self._c(a), self._c(b))
+
+    def select(self, c, a, b):
+        return arith.select(c, a, b)
+
+    def fma(self, a, b, c):
+        return mlir_math.fma(a, b, c)
+
+    def shfl(self, v, src):
+        return nvvm.shfl_sync(self._c(0xFFFFFFFF), v, self._c(src), self._c(0x1F), nvvm.ShflKind.idx)
+
+
+def _warp_solve_body(ctx, na_t, seg_ref=None):
+    """:func:`warp_solve_steps` on ``na_t`` (``-A`` on the diagonal blocks, WGMMA layout, fp32):
+    each warp takes its block's registers (selected by the warp index), solves, and puts ``X``
+    back on the diagonal blocks (zero elsewhere)."""
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    index = ir.IndexType.get()
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    lane, warp = arith.remui(tid, mu.c(32, i32)), arith.divui(tid, mu.c(32, i32))
+    regs = na_t.registers
+    assert regs.shape == (1, 8, 1, 1, 2, 1, 1, 1, 1), regs.shape  # [n-group of 8 columns][h]
+
+    def reg(n, h):
+        return regs[0, n, 0, 0, h, 0, 0, 0, 0]
+
+    def elem(vec, e):
+        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+
+    is_warp = [arith.cmpi(arith.CmpIPredicate.eq, warp, mu.c(k, i32)) for k in range(4)]
+    na = []
+    for h in range(2):
+        row = []
+        for jb in range(2):
+            v = reg(jb, h)
+            for k in range(1, 4):
+                v = arith.select(is_warp[k], reg(2 * k + jb, h), v)
+            row.append([elem(v, e) for e in range(2)])
+        na.append(row)
+    ops = _MlirLanes(lane)
+    seg_rows = seg_of = seg_cols = None
+    if seg_ref is not None:
+        base = arith.muli(warp, mu.c(BLOCK, i32))
+        q, p2 = arith.divui(lane, mu.c(4, i32)), arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+
+        def seg_at(off):  # the sequence id of the block's token ``off`` (an i32 value)
+            return memref.load(seg_ref, [arith.index_cast(index, arith.addi(base, off))])
+
+        seg_rows = [seg_at(arith.addi(q, mu.c(8 * h, i32))) for h in range(2)]
+        seg_cols = [[seg_at(arith.addi(p2, mu.c(8 * jb + e, i32))) for e in range(2)] for jb in range(2)]
+
+        def seg_of(j):
+            return seg_at(mu.c(j, i32))
+    x = warp_solve_steps(ops, na, seg_rows, seg_of, seg_cols)
+    vec2 = ir.VectorType.get([2], f32)
+    zero = mu.c(0.0, f32)
+    out = np.empty_like(regs)
+    for n in range(8):
+        for h in range(2):
+            vals = [arith.select(is_warp[n // 2], x[h][n % 2][e], zero) for e in range(2)]
+            out[0, n, 0, 0, h, 0, 0, 0, 0] = vector.from_elements(vec2, vals)
+    return mgpu.FragmentedArray(_registers=out, _layout=na_t.layout, _is_signed=None)
+
+
+def _warp_solve_mgpu(with_seg: bool):
+    refs = (plgpu.RefType(),) if with_seg else ()
+    return plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,) + refs,
+        return_type=plgpu.ShapeDtypeStruct((C, C), F32, layout=plgpu.Layout.WGMMA),
+    )(_warp_solve_body)
+
+
+_WARP_SOLVE = {seg: _warp_solve_mgpu(seg) for seg in (False, True)}
+
+
 def _diag_solve_interpret(a_lower, same):
     """The substitution of :func:`_diag_solve_body` in jnp, all 64 columns at once (interpreter).
 
@@ -136,7 +285,7 @@ def same_block(size: int):
 
 
 def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, seg_ref=None,
-                       from_columns: bool = False):
+                       from_columns: bool = False, warp: bool = False):
     """Inverse of ``I + A`` on each 16x16 diagonal block (zero elsewhere), fp32 WGMMA layout.
 
     ``a_lower``: strictly lower ``A`` (only used by the interpreter path); ``na_t``: ``-A^T`` on the
@@ -145,10 +294,16 @@ def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, se
     ``seg_ref`` (SMEM int32 [64] sequence ids, GPU) keep every entry across two sequences exactly 0
     (module docstring); without them the tile must be finite wherever it is read.
     ``from_columns``: ``na_t`` is ``-A`` on the diagonal blocks instead (:func:`_diag_solve_body`).
+    ``warp`` (needs ``from_columns``): each warp solves its block in registers
+    (:func:`warp_solve_steps`); ``na_ref`` / ``x_ref`` are not used and may be None.
     """
     blk = same_block(BLOCK)
+    if warp and not from_columns:
+        raise ValueError("the warp solve reads -A (from_columns=True)")
     if interpret:
         x = _diag_solve_interpret(a_lower, same)
+    elif warp:
+        x = _WARP_SOLVE[seg_ref is not None](na_t, *(() if seg_ref is None else (seg_ref,)))
     else:
         refs = (na_ref, x_ref) if seg_ref is None else (na_ref, x_ref, seg_ref)
         x = _DIAG_SOLVE[seg_ref is not None, from_columns](na_t, *refs)
