@@ -24,8 +24,9 @@
 #   bash benchmarks/queue.sh z1     # s15: one call for a scarce machine: the jitted rows (s14's loop pick) and
 #                                   # the host plan at 16/32, then the split under jit at 2/4, with FLA
 #   bash benchmarks/queue.sh z2     # s15: z1 cut to ~160 s, the split under jit first (its first GPU run)
-#   bash benchmarks/queue.sh w1     # s15, UNTIMED: the intra kernel's diagonal blocks in registers (solve="warp"):
-#                                   # float64 stages, NaN isolation compiled, alone and whole prefills, FLA
+#   bash benchmarks/queue.sh w1     # s15, UNTIMED: the intra kernel's diagonal blocks in registers (solve="warp")
+#                                   # and 3 warpgroups per CTA: float64 stages, NaN isolation compiled, alone
+#                                   # and whole prefills, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -97,8 +98,8 @@ case $call in
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4
       GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32 ;;
-  w1) timeout -s INT 280 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp \
-        --shapes 4x8192,128x256 --variants default,intra_warp --fla-shapes 4x8192 ;;
+  w1) timeout -s INT 290 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp,wg3 \
+        --shapes 4x8192,128x256 --variants default,intra_warp,intra_wg3 --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

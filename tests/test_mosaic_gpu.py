@@ -601,7 +601,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(loop_ctas=True), ValueError), (dict(loop_ctas="many"), ValueError),
                      (dict(loop_prefetch=1), TypeError), (dict(loop_overlap="no"), TypeError),
                      (dict(loop_schedule="lookup"), ValueError), (dict(intra_solve="regs"), ValueError),
-                     (dict(intra_solve="warp", intra_columns=False), ValueError)):
+                     (dict(intra_solve="warp", intra_columns=False), ValueError),
+                     (dict(intra_warpgroups=2), ValueError), (dict(intra_warpgroups=3), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -1019,6 +1020,7 @@ def test_persistent_loop_prefetch_takes_effect():
     (320, 1, 3, 64, "float16", 2, "unroll", "levels", "boundary", 1),  # G = 3, a short last CTA, the debug output
     (320, 1, 3, 64, "float16", 2, "loop", "chain", "boundary", 2),  # two output stagings (the debug output too)
     (512, 16, 2, 128, "bfloat16", None, "loop", "warp", "boundary", 2),  # the diagonal blocks in registers
+    (512, 16, 2, 128, "bfloat16", None, "loop", "wg3", "boundary", 2),  # ... and three warpgroups per CTA
 ])
 def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate, buffers):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
@@ -1030,15 +1032,22 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
     sds = jax.ShapeDtypeStruct
     dt = getattr(jnp, dtype)
     hv = h * group
-    solve = "warp" if merge == "warp" else "smem"
-    merge = "chain" if merge == "warp" else merge
+    wgs = 3 if merge == "wg3" else 1
+    solve = "warp" if merge in ("warp", "wg3") else "smem"
+    merge = "chain" if merge in ("warp", "wg3") else merge
     fn = lambda k, g, b, s: intra(k, g, b, s, group=group, tiles_per_cta=tiles, head_loop=head_loop,  # noqa: E731
                                   merge_variant=merge, solve_columns=merge == "chain", isolate=isolate,
-                                  out_buffers=buffers, debug_inverse=tiles is not None, solve=solve)
+                                  out_buffers=buffers, debug_inverse=tiles is not None, solve=solve,
+                                  warpgroups=wgs)
     text = _lower_for_cuda(fn, sds((t, h, dk), dt), sds((hv, t), jnp.float32), sds((hv, t), jnp.float32),
                            sds((t,), jnp.int32)).as_text()
     assert "gdn_intra" in text
-    if solve == "warp":  # the substitution's SMEM buffers are gone: the kernel is ~36 KB smaller
+    if wgs == 3:  # three copies of the kernel's buffers (and K K^T's) fit one SM's 227 KB
+        fn3 = lambda k, g, b, s: intra(k, g, b, s, group=group, head_loop=head_loop,  # noqa: E731
+                                       isolate=isolate, out_buffers=buffers, solve="warp", warpgroups=3)
+        [smem3] = _intra_smem_bytes(fn3, t, h, hv, dk, dt)
+        assert smem3 <= 227 * 1024, smem3
+    elif solve == "warp":  # the substitution's SMEM buffers are gone: the kernel is ~36 KB smaller
         fn_warp = lambda k, g, b, s: intra(k, g, b, s, group=group, head_loop=head_loop,  # noqa: E731
                                            isolate=isolate, out_buffers=buffers, solve="warp")
         [smem_warp] = _intra_smem_bytes(fn_warp, t, h, hv, dk, dt)
@@ -1046,6 +1055,30 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
                                            isolate=isolate, out_buffers=buffers)
         [smem] = _intra_smem_bytes(fn_smem, t, h, hv, dk, dt)
         assert smem - smem_warp >= 2 * 64 * 64 * 4, (smem, smem_warp)
+
+
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_intra_three_warpgroups_same_outputs(tiles):
+    """warpgroups=3 (solve="warp"): each warpgroup a CTA of the one-warpgroup kernel on its own
+    buffers and barriers; under the interpreter (the jnp substitution for both solves) the outputs
+    equal the default kernel's, with CTA counts that leave the last CTA's warpgroups idle."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+
+    rng = np.random.default_rng(3)
+    t, h, group, dk = 64 * 7 + 8, 1, 2, 64
+    tp = -(-t // 64) * 64
+    k = jnp.asarray(rng.normal(size=(t, h, dk)) / 8, jnp.bfloat16)
+    g = jnp.asarray(-rng.uniform(0.01, 0.5, (h * group, tp)), jnp.float32)
+    b = jnp.asarray(rng.uniform(0.1, 1.0, (h * group, tp)), jnp.float32)
+    seg = jnp.asarray(np.searchsorted([0, 70, 71, 200, t], np.arange(tp), side="right") - 1, jnp.int32)
+    one = intra(k, g, b, seg, group=group, tiles_per_cta=tiles, interpret=True)
+    three = intra(k, g, b, seg, group=group, tiles_per_cta=tiles, solve="warp", warpgroups=3, interpret=True)
+    for x, y in zip(one, three):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    with pytest.raises(ValueError, match="qk_norms"):  # q's tile three times over does not fit SMEM
+        intra(k, g, b, seg, group=group, q=k, solve="warp", warpgroups=3, interpret=True)
 
 
 class _NumpyLanes:

@@ -559,6 +559,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # HV = 32) runs the wide loop with a runtime mode (one state warpgroup per CTA for 1-2 sequences)
     # s15, UNTIMED: the intra kernel's 16x16 diagonal inverses in registers, one warp per block
     "intra_warp": dict(intra_solve="warp"),
+    # ... and three independent warpgroups per intra CTA (168 registers: 3 per SM instead of 2)
+    "intra_wg3": dict(intra_solve="warp", intra_warpgroups=3),
     "halves": dict(loop_halves=True),  # (a host plan knows its count: as "default" there)
     "jit": dict(_traced=True),  # the plan an argument of the jitted call (what gdn bench times)
     "jit_halves": dict(_traced=True, loop_halves=True),
@@ -774,7 +776,7 @@ def _test_module():
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
              ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
-             ("warp", dict(solve="warp"))]  # s15, UNTIMED: the diagonal blocks in registers (same bits expected)
+             ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3))]  # s15, UNTIMED: the diagonal blocks in registers (same bits expected)
 
 
 @section("intra_cmp")

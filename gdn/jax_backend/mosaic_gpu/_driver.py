@@ -85,14 +85,15 @@ def _sm_count() -> int:
 @functools.partial(jax.jit, static_argnames=(
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
-    "intra_isolate", "intra_out_buffers", "intra_solve", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
+    "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
          intra_tiles: int | None = None, head_loop: str = "loop", intra_pad: int = SOLVE_PAD,
          intra_merge: str = "chain", intra_columns: bool = True, intra_isolate: str = "boundary",
-         intra_out_buffers: int = 2, intra_solve: str = "smem", chunk_variant: str = "default", loop_lean: bool = True,
+         intra_out_buffers: int = 2, intra_solve: str = "smem", intra_warpgroups: int = 1,
+         chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None):
@@ -110,7 +111,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         ag, gc, x = run_intra(x, use_qk_l2norm, tiles_per_cta=intra_tiles, head_loop=head_loop,
                               solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
                               isolate=intra_isolate, out_buffers=intra_out_buffers, solve=intra_solve,
-                              interpret=interpret)
+                              warpgroups=intra_warpgroups, interpret=interpret)
         o, final = loop(x, ag, gc, x.h0, n_out, chunk_variant=chunk_variant, scale=scale, bv=bv,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
@@ -337,7 +338,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
-                   intra_solve: str = "smem", chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
+                   intra_solve: str = "smem", intra_warpgroups: int = 1, chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool = True, loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False):
@@ -352,7 +353,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     pads 0 and 8 are what ran on the H200); ``intra_out_buffers``: its ``out_buffers`` (2, the default,
     measured 3-7% faster alone than 1 on the H200, 2026-12-04); ``intra_solve``: its ``solve``,
     "smem" (the default) or "warp" (the diagonal blocks in registers by shuffles: session 15,
-    UNTIMED, never run on a GPU).
+    UNTIMED, never run on a GPU); ``intra_warpgroups``: its ``warpgroups`` (1, or 3 with "warp":
+    three per CTA under 168 registers, three per SM; UNTIMED).
     ``chunk_variant``: "auto" (the default: :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and
@@ -395,8 +397,9 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
-                        intra_solve, names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate",
-                                            "intra_out_buffers", "intra_solve"))
+                        intra_solve, intra_warpgroups,
+                        names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers",
+                               "intra_solve", "intra_warpgroups"))
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
                       ("loop_prefetch", loop_prefetch), ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
@@ -423,7 +426,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
-                    intra_out_buffers=intra_out_buffers, intra_solve=intra_solve, chunk_variant=chunk_variant,
+                    intra_out_buffers=intra_out_buffers, intra_solve=intra_solve,
+                    intra_warpgroups=intra_warpgroups, chunk_variant=chunk_variant,
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves)

@@ -69,14 +69,37 @@ OUT_BUFFERS = (1, 2)
 #: thread per column) or "warp" (each warp its block in registers by shuffles, UNTIMED:
 #: :func:`solve.warp_solve_steps`; needs ``solve_columns``)
 SOLVES = ("smem", "warp")
+#: warpgroups per CTA: 1, or 3 independent ones (each its own run of tiles, scratch and barriers):
+#: 384 threads make ptxas fit 168 registers, so 3 warpgroups share an SM instead of 2 (245
+#: registers). UNTIMED; needs ``solve="warp"`` (SMEM: 3 x ~67 KB) and keeps ``K K^T`` in SMEM.
+WARPGROUPS = (1, 3)
+
+
+class _Offset:
+    """A barrier array seen from ``off``: ``_Offset(bars, off).at[i]`` is ``bars.at[off + i]``."""
+
+    def __init__(self, ref, off):
+        self.ref, self.off = ref, off
+
+    @property
+    def at(self):
+        return _OffsetAt(self)
+
+
+class _OffsetAt:
+    def __init__(self, view):
+        self.view = view
+
+    def __getitem__(self, i):
+        return self.view.ref.at[self.view.off + i]
 
 
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
-                  out_buffers: int = 2, solve: str = "smem",
+                  out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
                   names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate",
-                                            "out_buffers", "solve")) -> None:
+                                            "out_buffers", "solve", "warpgroups")) -> None:
     """ValueError / TypeError for a bad option of :func:`intra`; ``names``: what the caller calls the
-    last six."""
+    last seven."""
     if head_loop not in HEAD_LOOPS:
         raise ValueError(f"head_loop must be one of {HEAD_LOOPS}, got {head_loop!r}")
     if merge_variant not in MERGES:
@@ -93,11 +116,17 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[5]} must be one of {SOLVES}, got {solve!r}")
     if solve == "warp" and not solve_columns:
         raise ValueError(f"{names[5]}='warp' reads -A by columns: it needs {names[2]}=True")
+    if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
+        raise ValueError(f"{names[6]} must be one of {WARPGROUPS}, got {warpgroups!r}")
+    if warpgroups > 1 and solve != "warp":
+        raise ValueError(f"{names[6]}={warpgroups} needs {names[5]}='warp' (three copies of the SMEM "
+                         f"substitution's buffers do not fit one SM)")
 
 
 def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None, head_loop: str = "loop",
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
-          isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", interpret=None,
+          isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
+          interpret=None,
           debug_inverse: bool = False, lrk=None, q=None):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
@@ -119,6 +148,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     barriers: without them (tried 2026-12-04 s5, call g1) it measured 0.225 vs 0.208 ms alone at
     4x8192, 0.206 vs 0.211 at 128x256, so unlike the chunk loops it keeps them.
     ``solve``: :data:`SOLVES` (the interpreter runs the same jnp substitution for both).
+    ``warpgroups``: :data:`WARPGROUPS`.
     ``lrk`` (use_qk_l2norm): fp32 [H, T_pad], ``ln rstd(k_t)`` per k head and token: k is the caller's,
     not normalized, and ``K K^T`` is scaled by ``rstd(k_r) rstd(k_s)`` once per tile (in fp32, so
     the normalized k is never rounded to the input dtype).
@@ -143,8 +173,12 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     if t_pad % C or not t_pad - C < t_k <= t_pad:
         raise ValueError(f"g_hm's tokens ({t_pad}) must be whole tiles of {C} and k's ({t_k}) end in the last")
     check_token_rows("k", t_k)
-    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers, solve)
+    check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers, solve, warpgroups)
     warp = solve == "warp"
+    nwg = warpgroups
+    if nwg > 1 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM, over the SM's 232,448
+        raise ValueError("warpgroups=3 does not fit SMEM with q's norms computed here (use_qk_l2norm with "
+                         "qk_norms='intra'): use qk_norms='xla' or one warpgroup")
     nb = out_buffers
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
@@ -157,31 +191,38 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
     if has_q:
         out_type += [jax.ShapeDtypeStruct((h, t_pad), F32)] * 2
-    vec = plgpu.SMEM((2, group, C), F32)
+    lead = (nwg,) if nwg > 1 else ()  # one copy of every buffer per warpgroup
+
+    def smem(shape, dt, tiled=False):
+        return tile(lead + shape, dt) if tiled else plgpu.SMEM(lead + shape, dt)
+
+    vec = smem((2, group, C), F32)
     scratch = dict(
-        k_s=tile((C, dk), dtype),
+        k_s=smem((C, dk), dtype, True),
         g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
-        s_r=plgpu.SMEM((2, C), jnp.int32),
-        s_c=plgpu.SMEM((2, C), jnp.int32),
-        lo_s=tile((C, C), dtype),
-        ag_s=tile((2, C, C) if nb == 2 else (C, C), dtype),
-        gc_s=plgpu.SMEM((2, C) if nb == 2 else (C,), F32),
-        bar_k=plgpu.Barrier(num_arrivals=1 + has_q),
-        bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2),
+        s_r=smem((2, C), jnp.int32),
+        s_c=smem((2, C), jnp.int32),
+        lo_s=smem((C, C), dtype, True),
+        ag_s=smem((2, C, C) if nb == 2 else (C, C), dtype, True),
+        gc_s=smem((2, C) if nb == 2 else (C,), F32),
+        bar_k=plgpu.Barrier(num_arrivals=1 + has_q, num_barriers=nwg),
+        bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2 * nwg),
     )
     if not warp:  # the substitution's operand and result
-        scratch.update(na_s=plgpu.SMEM((C, C + solve_pad), F32), x_s=plgpu.SMEM((C, C + solve_pad), F32))
+        scratch.update(na_s=smem((C, C + solve_pad), F32), x_s=smem((C, C + solve_pad), F32))
+    if nwg > 1:  # K K^T across the head loop (in registers it would not fit the 168-register cap)
+        scratch["kk_s"] = smem((C, C + SOLVE_PAD), F32)
     if has_rk:  # k's row scales, one copy per layout they are read in
-        scratch.update(rk_r=plgpu.SMEM((2, C), F32), rk_c=plgpu.SMEM((2, C), F32))
+        scratch.update(rk_r=smem((2, C), F32), rk_c=smem((2, C), F32))
     if has_q:  # q's tile (refilled like k's), and the tile's ln rstd of q and k for their TMA stores
-        scratch.update(q_s=tile((C, dk), dtype), nrm_s=plgpu.SMEM((2, 2, C), F32))
+        scratch.update(q_s=smem((C, dk), dtype, True), nrm_s=smem((2, 2, C), F32))
     if debug_inverse:
-        scratch["ai_s"] = plgpu.SMEM((2, C, C) if nb == 2 else (C, C), F32)
+        scratch["ai_s"] = smem((2, C, C) if nb == 2 else (C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
-             rk_r=None, rk_c=None, q_s=None, nrm_s=None):
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
@@ -189,7 +230,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         ag_ref, gc_ref = refs.pop(0), refs.pop(0)
         ai_ref = refs.pop(0) if debug_inverse else None
         lrq_out, lrk_out = (refs.pop(0), refs.pop(0)) if has_q else (None, None)
-        hk, cta = lax.axis_index("h"), lax.axis_index("m")
+        hk = lax.axis_index("h")
+        cta = lax.axis_index("m") if cta is None else cta
         first = cta * tpc
         count = jnp.minimum(tpc, n_tiles - first)
         heads = pl.ds(hk * group, group)
@@ -211,8 +253,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             for src, dst in pairs:
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
 
-        issue_k(0)
-        issue_small(0, 0)
+        @pl.when(count > 0)  # a third warpgroup past the last tile has nothing to load
+        def _():
+            issue_k(0)
+            issue_small(0, 0)
 
         def same_seq(slot):
             """[64, 64] bool, tokens r and s of one sequence; re-read from SMEM at each use, so the mask
@@ -244,6 +288,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 plgpu.commit_smem()
                 gam_c = plgpu.load(gc_s_, layout=COLS)  # the same fp32 values, column layout
             with jax.named_scope("decay_a"):
+                if kk_s is not None:
+                    kk = plgpu.load(kk_s.at[:, :C], layout=plgpu.Layout.WGMMA, optimized=False)
                 beta_row = plgpu.load(b_r.at[slot, e], layout=ROWS)
                 beta_col = plgpu.load(b_c.at[slot, e], layout=COLS)
                 a_low, na_t = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, beta_col, same(),
@@ -334,6 +380,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             def _():
                 issue_k(i + 1)
 
+            if kk_s is not None:  # read back by other threads: Pallas's automatic barriers order the store
+                kk_s.at[:, :C][...] = kk
+                plgpu.commit_smem()
             if isolate == "all":
                 group_heads(kk, slot, tok, True, i)
             else:  # ids are non-decreasing: the tile is one sequence's iff its first and last agree
@@ -343,10 +392,18 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
         plgpu.wait_smem_to_gmem(0)
 
+    def body_per_warpgroup(*refs, bar_k, bar_s, **bufs):
+        """``warpgroups`` > 1: warpgroup ``wg`` is CTA ``m * warpgroups + wg`` of the one-warpgroup
+        kernel, on its own copy of every buffer and barrier."""
+        wg = lax.axis_index("wg")
+        mine = {name: ref.at[wg] for name, ref in bufs.items()}
+        body(*refs, bar_k=bar_k.at[wg], bar_s=_Offset(bar_s, 2 * wg), cta=lax.axis_index("m") * nwg + wg, **mine)
+
     with tracing_for_interpreter(interp):
+        threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
         outs = plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=scratch, grid=(h, n_cta), grid_names=("h", "m"),
-            compiler_params=compiler_params(), interpret=interpret_params(interpret),
-            kernel_name="gdn_intra",
+            body if nwg == 1 else body_per_warpgroup, out_type=tuple(out_type), scratch_types=scratch,
+            grid=(h, -(-n_cta // nwg)), grid_names=("h", "m"), compiler_params=compiler_params(),
+            interpret=interpret_params(interpret), kernel_name="gdn_intra", **threads,
         )(k, g_hm, beta_hm, seg, *([lrk] if has_rk else []), *([q] if has_q else []))
     return tuple(outs)
