@@ -253,8 +253,12 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             for src, dst in pairs:
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
 
-        @pl.when(count > 0)  # a third warpgroup past the last tile has nothing to load
-        def _():
+        if nwg > 1:  # a warpgroup past the last tile has nothing to load
+            @pl.when(count > 0)
+            def _():
+                issue_k(0)
+                issue_small(0, 0)
+        else:
             issue_k(0)
             issue_small(0, 0)
 
@@ -383,6 +387,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             if kk_s is not None:  # read back by other threads: Pallas's automatic barriers order the store
                 kk_s.at[:, :C][...] = kk
                 plgpu.commit_smem()
+                kk = None  # each head reloads it: not live across the head loop
             if isolate == "all":
                 group_heads(kk, slot, tok, True, i)
             else:  # ids are non-decreasing: the tile is one sequence's iff its first and last agree
