@@ -21,9 +21,8 @@
 #   bash benchmarks/queue.sh l1     # s14: mosaic_gpu's 300k-token one call vs three chained, no host sync
 #   bash benchmarks/queue.sh s1     # s14, UNTIMED: the split under jit (traced plan) at TP heads vs the host plan's, FLA
 #   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
-#   bash benchmarks/queue.sh z1     # s15: one call for a scarce machine: the jitted rows (s14's loop pick) and
-#                                   # the host plan at 16/32, then the split under jit at 2/4, with FLA
-#   bash benchmarks/queue.sh z2     # s15: z1 cut to ~160 s, the split under jit first (its first GPU run)
+#   bash benchmarks/queue.sh z2     # s15, ~160 s for a scarce machine: the split under jit at 2/4 (its first GPU
+#                                   # run), then the jitted 4x8192 row (s14's loop pick), with FLA
 #   bash benchmarks/queue.sh w1     # s15, UNTIMED: the intra kernel's diagonal blocks in registers (solve="warp")
 #                                   # and 3 warpgroups per CTA: float64 stages, NaN isolation compiled, alone
 #                                   # and whole prefills, FLA
@@ -90,10 +89,6 @@ case $call in
         --json "$OUT/l1.json" ;;
   s1) GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
-  z1) GDN_BUDGET_S=150 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1 \
-        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,8x4096,1x32768" bash benchmarks/h200.sh bench 16/32
-      GDN_BUDGET_S=80 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z1s \
-        GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4 ;;
   z2) GDN_BUDGET_S=95 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z2s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4
       GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \

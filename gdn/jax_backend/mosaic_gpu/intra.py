@@ -75,25 +75,6 @@ SOLVES = ("smem", "warp")
 WARPGROUPS = (1, 3)
 
 
-class _Offset:
-    """A barrier array seen from ``off``: ``_Offset(bars, off).at[i]`` is ``bars.at[off + i]``."""
-
-    def __init__(self, ref, off):
-        self.ref, self.off = ref, off
-
-    @property
-    def at(self):
-        return _OffsetAt(self)
-
-
-class _OffsetAt:
-    def __init__(self, view):
-        self.view = view
-
-    def __getitem__(self, i):
-        return self.view.ref.at[self.view.off + i]
-
-
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
                   out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
                   names: tuple[str, ...] = ("merge_variant", "solve_pad", "solve_columns", "isolate",
@@ -222,7 +203,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
-             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None):
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None, bar_s_base=0):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
@@ -251,16 +232,14 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             if has_rk:
                 pairs += [(lrk_ref.at[hk, tok], rk_r), (lrk_ref.at[hk, tok], rk_c)]
             for src, dst in pairs:
-                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[slot])
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bar_s.at[bar_s_base + slot])
 
-        if nwg > 1:  # a warpgroup past the last tile has nothing to load
-            @pl.when(count > 0)
-            def _():
-                issue_k(0)
-                issue_small(0, 0)
-        else:
+        def first_loads():
             issue_k(0)
             issue_small(0, 0)
+
+        # a warpgroup past the last tile has nothing to load (one warpgroup per CTA always has a tile)
+        pl.when(count > 0)(first_loads) if nwg > 1 else first_loads()
 
         def same_seq(slot):
             """[64, 64] bool, tokens r and s of one sequence; re-read from SMEM at each use, so the mask
@@ -368,7 +347,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
             with jax.named_scope("wait_in"):
                 plgpu.barrier_wait(bar_k)
-                plgpu.barrier_wait(bar_s.at[slot])
+                plgpu.barrier_wait(bar_s.at[bar_s_base + slot])
             with jax.named_scope("kk"):
                 if has_q:  # q's norms first: Q Q^T's registers are free before K K^T takes its own
                     q_norms(slot)
@@ -402,7 +381,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         kernel, on its own copy of every buffer and barrier."""
         wg = lax.axis_index("wg")
         mine = {name: ref.at[wg] for name, ref in bufs.items()}
-        body(*refs, bar_k=bar_k.at[wg], bar_s=_Offset(bar_s, 2 * wg), cta=lax.axis_index("m") * nwg + wg, **mine)
+        body(*refs, bar_k=bar_k.at[wg], bar_s=bar_s, bar_s_base=2 * wg, cta=lax.axis_index("m") * nwg + wg, **mine)
 
     with tracing_for_interpreter(interp):
         threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}

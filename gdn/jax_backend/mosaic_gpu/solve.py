@@ -140,12 +140,12 @@ def warp_solve_steps(ops, na, seg_rows=None, seg_of=None, seg_cols=None):
     x = [[[ops.select(ops.ieq(ops.iadd(q, 8 * h), ops.iadd(ops.imul(p, 2), 8 * jb + e)), one, zero)
            for e in range(2)] for jb in range(2)] for h in range(2)]
     for j in range(BLOCK):
-        hj, jbj, pj, ej = j // 8, j // 8, (j % 8) // 2, j % 2
+        half = j // 8  # row j's h, and column j's jb
         src_x = ops.iadd(p, 4 * (j % 8))  # the lane of row j's quad with this lane's columns
-        xj = [[ops.shfl(x[hj][jb][e], src_x) for e in range(2)] for jb in range(2)]
-        src_a = ops.iadd(ops.imul(q, 4), pj)  # the lane of this quad that holds column j
+        xj = [[ops.shfl(x[half][jb][e], src_x) for e in range(2)] for jb in range(2)]
+        src_a = ops.iadd(ops.imul(q, 4), (j % 8) // 2)  # the lane of this quad that holds column j
         for h in range(2):
-            a = ops.shfl(na[h][jbj][ej], src_a)
+            a = ops.shfl(na[h][half][j % 2], src_a)
             keep = None if seg_rows is None else ops.ieq(seg_rows[h], seg_of(j))
             for jb in range(2):
                 for e in range(2):
