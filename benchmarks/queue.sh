@@ -94,7 +94,7 @@ case $call in
       GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32 ;;
   w1) timeout -s INT 290 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp,wg3 \
-        --shapes 4x8192,128x256 --variants default,intra_warp,intra_wg3 --fla-shapes 4x8192 ;;
+        --shapes 4x8192,128x256 --variants default,intra_warp,intra_wg3,fused_wide --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

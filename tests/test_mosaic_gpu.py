@@ -735,6 +735,9 @@ def _lower_for_cuda(fn, *args):
     # loop_halves: a traced plan whose bucket wants both loops (HV = 32, 3..8 sequences)
     (128, 128, 16, 32, "bfloat16", True, True, "wide_halves"),
     (64, 128, 16, 32, "float16", False, True, "wide_halves"),
+    # one kernel: the wide loop's prep warpgroup doing the intra work
+    (128, 128, 16, 32, "bfloat16", True, True, "fused_wide"),
+    (64, 64, 1, 3, "float16", False, False, "fused_wide"),
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -780,8 +783,12 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     assert "stablehlo.while" not in text
     if variant.startswith("wide"):
         assert "gdn_chunk_loop_wide" in text
-    if variant != "fused":
+    if variant.startswith("fused"):
+        assert "gdn_intra" not in text
+    else:
         assert "gdn_intra" in text
+    if variant == "fused_wide":
+        assert "gdn_chunk_loop_wide" in text
 
 
 @pytest.mark.parametrize("chunk_variant,split,l2norm,t", [
@@ -1505,3 +1512,52 @@ def test_auto_loop_ctas_reaches_the_kernel(monkeypatch):
         _, args = api.validate(q, q, v, g, g, plan=make_plan(c, num_tokens=t), backend="jax")
         _driver.prefill_arrays(args, **kw)
     assert seen == [("wide", 132), ("wide", 132), ("wide", None)], seen
+
+
+@pytest.mark.parametrize("hv,dv,poison", [(2, 128, True), (3, 64, False)])
+def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison):
+    """variant="fused_wide" (the wide loop's prep warpgroup doing the intra kernel's work) against
+    the two kernels with the wide loop: the same bits under the interpreter (both invert with the
+    same jnp substitution), outputs and final states, with tiles shared by sequences (one of 1
+    token, one empty), an initial state, and a neighbour whose q, k, v, g and beta are NaN (its
+    own rows are not compared); both meet the float64 bar on the clean sequences."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan, reference as R
+    from gdn.inputs import make_inputs, round_to_dtype
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.tolerances import vs_f64
+
+    lens = [70, 1, 129, 0, 50]
+    x = make_inputs(lens=lens, h=1, hv=hv, k=64, v=dv, initial_state=True, seed=41)
+    qkv = [round_to_dtype(a, "bfloat16") for a in (x.q, x.k, x.v)]
+    g, beta = np.array(x.g), np.array(x.beta)
+    cu = np.asarray(x.cu_seqlens)
+    bad = slice(int(cu[2]), int(cu[3]))  # the 129-token sequence shares a tile with each neighbour
+    if poison:
+        for a in qkv + [g, beta]:
+            a[:, bad] = np.nan
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv)
+    p = make_plan(cu, num_tokens=q.shape[1])
+
+    def run(**opts):
+        _, args = api.validate(q, k, v, jnp.asarray(g), jnp.asarray(beta), plan=p, backend="jax",
+                               initial_state=jnp.asarray(x.initial_state), output_final_state=True)
+        o, f = D.prefill_arrays(args, interpret=True, **opts)
+        return np.asarray(o, np.float64), np.asarray(f)[:len(lens)]
+
+    o_w, f_w = run(chunk_variant="wide")
+    o_f, f_f = run(variant="fused_wide")
+    clean = np.ones(q.shape[1], bool)
+    if poison:
+        clean[bad] = False
+    keep = [n for n in range(len(lens)) if not (poison and n == 2)]
+    np.testing.assert_array_equal(o_f[:, clean], o_w[:, clean])
+    np.testing.assert_array_equal(f_f[keep], f_w[keep])
+    assert np.isfinite(o_f[:, clean]).all() and np.isfinite(f_f[keep]).all()
+    ref_o, ref_f = R.recurrent(*[np.nan_to_num(a) for a in qkv], np.nan_to_num(g), np.nan_to_num(beta),
+                               cu_seqlens=cu, initial_state=x.initial_state)
+    t_clean = clean.copy()
+    t_clean[int(cu[-1]):] = False
+    assert R.rms_ratio(o_f[:, t_clean], ref_o[:, t_clean]) < vs_f64("bfloat16")
+    assert R.rms_ratio(f_f[keep], ref_f[keep]) < vs_f64("bfloat16")

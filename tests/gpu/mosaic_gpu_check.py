@@ -561,6 +561,11 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "intra_warp": dict(intra_solve="warp"),
     # ... and three independent warpgroups per intra CTA (168 registers: 3 per SM instead of 2)
     "intra_wg3": dict(intra_solve="warp", intra_warpgroups=3),
+    # s16, UNTIMED: one kernel, the wide loop's prep warpgroup doing the intra work (FUSED_REGS), and
+    # two other register splits (prep, state)
+    "fused_wide": dict(variant="fused_wide"),
+    "fused_wide_r136": dict(variant="fused_wide", regs=(136, 184)),
+    "fused_wide_r168": dict(variant="fused_wide", regs=(168, 168)),
     "halves": dict(loop_halves=True),  # (a host plan knows its count: as "default" there)
     "jit": dict(_traced=True),  # the plan an argument of the jitted call (what gdn bench times)
     "jit_halves": dict(_traced=True, loop_halves=True),

@@ -22,7 +22,9 @@ from .common import C, TMA_ROWS
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
-VARIANTS = ("two_kernels", "fused")
+#: "fused_wide": the wide chunk loop doing the intra work in its prep warpgroup (chunk_loop_wide's
+#: ``gates``; UNTIMED)
+VARIANTS = ("two_kernels", "fused", "fused_wide")
 CHUNK_VARIANTS = ("auto", "default", "wide")
 #: where use_qk_l2norm's row norms are computed (prefill_arrays' ``qk_norms``)
 QK_NORMS = ("intra", "xla")
@@ -101,12 +103,16 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
     count_trace("mosaic_gpu")
-    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant != "fused", qk_norms=qk_norms)
+    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant == "two_kernels", qk_norms=qk_norms)
     n_out = plan.padded_seqs if output_final_state else None
     if variant == "fused":
         xp = x.padded()
         o, final = fused(xp.q, xp.k, xp.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
                          n_out=n_out, stages=stages, regs=regs, interpret=interpret)
+    elif variant == "fused_wide":
+        o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
+                                   t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
+                                   overlap=loop_overlap, gates=(x.g_hm, x.beta_hm), interpret=interpret)
     else:
         ag, gc, x = run_intra(x, use_qk_l2norm, tiles_per_cta=intra_tiles, head_loop=head_loop,
                               solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
@@ -344,8 +350,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
-    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop) or "fused" (one
-    kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower).
+    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
+    kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
+    (UNTIMED: one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
+    :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
+    use_qk_l2norm normalizes q and k in XLA first).
 
     two_kernels only: ``intra_tiles`` / ``head_loop`` / ``intra_pad`` / ``intra_merge`` /
     ``intra_columns`` / ``intra_isolate`` are the intra kernel's ``tiles_per_cta`` / ``head_loop``
@@ -413,6 +422,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     halves = None
+    if variant == "fused_wide":  # the wide loop on its grid of one CTA per item
+        if chunk_variant not in ("auto", "wide") or loop_halves or loop_ctas not in (None, "auto"):
+            raise ValueError("variant 'fused_wide' is the wide chunk loop on one CTA per item: no "
+                             "chunk_variant other than 'wide', loop_ctas or loop_halves")
+        chunk_variant, loop_ctas = "wide", None
     if loop_halves and chunk_variant == "auto":
         halves = halves_table(args.plan, args.dims[1], args.dims[3])
     chunk_variant = "wide" if halves else resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])

@@ -54,6 +54,7 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column
                      drain_releases, finish_together, for_tail_tiles, has_row_scales, interpret_params, iota,
                      k_scaled, load_state, masked_decay, masked_exp, mm, products, qk_scaled, rows, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
+from .solve import decayed_a, diag_block_inverse, merge_chain
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
@@ -64,6 +65,8 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 #: the same but for the setmaxnreg lines, and the prefill ran 3-4% faster at 4x8192 (0.627 vs 0.648,
 #: 0.610 vs 0.636 ms best of rounds) and 2.6% at 128x256 on an H100 (benchmarks/RESULTS.md, session 11)
 REGS = (88, 208)
+#: the same with the intra work in the prep warpgroup (``gates``): UNTIMED, from ptxas on the CPU host
+FUSED_REGS = (152, 176)
 
 
 #: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
@@ -71,17 +74,18 @@ REGS = (88, 208)
 ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
 
 
-def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
+def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
+               fused: bool = False) -> int:
     nsw = dv // BV
-    # q, k, v, Ag, P, gc x2 (+ q's and k's row scales)
-    per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + (2 + 2 * l2) * C * 4
+    # q, k, v, Ag, P, gc x2 (+ q's and k's row scales) (+ beta x2 with the intra work fused in)
+    per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + (2 + 2 * l2 + 2 * fused) * C * 4
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
     return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
 
 
-def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False) -> int:
+def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False, fused: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2, fused) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} "
                               "bytes of SMEM")
@@ -119,7 +123,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool = False, overlap: bool = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
-                    _ablate: frozenset = frozenset(),
+                    gates=None, _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -196,6 +200,16 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     warpgroup and the state warpgroups repeat. "table" (UNTIMED) reads each item's (row, head,
     first token, end) from a per-CTA table XLA builds before the kernel: independent loads, a CTA's
     items adjacent in memory.
+    ``gates`` (UNTIMED; ``ag`` and ``gc`` then None): ``(g_hm, beta_hm)``, fp32 [HV, T_pad] (the intra
+    kernel's inputs), and the prep warpgroup does the intra kernel's work itself, per tile and v head
+    and before P: the chunk-local gate cumsum of the sequence's tokens (written to the ring's ``gc``
+    for the state warpgroups), ``K K^T``, ``A``, its 16x16 diagonal blocks inverted in registers
+    (:func:`.solve.warp_solve_steps`) and merged (:func:`.solve.merge_chain`, through the slot's
+    ``Ag`` and ``P`` tiles), ``Ag`` into the ring. No intra kernel, no ``Ag`` / ``gc`` in HBM, one
+    launch: FlashInfer's structure (benchmarks/fi_study.md §4, change 3). A CTA holds one sequence, so
+    the tokens of others are masked by ``[lo, hi)`` (selects: ``A`` and ``Ag`` are exactly 0 outside,
+    the inverse needs no sequence ids) and the bits equal the two-kernel path's. Not with ``ctas``,
+    ``halves`` or the row scales (use_qk_l2norm normalizes in XLA first).
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     check_token_rows("q", t_rows)
@@ -210,7 +224,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz, l2)
+        stages = pick_stages(dk, dv, isz, osz, l2, gates is not None)
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
@@ -227,7 +241,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         ctas = min(ctas, n_items)
         max_items = -(-n_items // ctas)
-    r_prep, r_state = regs if regs is not None else REGS
+    fused = gates is not None
+    if fused and (ag is not None or gc is not None or persistent or halves is not None or l2):
+        raise ValueError("gates (the intra work in the prep warpgroup) replaces ag and gc, on the grid of "
+                         "one CTA per item, without halves or row scales")
+    r_prep, r_state = regs if regs is not None else (FUSED_REGS if fused else REGS)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -239,10 +257,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         out_type.append(jax.ShapeDtypeStruct((n_out, hv, dk, dv), F32))
     vec = plgpu.SMEM((stages, C), F32)
     ring = (tile((stages, C, dk), dtype), tile((stages, C, dk), dtype), tile((stages, nsw, C, BV), dtype),
-            tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec) + ((vec, vec) if l2 else ())
+            tile((stages, C, C), dtype), tile((stages, C, C), dtype), vec, vec) + ((vec, vec) if l2 or fused else ())
     scratch = dict(
-        # the ring (q, k, v blocks, Ag, P, gc rows, gc cols) or, before the first and after the last
-        # tile, the fp32 [K, 64] staging of each state warpgroup's initial / final state
+        # the ring (q, k, v blocks, Ag, P, gc rows, gc cols (+ q's and k's row scales)) or, before the
+        # first and after the last tile, the fp32 [K, 64] staging of each state warpgroup's initial /
+        # final state. With ``gates``: g in place of gc's rows, the prep's gc in gc's cols, beta x2
         ring=plgpu.RefUnion(ring, tuple(plgpu.SMEM((dk, BV), F32) for _ in range(nsw))),
         # per state warpgroup: the swizzled output tile or the plain one of the row stores
         # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
@@ -257,10 +276,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     )
 
     def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
-        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *lq_lk), st_s = ring
-        lq_rows, lk_cols = lq_lk if l2 else (None, None)
+        (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *more), st_s = ring
+        lq_rows, lk_cols = more if l2 else (None, None)
+        b_rows, b_cols = more if fused else (None, None)
         o_st = tuple(o_st)
         refs = list(refs)
+        # with ``gates``: g and beta in place of Ag and gc
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
@@ -314,12 +335,48 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
             for w in range(nsw):
                 plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(w * BV, BV)], v_s.at[slot, w], bar)
-            plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
-            for buf in (gc_rows, gc_cols):
-                plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
+            if fused:  # g (its cumsum is the prep's), beta in both layouts
+                for src, buf in ((ag_ref, gc_rows), (gc_ref, b_rows), (gc_ref, b_cols)):
+                    plgpu.copy_gmem_to_smem(src.at[j, tok], buf.at[slot], bar)
+            else:
+                plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
+                for buf in (gc_rows, gc_cols):
+                    plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
             if l2:
                 plgpu.copy_gmem_to_smem(lrq_ref.at[hk, tok], lq_rows.at[slot], bar)
                 plgpu.copy_gmem_to_smem(lrk_ref.at[hk, tok], lk_cols.at[slot], bar)
+
+        def intra_tile(slot, lo, hi):
+            """(``gates``) The intra kernel's work for the tile in ``slot``, of this CTA's sequence
+            (rows [lo, hi)): ``gc`` into ``gc_cols[slot]``, ``Ag`` into ``a_s[slot]`` (exactly 0
+            outside the sequence's rows and columns); ``p_s[slot]`` is scratch of the merges. ->
+            the cumsum in the row and the column layout (for P and Q)."""
+            sq = (C, C)
+            r, c = iota(sq, 0), iota(sq, 1)
+            rvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROWS)
+            cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
+            vr, vc = (rvec >= lo) & (rvec < hi), (cvec >= lo) & (cvec < hi)
+            with jax.named_scope("i_cumsum"):  # the sequence's tokens only: another's g may be NaN
+                g_col = jnp.where(vc, plgpu.load(gc_rows.at[slot], layout=COLS), 0.0)
+                gam_r = jnp.where(c <= r, cols(g_col, sq), 0.0).sum(axis=1)
+                gc_cols.at[slot][...] = gam_r
+                plgpu.commit_smem()  # a warpgroup barrier too: read back in the column layout
+                gam_c = plgpu.load(gc_cols.at[slot], layout=COLS)
+            with jax.named_scope("i_kk"):
+                kk = mm(k_s.at[slot], k_s.at[slot].T, sq)
+            with jax.named_scope("i_a"):
+                same = rows(vr, sq) & cols(vc, sq)
+                beta_row = plgpu.load(b_rows.at[slot], layout=ROWS)
+                a_low, na = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, None, same, r, c, sq,
+                                      interp, from_columns=True)
+            with jax.named_scope("i_solve"):  # A is 0 outside the sequence: no sequence ids needed
+                x = diag_block_inverse(a_low, na, None, None, interpret=interp, from_columns=True, warp=True)
+            with jax.named_scope("i_merge"):
+                x = merge_chain(x, a_low.astype(dtype), a_s.at[slot], p_s.at[slot], dtype)
+            with jax.named_scope("i_store"):  # the merge's last product was waited for: a_s is free
+                beta_col = plgpu.load(b_cols.at[slot], layout=COLS)
+                a_s.at[slot][...] = jnp.where(same, x * cols(beta_col, sq), 0.0).astype(dtype)
+            return gam_r, gam_c
 
         def prep_tile(slot, lo, hi):
             """The prep warpgroup's work on the tile in ``slot`` (valid rows [lo, hi)), then ``ready``."""
@@ -327,13 +384,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             with jax.named_scope("p_wait"):
                 plgpu.barrier_wait(in_bar.at[slot])
             if not ab("prep"):
+                gam = intra_tile(slot, lo, hi) if fused else None
                 with jax.named_scope("p_qk"):
                     r, c = iota(sq, 0), iota(sq, 1)
-                    g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
+                    g_r = plgpu.load(gc_rows.at[slot], layout=ROWS) if gam is None else gam[0]
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
                         g_r = g_r + math.log(scale)
                     # with l2norm: P = (Q K^T) rstd(q_r) rstd(k_s) exp(gc_r - gc_s), and Q's rows * rstd(q)
-                    g_r, g_c = qk_scaled(g_r, plgpu.load(gc_cols.at[slot], layout=COLS), lq_rows, lk_cols, slot)
+                    g_r, g_c = qk_scaled(g_r, plgpu.load(gc_cols.at[slot], layout=COLS) if gam is None else gam[1],
+                                         lq_rows, lk_cols, slot)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
                     mask = (r >= c) & (c >= lo) & (c < hi)
@@ -355,7 +414,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 zero_rows_outside(k_s.at[slot], lo, hi)
                 for w in range(nsw):
                     zero_rows_outside(v_s.at[slot, w], lo, hi)
-                if lean:  # and Ag's: Vnew^T's columns of other tokens are then exactly 0
+                if lean and not fused:  # and Ag's: Vnew^T's columns of other tokens are then exactly 0
                     zero_rows_outside(a_s.at[slot], lo, hi)
 
             plgpu.commit_smem()
@@ -642,7 +701,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         else:  # mode 0: the pair's second CTA has nothing to do
             pl.when((mode_ref[0] != 0) | (x_half == 0))(run_cta)
 
-    args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
+    args = [q, k, v, *(gates if fused else (ag, gc)), cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     if persistent:
         args.append(_persistent_schedule(cu, hv, ctas, schedule))
     grid, grid_names = ((ctas,), ("c",)) if persistent else ((hv, ns), ("h", "n"))
