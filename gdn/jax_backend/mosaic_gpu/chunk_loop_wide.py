@@ -65,7 +65,12 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 #: the same but for the setmaxnreg lines, and the prefill ran 3-4% faster at 4x8192 (0.627 vs 0.648,
 #: 0.610 vs 0.636 ms best of rounds) and 2.6% at 128x256 on an H100 (benchmarks/RESULTS.md, session 11)
 REGS = (88, 208)
-#: the same with the intra work in the prep warpgroup (``gates``): UNTIMED, from ptxas on the CPU host
+#: the same with the intra work in the prep warpgroup (``gates``; UNTIMED). ptxas 13 on the CPU host
+#: (benchmarks/ptx_local, 2026-12-06, 256-token lens): every split spills and serializes the state
+#: warpgroups' WGMMAs: (152, 176) 588 / 616 B of spill stores / loads and C7512, (136, 184) 548 / 612
+#: and C7512, (168, 168) 708 / 736 and C7512, (88, 208) 696 / 796 and C7511; the merges by levels
+#: instead of the chain, 448 / 468 at (152, 176). The intra work needs ~130 registers live at its
+#: peak (K K^T or A, the inverse, two merge accumulators), the state warpgroups 208.
 FUSED_REGS = (152, 176)
 
 
