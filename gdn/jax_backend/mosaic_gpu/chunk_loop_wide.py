@@ -54,7 +54,7 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column
                      drain_releases, finish_together, for_tail_tiles, has_row_scales, interpret_params, iota,
                      k_scaled, load_state, masked_decay, masked_exp, mm, products, qk_scaled, rows, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
-from .solve import decayed_a, diag_block_inverse, merge_chain
+from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
@@ -66,11 +66,12 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 #: 0.610 vs 0.636 ms best of rounds) and 2.6% at 128x256 on an H100 (benchmarks/RESULTS.md, session 11)
 REGS = (88, 208)
 #: the same with the intra work in the prep warpgroup (``gates``; UNTIMED). ptxas 13 on the CPU host
-#: (benchmarks/ptx_local, 2026-12-06, 256-token lens): every split spills and serializes the state
-#: warpgroups' WGMMAs: (152, 176) 588 / 616 B of spill stores / loads and C7512, (136, 184) 548 / 612
-#: and C7512, (168, 168) 708 / 736 and C7512, (88, 208) 696 / 796 and C7511; the merges by levels
-#: instead of the chain, 448 / 468 at (152, 176). The intra work needs ~130 registers live at its
-#: peak (K K^T or A, the inverse, two merge accumulators), the state warpgroups 208.
+#: (benchmarks/ptx_local, 2026-12-06, 256-token lens), with the merges one product at a time from
+#: SMEM (:func:`.solve.merge_chain_lean`): every split spills: (152, 176) 496 / 524 B of spill
+#: stores / loads, (136, 184) 420 / 452, (168, 168) 544 / 568, all three with the state warpgroups'
+#: WGMMAs serialized (C7512); (88, 208) 944 / 1268 without. With :func:`.solve.merge_chain` (two
+#: accumulators at once) it was 588 / 616, 548 / 612, 708 / 736 and 696 / 796. The state warpgroups
+#: need 208; the intra work, as written on whole [64, 64] fp32 arrays, far more than the 88 left.
 FUSED_REGS = (152, 176)
 
 
@@ -374,10 +375,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 beta_row = plgpu.load(b_rows.at[slot], layout=ROWS)
                 a_low, na = decayed_a(kk, rows(gam_r, sq), cols(gam_c, sq), beta_row, None, same, r, c, sq,
                                       interp, from_columns=True)
+                a_s.at[slot][...] = block_lower(a_low, dtype)  # the merges' Ao: A is dead after the solve's input
+                plgpu.commit_smem()
             with jax.named_scope("i_solve"):  # A is 0 outside the sequence: no sequence ids needed
                 x = diag_block_inverse(a_low, na, None, None, interpret=interp, from_columns=True, warp=True)
             with jax.named_scope("i_merge"):
-                x = merge_chain(x, a_low.astype(dtype), a_s.at[slot], p_s.at[slot], dtype)
+                x = merge_chain_lean(x, a_s.at[slot], p_s.at[slot], dtype)
             with jax.named_scope("i_store"):  # the merge's last product was waited for: a_s is free
                 beta_col = plgpu.load(b_cols.at[slot], layout=COLS)
                 a_s.at[slot][...] = jnp.where(same, x * cols(beta_col, sq), 0.0).astype(dtype)

@@ -338,6 +338,32 @@ def merge_chain(x0, a_lower, buf_a, buf_b, dtype, same=None):
     return keep(z + mm(z.astype(dtype), buf_a, (C, C)))  # Z (I + M^2)
 
 
+def block_lower(a_lower, dtype):
+    """``A``'s strictly block-lower part (below the 16x16 diagonal blocks) in ``dtype``: the ``Ao`` of
+    :func:`merge_chain` / :func:`merge_chain_lean`."""
+    r, c = iota((C, C), 0), iota((C, C), 1)
+    return jnp.where((r // BLOCK) > (c // BLOCK), a_lower, 0.0).astype(dtype)
+
+
+def merge_chain_lean(x0, ao_ref, x_ref, dtype):
+    """:func:`merge_chain` for a warpgroup short of registers: the same products, roundings and bits,
+    one at a time, every 16-bit operand in SMEM, so at most two fp32 [64, 64] arrays are live (``X0``
+    and one accumulator) instead of four. ``ao_ref`` holds :func:`block_lower` on entry (then ``M``,
+    then it is free); ``x_ref`` is scratch; both [64, 64] 16-bit swizzled tiles. No ``same``: the
+    caller's ``A`` is 0 across sequences and finite (one sequence per CTA)."""
+    x_ref[...] = x0.astype(dtype)
+    plgpu.commit_smem()
+    m16 = mm(ao_ref, x_ref, (C, C)).astype(dtype)  # M = Ao X0 (waited: ao_ref is free)
+    ao_ref[...] = m16
+    plgpu.commit_smem()
+    z = x0 - mm(x_ref, ao_ref, (C, C))  # X0 (I - M)
+    # M^2: its left operand reloaded to registers (Mosaic lays out no product of one SMEM tile by itself)
+    m2 = mm(plgpu.load(ao_ref, layout=plgpu.Layout.WGMMA), ao_ref, (C, C))
+    x_ref[...] = m2.astype(dtype)  # X0's copy was read by the product before
+    plgpu.commit_smem()
+    return z + mm(z.astype(dtype), x_ref, (C, C))  # Z (I + M^2)
+
+
 def merge(x, a_lower, lo_smem, dtype, same=None):
     """``(I + A)^-1`` from its 16x16 diagonal-block inverse ``x`` (fp32), merging 16 -> 32 -> 64.
 
