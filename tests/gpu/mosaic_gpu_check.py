@@ -615,9 +615,27 @@ def _interleaved(fns, args, rounds):
     return {name: (statistics.median(v), min(v)) for name, v in ts.items()}
 
 
+def _agreement(fns) -> dict:
+    """{name: "rms vs the first variant's o (relative), all finite"} for each function's output: a
+    variant timed beside the default that computes something else shows here (the time section has
+    no float64 check of its own)."""
+    import jax.numpy as jnp
+
+    out, ref = {}, None
+    for name, fn in fns.items():
+        o = jnp.asarray(fn()[0], jnp.float32)
+        if ref is None:
+            ref = o
+        rel = jnp.sqrt(jnp.mean((o - ref) ** 2)) / jnp.sqrt(jnp.mean(ref ** 2))
+        out[name] = f"{float(rel):.2e}{'' if bool(jnp.isfinite(o).all()) else ' NON-FINITE'}"
+        del o
+    return out
+
+
 @section("time")
 def sec_time(shapes, variants, fla_shapes, rounds=3):
-    """Each shape: the variants built first, then timed interleaved (:func:`_interleaved`)."""
+    """Each shape: the variants built first, then timed interleaved (:func:`_interleaved`), then each
+    variant's output against the first's (:func:`_agreement`)."""
     out = {}
     for label, lens, h, hv, target in shapes:
         row = dict(target=target)
@@ -637,6 +655,10 @@ def sec_time(shapes, variants, fla_shapes, rounds=3):
                 row[vname] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
         try:
+            row["agree"] = _agreement(fns) if len(fns) > 1 else None
+        except Exception as e:
+            row["agree"] = f"ERROR {type(e).__name__}: {str(e)[:200]}"
+        try:
             row["fla"] = _bench_fla(lens, h, hv, 128, seed=1) if label in fla_shapes else None
         except Exception as e:
             row["fla"] = f"ERROR {type(e).__name__}: {str(e)[:200]}"
@@ -651,6 +673,8 @@ def sec_time(shapes, variants, fla_shapes, rounds=3):
                  if isinstance(fla, float) and isinstance(row[variants[0][0]], float) else "")
         TABLE.append(f"time {label:12s} " + " | ".join(cells) + (f" | FLA {fla:.3f}" if isinstance(fla, float) else "")
                      + f" ms{ratio}  target {target}")
+        if row.get("agree"):
+            TABLE.append(f"time {label:12s} o vs {variants[0][0]}: {row['agree']}")
     RESULTS["time"] = out
 
 
