@@ -1561,3 +1561,44 @@ def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison):
     t_clean[int(cu[-1]):] = False
     assert R.rms_ratio(o_f[:, t_clean], ref_o[:, t_clean]) < vs_f64("bfloat16")
     assert R.rms_ratio(f_f[keep], ref_f[keep]) < vs_f64("bfloat16")
+
+
+@pytest.mark.parametrize("t,h,hv,piece_chunks,want_counts", [
+    (32768, 2, 4, 32, [16]),   # one or two 32K prompts at TP8 heads: 16 pieces
+    (32768, 4, 8, 64, [8]),
+    (8192, 4, 8, 16, [8]),
+])
+def test_traced_split_pass2_loop_is_the_host_plans(monkeypatch, t, h, hv, piece_chunks, want_counts):
+    """Under jit the split's pass 2 picks its loop from the piece counts of the batches the bucket
+    is meant for (n sequences sharing the token rows), as the host plan picks from its pieces:
+    the narrow loop at these TP head counts. The piece plan's row bound (T / step + N_pad) is no
+    bucket: read as one it gave the counts 17..18 (wide) for 16 pieces, and the jitted split ran
+    1.3x slower than the host plan's on an H100 (2026-12-06)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.jax_backend.mosaic_gpu import split as S
+
+    monkeypatch.setattr(D, "_sm_count", lambda: 132)
+    monkeypatch.setattr(M, "check_runnable", lambda args, interpret=None: False)  # (lowered, not run)
+    p = make_plan([0, t], num_tokens=t)
+    assert S.bucket_piece_counts(p.to_jax(), piece_chunks, t) == want_counts
+    host_pieces = -(-t // (piece_chunks * 64))
+    assert S.traced_pass2_variant(p.to_jax(), piece_chunks, t, hv, 128) == D.pick_chunk_variant(
+        host_pieces, hv, 128, 132) == "default"
+    seen = []
+    real = D.loop
+    monkeypatch.setattr(D, "loop", lambda *a, **kw: (seen.append(kw["chunk_variant"]), real(*a, **kw))[1])
+    sds = jax.ShapeDtypeStruct
+    q, v = sds((1, t, h, 128), jnp.bfloat16), sds((1, t, hv, 128), jnp.bfloat16)
+    g = sds((1, t, hv), jnp.float32)
+
+    def fn(q, k, v, g, beta, plan):
+        _, args = api.validate(q, k, v, g, beta, plan=plan, backend="jax")
+        return S.run_split(args, piece_chunks)
+
+    _lower_for_cuda(fn, q, q, v, g, g, p.to_jax())
+    assert seen == ["default"], seen

@@ -158,6 +158,8 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
                   two_pass_tables(split, p.padded_seqs, piece_plan.padded_seqs).items()}
     else:
         piece_plan, tables = traced_pieces(p, split, args.q.shape[1])
+        if chunk_variant == "auto":
+            chunk_variant = traced_pass2_variant(p, split, args.q.shape[1], args.dims[1], args.dims[3])
     chunk_variant = _driver.resolve_chunk_variant(chunk_variant, piece_plan, args.dims[1], args.dims[3])
     loop_overlap = _driver.resolve_loop_overlap(loop_overlap, chunk_variant)
     h0 = args.initial_state
@@ -174,6 +176,27 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
     if final is not None and p.num_seqs is not None and final.shape[0] != p.num_seqs:
         final = _take_rows(final, p.num_seqs)
     return o, final
+
+
+def bucket_piece_counts(plan, piece_chunks: int, num_tokens: int) -> list[int]:
+    """The piece counts pass 2 sees for the batches a traced plan's bucket is meant for: ``n``
+    sequences sharing the ``num_tokens`` token rows equally, for every count ``n`` of the bucket
+    (the batches :func:`gdn.split.pick_piece_chunks_for_bucket` chose the piece size for).
+    ``n * ceil(ceil(T / n) / step)`` pieces each, ``step = piece_chunks * chunk_size``."""
+    rng = _driver._seq_range(plan)
+    lo, hi = (1, plan.padded_seqs) if rng is None else (max(rng[0], 1), max(rng[1], 1))
+    step = piece_chunks * plan.chunk_size
+    return sorted({n * -(-(-(-num_tokens // n)) // step) for n in range(lo, hi + 1)})
+
+
+def traced_pass2_variant(plan, piece_chunks: int, num_tokens: int, hv: int, dv: int) -> str:
+    """Pass 2's loop for a traced plan: :func:`._driver.pick_chunk_variant_for` on
+    :func:`bucket_piece_counts`, not on the piece plan's row bound (``T / step + N_pad``, which is
+    no bucket: at 1x32768 and 2/4 in pieces of 32 chunks its 18 rows read as the counts 17..18 and
+    picked the wide loop, where the 16 pieces of the batch want the narrow one; H100, 2026-12-06,
+    calls z2s / s1: 0.310 vs the host plan's 0.236 ms at 2/4, 0.447 vs 0.334 at 4/8)."""
+    return _driver.pick_chunk_variant_for(bucket_piece_counts(plan, piece_chunks, num_tokens), hv, dv,
+                                          _driver._sm_count())
 
 
 def traced_pieces(plan, piece_chunks: int, num_tokens: int):
