@@ -23,9 +23,9 @@
 #   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
 #   bash benchmarks/queue.sh z2     # s15, ~160 s for a scarce machine: the split under jit at 2/4 (its first GPU
 #                                   # run), then the jitted 4x8192 row (s14's loop pick), with FLA
-#   bash benchmarks/queue.sh w1     # s15, UNTIMED: the intra kernel's diagonal blocks in registers (solve="warp")
-#                                   # and 3 warpgroups per CTA: float64 stages, NaN isolation compiled, alone
-#                                   # and whole prefills, FLA
+#   bash benchmarks/queue.sh w1     # s15/s16 (ran on an H100 in s16; owed on the H200): the intra kernel's diagonal
+#                                   # blocks in registers (solve="warp"): float64 stages, NaN isolation compiled,
+#                                   # alone; whole prefills with it, 3 warpgroups per intra CTA and fused_wide, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -93,7 +93,7 @@ case $call in
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4
       GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32 ;;
-  w1) timeout -s INT 290 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp,wg3 \
+  w1) timeout -s INT 290 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp \
         --shapes 4x8192,128x256 --variants default,intra_warp,intra_wg3,fused_wide --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;

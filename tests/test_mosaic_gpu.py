@@ -1078,6 +1078,8 @@ def test_intra_three_warpgroups_same_outputs(tiles):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
     with pytest.raises(ValueError, match="qk_norms"):  # q's tile three times over does not fit SMEM
         intra(k, g, b, seg, group=group, q=k, solve="warp", warpgroups=3, interpret=True)
+    with pytest.raises(ValueError, match="debug_inverse"):  # nor the inverse's fp32 copy three times over
+        intra(k, g, b, seg, group=group, solve="warp", warpgroups=3, debug_inverse=True, interpret=True)
 
 
 class _NumpyLanes:

@@ -160,6 +160,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     if nwg > 1 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM, over the SM's 232,448
         raise ValueError("warpgroups=3 does not fit SMEM with q's norms computed here (use_qk_l2norm with "
                          "qk_norms='intra'): use qk_norms='xla' or one warpgroup")
+    if nwg > 1 and debug_inverse:  # its fp32 staging three times over: 293,960 B (H100, 2026-12-06)
+        raise ValueError("warpgroups=3 does not fit SMEM with debug_inverse (an fp32 copy of the inverse "
+                         "per warpgroup): check its stages with one warpgroup")
     nb = out_buffers
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
