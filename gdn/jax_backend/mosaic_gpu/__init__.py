@@ -17,10 +17,11 @@ Two kernels per call, no per-chunk state in HBM:
    (HV, N_pad + 1): one CTA per sequence and v head, a prep warpgroup doing each tile's
    V-independent work once and a state warpgroup per 64 V columns forming its own output.
 
-Opt-in, UNTIMED: ``variant="fused_wide"`` runs one kernel, the wide loop whose prep warpgroup
-also does the intra kernel's work (no ``Ag`` / ``gc`` in HBM; the same bits under the interpreter).
+Opt-in, slower: ``variant="fused_wide"`` runs one kernel, the wide loop whose prep warpgroup
+also does the intra kernel's work (no ``Ag`` / ``gc`` in HBM; the two kernels' bits, on an H100 too).
 As built it does not fit the register file: ptxas spills ~500 B and serializes the state
-warpgroups' products (benchmarks/mosaic_notes.md, session 16).
+warpgroups' products, and it ran 1.69x slower at 4x8192 (H100, 2026-12-06; benchmarks/mosaic_notes.md,
+session 16).
 
 XLA around them reshapes, moves g and beta to head-major fp32 and builds the per-token sequence id
 from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).

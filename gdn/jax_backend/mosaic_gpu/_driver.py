@@ -23,7 +23,7 @@ from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
 #: "fused_wide": the wide chunk loop doing the intra work in its prep warpgroup (chunk_loop_wide's
-#: ``gates``; UNTIMED)
+#: ``gates``; H100, 2026-12-06: the same bits, 1.69x slower at 4x8192: it spills)
 VARIANTS = ("two_kernels", "fused", "fused_wide")
 CHUNK_VARIANTS = ("auto", "default", "wide")
 #: where use_qk_l2norm's row norms are computed (prefill_arrays' ``qk_norms``)
@@ -352,18 +352,20 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
-    (UNTIMED: one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
+    (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
-    use_qk_l2norm normalizes q and k in XLA first).
+    use_qk_l2norm normalizes q and k in XLA first; H100, 2026-12-06: the default's bits, 0.996 vs
+    0.589 ms at 4x8192 and 1.198 vs 0.873 at 128x256, its spills as ptxas predicted).
 
     two_kernels only: ``intra_tiles`` / ``head_loop`` / ``intra_pad`` / ``intra_merge`` /
     ``intra_columns`` / ``intra_isolate`` are the intra kernel's ``tiles_per_cta`` / ``head_loop``
     / ``solve_pad`` / ``merge_variant`` / ``solve_columns`` / ``isolate`` (:func:`intra.intra`;
     pads 0 and 8 are what ran on the H200); ``intra_out_buffers``: its ``out_buffers`` (2, the default,
     measured 3-7% faster alone than 1 on the H200, 2026-12-04); ``intra_solve``: its ``solve``,
-    "smem" (the default) or "warp" (the diagonal blocks in registers by shuffles: session 15,
-    UNTIMED, never run on a GPU); ``intra_warpgroups``: its ``warpgroups`` (1, or 3 with "warp":
-    three per CTA under 168 registers, three per SM; UNTIMED).
+    "smem" (the default) or "warp" (the diagonal blocks in registers by shuffles: session 15; on an
+    H100 in session 16 the same bits, within 1%: :data:`.intra.SOLVES`); ``intra_warpgroups``: its
+    ``warpgroups`` (1, or 3 with "warp": three per CTA under 168 registers, three per SM; 4%
+    slower on the H100: :data:`.intra.WARPGROUPS`).
     ``chunk_variant``: "auto" (the default: :func:`pick_chunk_variant`), "default"
     (:func:`chunk_loop.chunk_loop`, one CTA per 64 V columns, ``bv``) or "wide"
     (:func:`chunk_loop_wide.chunk_loop_wide`, one CTA per sequence and v head: a prep warpgroup and

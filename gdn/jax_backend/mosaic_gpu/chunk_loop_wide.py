@@ -65,7 +65,7 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers
 #: the same but for the setmaxnreg lines, and the prefill ran 3-4% faster at 4x8192 (0.627 vs 0.648,
 #: 0.610 vs 0.636 ms best of rounds) and 2.6% at 128x256 on an H100 (benchmarks/RESULTS.md, session 11)
 REGS = (88, 208)
-#: the same with the intra work in the prep warpgroup (``gates``; UNTIMED). ptxas 13 on the CPU host
+#: the same with the intra work in the prep warpgroup (``gates``; 1.69x slower, below). ptxas 13 on the CPU host
 #: (benchmarks/ptx_local, 2026-12-06, 256-token lens), with the merges one product at a time from
 #: SMEM (:func:`.solve.merge_chain_lean`): every split spills: (152, 176) 496 / 524 B of spill
 #: stores / loads, (136, 184) 420 / 452, (168, 168) 544 / 568, all three with the state warpgroups'
@@ -206,16 +206,18 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     warpgroup and the state warpgroups repeat. "table" (UNTIMED) reads each item's (row, head,
     first token, end) from a per-CTA table XLA builds before the kernel: independent loads, a CTA's
     items adjacent in memory.
-    ``gates`` (UNTIMED; ``ag`` and ``gc`` then None): ``(g_hm, beta_hm)``, fp32 [HV, T_pad] (the intra
+    ``gates`` (``ag`` and ``gc`` then None): ``(g_hm, beta_hm)``, fp32 [HV, T_pad] (the intra
     kernel's inputs), and the prep warpgroup does the intra kernel's work itself, per tile and v head
     and before P: the chunk-local gate cumsum of the sequence's tokens (written to the ring's ``gc``
     for the state warpgroups), ``K K^T``, ``A``, its 16x16 diagonal blocks inverted in registers
-    (:func:`.solve.warp_solve_steps`) and merged (:func:`.solve.merge_chain`, through the slot's
+    (:func:`.solve.warp_solve_steps`) and merged (:func:`.solve.merge_chain_lean`, through the slot's
     ``Ag`` and ``P`` tiles), ``Ag`` into the ring. No intra kernel, no ``Ag`` / ``gc`` in HBM, one
     launch: FlashInfer's structure (benchmarks/fi_study.md §4, change 3). A CTA holds one sequence, so
     the tokens of others are masked by ``[lo, hi)`` (selects: ``A`` and ``Ag`` are exactly 0 outside,
-    the inverse needs no sequence ids) and the bits equal the two-kernel path's. Not with ``ctas``,
-    ``halves`` or the row scales (use_qk_l2norm normalizes in XLA first).
+    the inverse needs no sequence ids) and the bits equal the two-kernel path's (under the
+    interpreter, and on an H100). Not with ``ctas``, ``halves`` or the row scales (use_qk_l2norm
+    normalizes in XLA first). H100, 2026-12-06: 0.996 vs 0.589 ms at 4x8192, 1.198 vs 0.873 at
+    128x256: the registers (:data:`FUSED_REGS`) do not fit.
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     check_token_rows("q", t_rows)

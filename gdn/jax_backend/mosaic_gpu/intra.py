@@ -66,12 +66,15 @@ SOLVE_PAD = 8
 ISOLATE = ("boundary", "all")
 OUT_BUFFERS = (1, 2)
 #: how the 16x16 diagonal blocks are inverted: "smem" (the substitution through padded fp32 SMEM, one
-#: thread per column) or "warp" (each warp its block in registers by shuffles, UNTIMED:
-#: :func:`solve.warp_solve_steps`; needs ``solve_columns``)
+#: thread per column) or "warp" (each warp its block in registers by shuffles,
+#: :func:`solve.warp_solve_steps`; needs ``solve_columns``). H100, 2026-12-06 (session 16, calls
+#: w1 / w2): the same bits as "smem" on the GPU, alone 0.198 vs 0.200 ms at 4x8192, 0.199 vs 0.201 at
+#: 128x256, 0.061 vs 0.062 at 4x2048 (within noise); not yet on the H200, so not the default yet
 SOLVES = ("smem", "warp")
 #: warpgroups per CTA: 1, or 3 independent ones (each its own run of tiles, scratch and barriers):
 #: 384 threads make ptxas fit 168 registers, so 3 warpgroups share an SM instead of 2 (245
-#: registers). UNTIMED; needs ``solve="warp"`` (SMEM: 3 x ~67 KB) and keeps ``K K^T`` in SMEM.
+#: registers). Needs ``solve="warp"`` (SMEM: 3 x ~67 KB) and keeps ``K K^T`` in SMEM. SLOWER: whole
+#: prefill 0.614 vs 0.589 ms at 4x8192, 0.894 vs 0.873 at 128x256 (H100, 2026-12-06, same bits).
 WARPGROUPS = (1, 3)
 
 
