@@ -186,7 +186,11 @@ def bucket_piece_counts(plan, piece_chunks: int, num_tokens: int) -> list[int]:
     rng = _driver._seq_range(plan)
     lo, hi = (1, plan.padded_seqs) if rng is None else (max(rng[0], 1), max(rng[1], 1))
     step = piece_chunks * plan.chunk_size
-    return sorted({n * -(-(-(-num_tokens // n)) // step) for n in range(lo, hi + 1)})
+
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    return sorted({n * ceil_div(ceil_div(num_tokens, n), step) for n in range(lo, hi + 1)})
 
 
 def traced_pass2_variant(plan, piece_chunks: int, num_tokens: int, hv: int, dv: int) -> str:
