@@ -50,8 +50,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
-                     drain_releases, finish_together, for_tail_tiles, has_row_scales, interpret_params, iota,
+from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows, cols, column_select,
+                     compiler_params, drain_releases, finish_together, for_tail_tiles, has_row_scales,
+                     interpret_params, iota,
                      k_scaled, load_state, masked_decay, masked_exp, mm, products, qk_scaled, rows, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
@@ -396,7 +397,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             if not ab("prep"):
                 gam = intra_tile(slot, lo, hi) if fused else None
                 with jax.named_scope("p_qk"):
-                    r, c = iota(sq, 0), iota(sq, 1)
                     g_r = plgpu.load(gc_rows.at[slot], layout=ROWS) if gam is None else gam[0]
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
                         g_r = g_r + math.log(scale)
@@ -405,7 +405,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                                          lq_rows, lk_cols, slot)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
-                    mask = (r >= c) & (c >= lo) & (c < hi)
+                    mask = causal_mask(lo, hi, sq)  # r >= c, lo <= c < hi
                     if overlap and _prep_shadow:  # the exponentials while Q K^T computes (same values)
                         p, (dec, e_r) = mm(q_s.at[slot], k_s.at[slot].T, sq,
                                            during=lambda: (jnp.exp(rows(g_r, sq) - cols(g_c, sq)), jnp.exp(g_r)))
