@@ -26,6 +26,8 @@
 #   bash benchmarks/queue.sh w1     # s15/s16 (ran on an H100 in s16; owed on the H200): the intra kernel's diagonal
 #                                   # blocks in registers (solve="warp"): float64 stages, NaN isolation compiled,
 #                                   # alone; whole prefills with it, 3 warpgroups per intra CTA and fused_wide, FLA
+#   bash benchmarks/queue.sh m1     # s17: the wide loop alone: P's mask by one compare (default) vs three, and
+#                                   # loop_overlap="store" (UNTIMED), at 4x8192 and 128x256 (persistent)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -95,6 +97,9 @@ case $call in
         GDN_BENCH_ARGS="--no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32 ;;
   w1) timeout -s INT 290 $M --only intra_cmp,time --tag w1 --intra-cmp default,warp \
         --shapes 4x8192,128x256 --variants default,intra_warp,intra_wg3,fused_wide --fla-shapes 4x8192 ;;
+  m1) timeout -s INT 150 $M --only loops --tag m1a --loop-shapes 4x8192 --loop-variants one_per_item,mask3,store
+      timeout -s INT 150 $M --only loops --tag m1b --loop-shapes 128x256 \
+        --loop-variants table_pf,table_pf_mask3,table_pf_store ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

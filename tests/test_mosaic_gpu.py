@@ -465,6 +465,12 @@ def _main_interpret_cases(path):
                                                                   loop_overlap=True, loop_schedule="table"))
     _timed(results, "overlap_bits_wide", lambda: _loop_io_bits("wide", loop_overlap=True))
     _timed(results, "overlap_bits_narrow", lambda: _loop_io_bits("narrow", loop_overlap=True))
+    # the wide loop's output store issued in the next tile's shadow (loop_overlap="store"); on the
+    # persistent grid the staged tile must leave before the tail row's zeros reuse its SMEM
+    _timed(results, "store_bits_wide", lambda: _loop_io_bits("wide", loop_overlap="store"))
+    _timed(results, "persistent_store_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True,
+                                                                        loop_overlap="store",
+                                                                        loop_schedule="table"))
     # the whole-prefill cases above walk the intra kernel's heads in a loop and merge its inverse in a
     # chain (the defaults); this one unrolls them and merges by levels
     _timed(results, "nan_isolation_intra_unroll", lambda: _intra_nan_isolation("unroll", merge_variant="levels"))
@@ -548,7 +554,8 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
 
 
 @pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide",
-                                  "overlap_bits_wide", "overlap_bits_narrow"])
+                                  "overlap_bits_wide", "overlap_bits_narrow", "store_bits_wide",
+                                  "persistent_store_bits_wide"])
 def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
     """loop_direct_io=True (the initial / final state straight between global memory and registers)
     and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one
@@ -673,6 +680,9 @@ def test_loop_option_defaults_resolve_per_loop(monkeypatch):
     assert [kw["loop_overlap"] for kw in seen] == [True, False, False, True]
     assert all(kw["loop_schedule"] == "table" and kw["loop_prefetch"] for kw in seen)
     assert _driver.resolve_loop_overlap("auto", "default") and not _driver.resolve_loop_overlap("auto", "wide")
+    # "store" is the wide loop's own option; the narrow loop takes "auto"'s choice
+    assert _driver.resolve_loop_overlap("store", "wide") == "store"
+    assert _driver.resolve_loop_overlap("store", "default") is True
 
 
 def test_kernels_check_their_token_and_scale_operands():
@@ -732,6 +742,7 @@ def _lower_for_cuda(fn, *args):
     (128, 128, 16, 32, "bfloat16", True, False, "wide_persist_pf"),  # its L2 prefetch of h0, the item table
     (128, 128, 16, 32, "bfloat16", True, True, "wide_overlap"),  # the output store during the next products
     (128, 128, 16, 32, "bfloat16", True, True, "narrow_overlap"),  # the publications during the products
+    (128, 128, 16, 32, "bfloat16", True, True, "wide_store"),  # only the output store's issue deferred
     # loop_halves: a traced plan whose bucket wants both loops (HV = 32, 3..8 sequences)
     (128, 128, 16, 32, "bfloat16", True, True, "wide_halves"),
     (64, 128, 16, 32, "float16", False, True, "wide_halves"),
@@ -758,6 +769,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax")
+        if variant == "wide_store":
+            return prefill_arrays(args, chunk_variant="wide", loop_overlap="store")
         if variant.endswith("_overlap"):
             return prefill_arrays(args, chunk_variant="wide" if variant.startswith("wide") else "default",
                                   loop_overlap=True)

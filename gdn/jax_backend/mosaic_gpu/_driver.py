@@ -326,16 +326,18 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
 
 
 def check_loop_overlap(loop_overlap) -> None:
-    """TypeError unless ``loop_overlap`` is a bool or "auto"."""
-    if not isinstance(loop_overlap, bool) and loop_overlap != "auto":
-        raise TypeError(f"loop_overlap must be a bool or 'auto', got {loop_overlap!r}")
+    """TypeError unless ``loop_overlap`` is a bool, "auto" or "store"."""
+    if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store"):
+        raise TypeError(f"loop_overlap must be a bool, 'auto' or 'store', got {loop_overlap!r}")
 
 
 def resolve_loop_overlap(loop_overlap: bool | str, chunk_variant: str) -> bool:
     """``loop_overlap`` for the resolved ``chunk_variant``: "auto" is on for the narrow loop
     ("default"), whose overlap ptxas compiles without spills, and off for the wide one (its state
-    warpgroups spill with it; slower on the H200, 2026-12-05)."""
-    if loop_overlap == "auto":
+    warpgroups spill with it; slower on the H200, 2026-12-05). "store" (the wide loop's output
+    store alone in the next tile's shadow, :func:`.chunk_loop_wide.chunk_loop_wide`) stays "store"
+    for the wide loop and is "auto"'s choice for the narrow one."""
+    if loop_overlap == "auto" or (loop_overlap == "store" and chunk_variant != "wide"):
         return chunk_variant == "default"
     return loop_overlap
 
@@ -385,7 +387,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap``: the work that is
     off the state chain (the output store, exponentials, the state's decay, the narrow loop's
     publications) done while the chain's products run (either loop's ``overlap``); "auto" (the
-    default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`);
+    default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`); "store" (UNTIMED):
+    on the wide loop only the output store's fence and TMA issue, in the next tile's shadow;
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
     ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts

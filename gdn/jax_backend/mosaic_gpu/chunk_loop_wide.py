@@ -128,10 +128,10 @@ def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-                    prefetch_h0: bool = False, overlap: bool = False, interpret=None,
+                    prefetch_h0: bool = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
                     gates=None, _ablate: frozenset = frozenset(),
-                    _shadow: bool = True, _prep_shadow: bool = True):
+                    _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     Arguments as :func:`.chunk_loop.chunk_loop` (q, k: [T_q, H, K]; v: [T_q, HV, V] with V in
@@ -186,6 +186,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the state's decay ``exp(gc_last) S^T`` while the second does; and in the prep warpgroup (unless
     ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
     ``Q K^T`` computes. The same products and bits.
+    ``overlap="store"`` (UNTIMED, off): only the output store's second half leaves the chain. Each
+    state warpgroup still writes tile i's output to its SMEM tile at once (after the wait for the
+    previous TMA read), but the fence, the warpgroup barrier and the TMA issue run while tile
+    i + 1's first product group computes. Nothing extra rides in registers (the wide loop's
+    ``overlap=True`` spills 68 B), only the tile's head and rows (five scalars). The same bits.
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -195,7 +200,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     state staging's). The prep warpgroup's work is the same in both modes, and so are the bits.
     For a plan traced under jit whose bucket holds counts that want different loops
     (:func:`._driver.halves_table`).
-    ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results).
+    ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results). ``_p_mask``
+    (a diagnostic, the same bits): "one", P's mask by :func:`.common.causal_mask`; "three", by three
+    compares per element (before 2026-12-06), to time the two in one call.
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows: q and k are the caller's, not normalized; the scales join the exponents of the
     factors that already multiply q's rows and k's rows in the products (P's rows and columns, Q's
@@ -234,6 +241,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     l2 = has_row_scales(lrq, lrk)
     if stages is None:
         stages = pick_stages(dk, dv, isz, osz, l2, gates is not None)
+    if overlap not in (True, False, "store"):
+        raise ValueError(f"overlap must be True, False or 'store', got {overlap!r}")
+    store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
+    overlap = overlap is True
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
@@ -405,7 +416,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                                          lq_rows, lk_cols, slot)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
-                    mask = causal_mask(lo, hi, sq)  # r >= c, lo <= c < hi
+                    if _p_mask == "one":
+                        mask = causal_mask(lo, hi, sq)  # r >= c, lo <= c < hi
+                    else:
+                        r, c = iota(sq, 0), iota(sq, 1)
+                        mask = (r >= c) & (c >= lo) & (c < hi)
                     if overlap and _prep_shadow:  # the exponentials while Q K^T computes (same values)
                         p, (dec, e_r) = mm(q_s.at[slot], k_s.at[slot].T, sq,
                                            during=lambda: (jnp.exp(rows(g_r, sq) - cols(g_c, sq)), jnp.exp(g_r)))
@@ -549,38 +564,69 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     plgpu.barrier_arrive(h0_done)
                 return s0
 
-            def store(o_lo_t, j, tok, lo, hi, t0):
-                """o^T [64, C] -> rows [lo, min(hi, t_valid - t0)) of the tile (one TMA store when whole)."""
-                full = (lo == 0) & (hi == C) & (t0 + C <= t_valid)
+            def whole(lo, hi, t0):  # the tile is all this sequence's and inside the output
+                return (lo == 0) & (hi == C) & (t0 + C <= t_valid)
+
+            def issue_whole(j, tok):  # the staged whole tile -> the output, one TMA store
+                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[tok, j, pl.ds(v0, BV)])
+
+            def issue_rows(j, lo, hi, t0):  # the staged partial tile -> its rows, one TMA store each
+                store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, BV)], lo,
+                           jnp.minimum(hi, t_valid - t0))
+
+            def stage(o_lo_t, j, tok, lo, hi, t0, then_issue: bool):
+                """o^T [64, C] into this warpgroup's SMEM output tile (swizzled when whole, else plain),
+                and with ``then_issue`` on to rows [lo, min(hi, t_valid - t0)) of the output in the
+                same branch (as a separate :func:`issue` ptxas serialized the state warpgroups'
+                WGMMAs, C7512, ptx_local 2026-12-06)."""
+                full = whole(lo, hi, t0)
                 with jax.named_scope("s_st_wait"):
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
 
                 @pl.when(full)
                 def _():
                     o_tile.T[...] = o_lo_t
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_tile, o_ref.at[tok, j, pl.ds(v0, BV)])
+                    if then_issue:
+                        plgpu.commit_smem()
+                        issue_whole(j, tok)
 
                 @pl.when(jnp.logical_not(full))
                 def _():
                     o_part.T[...] = plgpu.layout_cast(o_lo_t, WGT)
-                    plgpu.commit_smem()
-                    store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, BV)], lo,
-                               jnp.minimum(hi, t_valid - t0))
+                    if then_issue:
+                        plgpu.commit_smem()
+                        issue_rows(j, lo, hi, t0)
+
+            def issue(j, tok, lo, hi, t0):
+                """The tile :func:`stage` left in SMEM -> the output (``store_shadow``)."""
+                plgpu.commit_smem()
+                full = whole(lo, hi, t0)
+                pl.when(full)(lambda: issue_whole(j, tok))
+                pl.when(jnp.logical_not(full))(lambda: issue_rows(j, lo, hi, t0))
+
+            def store(o_lo_t, j, tok, lo, hi, t0):
+                """o^T [64, C] -> rows [lo, min(hi, t_valid - t0)) of the tile (one TMA store when whole)."""
+                stage(o_lo_t, j, tok, lo, hi, t0, then_issue=True)
 
             def zero_tail(j):  # zeros for the tokens past the last sequence, up to t_valid
                 zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
                 for_tail_tiles(cu_ref[ns - 1], t_valid,
                                lambda t0, lo: store(zero, j, pl.ds(pl.multiple_of(t0, C), C), lo, C, t0))
 
-            def pending0():  # no tile's output waiting (overlap's carry: o^T, head, t0, lo, hi, live)
+            def pending0():
+                """No tile's output waiting: overlap's carry (o^T, head, t0, lo, hi, live), or with
+                ``store_shadow`` the same without o^T (it waits in SMEM)."""
                 zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
-                return (zero,) + (jnp.int32(0),) * 5
+                return ((),) * store_shadow + (zero,) * (not store_shadow) + (jnp.int32(0),) * 5
 
             def flush(pend):  # store the output tile that ``pend`` holds, if any
                 o_p, j_p, t0_p, lo_p, hi_p, live = pend
+                tok_p = pl.ds(pl.multiple_of(t0_p, C), C)
                 if not ab("store"):
-                    pl.when(live != 0)(lambda: store(o_p, j_p, pl.ds(pl.multiple_of(t0_p, C), C), lo_p, hi_p, t0_p))
+                    if store_shadow:
+                        pl.when(live != 0)(lambda: issue(j_p, tok_p, lo_p, hi_p, t0_p))
+                    else:
+                        pl.when(live != 0)(lambda: store(o_p, j_p, tok_p, lo_p, hi_p, t0_p))
 
             def step(g, j, tile_rows, s_t, pend):
                 """Stream tile g (ring slot g % stages) of head j, rows ``tile_rows`` -> (the new state,
@@ -591,7 +637,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 with jax.named_scope("s_wait"):
                     plgpu.barrier_wait(ready.at[slot])
                 with jax.named_scope("s_pre"):
-                    valid = (tvec >= lo) & (tvec < hi)  # the sequence's tokens of this tile
+                    # the sequence's tokens of this tile; with store_shadow built where used, after
+                    # the first group's shadow (16 predicates live across the deferred store's
+                    # branches: ptxas kept them as bits of a register, +127 instructions a tile)
+                    valid = (lambda: (tvec >= lo) & (tvec < hi)) if store_shadow else (tvec >= lo) & (tvec < hi)
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                     g_x, g_d = k_scaled(g_vec, plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
@@ -606,6 +655,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                                               ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
                     plgpu.barrier_arrive(in_free.at[slot])
                 o_lo_t = (o_t if lean else o_t * scale).astype(out_dtype)
+                if store_shadow:
+                    if not ab("store"):
+                        with jax.named_scope("s_store"):
+                            stage(o_lo_t, j, tok, lo, hi, t0, then_issue=False)
+                    return s_new, ((), j, t0, lo, hi, jnp.int32(1))
                 if pend is not None:
                     return s_new, (o_lo_t, j, t0, lo, hi, jnp.int32(1))
                 if not ab("store"):
@@ -620,13 +674,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 with ``_shadow`` the column factors and the state's decay are computed in the groups'
                 shadows (the same values)."""
                 sel = column_select(not (ab("selects") or lean))
-                shadow = pend is not None and _shadow
+                shadow = overlap and _shadow
+                mask = valid if callable(valid) else (lambda: valid)
 
                 def x_factor():  # exp(gc) of X's columns; with lean 0 on other sequences' columns
-                    return masked_exp(valid, g_x) if lean else jnp.exp(g_x)
+                    return masked_exp(mask(), g_x) if lean else jnp.exp(g_x)
 
                 def vd_factor():
-                    return masked_exp(valid, g_last - g_d)
+                    return masked_exp(mask(), g_last - g_d)
 
                 def first():  # nothing without ``pend``: the same module as with no ``during``
                     if pend is not None:
@@ -649,7 +704,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             # NaN): selected, or with lean X's are 0 already (their k rows are) and so is
                             # the masked factor
                             e_vec = fac[0] if shadow else x_factor()
-                            w_neg = sel(cols(valid, sh), x_t * cols(-e_vec, sh)).astype(dtype)
+                            w_neg = sel(cols(mask(), sh), x_t * cols(-e_vec, sh)).astype(dtype)
                         with jax.named_scope("s_vnew"):
                             if shadow:
                                 (vn_t,), s_dec = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]),
@@ -657,7 +712,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             else:
                                 vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
                 with jax.named_scope("s_vd"):
-                    vn_t = sel(cols(valid, sh), vn_t)
+                    vn_t = sel(cols(mask(), sh), vn_t)
                     vn_lo = vn_t.astype(dtype)
                     vd_t = (vn_t * cols(fac[1] if shadow else vd_factor(), sh)).astype(dtype)
                 if s_dec is None:
@@ -672,13 +727,20 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         s0 = initial(n, j)
                     # with overlap the item's last output tile stays pending into the next item
                     s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
-                    pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
+                    if store_shadow:  # the staged tile leaves before the tail's zeros take its SMEM
+                        def tail():
+                            flush(pend)
+                            zero_tail(j)
+                        pl.when(jnp.logical_not(is_seq))(tail)
+                        pend = pend[:-1] + (jnp.where(is_seq, pend[-1], 0),)
+                    else:
+                        pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j))
                     if out_final:
                         with jax.named_scope("s_fin"):
                             pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
                     return g + nt, pend
 
-                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if overlap else None))
+                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if overlap or store_shadow else None))
                 if pend is not None:
                     flush(pend)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
@@ -686,7 +748,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
             is_seq, nt, rows_of = row_tiles(n_grid)
             s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(i, j_grid, rows_of(i), *c),
-                                      (initial(n_grid, j_grid), pending0() if overlap else None))
+                                      (initial(n_grid, j_grid), pending0() if overlap or store_shadow else None))
             if pend is not None:
                 flush(pend)
             pl.when(jnp.logical_not(is_seq))(lambda: zero_tail(j_grid))

@@ -62,7 +62,7 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
     if x.h0 is not None:
         hp = jnp.where((h0_rows >= 0)[:, None, None, None], x.h0[jnp.maximum(h0_rows, 0)], 0.0)
     em = piece_states(x.k, x.v, ag, gc, x.cu, tables["mode"], hp, group=x.group, stages=stages1,
-                      overlap=loop_overlap, lrk=x.lrk, interpret=interpret)
+                      overlap=loop_overlap is True, lrk=x.lrk, interpret=interpret)
     if _stop == "pass1":
         return em, None, None
     e_map, m_map = em[..., :dv], em[..., dv:]
