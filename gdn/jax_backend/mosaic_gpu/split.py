@@ -283,6 +283,11 @@ def _pick_piece_chunks(chunks: tuple[int, ...], hv: int, dk: int, dv: int, sms: 
 #: A traced plan's pieces may cost at most this much more than unsplit (in the model) on any
 #: batch of equal sequences its bucket holds.
 BUCKET_SLACK = 1.05
+#: the piece sizes a traced plan's bucket chooses from. Not 8: the model underrates its cost. H100,
+#: 2026-12-06 (session 17, s1): at H/HV 2/4, 1x8192 under jit the bucket's pick of 8 ran 0.351 ms
+#: against 0.115 for the host plan's 16 (FLA 0.495); session 11 (H100): pieces of 8 at 4x2048 0.519
+#: ms against 0.329 for 16.
+BUCKET_PIECES = (16, 32, 64, 128, 256)
 
 
 def pick_piece_chunks_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int, dv: int,
@@ -303,7 +308,7 @@ def _pick_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int,
     if not layouts:
         return None
     cost = {pc: [sum(model_us(lens, pc, hv, dk, dv, sms).values()) for lens in layouts]
-            for pc in (None, 8, 16, 32, 64, 128, 256)}
+            for pc in (None,) + BUCKET_PIECES}
     best = [min(c[i] for c in cost.values()) for i in range(len(layouts))]
 
     def regret(pc):
