@@ -27,7 +27,7 @@
 #                                   # blocks in registers (solve="warp"): float64 stages, NaN isolation compiled,
 #                                   # alone; whole prefills with it, 3 warpgroups per intra CTA and fused_wide, FLA
 #   bash benchmarks/queue.sh m1     # s17: the wide loop alone: P's mask by one compare (default) vs three, and
-#                                   # loop_overlap="store" (UNTIMED), at 4x8192 and 128x256 (persistent)
+#                                   # loop_overlap="store", at 4x8192 and 128x256 (persistent); ran on an H100 in s17
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #

@@ -575,7 +575,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "overlap": dict(loop_overlap=True),  # off-chain work in the products' shadows (on by default for the narrow loop, s12)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
     "narrow_overlap": dict(chunk_variant="default", loop_overlap=True),
-    # s17, UNTIMED: the wide loop's output store issued in the next tile's shadow (o staged in SMEM)
+    # s17 (slower, m1): the wide loop's output store issued in the next tile's shadow (o staged in SMEM)
     "wide_store": dict(chunk_variant="wide", loop_overlap="store"),
     "store": dict(loop_overlap="store"),  # the same where the pick is the wide loop, else "auto"
 }
@@ -738,7 +738,7 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     # s17: P's mask by three compares per element, as before causal_mask (the same bits)
     "mask3": dict(_p_mask="three"),
     "table_pf_mask3": dict(ctas=132, schedule="table", prefetch_h0=True, _p_mask="three"),
-    # s17, UNTIMED: the output's fence, barrier and TMA issue in the next tile's first group's shadow
+    # s17 (slower, m1): the output's fence, barrier and TMA issue in the next tile's first group's shadow
     "store": dict(overlap="store"),
     "table_pf_store": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="store"),
 }

@@ -186,11 +186,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the state's decay ``exp(gc_last) S^T`` while the second does; and in the prep warpgroup (unless
     ``_prep_shadow=False``) P's decay ``exp(gc_r - gc_s)`` and Q's row factors are taken while
     ``Q K^T`` computes. The same products and bits.
-    ``overlap="store"`` (UNTIMED, off): only the output store's second half leaves the chain. Each
+    ``overlap="store"`` (off, SLOWER): only the output store's second half leaves the chain. Each
     state warpgroup still writes tile i's output to its SMEM tile at once (after the wait for the
     previous TMA read), but the fence, the warpgroup barrier and the TMA issue run while tile
     i + 1's first product group computes. Nothing extra rides in registers (the wide loop's
-    ``overlap=True`` spills 68 B), only the tile's head and rows (five scalars). The same bits.
+    ``overlap=True`` spills 68 B), only the tile's head and rows (five scalars). The same bits, but
+    ptxas spills 16 B and each state warpgroup's loop grows by ~80 instructions (the per-column
+    predicates live across the deferred branches), and the loop alone is slower: H100, 2026-12-06
+    (session 17, m1): 0.381 vs 0.370 ms at 4x8192, 0.680 vs 0.674 at 128x256 (persistent).
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
