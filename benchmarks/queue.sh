@@ -20,6 +20,7 @@
 #                                   # narrow loop the floor bucket runs now, and the wide one, with FLA
 #   bash benchmarks/queue.sh l1     # s14: mosaic_gpu's 300k-token one call vs three chained, no host sync
 #   bash benchmarks/queue.sh s1     # s14, UNTIMED: the split under jit (traced plan) at TP heads vs the host plan's, FLA
+#   bash benchmarks/queue.sh s2     # s17: the split under jit at 1x8192 (2/4, 4/8) after the bucket lost pieces of 8
 #   bash benchmarks/queue.sh hp     # s14: where an eager prefill's host time goes (0.45-0.56 ms in s13's bench)
 #   bash benchmarks/queue.sh z2     # s15, ~160 s for a scarce machine: the split under jit at 2/4 (its first GPU
 #                                   # run), then the jitted 4x8192 row (s14's loop pick), with FLA
@@ -91,6 +92,8 @@ case $call in
         --json "$OUT/l1.json" ;;
   s1) GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
+  s2) GDN_BUDGET_S=150 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s2 \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
   z2) GDN_BUDGET_S=95 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/z2s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 2/4
       GDN_BUDGET_S=60 GDN_BENCH_IMPLS="fla jax:mosaic_gpu" OUT=$OUT/z2 \
