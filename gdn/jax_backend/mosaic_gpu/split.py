@@ -286,7 +286,7 @@ BUCKET_SLACK = 1.05
 #: the piece sizes a traced plan's bucket chooses from. Not 8: the model underrates its cost. H100,
 #: 2026-12-06 (session 17, s1): at H/HV 2/4, 1x8192 under jit the bucket's pick of 8 ran 0.351 ms
 #: against 0.115 for the host plan's 16 (FLA 0.495); session 11 (H100): pieces of 8 at 4x2048 0.519
-#: ms against 0.329 for 16.
+#: ms against 0.329 for 16. Without 8 (s17, s2): 0.153 ms under jit (the host plan 0.111, FLA 0.418).
 BUCKET_PIECES = (16, 32, 64, 128, 256)
 
 
