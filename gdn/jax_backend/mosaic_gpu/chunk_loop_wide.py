@@ -619,8 +619,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def pending0():
                 """No tile's output waiting: overlap's carry (o^T, head, t0, lo, hi, live), or with
                 ``store_shadow`` the same without o^T (it waits in SMEM)."""
-                zero = plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG)
-                return ((),) * store_shadow + (zero,) * (not store_shadow) + (jnp.int32(0),) * 5
+                scalars = (jnp.int32(0),) * 5
+                if store_shadow:
+                    return ((),) + scalars
+                return (plgpu.layout_cast(jnp.zeros((BV, C), out_dtype), WG),) + scalars
 
             def flush(pend):  # store the output tile that ``pend`` holds, if any
                 o_p, j_p, t0_p, lo_p, hi_p, live = pend
@@ -641,8 +643,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     plgpu.barrier_wait(ready.at[slot])
                 with jax.named_scope("s_pre"):
                     # the sequence's tokens of this tile; with store_shadow built where used, after
-                    # the first group's shadow (16 predicates live across the deferred store's
-                    # branches: ptxas kept them as bits of a register, +127 instructions a tile)
+                    # the first group's shadow: its 16 predicates live across the deferred store's
+                    # branches made ptxas keep them as bits of a register (+127 instructions a tile;
+                    # built late, +81)
                     valid = (lambda: (tvec >= lo) & (tvec < hi)) if store_shadow else (tvec >= lo) & (tvec < hi)
                     g_vec = plgpu.load(gc_cols.at[slot], layout=COLS)
                     g_x, g_d = k_scaled(g_vec, plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
@@ -743,7 +746,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             pl.when(n < n_out)(lambda: store_state(s_t, ht_ref.at[n, j, :, pl.ds(v0, BV)]))
                     return g + nt, pend
 
-                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pending0() if overlap or store_shadow else None))
+                pend0 = pending0() if overlap or store_shadow else None
+                _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pend0))
                 if pend is not None:
                     flush(pend)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_st[w] must be read before the CTA exits
