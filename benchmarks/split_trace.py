@@ -18,14 +18,12 @@ import tempfile
 
 
 def kernel_times(trace: dict, n_calls: int) -> dict[str, float]:
-    """us per call of each GPU event name on the GPU's stream threads."""
-    events = trace.get("traceEvents", [])
-    gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-           and "GPU" in str(e.get("args", {}).get("name", ""))}
+    """us per call of each kernel name on the GPU's stream threads (:func:`gdn.bench.gpu_stream_events`)."""
+    from gdn.bench import gpu_stream_events
+
     out = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu:
-            out[e.get("name", "?")[:90]] += float(e.get("dur", 0)) / n_calls
+    for e in gpu_stream_events(trace):
+        out[e.get("name", "?")[:90]] += float(e.get("dur", 0)) / n_calls
     return dict(out.most_common())
 
 

@@ -590,19 +590,24 @@ def peak_mem_mb(runner: Runner, call: Call) -> float | None:
     return None
 
 
-def gpu_busy_ms(trace: dict, n_calls: int) -> float | None:
-    """GPU busy time per call from a perfetto/chrome trace (jax.profiler): the union of the
-    intervals of the events on the GPU device's stream threads (all its threads if none is
-    named 'Stream...'), divided by the calls. None when the trace holds no GPU events."""
+def gpu_stream_events(trace) -> list[dict]:
+    """The complete ("X") events of a perfetto/chrome trace (jax.profiler) on the GPU device's
+    stream threads (all its threads if none is named 'Stream...')."""
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
     streams = {(e["pid"], e.get("tid")) for e in events if e.get("ph") == "M"
                and e.get("name") == "thread_name" and e.get("pid") in gpu_pids
                and str(e.get("args", {}).get("name", "")).startswith("Stream")}
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events
-                   if e.get("ph") == "X" and e.get("pid") in gpu_pids
-                   and (not streams or (e["pid"], e.get("tid")) in streams))
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
+            and (not streams or (e["pid"], e.get("tid")) in streams)]
+
+
+def gpu_busy_ms(trace: dict, n_calls: int) -> float | None:
+    """GPU busy time per call from a perfetto/chrome trace (jax.profiler): the union of the
+    intervals of :func:`gpu_stream_events`, divided by the calls. None when the trace holds no GPU
+    events."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in gpu_stream_events(trace))
     if not spans:
         return None
     busy, (lo, hi) = 0.0, spans[0]
