@@ -29,6 +29,8 @@
 #                                   # alone; whole prefills with it, 3 warpgroups per intra CTA and fused_wide, FLA
 #   bash benchmarks/queue.sh m1     # s17: the wide loop alone: P's mask by one compare (default) vs three, and
 #                                   # loop_overlap="store", at 4x8192 and 128x256 (persistent); ran on an H100 in s17
+#   bash benchmarks/queue.sh q1     # s18: the split's scan kernel over its launch options (num_stages), and
+#                                   # split_trace after the tables became one-fusion sums (2/4 1x32768, 4/8 1x8192)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -103,6 +105,9 @@ case $call in
   m1) timeout -s INT 150 $M --only loops --tag m1a --loop-shapes 4x8192 --loop-variants one_per_item,mask3,store
       timeout -s INT 150 $M --only loops --tag m1b --loop-shapes 128x256 \
         --loop-variants table_pf,table_pf_mask3,table_pf_store ;;
+  q1) timeout -s INT 170 python3 benchmarks/scan_sweep.py --cases 2/4:32768,4/8:32768,4/8:8192
+      timeout -s INT 120 python3 benchmarks/split_trace.py --heads 2/4 --lens 32768
+      timeout -s INT 100 python3 benchmarks/split_trace.py --heads 4/8 --lens 8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -65,14 +65,12 @@ def core_split(q, k, v, g, beta, plan, h0, tables, *, scale: float, use_qk_l2nor
                       overlap=loop_overlap is True, lrk=x.lrk, interpret=interpret)
     if _stop == "pass1":
         return em, None, None
-    e_map, m_map = em[..., :dv], em[..., dv:]
-
     if scan == "kernel":
-        from ..pallas_triton.scan import scan_starts as scan_kernel
-        start0 = jnp.zeros(e_map.shape, f32) if hp is None else hp
-        start = scan_kernel(e_map, m_map, tables["by_step"], start0, interpret=bool(interpret))
+        from ..pallas_triton.scan import scan_starts_packed
+        start0 = jnp.zeros(em.shape[:3] + (dv,), f32) if hp is None else hp
+        start = scan_starts_packed(em, tables["by_step"], start0, interpret=bool(interpret))
     else:
-        start = scan_starts(e_map, m_map, tables["by_step"], hp)
+        start = scan_starts(em[..., :dv], em[..., dv:], tables["by_step"], hp)
     if _stop == "scan":
         return start, None, None
 

@@ -34,11 +34,11 @@ TILES: dict = {}
 
 def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     """Launch meta: BV = :func:`gdn.split.scan_columns` V columns per program (clamped to V's
-    tile), 8 warps, the Triton program order."""
+    tile), 8 warps, Triton's software pipelining off (num_stages 1), the Triton program order."""
     from ...split import scan_columns
 
-    return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, order="triton"),
-                 TILES, "scan")
+    return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, num_stages=1,
+                      order="triton"), TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
@@ -47,19 +47,33 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
     e_map: fp32 [P_pad, HV, K, V] and m_map: fp32 [P_pad, HV, K, K] (pass 1); by_step: int32 [S, R]
     (:func:`gdn.split.two_pass_tables`: column r the pieces of one sequence in order, -1 past its
     last; S a power of two); start0: fp32 [P_pad, HV, K, V], the starts of the pieces no step
-    reaches (a sequence's initial state for its first piece, or zeros).
+    reaches (a sequence's initial state for its first piece, or zeros). Concatenates the two maps
+    for :func:`scan_starts_packed` (pass 1's own output is already packed).
     """
-    p_pad, hv, kdim, vdim = e_map.shape
-    steps, rows = by_step.shape
-    if m_map.shape != (p_pad, hv, kdim, kdim) or start0.shape != e_map.shape:
+    if m_map.shape != e_map.shape[:3] + (e_map.shape[2],):
         raise ValueError(f"scan_starts: e_map {e_map.shape}, m_map {m_map.shape}, start0 {start0.shape}")
+    return scan_starts_packed(jnp.concatenate([e_map, m_map], axis=-1), by_step, start0, interpret=interpret)
+
+
+def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
+    """:func:`scan_starts` from pass 1's ``[E | M]`` fp32 [P_pad, HV, K, V + K] as it is: the
+    kernel reads E's and M's columns in place (slicing them in XLA copied both, ~8 MB at 1x32768
+    and H/HV 2/4 in pieces of 32 chunks)."""
+    p_pad, hv, kdim, vdim = start0.shape
+    steps, rows = by_step.shape
+    if em.shape != (p_pad, hv, kdim, vdim + kdim):
+        raise ValueError(f"scan_starts_packed: em {em.shape}, start0 {start0.shape} (em needs V + K columns)")
     if steps < 2:
         return start0
     meta = scan_tiles(rows, hv, vdim, sm_count())
     bv, kp = meta["BV"], dim_tile(kdim)
     prec = solve_precision(False, interpret)  # tf32x3 on the GPU, IEEE fp32 in the interpreter
+    width = max(vdim + kp, pl.cdiv(vdim, bv) * bv)  # every block in bounds (K, V not powers of two)
+    em = em.astype(jnp.float32)
+    if width > em.shape[-1]:
+        em = jnp.pad(em, ((0, 0),) * 3 + ((0, width - em.shape[-1]),))
 
-    def kernel(ids_ref, e_ref, m_ref, start0_ref, out_ref):
+    def kernel(ids_ref, em_ref, start0_ref, out_ref):
         del start0_ref  # aliased to out_ref: the rows no step writes keep it
         r, head, vb = program_ids(3, meta["order"])
         col0 = vb * bv
@@ -67,7 +81,7 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
         vin = col0 + iota(bv) < vdim
         smask = kin[:, None] & vin[None, :]
         mmask = kin[:, None] & kin[None, :]
-        vcols = pl.ds(col0, bv)
+        vcols, mcols = pl.ds(col0, bv), pl.ds(vdim, kp)
         ids = ids_ref[pl.ds(0, steps), r]
         n = jnp.sum((ids >= 0).astype(jnp.int32))
 
@@ -78,11 +92,11 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
             def body(i, s):
                 p = piece_id(i)
                 store(out_ref.at[p, head, pl.ds(0, kp), vcols], s, smask)
-                m = load(m_ref.at[p, head, pl.ds(0, kp), pl.ds(0, kp)], mmask, 0.0)
-                e = load(e_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
+                m = load(em_ref.at[p, head, pl.ds(0, kp), mcols], mmask, 0.0)
+                e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
                 return sdot(m, s, prec) + e
 
-            s = load(e_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
+            s = load(em_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
             s = lax.fori_loop(1, n - 1, body, s)
             store(out_ref.at[piece_id(n - 1), head, pl.ds(0, kp), vcols], s, smask)
 
@@ -91,8 +105,7 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(start0.shape, jnp.float32),
         grid=grid_of((rows, hv, pl.cdiv(vdim, bv)), meta["order"]),
-        input_output_aliases={3: 0}, interpret=interpret,
-        compiler_params=compiler_params(meta["num_warps"], 1),
+        input_output_aliases={2: 0}, interpret=interpret,
+        compiler_params=compiler_params(meta["num_warps"], meta["num_stages"]),
         name="gdn_split_scan",
-    )(by_step.astype(jnp.int32), e_map.astype(jnp.float32), m_map.astype(jnp.float32),
-      start0.astype(jnp.float32))
+    )(by_step.astype(jnp.int32), em, start0.astype(jnp.float32))
