@@ -187,6 +187,16 @@ class Plan:
                 self._cache[key] = hit
             return hit
 
+    def memo(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """``fn()`` computed once per plan and ``key`` (a backend's host tables derived from this
+        plan, say): a plan built once per step serves every layer of a model's forward."""
+        with _LOCK:
+            if key in self._cache:
+                return self._cache[key]
+        value = fn()  # outside the lock: fn may convert plans (which takes it)
+        with _LOCK:
+            return self._cache.setdefault(key, value)
+
     def to_torch(self, device: Any = "cuda") -> "Plan":
         """This plan with torch int32 arrays on ``device``: pinned host memory, non-blocking copy.
 

@@ -36,7 +36,9 @@ def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     """Launch meta: BV = :func:`gdn.split.scan_columns` V columns per program (clamped to V's
     tile), 8 warps, Triton's software pipelining off (num_stages 1), the Triton program order.
     Swept on an H100 (2026-12-06, benchmarks/scan_sweep.py, 2/4 1x32768 in 16 pieces): this 53 us;
-    num_stages 2 or 3 73 us; 4 warps 132 us; BV 32 59 us; IEEE fp32 dots 474 us (spills)."""
+    num_stages 2 or 3 73 us; 4 warps 132 us; BV 32 59 us; IEEE fp32 dots 474 us (spills); the next
+    piece's M and E loaded into registers during this piece's product 52.7 us (not kept). A step is
+    the tf32x3 product's latency (~3.4 us), not M's load."""
     from ...split import scan_columns
 
     return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, num_stages=1,
