@@ -364,6 +364,7 @@ SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chu
     ("1x32768_tp8", [32768], 2, 4, None, (32, "32k", "32ko", 16, "16k", 64)),
     ("1x32768_tp4", [32768], 4, 8, None, (64, "64k", 32, "32k")),
     ("1x8192_tp8", [8192], 2, 4, None, (16, "16k", 8)),
+    ("1x8192_tp4", [8192], 4, 8, None, (16, "16k", 32, 8)),
 ]
 
 
@@ -1027,6 +1028,9 @@ def main():
         _add_mix()
     shapes = SHAPES if not a.shapes else [s for s in SHAPES + NAMED_SHAPES if s[0] in a.shapes.split(",")]
     variants = [(name, VARIANTS[name]) for name in a.variants.split(",")]
+    unknown = set(filter(None, a.split_shapes.split(","))) - {s[0] for s in SPLIT_SHAPES}
+    if unknown:  # a misspelled label would time nothing and say nothing (a device call lost)
+        ap.error(f"--split-shapes: unknown {sorted(unknown)}; known: {[s[0] for s in SPLIT_SHAPES]}")
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ([n for n in a.small_names.split(",") if n],)), "oob": (sec_oob, ()),
                 "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
