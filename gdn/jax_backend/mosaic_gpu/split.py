@@ -7,7 +7,8 @@ sequences of a finer plan:
 1. the intra kernel once on the piece plan (its ``Ag`` and ``gc`` serve both passes);
 2. pass 1, :func:`.piece_states.piece_states`: every piece's end state ``E`` and map ``M``
    (``S_end = M S_start + E``), states only;
-3. the scan over each sequence's pieces in XLA, one step per piece position (fp32, HIGHEST);
+3. the scan over each sequence's pieces: one Pallas-Triton kernel (tf32x3, the default of
+   :func:`run_split`) or XLA, one step per piece position (fp32, HIGHEST);
 4. pass 2, the chunk loop on the piece plan from the scanned starts: the output and the pieces'
    final states exactly as an unsplit call computes them (no correction of the output).
 
@@ -175,10 +176,11 @@ def run_split(args: PrefillArgs, split, *, interpret=None, chunk_variant: str = 
 
 def host_pieces(p, split, num_tokens: int):
     """(host piece plan, its copy for :func:`core_split`, tables) of a host plan ``p`` cut as
-    ``split``: the copies device arrays memoized on ``p`` (:meth:`gdn.planner.Plan.memo`), so a model's layers calling eagerly
-    with one plan build and copy them once (each call built the piece plan and tables and made 8
-    host-to-device copies: ~2.3 ms of host time per eager call at 1x8192, H100, 2026-12-06, against
-    ~0.12 ms of GPU time); NumPy arrays (constants of the trace) when called under jit."""
+    ``split``. The copies are device arrays memoized on ``p`` (:meth:`gdn.planner.Plan.memo`), so
+    a model's layers calling eagerly with one plan build and copy them once (rebuilt per call with
+    8 host-to-device copies, they cost ~2.3 ms of host time per eager call at 1x8192 and H/HV 2/4
+    against ~0.12 ms of GPU time; H100, 2026-12-06); under jit they are the NumPy arrays
+    (constants of the trace) and nothing traced is memoized."""
     from ...planner import plan as make_plan
     from ...split import two_pass_tables
 
