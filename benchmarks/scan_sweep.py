@@ -27,6 +27,10 @@ VARIANTS = {  # name -> pallas_triton.scan.TILES override
     "bv32_stages1": {"BV": 32},
     "bv32_stages2": {"BV": 32, "num_stages": 2},
     "bv64_stages2": {"BV": 64, "num_stages": 2},
+    "tf32": {"precision": "tf32"},
+    "bf16x3": {"precision": "bf16x3"},
+    "bf16x6": {"precision": "bf16x6"},
+    "tf32_bv32": {"precision": "tf32", "BV": 32},
 }
 
 

@@ -616,3 +616,15 @@ def test_mosaic_split_host_pieces_memoized_on_the_plan_and_never_a_tracer():
     assert other[0].padded_seqs >= sp8.num_pieces and other[2] is not first[2]
     np.testing.assert_array_equal(np.asarray(other[2]["by_step"]),
                                   two_pass_tables(sp8, p.padded_seqs, other[0].padded_seqs)["by_step"])
+
+
+def test_pallas_scan_kernel_rejects_an_unknown_precision(monkeypatch):
+    """The scan's sweep key ``precision`` names one of its algorithms, or fails clearly."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.pallas_triton import scan as scan_mod
+
+    monkeypatch.setitem(scan_mod.TILES, "precision", "fp8")
+    em, start0 = jnp.zeros((4, 1, 16, 48)), jnp.zeros((4, 1, 16, 32))
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        scan_mod.scan_starts_packed(em, jnp.zeros((2, 1), jnp.int32), start0, interpret=True)

@@ -37,12 +37,15 @@ def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     tile), 8 warps, Triton's software pipelining off (num_stages 1), the Triton program order.
     Swept on an H100 (2026-12-06, benchmarks/scan_sweep.py, 2/4 1x32768 in 16 pieces): this 53 us;
     num_stages 2 or 3 73 us; 4 warps 132 us; BV 32 59 us; IEEE fp32 dots 474 us (spills); the next
-    piece's M and E loaded into registers during this piece's product 52.7 us (not kept). A step is
-    the tf32x3 product's latency (~3.4 us), not M's load."""
+    piece's M and E loaded into registers during this piece's product 52.7 us (not kept).
+    ``precision`` (the products' algorithm, a sweep key): "tf32x3" (default, 1.7e-6 relative rms
+    from the XLA scan at HIGHEST), "bf16x3" 46.6 us (9.4e-6), "bf16x6" 72.8 us (6.7e-7), "tf32"
+    33.2 us (6.3e-4: too coarse for the exact split). One TF32 product still leaves ~2.2 us a step:
+    most of a step is not the product's arithmetic."""
     from ...split import scan_columns
 
     return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, num_stages=1,
-                      order="triton"), TILES, "scan")
+                      precision="tf32x3", order="triton"), TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
@@ -71,7 +74,12 @@ def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
         return start0
     meta = scan_tiles(rows, hv, vdim, sm_count())
     bv, kp = meta["BV"], dim_tile(kdim)
-    prec = solve_precision(False, interpret)  # tf32x3 on the GPU, IEEE fp32 in the interpreter
+    precisions = {"tf32x3": solve_precision(False, interpret),  # IEEE fp32 in the interpreter
+                  "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32, "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+                  "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+    if meta["precision"] not in precisions:
+        raise ValueError(f"scan TILES: precision {meta['precision']!r}, one of {sorted(precisions)}")
+    prec = precisions[meta["precision"]]
     width = max(vdim + kp, pl.cdiv(vdim, bv) * bv)  # every block in bounds (K, V not powers of two)
     em = em.astype(jnp.float32)
     if width > em.shape[-1]:
