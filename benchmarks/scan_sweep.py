@@ -31,6 +31,10 @@ VARIANTS = {  # name -> pallas_triton.scan.TILES override
     "bf16x3": {"precision": "bf16x3"},
     "bf16x6": {"precision": "bf16x6"},
     "tf32_bv32": {"precision": "tf32", "BV": 32},
+    "t": {"transposed": True},
+    "t_w4": {"transposed": True, "num_warps": 4},
+    "t_bv32": {"transposed": True, "BV": 32},
+    "t_tf32": {"transposed": True, "precision": "tf32"},
 }
 
 

@@ -537,8 +537,8 @@ def test_triton_split_leaves_inputs_alone_and_refuses_a_batch():
         gdn.prefill(*batch, backend="triton", split=1)
 
 
-@pytest.mark.parametrize("kdim,vdim", [(24, 40), (64, 64)])
-def test_pallas_scan_kernel_matches_a_plain_loop(kdim, vdim):
+@pytest.mark.parametrize("kdim,vdim,transposed", [(24, 40, False), (64, 64, False), (24, 40, True)])
+def test_pallas_scan_kernel_matches_a_plain_loop(kdim, vdim, transposed, monkeypatch):
     """The scan as one Pallas-Triton kernel (interpreter): each later piece starts from the one
     before it through that piece's map; first pieces and sequences of one piece keep start0; the
     last pieces' maps (never computed by pass 1: NaN here) are not read; dims off the tile widths."""
@@ -546,9 +546,11 @@ def test_pallas_scan_kernel_matches_a_plain_loop(kdim, vdim):
     import jax.numpy as jnp
 
     from gdn.jax_backend.mosaic_gpu.split import scan_starts as xla_scan
+    from gdn.jax_backend.pallas_triton import scan as scan_mod
     from gdn.jax_backend.pallas_triton.scan import scan_starts
     from gdn.split import two_pass_tables
 
+    monkeypatch.setitem(scan_mod.TILES, "transposed", transposed)
     sp = split_pieces([0, 500, 500, 520, 900, 1030], 2)  # 4, 0, 1, 3 and 2 pieces
     p_pad = sp.num_pieces + 2
     tb = two_pass_tables(sp, 6, p_pad)

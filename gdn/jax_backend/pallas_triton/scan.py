@@ -41,11 +41,13 @@ def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     ``precision`` (the products' algorithm, a sweep key): "tf32x3" (default, 1.7e-6 relative rms
     from the XLA scan at HIGHEST), "bf16x3" 46.6 us (9.4e-6), "bf16x6" 72.8 us (6.7e-7), "tf32"
     33.2 us (6.3e-4: too coarse for the exact split). One TF32 product still leaves ~2.2 us a step:
-    most of a step is not the product's arithmetic."""
+    most of a step is not the product's arithmetic. ``transposed`` (UNTIMED, queue q7): the walk
+    on ``S^T`` (``S^T M^T + E^T``), S^T the left operand; Triton then emits mma.sync instead of
+    wgmma (SASS on this host: 667 vs 674 instructions a step, 32 KB of SMEM instead of 64)."""
     from ...split import scan_columns
 
     return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, num_stages=1,
-                      precision="tf32x3", order="triton"), TILES, "scan")
+                      precision="tf32x3", transposed=False, order="triton"), TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
@@ -108,8 +110,19 @@ def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
                 e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
                 return sdot(m, s, prec) + e
 
+            def body_t(i, s_t):  # S^T <- S^T M^T + E^T: S^T the left operand, M read as the right
+                p = piece_id(i)
+                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s_t.T, smask)
+                m = load(em_ref.at[p, head, pl.ds(0, kp), mcols], mmask, 0.0)
+                e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
+                return lax.dot_general(s_t, m, (((1,), (1,)), ((), ())), precision=prec,
+                                       preferred_element_type=jnp.float32) + e.T
+
             s = load(em_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
-            s = lax.fori_loop(1, n - 1, body, s)
+            if meta["transposed"]:
+                s = lax.fori_loop(1, n - 1, body_t, s.T).T
+            else:
+                s = lax.fori_loop(1, n - 1, body, s)
             store(out_ref.at[piece_id(n - 1), head, pl.ds(0, kp), vcols], s, smask)
 
         pl.when(n >= 2)(walk)
