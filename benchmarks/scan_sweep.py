@@ -11,12 +11,8 @@ against the XLA scan at HIGHEST precision (relative rms and max) before its time
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import json
 import os
 import sys
-import tempfile
 
 VARIANTS = {  # name -> pallas_triton.scan.TILES override
     "stages1": {},
@@ -52,15 +48,14 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from split_trace import kernel_times
 
-    from gdn.jax_backend.mosaic_gpu.split import scan_starts as xla_scan
+    from gdn.bench import trace_calls
+    from gdn.jax_backend.mosaic_gpu.split import pick_piece_chunks, scan_starts as xla_scan
     from gdn.jax_backend.pallas_triton import scan as scan_mod
     from gdn.planner import plan as make_plan, split_pieces
-    from gdn.jax_backend.mosaic_gpu.split import pick_piece_chunks
     from gdn.split import two_pass_tables
 
-    warm = jax.jit(lambda x: x * 2)(jnp.ones(8))  # the process's first trace comes back without GPU events
-    with tempfile.TemporaryDirectory() as d, jax.profiler.trace(d):
-        jax.block_until_ready(warm * 2)
+    warm = jax.jit(lambda x: x * 2)
+    trace_calls(lambda i: warm(jnp.ones(8)), 1)  # the process's first trace comes back without GPU events
 
     for case in a.cases.split(","):
         parts = case.split(":")
@@ -91,14 +86,7 @@ def main() -> None:
                 print(f"  {name:14s} FAILED {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             rel = float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2)))
-            with tempfile.TemporaryDirectory() as d:
-                with jax.profiler.trace(d, create_perfetto_trace=True):
-                    for _ in range(a.calls):
-                        out = fn(em, by_step, start0)
-                    jax.block_until_ready(out)
-                f = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
-                with gzip.open(f) as fh:
-                    times = kernel_times(json.load(fh), a.calls)
+            times = kernel_times(trace_calls(lambda i: fn(em, by_step, start0), a.calls), a.calls)
             scan_us = sum(us for k, us in times.items() if "scan" in k)
             print(f"  {name:14s} scan {scan_us:7.1f} us  all kernels {sum(times.values()):7.1f} us  "
                   f"rel rms {rel:.1e} max {np.abs(got - ref).max():.1e}")

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
-import os
-import tempfile
 
 
-def kernel_times(trace: dict, n_calls: int) -> dict[str, float]:
-    """us per call of each kernel name on the GPU's stream threads (:func:`gdn.bench.gpu_stream_events`)."""
+def kernel_times(trace: dict | None, n_calls: int) -> dict[str, float]:
+    """us per call of each kernel name on the GPU's stream threads (:func:`gdn.bench.gpu_stream_events`)
+    of a :func:`gdn.bench.trace_calls` trace."""
     from gdn.bench import gpu_stream_events
 
+    if trace is None:
+        raise RuntimeError("jax.profiler wrote no perfetto trace")
     out = collections.Counter()
     for e in gpu_stream_events(trace):
         out[e.get("name", "?")[:90]] += float(e.get("dur", 0)) / n_calls
@@ -38,6 +36,7 @@ def main() -> None:
     import numpy as np
 
     import gdn
+    from gdn.bench import trace_calls
     from gdn.inputs import make_inputs
 
     h, hv = (int(x) for x in a.heads.split("/"))
@@ -54,15 +53,7 @@ def main() -> None:
     # the process's first profiler trace comes back without GPU events: one round before the two
     for name, fn in [("warm-up", calls["host"])] + list(calls.items()):
         jax.block_until_ready(fn())
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                out = None
-                for _ in range(a.calls):
-                    out = fn()
-                jax.block_until_ready(out)
-            f = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
-            with gzip.open(f) as fh:
-                times = kernel_times(json.load(fh), a.calls)
+        times = kernel_times(trace_calls(lambda i: fn(), a.calls), a.calls)
         if name == "warm-up":
             continue
         print(f"== {name} ({a.heads}, {a.lens}): {sum(times.values()):.1f} us of kernels per call")

@@ -620,22 +620,30 @@ def gpu_busy_ms(trace: dict, n_calls: int) -> float | None:
     return busy / 1e3 / max(1, n_calls)  # trace times are in microseconds
 
 
-def profile_crosscheck(call: Call, n_sets: int, n_calls: int = 20) -> dict:
-    """The JAX loop timing against a profiler trace of the same calls."""
+def trace_calls(run: Callable[[int], Any], n_calls: int) -> dict | None:
+    """The jax.profiler (perfetto) trace of ``run(0) .. run(n_calls - 1)``, waited for, as a dict;
+    None when no trace file was written."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             out = None
             for i in range(n_calls):
-                out = call.run(i % n_sets)
+                out = run(i)
             jax.block_until_ready(out)
         files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
         if not files:
-            return {"error": "no perfetto trace written"}
+            return None
         with gzip.open(files[0]) as fh:
-            busy = gpu_busy_ms(json.load(fh), n_calls)
-    return {"trace_gpu_busy_ms": busy, "calls": n_calls}
+            return json.load(fh)
+
+
+def profile_crosscheck(call: Call, n_sets: int, n_calls: int = 20) -> dict:
+    """The JAX loop timing against a profiler trace of the same calls."""
+    trace = trace_calls(lambda i: call.run(i % n_sets), n_calls)
+    if trace is None:
+        return {"error": "no perfetto trace written"}
+    return {"trace_gpu_busy_ms": gpu_busy_ms(trace, n_calls), "calls": n_calls}
 
 
 @dataclasses.dataclass

@@ -178,14 +178,9 @@ class Plan:
         return isinstance(self.cu_seqlens, np.ndarray)
 
     def _convert(self, key, fn) -> "Plan":
-        with _LOCK:
-            hit = self._cache.get(key)
-            if hit is None:
-                hit = dataclasses.replace(
-                    self, cu_seqlens=fn(self.cu_seqlens), chunk_indices=fn(self.chunk_indices),
-                    chunk_offsets=fn(self.chunk_offsets), _cache={})
-                self._cache[key] = hit
-            return hit
+        return self.memo(key, lambda: dataclasses.replace(
+            self, cu_seqlens=fn(self.cu_seqlens), chunk_indices=fn(self.chunk_indices),
+            chunk_offsets=fn(self.chunk_offsets), _cache={}))
 
     def memo(self, key: tuple, fn: Callable[[], Any]) -> Any:
         """``fn()`` computed once per plan and ``key`` (a backend's host tables derived from this

@@ -184,8 +184,9 @@ def host_pieces(p, split, num_tokens: int):
     from ...planner import plan as make_plan
     from ...split import two_pass_tables
 
-    key = ("mosaic_gpu_split", split.piece_cu_seqlens.tobytes(), np.asarray(split.cu_seqlens).tobytes(),
-           split.piece_chunks, num_tokens)
+    # the pieces and tables are functions of these (a Split from split_pieces)
+    key = ("mosaic_gpu_split", np.asarray(split.cu_seqlens).tobytes(), split.piece_chunks, split.chunk_size,
+           num_tokens)
 
     def build():
         piece_plan = make_plan(split.piece_cu_seqlens, p.chunk_size, num_tokens=num_tokens)

@@ -103,24 +103,21 @@ def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
             return ids_ref[i, r]
 
         def walk():
-            def body(i, s):
+            transposed = meta["transposed"]
+
+            def body(i, s):  # s: S, or S^T when transposed (S^T M^T + E^T, S^T the left operand)
                 p = piece_id(i)
-                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s, smask)
+                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s.T if transposed else s, smask)
                 m = load(em_ref.at[p, head, pl.ds(0, kp), mcols], mmask, 0.0)
                 e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
+                if transposed:
+                    return lax.dot_general(s, m, (((1,), (1,)), ((), ())), precision=prec,
+                                           preferred_element_type=jnp.float32) + e.T
                 return sdot(m, s, prec) + e
 
-            def body_t(i, s_t):  # S^T <- S^T M^T + E^T: S^T the left operand, M read as the right
-                p = piece_id(i)
-                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s_t.T, smask)
-                m = load(em_ref.at[p, head, pl.ds(0, kp), mcols], mmask, 0.0)
-                e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
-                return lax.dot_general(s_t, m, (((1,), (1,)), ((), ())), precision=prec,
-                                       preferred_element_type=jnp.float32) + e.T
-
             s = load(em_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
-            if meta["transposed"]:
-                s = lax.fori_loop(1, n - 1, body_t, s.T).T
+            if transposed:
+                s = lax.fori_loop(1, n - 1, body, s.T).T
             else:
                 s = lax.fori_loop(1, n - 1, body, s)
             store(out_ref.at[piece_id(n - 1), head, pl.ds(0, kp), vcols], s, smask)
