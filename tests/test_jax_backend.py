@@ -281,36 +281,20 @@ def test_auto_choice_and_fallback(monkeypatch):
 
 
 # -- the Pallas-Triton kernels, lowered to CUDA and compiled by Triton on this CPU host -------
-def _abstract_h200():
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-        (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev))
-
-
 @pytest.mark.parametrize("cfg", [
     dict(dtype=jnp.bfloat16, h=16, hv=32, k=128, v=128, h0=True),  # Qwen3.5
     dict(dtype=jnp.float32, h=1, hv=3, k=40, v=24, h0=False),
     dict(dtype=jnp.float16, h=2, hv=4, k=256, v=256, h0=True),
 ], ids=["qwen-bf16", "fp32-odd", "fp16-K256"])
-def test_pallas_triton_cross_lowers_and_compiles_for_h200(cfg, monkeypatch, tmp_path):
-    from jax._src.pallas.triton import lowering
-
-    ttir = []
-    orig = lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **kw):
-        res = orig(*a, **kw)
-        ttir.append(res.module.operation.get_asm(enable_debug_info=False))
-        return res
-
-    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", capture)
+def test_pallas_triton_cross_lowers_and_compiles_for_h200(cfg, tmp_path, abstract_h200, pallas_triton_ttir):
+    ttir = pallas_triton_ttir
     p = gdn.plan([0, 100, 100, 165], num_tokens=192)
     sds = jax.ShapeDtypeStruct
     q = sds((1, 192, cfg["h"], cfg["k"]), cfg["dtype"])
     v = sds((1, 192, cfg["hv"], cfg["v"]), cfg["dtype"])
     g = sds((1, 192, cfg["hv"]), jnp.float32)
     h0 = sds((p.padded_seqs, cfg["hv"], cfg["k"], cfg["v"]), jnp.float32) if cfg["h0"] else None
-    with _abstract_h200(), common.pallas_triton_warnings():
+    with abstract_h200(), common.pallas_triton_warnings():
         low = PT.core.trace(q, q, v, g, g, p, h0, scale=0.1, use_qk_l2norm=True,
                             output_final_state=True, return_stages=False,
                             interpret=False).lower(lowering_platforms=("cuda",))
@@ -320,16 +304,11 @@ def test_pallas_triton_cross_lowers_and_compiles_for_h200(cfg, monkeypatch, tmp_
     params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
     assert len(params) == 5
 
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
+    from conftest import compile_ttir_sm90
     from gdn.triton_backend.xcompile import pipeline_hazards
 
     for i, (src, (stages, warps)) in enumerate(zip(ttir, params)):
-        path = tmp_path / f"k{i}.ttir"
-        path.write_text(src)
-        kern = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=int(warps), num_stages=int(stages)))
+        kern = compile_ttir_sm90(src, tmp_path / f"k{i}.ttir", int(warps), int(stages))
         assert kern.asm["cubin"], f"kernel {i} produced no cubin"
         assert kern.metadata.shared <= 227 * 1024, f"kernel {i}: too much shared memory"
         # the sm_90 race behind the Triton backend's l2norm bug (gdn/triton_backend/xcompile.py)

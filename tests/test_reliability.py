@@ -625,26 +625,20 @@ def test_triton_grids_past_65535_sequences_and_chunks():
     assert max(g[0] for _, g in grids) >= BIG_N  # the big dimension is there, on x
 
 
-def _abstract_h200():
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-        (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev))
-
-
 def _sds(h, hv, k, v, t=BIG_N):
     s = jax.ShapeDtypeStruct
     return (s((1, t, h, k), jnp.bfloat16), s((1, t, h, k), jnp.bfloat16),
             s((1, t, hv, v), jnp.bfloat16), s((1, t, hv), jnp.float32), s((1, t, hv), jnp.float32))
 
 
-def test_pallas_triton_grids_past_65535_lowered_for_cuda():
+def test_pallas_triton_grids_past_65535_lowered_for_cuda(abstract_h200):
     """The Pallas-Triton kernels lowered for an abstract H200 (no GPU): the launch grids that
     reach CUDA keep y and z within 65535 for a plan of > 65535 sequences and chunk rows."""
     from gdn.jax_backend import common
     from gdn.jax_backend import pallas_triton as PT
 
     plan = gdn.plan(np.arange(BIG_N + 1))
-    with _abstract_h200(), common.pallas_triton_warnings():
+    with abstract_h200(), common.pallas_triton_warnings():
         low = PT.core.trace(*_sds(1, 2, 16, 16), plan, None, scale=0.1, use_qk_l2norm=False,
                             output_final_state=True, return_stages=False,
                             interpret=False).lower(lowering_platforms=("cuda",))
@@ -656,7 +650,7 @@ def test_pallas_triton_grids_past_65535_lowered_for_cuda():
     assert max(int(g[0]) for g in grids) >= BIG_N
 
 
-def test_mosaic_gpu_grids_past_65535_lowered_for_cuda(monkeypatch):
+def test_mosaic_gpu_grids_past_65535_lowered_for_cuda(monkeypatch, abstract_h200):
     """The Mosaic GPU kernels lowered for an abstract H200 (no GPU): Pallas reverses the grid
     onto CUDA (x = the last axis); the grids it launches keep y and z within 65535."""
     try:
@@ -678,7 +672,7 @@ def test_mosaic_gpu_grids_past_65535_lowered_for_cuda(monkeypatch):
         _, args = api.validate(q, k, v, g, beta, plan=plan)
         return _driver.prefill_arrays(args, interpret=False)
 
-    with _abstract_h200():
+    with abstract_h200():
         jax.jit(f).trace(*_sds(1, 2, 64, 64)).lower(lowering_platforms=("cuda",))
     assert len(grids) >= 2, grids
     for g in grids:
