@@ -32,7 +32,7 @@
 #   bash benchmarks/queue.sh q1     # s18: the split's scan kernel over its launch options (num_stages), and
 #                                   # split_trace after the tables became one-fusion sums (2/4 1x32768, 4/8 1x8192)
 #   bash benchmarks/queue.sh q7     # s18, UNTIMED: the scan kernel on S^T (mma.sync, not wgmma) against the default
-#   bash benchmarks/queue.sh q8     # s19: the two-level scan against the one walk (on S^T, on S), then s1 with FLA
+#   bash benchmarks/queue.sh q8     # s19: the scan on S^T (default) and on S, then s1 with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -113,7 +113,7 @@ case $call in
   q7) timeout -s INT 150 python3 benchmarks/scan_sweep.py --cases 2/4:32768,4/8:8192 \
         --variants stages1,t,t_w4,t_bv32,t_tf32,bf16x3 ;;
   q8) timeout -s INT 120 python3 benchmarks/scan_sweep.py --cases 2/4:32768,4/8:32768,4/8:8192 \
-        --variants default,one_walk,one_walk_s
+        --variants default,s
       GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;

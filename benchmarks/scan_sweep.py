@@ -14,11 +14,9 @@ import argparse
 import os
 import sys
 
-ONE = 1 << 20  # pairs_from_steps: never the two-level walk
 VARIANTS = {  # name -> pallas_triton.scan.TILES override
     "default": {},
-    "one_walk": {"pairs_from_steps": ONE},  # s18's kernel on S^T
-    "one_walk_s": {"pairs_from_steps": ONE, "transposed": False},  # s18's default
+    "s": {"transposed": False},  # s18's default: the walk on S
     "stages1": {},
     "stages2": {"num_stages": 2},
     "stages3": {"num_stages": 3},

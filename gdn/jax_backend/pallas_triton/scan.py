@@ -21,8 +21,6 @@ to the output).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,7 +28,7 @@ from jax import lax
 from .kernel_utils import (compiler_params, dim_tile, grid_of, iota, load, pl, program_ids, sdot,
                            sm_count, solve_precision, store, tiles)
 
-#: launch overrides of :func:`scan_starts` over :func:`scan_tiles` (its keys; a sweep's).
+#: launch overrides of :func:`scan_starts` over :func:`scan_tiles` (keys BV, num_warps, order).
 TILES: dict = {}
 
 
@@ -46,14 +44,15 @@ def scan_tiles(rows: int, hv: int, v: int, sms: int) -> dict:
     (not kept). ``precision`` (the products' algorithm, a sweep key): "tf32x3" (default), "bf16x3"
     46.5 us on S (9.4e-6), "bf16x6" 72.8 us (6.7e-7), "tf32" 32.5 us on S^T (6.3e-4: too coarse for
     the exact split). One TF32 product still leaves ~2 us a step: most of a step is latency, not
-    the product's arithmetic. ``pairs_from_steps``: the two-level walk (:func:`scan_starts_packed`)
-    from this many table rows S on (8: a column of up to 4 pieces keeps the one walk, whose 2
-    serial products beat three launches)."""
+    the product's arithmetic. A two-level walk (pairs of maps composed in parallel, then a walk
+    over the pairs) was built and timed in session 19 and dropped: at 16 pieces 38.0 us against
+    43.7, at 8 pieces 25.4 against 20.0; the parallel launches are bound by HBM (the pair products
+    read and write [E | M], 16 MB at 2/4 1x32768) and cost what the shorter chain saves
+    (benchmarks/mosaic_notes.md, session 19)."""
     from ...split import scan_columns
 
     return tiles(dict(BV=min(scan_columns(rows, hv, v, sms), dim_tile(v)), num_warps=8, num_stages=1,
-                      precision="tf32x3", transposed=True, pairs_from_steps=8,
-                      order="triton"), TILES, "scan")
+                      precision="tf32x3", transposed=True, order="triton"), TILES, "scan")
 
 
 def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
@@ -72,14 +71,8 @@ def scan_starts(e_map, m_map, by_step, start0, *, interpret: bool = False):
 
 def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
     """:func:`scan_starts` from pass 1's ``[E | M]`` fp32 [P_pad, HV, K, V + K] as it is: the
-    kernels read E's and M's columns in place (slicing them in XLA copied both, ~8 MB at 1x32768
-    and H/HV 2/4 in pieces of 32 chunks).
-
-    With ``S >= pairs_from_steps`` (8 by default) the walk is two-level, in three launches:
-    consecutive pieces' maps composed in pairs, all at once (:func:`_compose_kernel`); the walk
-    over the pairs, half the serial steps (:func:`_walk_kernel` with stride 2); the other half of
-    the starts, all at once, from the one before (:func:`_odd_kernel`). For n pieces the serial
-    chain is ~n/2 + 2 products instead of n - 2."""
+    kernel reads E's and M's columns in place (slicing them in XLA copied both, ~8 MB at 1x32768
+    and H/HV 2/4 in pieces of 32 chunks)."""
     p_pad, hv, kdim, vdim = start0.shape
     steps, rows = by_step.shape
     if em.shape != (p_pad, hv, kdim, vdim + kdim):
@@ -87,160 +80,59 @@ def scan_starts_packed(em, by_step, start0, *, interpret: bool = False):
     if steps < 2:
         return start0
     meta = scan_tiles(rows, hv, vdim, sm_count())
+    bv, kp = meta["BV"], dim_tile(kdim)
     precisions = {"tf32x3": solve_precision(False, interpret),  # IEEE fp32 in the interpreter
                   "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32, "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
                   "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
     if meta["precision"] not in precisions:
         raise ValueError(f"scan TILES: precision {meta['precision']!r}, one of {sorted(precisions)}")
-    bv, kp = meta["BV"], dim_tile(kdim)
-    g = _Geo(kdim, vdim, kp, bv, pl.cdiv(vdim, bv), pl.cdiv(kdim, bv), precisions[meta["precision"]],
-             meta, interpret)
-    # every block in bounds (K, V not powers of two): M's columns at [V, V + kp) and its tiles of
-    # the pair products at [V, V + nm * bv), E's tiles at [0, ne * bv)
-    width = max(vdim + max(kp, g.nm * bv), g.ne * bv)
+    prec = precisions[meta["precision"]]
+    width = max(vdim + kp, pl.cdiv(vdim, bv) * bv)  # every block in bounds (K, V not powers of two)
     em = em.astype(jnp.float32)
     if width > em.shape[-1]:
         em = jnp.pad(em, ((0, 0),) * 3 + ((0, width - em.shape[-1]),))
-    by_step, start0 = by_step.astype(jnp.int32), start0.astype(jnp.float32)
-    if steps < meta["pairs_from_steps"]:
-        return _walk(g, em, by_step, start0, stride=1)
-    pairs = _call(g, _compose_kernel(g, steps), jax.ShapeDtypeStruct(em.shape, jnp.float32),
-                  (rows * (steps // 2), hv, g.ne + g.nm), (by_step, em), {}, "gdn_split_scan_pairs")
-    start = _walk(g, pairs, by_step, start0, stride=2)
-    return _call(g, _odd_kernel(g, steps), jax.ShapeDtypeStruct(start0.shape, jnp.float32),
-                 (rows * (steps // 2), hv, g.ne), (by_step, em, start), {2: 0}, "gdn_split_scan_odd")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Geo:
-    """Static sizes of one scan: K, V, K's tile, the V columns of a program, the E and M column
-    tiles of the pair products, the products' algorithm, the launch meta."""
-
-    kdim: int
-    vdim: int
-    kp: int
-    bv: int
-    ne: int
-    nm: int
-    prec: object
-    meta: dict
-    interpret: bool
-
-    def smask(self, col0):
-        """[kp, bv] mask of E's (or a state's) columns col0 .. col0 + bv."""
-        return (iota(self.kp) < self.kdim)[:, None] & (col0 + iota(self.bv) < self.vdim)[None, :]
-
-    def load_m(self, ref, p, head):
-        """Piece p's map M fp32 [kp, kp] (zeros off K)."""
-        kin = iota(self.kp) < self.kdim
-        return load(ref.at[p, head, pl.ds(0, self.kp), pl.ds(self.vdim, self.kp)],
-                    kin[:, None] & kin[None, :], 0.0)
-
-
-def _call(g: _Geo, kernel, out_shape, sizes, args, aliases, name):
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid_of(sizes, g.meta["order"]), input_output_aliases=aliases,
-        interpret=g.interpret, compiler_params=compiler_params(g.meta["num_warps"], g.meta["num_stages"]),
-        name=name)(*args)
-
-
-def _count(ids_ref, steps, r):
-    """The pieces of table column r."""
-    return jnp.sum((ids_ref[pl.ds(0, steps), r] >= 0).astype(jnp.int32))
-
-
-def _walk(g: _Geo, maps, by_step, start0, *, stride: int):
-    """The serial walk over every ``stride``-th piece of each column of ``by_step`` with the maps
-    ``maps`` [P_pad, HV, K, width] (pass 1's, or the pair products at stride 2): the start of each
-    later walked piece, written over ``start0``."""
-    steps, rows = by_step.shape
 
     def kernel(ids_ref, em_ref, start0_ref, out_ref):
         del start0_ref  # aliased to out_ref: the rows no step writes keep it
-        r, head, vb = program_ids(3, g.meta["order"])
-        vcols = pl.ds(vb * g.bv, g.bv)
-        smask = g.smask(vb * g.bv)
-        n = (_count(ids_ref, steps, r) + stride - 1) // stride
-        transposed = g.meta["transposed"]
+        r, head, vb = program_ids(3, meta["order"])
+        col0 = vb * bv
+        kin = iota(kp) < kdim
+        vin = col0 + iota(bv) < vdim
+        smask = kin[:, None] & vin[None, :]
+        mmask = kin[:, None] & kin[None, :]
+        vcols, mcols = pl.ds(col0, bv), pl.ds(vdim, kp)
+        ids = ids_ref[pl.ds(0, steps), r]
+        n = jnp.sum((ids >= 0).astype(jnp.int32))
 
         def piece_id(i):
-            return ids_ref[i * stride, r]
+            return ids_ref[i, r]
 
         def walk():
+            transposed = meta["transposed"]
+
             def body(i, s):  # s: S, or S^T when transposed (S^T M^T + E^T, S^T the left operand)
                 p = piece_id(i)
-                store(out_ref.at[p, head, pl.ds(0, g.kp), vcols], s.T if transposed else s, smask)
-                m = g.load_m(em_ref, p, head)
-                e = load(em_ref.at[p, head, pl.ds(0, g.kp), vcols], smask, 0.0)
+                store(out_ref.at[p, head, pl.ds(0, kp), vcols], s.T if transposed else s, smask)
+                m = load(em_ref.at[p, head, pl.ds(0, kp), mcols], mmask, 0.0)
+                e = load(em_ref.at[p, head, pl.ds(0, kp), vcols], smask, 0.0)
                 if transposed:
-                    return lax.dot_general(s, m, (((1,), (1,)), ((), ())), precision=g.prec,
+                    return lax.dot_general(s, m, (((1,), (1,)), ((), ())), precision=prec,
                                            preferred_element_type=jnp.float32) + e.T
-                return sdot(m, s, g.prec) + e
+                return sdot(m, s, prec) + e
 
-            s = load(em_ref.at[piece_id(0), head, pl.ds(0, g.kp), vcols], smask, 0.0)
+            s = load(em_ref.at[piece_id(0), head, pl.ds(0, kp), vcols], smask, 0.0)
             if transposed:
                 s = lax.fori_loop(1, n - 1, body, s.T).T
             else:
                 s = lax.fori_loop(1, n - 1, body, s)
-            store(out_ref.at[piece_id(n - 1), head, pl.ds(0, g.kp), vcols], s, smask)
+            store(out_ref.at[piece_id(n - 1), head, pl.ds(0, kp), vcols], s, smask)
 
         pl.when(n >= 2)(walk)
 
-    return _call(g, kernel, jax.ShapeDtypeStruct(start0.shape, jnp.float32), (rows, start0.shape[1], g.ne),
-                 (by_step, maps, start0), {2: 0}, "gdn_split_scan")
-
-
-def _compose_kernel(g: _Geo, steps: int):
-    """Program (column r and pair j, v head, column tile c) of the pair products: for the pieces
-    a = p_2j, b = p_2j+1 of column r with b not its last, ``[E_a | M_a]`` tile c becomes
-    ``M_b [E_a | M_a] + [E_b | 0]`` at row a (b's map after a's). A first piece (j = 0) has no map
-    (its M is not computed): only its E tiles, which make the walk's first state, p_2's start."""
-    half = steps // 2
-
-    def kernel(ids_ref, em_ref, out_ref):
-        rj, head, c = program_ids(3, g.meta["order"])
-        r, j = rj // half, rj % half
-        n = _count(ids_ref, steps, r)
-        on_e = c < g.ne
-        on_m = (c >= g.ne).astype(jnp.int32)  # (arithmetic: a scalar select of two constants
-        col0 = c * g.bv + on_m * (g.vdim - g.ne * g.bv)  # does not lower to Triton in jax 0.11.2)
-        cols = pl.ds(col0, g.bv)
-        kin = iota(g.kp) < g.kdim
-        mask = kin[:, None] & (col0 + iota(g.bv) < g.vdim + on_m * g.kdim)[None, :]
-
-        def pair():
-            a, b = ids_ref[2 * j, r], ids_ref[2 * j + 1, r]
-            x = load(em_ref.at[a, head, pl.ds(0, g.kp), cols], mask, 0.0)
-            e = load(em_ref.at[b, head, pl.ds(0, g.kp), cols], mask & on_e, 0.0)
-            store(out_ref.at[a, head, pl.ds(0, g.kp), cols], sdot(g.load_m(em_ref, b, head), x, g.prec) + e,
-                  mask)
-
-        pl.when((2 * j + 3 <= n) & ((j > 0) | on_e))(pair)
-
-    return kernel
-
-
-def _odd_kernel(g: _Geo, steps: int):
-    """Program (column r and pair j, v head, V tile) of the starts the pair walk skips: piece
-    p_2j+1 of column r starts from p_2j's start through p_2j's map (j > 0), or at p_0's E, its
-    end state from the sequence's initial state (j = 0)."""
-    half = steps // 2
-
-    def kernel(ids_ref, em_ref, start_ref, out_ref):
-        del start_ref  # aliased to out_ref: read the walk's starts there
-        rj, head, vb = program_ids(3, g.meta["order"])
-        r, j = rj // half, rj % half
-        n = _count(ids_ref, steps, r)
-        vcols = pl.ds(vb * g.bv, g.bv)
-        smask = g.smask(vb * g.bv)
-
-        def odd():
-            a, b = ids_ref[2 * j, r], ids_ref[2 * j + 1, r]
-            e = load(em_ref.at[a, head, pl.ds(0, g.kp), vcols], smask, 0.0)
-            s = load(out_ref.at[a, head, pl.ds(0, g.kp), vcols], smask & (j > 0), 0.0)
-            m = jnp.where(j > 0, g.load_m(em_ref, a, head), 0.0)  # (a first piece's map: not computed)
-            store(out_ref.at[b, head, pl.ds(0, g.kp), vcols], sdot(m, s, g.prec) + e, smask)
-
-        pl.when(2 * j + 2 <= n)(odd)
-
-    return kernel
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(start0.shape, jnp.float32),
+        grid=grid_of((rows, hv, pl.cdiv(vdim, bv)), meta["order"]),
+        input_output_aliases={2: 0}, interpret=interpret,
+        compiler_params=compiler_params(meta["num_warps"], meta["num_stages"]),
+        name="gdn_split_scan",
+    )(by_step.astype(jnp.int32), em, start0.astype(jnp.float32))
