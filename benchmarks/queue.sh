@@ -33,6 +33,12 @@
 #                                   # split_trace after the tables became one-fusion sums (2/4 1x32768, 4/8 1x8192)
 #   bash benchmarks/queue.sh q7     # s18, UNTIMED: the scan kernel on S^T (mma.sync, not wgmma) against the default
 #   bash benchmarks/queue.sh q8     # s19: the scan on S^T (default) and on S, then s1 with FLA
+#   bash benchmarks/queue.sh q11    # s19: the wide loop's in-kernel profile on the persistent grid (8x256: where
+#                                   # an item's ~10 us beyond its tiles go), P's zero arm (opaque vs constant)
+#                                   # on the loop alone at 4x8192, then s1 (the scan on S^T) with FLA
+#   bash benchmarks/queue.sh q12    # s19: the persistent wide loop with each item's h0 staged in SMEM an item ahead
+#                                   # (2 stages) vs the L2 prefetch (3 stages, and 2 as a control), loop alone
+#                                   # at 128x256 and mix; its NaN isolation compiled
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -116,6 +122,13 @@ case $call in
         --variants default,s
       GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
+  q11) timeout -s INT 150 $M --only profile --tag q11p --profile-lens 256,256,256,256,256,256,256,256
+      timeout -s INT 130 $M --only loops --tag q11l --loop-shapes 4x8192 --loop-variants one_per_item,zero_const
+      GDN_BUDGET_S=230 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 2/4 4/8 ;;
+  q12) timeout -s INT 100 $M --only nan --tag q12n --nan-names persistent_h0smem_wide
+      timeout -s INT 200 $M --only loops --tag q12l --loop-shapes 128x256,mix \
+        --loop-variants table_pf,table_pf_s2,table_h0smem ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -463,6 +463,9 @@ def _main_interpret_cases(path):
     # bit; the float64 case wide_persist_jit runs the grid without them, its items by the ranking)
     _timed(results, "persistent_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch=True,
                                                                   loop_overlap=True, loop_schedule="table"))
+    # each item's initial state loaded into the state warpgroups' own SMEM staging an item ahead
+    _timed(results, "persistent_h0smem_bits_wide", lambda: _loop_io_bits("wide", loop_ctas=3, loop_prefetch="smem",
+                                                                        loop_schedule="table"))
     _timed(results, "overlap_bits_wide", lambda: _loop_io_bits("wide", loop_overlap=True))
     _timed(results, "overlap_bits_narrow", lambda: _loop_io_bits("narrow", loop_overlap=True))
     # the wide loop's output store issued in the next tile's shadow (loop_overlap="store"); on the
@@ -554,12 +557,13 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
 
 
 @pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide",
-                                  "overlap_bits_wide", "overlap_bits_narrow", "store_bits_wide",
+                                  "persistent_h0smem_bits_wide", "overlap_bits_wide", "overlap_bits_narrow", "store_bits_wide",
                                   "persistent_store_bits_wide"])
 def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
     """loop_direct_io=True (the initial / final state straight between global memory and registers)
     and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one
-    stream of tiles, with loop_prefetch and loop_overlap) and loop_overlap alone (both loops) give
+    stream of tiles, with loop_prefetch and loop_overlap; with loop_prefetch="smem", each item's
+    initial state staged in SMEM an item ahead) and loop_overlap alone (both loops) give
     the default loop's bits, on clean inputs and on inputs whose one
     sequence's initial state holds a NaN (which must stay in that sequence's final state only)."""
     res = interp_results[name]

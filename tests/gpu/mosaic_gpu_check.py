@@ -192,6 +192,8 @@ def sec_nan(names=()):
                                                                        loop_schedule="table")),
                              ("overlap_wide", "wide", dict(loop_overlap=True)),
                              ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True)),
+                             ("persistent_h0smem_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
+                                                                     loop_schedule="table")),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True))):
         if names and name not in names:
             continue
@@ -549,6 +551,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
     "persist_table_pf": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch=True),
+    # s19, UNTIMED: each item's initial state into the state warpgroups' own SMEM an item ahead (2 stages)
+    "persist_h0smem": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch="smem"),
     # use_qk_l2norm: folded into the kernels (s10; H200 s12: 0.681 vs 0.714 ms at 4x8192) vs q and k normalized by XLA first
     "l2norm": dict(_l2norm="fold"),
     "l2norm_xla": dict(_l2norm="xla"),
@@ -734,11 +738,17 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "order": dict(ctas=132),  # persistent, item lookups derived in the kernel (session 8's default)
     "table": dict(ctas=132, schedule="table"),  # persistent, items read from the per-CTA table
     "table_pf": dict(ctas=132, schedule="table", prefetch_h0=True),  # ... and each item's h0 prefetched into L2
+    # s19: ... into each state warpgroup's own SMEM staging an item ahead (2 stages), and its control
+    "table_h0smem": dict(ctas=132, schedule="table", prefetch_h0="smem"),
+    "table_pf_s2": dict(ctas=132, schedule="table", prefetch_h0=True, stages=2),
     "order_overlap": dict(ctas=132, overlap=True),
     "table_pf_overlap": dict(ctas=132, schedule="table", prefetch_h0=True, overlap=True),
     # s17: P's mask by three compares per element, as before causal_mask (the same bits)
     "mask3": dict(_p_mask="three"),
     "table_pf_mask3": dict(ctas=132, schedule="table", prefetch_h0=True, _p_mask="three"),
+    # s19: P's select with a constant zero arm (LLVM sinks it past the bf16 cast: selp.b16)
+    "zero_const": dict(_p_mask="one_const"),
+    "table_pf_zero_const": dict(ctas=132, schedule="table", prefetch_h0=True, _p_mask="one_const"),
     # s17 (slower, m1): the output's fence, barrier and TMA issue in the next tile's first group's shadow
     "store": dict(overlap="store"),
     "table_pf_store": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="store"),

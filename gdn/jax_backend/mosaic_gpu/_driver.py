@@ -97,7 +97,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          intra_out_buffers: int = 2, intra_solve: str = "smem", intra_warpgroups: int = 1,
          chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
-         loop_prefetch: bool = False, loop_overlap: bool = False, loop_schedule: str = "order",
+         loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
@@ -231,7 +231,7 @@ def run_intra(x: Prepared, use_qk_l2norm: bool, **options) -> tuple[Any, Any, Pr
 
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-         prefetch_h0: bool = False, overlap: bool = False, schedule: str = "order", halves=None,
+         prefetch_h0: bool | str = False, overlap: bool = False, schedule: str = "order", halves=None,
          interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
@@ -348,7 +348,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
                    intra_solve: str = "smem", intra_warpgroups: int = 1, chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
-                   loop_prefetch: bool = True, loop_overlap: bool | str = "auto",
+                   loop_prefetch: bool | str = True, loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
@@ -384,7 +384,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``ctas``; the default loop ignores it), None for
     one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch`` (on by default):
     on that grid, each item's initial state prefetched into L2 ``stages`` tiles ahead
-    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); ``loop_overlap``: the work that is
+    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``), or with "smem" (UNTIMED) loaded
+    into each state warpgroup's own SMEM staging an item ahead (2 ring stages); ``loop_overlap``: the work that is
     off the state chain (the output store, exponentials, the state's decay, the narrow loop's
     publications) done while the chain's products run (either loop's ``overlap``); "auto" (the
     default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`); "store" (slower, 3%
@@ -415,8 +416,10 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                         intra_solve, intra_warpgroups,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers",
                                "intra_solve", "intra_warpgroups"))
+    if not (isinstance(loop_prefetch, bool) or loop_prefetch == "smem"):
+        raise TypeError(f"loop_prefetch must be a bool or 'smem', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_prefetch", loop_prefetch), ("loop_halves", loop_halves)):
+                      ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)

@@ -53,7 +53,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows, cols, column_select,
                      compiler_params, drain_releases, finish_together, for_tail_tiles, has_row_scales,
                      interpret_params, iota,
-                     k_scaled, load_state, masked_decay, masked_exp, mm, products, qk_scaled, rows, seq_tiles,
+                     k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, qk_scaled, rows, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
 
@@ -82,17 +82,19 @@ ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
 
 
 def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
-               fused: bool = False) -> int:
+               fused: bool = False, h0_smem: bool = False) -> int:
     nsw = dv // BV
     # q, k, v, Ag, P, gc x2 (+ q's and k's row scales) (+ beta x2 with the intra work fused in)
     per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + (2 + 2 * l2 + 2 * fused) * C * 4
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
-    return ring + nsw * C * BV * out_itemsize  # + each state warpgroup's output tile
+    # + each state warpgroup's output tile (+ its own h0 staging beside the ring: prefetch_h0="smem")
+    return ring + nsw * C * BV * out_itemsize + h0_smem * nsw * dk * BV * 4
 
 
-def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False, fused: bool = False) -> int:
+def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False, fused: bool = False,
+                h0_smem: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2, fused) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2, fused, h0_smem) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} "
                               "bytes of SMEM")
@@ -128,7 +130,7 @@ def _persistent_schedule(cu, hv: int, ctas: int, schedule: str):
 def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                     stages: int | None = None, regs: tuple[int, int] | None = None, lean: bool = True,
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
-                    prefetch_h0: bool = False, overlap: bool | str = False, interpret=None,
+                    prefetch_h0: bool | str = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
                     gates=None, _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
@@ -175,6 +177,12 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     the TMA unit to prefetch that item's initial state [K, V] into L2, so the state warpgroups' direct
     loads at the item's start find it there instead of in HBM (one HBM round trip on the chain per
     item: 4 tiles per item at 128x256).
+    ``prefetch_h0="smem"`` (with ``ctas`` and an initial state; UNTIMED): each state warpgroup keeps its own fp32 [K, 64]
+    SMEM staging beside the ring (64 KB at V = 128, so 2 ring stages instead of 3) and, as soon as it
+    has read an item's initial state from there, has the TMA unit load its next item's into it:
+    the load runs during the item's tiles, and the item's start reads SMEM instead of waiting on
+    global loads (H100, 2026-12-06, in-kernel profile at 8x256: the direct loads' region took
+    8.2 us per item, 17% of a warpgroup's life; mostly cold there, two items per CTA).
     ``overlap`` (UNTIMED, off): each state warpgroup stores tile i's output while the tensor cores
     compute tile i + 1's first product group (U and X) instead of before issuing it: the store
     (the wait for the previous TMA read, the transposed SMEM write, the fence, the TMA issue;
@@ -204,8 +212,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     For a plan traced under jit whose bucket holds counts that want different loops
     (:func:`._driver.halves_table`).
     ``_ablate``: names of :data:`ABLATIONS` to drop (a diagnostic: wrong results). ``_p_mask``
-    (a diagnostic, the same bits): "one", P's mask by :func:`.common.causal_mask`; "three", by three
-    compares per element (before 2026-12-06), to time the two in one call.
+    (a diagnostic, the same bits): "one", P's mask by :func:`.common.causal_mask` and its zero arm
+    :func:`.common.opaque_zero`; "one_const", the same mask with a constant zero arm (before
+    session 19); "three", by three compares per element (before 2026-12-06): to time them in one call.
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows: q and k are the caller's, not normalized; the scales join the exponents of the
     factors that already multiply q's rows and k's rows in the products (P's rows and columns, Q's
@@ -242,8 +251,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
+    if prefetch_h0 not in (False, True, "smem"):
+        raise ValueError(f"prefetch_h0 must be False, True or 'smem', got {prefetch_h0!r}")
+    h0_smem = prefetch_h0 == "smem" and h0 is not None and ctas is not None  # (like True: the persistent grid's)
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz, l2, gates is not None)
+        stages = pick_stages(dk, dv, isz, osz, l2, gates is not None, h0_smem)
     if overlap not in (True, False, "store"):
         raise ValueError(f"overlap must be True, False or 'store', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
@@ -289,6 +301,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         # per state warpgroup: the swizzled output tile or the plain one of the row stores
         # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
         o_st=tuple(plgpu.RefUnion(tile((C, BV), out_dtype), plgpu.SMEM((C, BV), out_dtype)) for _ in range(nsw)),
+        **(dict(h0_st=tuple(plgpu.SMEM((dk, BV), F32) for _ in range(nsw))) if h0_smem else {}),
         in_bar=plgpu.Barrier(num_arrivals=5 + nsw + 2 * l2, num_barriers=stages),  # one per TMA copy of a slot
         ready=plgpu.Barrier(num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=nsw, num_barriers=stages),
@@ -298,7 +311,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         done=plgpu.Barrier(num_arrivals=nsw + 1),
     )
 
-    def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done):
+    def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done, h0_st=None):
         (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *more), st_s = ring
         lq_rows, lk_cols = more if l2 else (None, None)
         b_rows, b_cols = more if fused else (None, None)
@@ -419,7 +432,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                                          lq_rows, lk_cols, slot)
                     # columns of other sequences' tokens selected to 0 (their k may be NaN); rows of
                     # other tokens give output rows nobody stores
-                    if _p_mask == "one":
+                    if _p_mask in ("one", "one_const"):
                         mask = causal_mask(lo, hi, sq)  # r >= c, lo <= c < hi
                     else:
                         r, c = iota(sq, 0), iota(sq, 1)
@@ -430,7 +443,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         p_s.at[slot][...] = jnp.where(mask, p * dec, 0.0).astype(dtype)
                     else:
                         p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                        p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                        zero = opaque_zero(cu_ref) if _p_mask == "one" else 0.0
+                        p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq), zero).astype(dtype)
                         e_r = jnp.exp(g_r)
                 with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
                     for h0_ in range(dk // BV):
@@ -488,7 +502,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def issue_at(kk, ii, slot):
                 n, j, _, _, rows_of = item(kk)
                 issue(j, rows_of(ii)[1], slot)
-                if prefetch_h0 and has_h0:  # the item's initial state into L2 ahead of its first tile
+                if prefetch_h0 is True and has_h0:  # the item's initial state into L2 ahead of its first tile
                     plgpu.async_prefetch(h0_ref.at[jnp.minimum(n, n_h0 - 1), j], predicate=(ii == 0) & (n < n_h0))
 
             k0 = first_with_tiles(jnp.int32(0))
@@ -553,7 +567,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 if not has_h0:
                     return plgpu.layout_cast(jnp.zeros((BV, dk), F32), WG)
                 h0_blk = h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, BV)]
-                if direct_io or persistent:
+                if h0_smem:  # staged by the TMA load that issue_h0 started one item earlier
+                    plgpu.barrier_wait(h0_bar.at[w])
+                    s0 = plgpu.layout_cast(plgpu.load(h0_st[w].T, layout=WGT), WG)
+                elif direct_io or persistent:
                     s0 = load_state(h0_blk)
                 else:
                     plgpu.copy_gmem_to_smem(h0_blk, st_s[w], h0_bar.at[w])
@@ -726,11 +743,19 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 return vn_lo, vd_t, s_dec
 
             if persistent:
+                def issue_h0(kk):  # item kk's initial-state block -> this warpgroup's SMEM staging (TMA)
+                    n, j = item(kk)[:2]
+                    plgpu.copy_gmem_to_smem(h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, BV)], h0_st[w],
+                                            h0_bar.at[w])
+
                 def run_item(kk, carry):
                     g, pend = carry
                     n, j, is_seq, nt, rows_of = item(kk)
                     with jax.named_scope("s_h0"):  # issue only: the loads are waited for in the first s_pre
                         s0 = initial(n, j)
+                        if h0_smem:  # every thread has read the staging: the next item's may come in
+                            plgpu.commit_smem()
+                            pl.when(kk + 1 < n_mine)(lambda: issue_h0(kk + 1))
                     # with overlap the item's last output tile stays pending into the next item
                     s_t, pend = lax.fori_loop(0, nt, lambda i, c: step(g + i, j, rows_of(i), *c), (s0, pend))
                     if store_shadow:  # the staged tile leaves before the tail's zeros take its SMEM
@@ -747,6 +772,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     return g + nt, pend
 
                 pend0 = pending0() if overlap or store_shadow else None
+                if h0_smem:
+                    pl.when(n_mine > 0)(lambda: issue_h0(jnp.int32(0)))
                 _, pend = lax.fori_loop(0, n_mine, run_item, (jnp.int32(0), pend0))
                 if pend is not None:
                     flush(pend)

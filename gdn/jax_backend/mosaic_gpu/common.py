@@ -183,14 +183,24 @@ def masked_exp(mask, x):
     return jnp.where(mask, jnp.exp(x), 0.0)
 
 
-def masked_decay(mask, p, x):
-    """``p * exp(x)`` where ``mask``, else exactly 0.
+def masked_decay(mask, p, x, zero=0.0):
+    """``p * exp(x)`` where ``mask``, else ``zero`` (exactly 0).
 
     A select, not a product with a 0/1 factor: a tile holds tokens of neighbouring sequences, and a
     NaN / inf of theirs in ``p`` or ``x`` (or an ``exp`` overflow of a masked ``x``) must not survive
-    outside ``mask`` (``NaN * 0 = NaN``); the select alone removes it.
+    outside ``mask`` (``NaN * 0 = NaN``); the select alone removes it. ``zero``: a runtime 0 (see
+    :func:`opaque_zero`) where the result is cast to 16 bits next.
     """
-    return jnp.where(mask, p * jnp.exp(x), 0.0)
+    return jnp.where(mask, p * jnp.exp(x), zero)
+
+
+def opaque_zero(cu_ref):
+    """fp32 0 that LLVM cannot prove to be 0: ``min(cu[0], 0)`` of the plan's ``cu_seqlens``
+    (0 by the planner's validation). A select with a constant 0 arm followed by a cast to bf16 is
+    turned by LLVM into the cast, then a 16-bit select per element (``selp.b16``), which ptxas
+    expands to PRMT / SEL / PRMT per packed pair; with this arm the select stays one FSEL per
+    element before the pack."""
+    return jnp.minimum(cu_ref[0], 0).astype(F32)
 
 
 def causal_mask(lo, hi, sq=(C, C)):
