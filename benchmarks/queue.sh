@@ -39,6 +39,8 @@
 #   bash benchmarks/queue.sh q12    # s19: the persistent wide loop with each item's h0 staged in SMEM an item ahead
 #                                   # (2 stages) vs the L2 prefetch (3 stages, and 2 as a control), loop alone
 #                                   # at 128x256 and mix; its NaN isolation compiled
+#   bash benchmarks/queue.sh q13    # s19: h0 staged vs L2 prefetch at 256x128, 64x512, 32x1024 (loop alone), then
+#                                   # gdn bench 16/32 (128x256, mix, 4x8192) with FLA under the new policy
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -129,6 +131,10 @@ case $call in
   q12) timeout -s INT 100 $M --only nan --tag q12n --nan-names persistent_h0smem_wide
       timeout -s INT 200 $M --only loops --tag q12l --loop-shapes 128x256,mix \
         --loop-variants table_pf,table_pf_s2,table_h0smem ;;
+  q13) timeout -s INT 150 $M --only loops --tag q13l --loop-shapes 256x128,64x512,32x1024 \
+        --loop-variants table_pf,table_h0smem
+      GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/b16 \
+        GDN_BENCH_ARGS="--no-profile --layouts 128x256,mix,4x8192" bash benchmarks/h200.sh bench 16/32 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

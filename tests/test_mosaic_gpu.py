@@ -1275,6 +1275,30 @@ def test_loop_ctas_policy():
         assert ctas is None or (variant == "wide" and n * hv > 132), (n, hv)
 
 
+def test_persistent_grid_h0_prefetch_policy():
+    """On the persistent grid each item's initial state is staged in SMEM where the sequences are
+    short on average (128x256: the loop alone 0.566 vs 0.673 ms on an H100) and prefetched into L2
+    where they are longer (the serving mix, ~780 tokens: 0.515 vs 0.529); without the persistent grid
+    the choice does not matter (True); a traced plan decides for the longest mean of its bucket."""
+    import jax
+
+    from gdn import plan as make_plan
+    from gdn.jax_backend.mosaic_gpu._driver import H0_SMEM_MAX_MEAN_TOKENS, pick_loop_prefetch
+
+    short = make_plan(np.arange(0, 128 * 256 + 1, 256))
+    assert pick_loop_prefetch(short, 128 * 256, 132) == "smem"
+    assert pick_loop_prefetch(short, 128 * 256, None) is True
+    mix = make_plan(np.linspace(0, 32768, 43).astype(np.int64))  # 42 sequences of ~780 tokens
+    assert pick_loop_prefetch(mix, 32768, 132) is True
+    edge = make_plan(np.arange(0, 64 * H0_SMEM_MAX_MEAN_TOKENS + 1, H0_SMEM_MAX_MEAN_TOKENS))
+    assert pick_loop_prefetch(edge, 64 * H0_SMEM_MAX_MEAN_TOKENS, 132) == "smem"
+    assert pick_loop_prefetch(edge, 64 * H0_SMEM_MAX_MEAN_TOKENS + 64, 132) is True
+    seen = []
+    jax.jit(lambda p: seen.append(pick_loop_prefetch(p, 128 * 256, 132)) or 0)(short.to_jax())
+    # the bucket of 128 sequences reaches down to 121: 271 tokens at most, still short
+    assert seen == ["smem"]
+
+
 def test_traced_plan_grid_policy(monkeypatch):
     """With a plan traced under the caller's jit (its sequence count unknown), the loop and its grid
     are picked for every count of the plan's bucket, so one compilation serves the bucket: the wide

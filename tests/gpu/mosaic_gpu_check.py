@@ -601,6 +601,10 @@ NAMED_SHAPES = [  # timed only when --shapes names them
     ("1x32760", [32760], 16, 32, None),
     ("4x8191", [8191] * 4, 16, 32, None),
     ("1x8192", [8192], 16, 32, 0.15),  # issue 6's target (the floor bucket's narrow pick under jit)
+    # s19: the persistent grid's h0 staged in SMEM (short items) or prefetched into L2 (long ones)
+    ("256x128", [128] * 256, 16, 32, None),
+    ("64x512", [512] * 64, 16, 32, None),
+    ("32x1024", [1024] * 32, 16, 32, None),
 ]
 
 
@@ -766,7 +770,7 @@ def sec_loops(shapes=("128x256", "mix"), names=("one_per_item", "order", "table"
         _add_mix()
     out = {}
     for label in shapes:
-        lens = next(s[1] for s in SHAPES if s[0] == label)
+        lens = next(s[1] for s in SHAPES + NAMED_SHAPES if s[0] == label)
         x = _kernel_inputs(lens, 16, 32)
         args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
         fns = {name: jax.jit(lambda q, k, v, ag, gc, cu, h0, kw=LOOP_VARIANTS[name]: chunk_loop_wide(

@@ -268,6 +268,25 @@ def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) 
     return sms
 
 
+#: the persistent grid stages each item's initial state in SMEM (``prefetch_h0="smem"``, 2 ring stages)
+#: where the batch's sequences hold at most this many tokens on average, else prefetches it into L2
+#: (3 stages). The wide loop alone on an H100, 2026-12-06 (session 19, q12 / q13, ms, staged vs L2):
+#: 256x128 0.761 vs 0.943, 128x256 0.566 vs 0.673 (0.605 for the L2 prefetch at 2 stages), 64x512
+#: 0.494 vs 0.509; 32x1024 0.455 vs 0.435, the serving mix (~780 tokens a sequence) 0.529 vs 0.515.
+#: The whole prefill at 128x256 with it: 0.767 ms (FLA 2.402 in the same call; 0.865 in session 16).
+H0_SMEM_MAX_MEAN_TOKENS = 512
+
+
+def pick_loop_prefetch(plan, tokens: int, loop_ctas) -> bool | str:
+    """``loop_prefetch="auto"``: "smem" on the persistent grid when the sequences are short on
+    average (:data:`H0_SMEM_MAX_MEAN_TOKENS`; for a traced plan, with its bucket's smallest count, the
+    longest mean it can have), else True (the L2 prefetch)."""
+    rng = _seq_range(plan)
+    if loop_ctas is None or rng is None:
+        return True
+    return "smem" if tokens <= H0_SMEM_MAX_MEAN_TOKENS * max(rng[0], 1) else True
+
+
 def _counted_seqs(plan) -> int | None:
     """The sequences the grid policies count: those with tokens (an empty one's CTAs exit at once,
     and padding a batch with empty sequences must not change the kernels), None under a jit."""
@@ -348,7 +367,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
                    intra_solve: str = "smem", intra_warpgroups: int = 1, chunk_variant: str = "auto", loop_lean: bool = True, loop_bare: bool = True,
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
-                   loop_prefetch: bool | str = True, loop_overlap: bool | str = "auto",
+                   loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
@@ -382,10 +401,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ms at 128x256, 1.017 vs 1.021 on the serving mix, so off); ``loop_ctas``: the wide loop's
     persistent grid of that many CTAs walking the (sequence, v head) items
     (:func:`chunk_loop_wide.chunk_loop_wide`'s ``ctas``; the default loop ignores it), None for
-    one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch`` (on by default):
-    on that grid, each item's initial state prefetched into L2 ``stages`` tiles ahead
-    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``), or with "smem" (UNTIMED) loaded
-    into each state warpgroup's own SMEM staging an item ahead (2 ring stages); ``loop_overlap``: the work that is
+    one CTA per item, "auto" (the default) :func:`pick_loop_ctas`; ``loop_prefetch``: on that grid,
+    each item's initial state prefetched into L2 ``stages`` tiles ahead (True) or loaded into each
+    state warpgroup's own SMEM staging an item ahead ("smem", 2 ring stages)
+    (:func:`chunk_loop_wide.chunk_loop_wide`'s ``prefetch_h0``); "auto" (the default):
+    :func:`pick_loop_prefetch`; ``loop_overlap``: the work that is
     off the state chain (the output store, exponentials, the state's decay, the narrow loop's
     publications) done while the chain's products run (either loop's ``overlap``); "auto" (the
     default) turns it on for the narrow loop only (:func:`resolve_loop_overlap`); "store" (slower, 3%
@@ -416,8 +436,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                         intra_solve, intra_warpgroups,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers",
                                "intra_solve", "intra_warpgroups"))
-    if not (isinstance(loop_prefetch, bool) or loop_prefetch == "smem"):
-        raise TypeError(f"loop_prefetch must be a bool or 'smem', got {loop_prefetch!r}")
+    if not (isinstance(loop_prefetch, bool) or loop_prefetch in ("smem", "auto")):
+        raise TypeError(f"loop_prefetch must be a bool, 'smem' or 'auto', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
                       ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
@@ -446,6 +466,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         rng = _seq_range(args.plan)  # (one CTA per item otherwise, what a host plan of 4 x 32 items runs)
         loop_ctas = pick_loop_ctas(None if rng is None else max(rng[0], 1), args.dims[1], chunk_variant,
                                    _sm_count())
+    if loop_prefetch == "auto":
+        loop_prefetch = pick_loop_prefetch(args.plan, args.batch * args.seqlen, loop_ctas)
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,
