@@ -41,6 +41,7 @@
 #                                   # at 128x256 and mix; its NaN isolation compiled
 #   bash benchmarks/queue.sh q13    # s19: h0 staged vs L2 prefetch at 256x128, 64x512, 32x1024 (loop alone), then
 #                                   # gdn bench 16/32 (128x256, mix, 4x8192) with FLA under the new policy
+#   (q14, s19: the final state out through the h0 staging, timed and dropped: mosaic_notes session 19)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
