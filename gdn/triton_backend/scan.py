@@ -8,13 +8,14 @@ state in ``E`` and no map). Each sequence's pieces are walked in order::
     for each later piece p:  start[p] = s;  s = M[p] s + E[p]
 
 One program per (sequence of several pieces, v head, V tile of ``BV`` columns) keeps ``s`` fp32
-in registers for the whole walk, as ``S^T`` [BV, K] (``S^T M^T + E^T``; the JAX twin measured
-this 18% faster than the walk on S on an H100, 43.6 vs 53.4 us at H/HV 2/4 1x32768; here
-UNTIMED): one launch, where a step of batched torch products costs several launches (the scan is launch-bound at tensor-parallel head counts, which
-are what the split is for). The products are tf32x3 (three TF32 tensor-core products: fp32
-accuracy; IEEE in the interpreter) with 8 warps: compiled for sm_90 at K = 128 (BV = 16) that
-spills 84 B of registers per thread, an IEEE fp32 dot 3 KB; K halves in four [64, 64] blocks did
-not help (332 to 1216 B). The JAX backend's twin is
+in registers for the whole walk, as ``S^T`` [BV, K] (``S^T M^T + E^T``, the JAX twin's
+``transposed``: 18% faster there than the walk on S on an H100, 43.6 vs 53.4 us at H/HV 2/4
+1x32768; here UNTIMED): one launch, where a step of batched torch products costs several launches
+(the scan is launch-bound at tensor-parallel head counts, which are what the split is for). The products are tf32x3 (three TF32 tensor-core products: fp32
+accuracy; IEEE in the interpreter) with 8 warps: compiled for sm_90 at K = 128 (BV = 16) the walk
+on S^T takes 226 registers, no spills, 32 KiB of SMEM (``python -m gdn.triton_backend.xcompile``,
+2026-12-06); on S it spilled 84 B per thread, an IEEE fp32 dot 3 KB, and K halves in four [64, 64]
+blocks did not help (332 to 1216 B). The JAX backend's twin is
 gdn/jax_backend/pallas_triton/scan.py.
 """
 from __future__ import annotations
@@ -36,26 +37,26 @@ def _scan_kernel(ids, e_map, m_map, start, R,
     kk = tl.arange(0, BK)
     col = vb * BV + tl.arange(0, BV)
     km = kk < K
-    smask = (col < V)[:, None] & km[None, :]  # s is S^T [BV, BK]: the walk is S^T M^T + E^T
+    smask = km[:, None] & (col < V)[None, :]
     mmask = km[:, None] & km[None, :]
     n = 0  # the pieces of sequence r (a scalar loop: the interpreter cannot take a range from tl.sum)
     for i in range(0, STEPS):
         n += (tl.load(ids + i * R + r) >= 0).to(tl.int32)
     if n >= 2:
-        # transposed views by strides: no copy, and S^T as the left operand lets Triton keep it in
+        e0 = e_map + head * se_h + kk[:, None] * se_k + col[None, :]
+        m0 = m_map + head * sm_h + kk[:, None] * sm_k + kk[None, :]
+        s0 = start + head * ss_h + kk[:, None] * ss_k + col[None, :]
+        # the walk on S^T (S^T M^T + E^T): S^T is the dot's left operand, which Triton keeps in
         # registers (mma.sync) instead of staging it through SMEM for wgmma
-        e0 = e_map + head * se_h + col[:, None] + kk[None, :] * se_k
-        m0 = m_map + head * sm_h + kk[:, None] + kk[None, :] * sm_k  # M^T
-        s0 = start + head * ss_h + col[:, None] + kk[None, :] * ss_k
-        s = tl.load(e0 + tl.load(ids + r).to(tl.int64) * se_p, mask=smask, other=0.0)
+        s = tl.trans(tl.load(e0 + tl.load(ids + r).to(tl.int64) * se_p, mask=smask, other=0.0))
         i = 1
         while i < n - 1:  # (not range(): Triton 3.6's interpreter cannot take bounds from memory)
             p = tl.load(ids + i * R + r).to(tl.int64)
-            tl.store(s0 + p * ss_p, s, mask=smask)
+            tl.store(s0 + p * ss_p, tl.trans(s), mask=smask)
             m = tl.load(m0 + p * sm_p, mask=mmask, other=0.0)
-            s = mma(s, m, tl.load(e0 + p * se_p, mask=smask, other=0.0), "tf32x3")
+            s = mma(s, tl.trans(m), tl.trans(tl.load(e0 + p * se_p, mask=smask, other=0.0)), "tf32x3")
             i += 1
-        tl.store(s0 + tl.load(ids + (n - 1) * R + r).to(tl.int64) * ss_p, s, mask=smask)
+        tl.store(s0 + tl.load(ids + (n - 1) * R + r).to(tl.int64) * ss_p, tl.trans(s), mask=smask)
 
 
 def scan_tiles(rows: int, hv: int, v: int, sms: int) -> int:
