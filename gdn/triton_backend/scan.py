@@ -11,12 +11,12 @@ One program per (sequence of several pieces, v head, V tile of ``BV`` columns) k
 in registers for the whole walk, as ``S^T`` [BV, K] (``S^T M^T + E^T``, the JAX twin's
 ``transposed``: 18% faster there than the walk on S on an H100, 43.6 vs 53.4 us at H/HV 2/4
 1x32768; here UNTIMED): one launch, where a step of batched torch products costs several launches
-(the scan is launch-bound at tensor-parallel head counts, which are what the split is for). The products are tf32x3 (three TF32 tensor-core products: fp32
-accuracy; IEEE in the interpreter) with 8 warps: compiled for sm_90 at K = 128 (BV = 16) the walk
-on S^T takes 226 registers, no spills, 32 KiB of SMEM (``python -m gdn.triton_backend.xcompile``,
-2026-12-06); on S it spilled 84 B per thread, an IEEE fp32 dot 3 KB, and K halves in four [64, 64]
-blocks did not help (332 to 1216 B). The JAX backend's twin is
-gdn/jax_backend/pallas_triton/scan.py.
+(the scan is launch-bound at tensor-parallel head counts, which are what the split is for). The
+products are tf32x3 (three TF32 tensor-core products: fp32 accuracy; IEEE in the interpreter)
+with 8 warps: compiled for sm_90 at K = 128 (BV = 16) the walk on S^T takes 226 registers, no
+spills, 32 KiB of SMEM (``python -m gdn.triton_backend.xcompile``, 2026-12-06); on S it spilled
+84 B per thread, an IEEE fp32 dot 3 KB, and K halves in four [64, 64] blocks did not help (332 to
+1216 B). The JAX backend's twin is gdn/jax_backend/pallas_triton/scan.py.
 """
 from __future__ import annotations
 
