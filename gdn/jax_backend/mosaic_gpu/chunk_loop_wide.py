@@ -255,7 +255,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
-    if prefetch_h0 not in (False, True, "smem"):
+    if not (isinstance(prefetch_h0, bool) or prefetch_h0 == "smem"):
         raise ValueError(f"prefetch_h0 must be False, True or 'smem', got {prefetch_h0!r}")
     h0_smem = prefetch_h0 == "smem" and h0 is not None and ctas is not None  # (like True: the persistent grid's)
     if stages is None:
