@@ -557,8 +557,8 @@ def test_interpreter_nan_stays_in_its_sequence(interp_results, variant):
 
 
 @pytest.mark.parametrize("name", ["direct_io_bits_wide", "direct_io_bits_narrow", "persistent_bits_wide",
-                                  "persistent_h0smem_bits_wide", "overlap_bits_wide", "overlap_bits_narrow", "store_bits_wide",
-                                  "persistent_store_bits_wide"])
+                                  "persistent_h0smem_bits_wide", "overlap_bits_wide", "overlap_bits_narrow",
+                                  "store_bits_wide", "persistent_store_bits_wide"])
 def test_interpreter_state_io_and_persistent_grid_same_bits(interp_results, name):
     """loop_direct_io=True (the initial / final state straight between global memory and registers)
     and the wide loop's persistent grid (loop_ctas: 3 CTAs walking 34 (row, head) items as one

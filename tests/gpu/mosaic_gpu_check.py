@@ -551,7 +551,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # ... with each item's initial state prefetched into L2 by the look-ahead cursor (UNTIMED)
     "persist_pf": dict(chunk_variant="wide", loop_ctas=132, loop_prefetch=True),
     "persist_table_pf": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch=True),
-    # s19, UNTIMED: each item's initial state into the state warpgroups' own SMEM an item ahead (2 stages)
+    # s19: each item's initial state into the state warpgroups' own SMEM an item ahead (2 stages; since
+    # s19 the driver's pick where sequences are short: _driver.pick_loop_prefetch)
     "persist_h0smem": dict(chunk_variant="wide", loop_ctas=132, loop_schedule="table", loop_prefetch="smem"),
     # use_qk_l2norm: folded into the kernels (s10; H200 s12: 0.681 vs 0.714 ms at 4x8192) vs q and k normalized by XLA first
     "l2norm": dict(_l2norm="fold"),
