@@ -31,7 +31,7 @@
 #                                   # loop_overlap="store", at 4x8192 and 128x256 (persistent); ran on an H100 in s17
 #   bash benchmarks/queue.sh q1     # s18: the split's scan kernel over its launch options (num_stages), and
 #                                   # split_trace after the tables became one-fusion sums (2/4 1x32768, 4/8 1x8192)
-#   bash benchmarks/queue.sh q7     # s18, UNTIMED: the scan kernel on S^T (mma.sync, not wgmma) against the default
+#   bash benchmarks/queue.sh q7     # s18 (ran in s19): the scan kernel on S^T (mma.sync, not wgmma) against the walk on S
 #   bash benchmarks/queue.sh q8     # s19: the scan on S^T (default) and on S, then s1 with FLA
 #   bash benchmarks/queue.sh q11    # s19: the wide loop's in-kernel profile on the persistent grid (8x256: where
 #                                   # an item's ~10 us beyond its tiles go), P's zero arm (opaque vs constant)
@@ -120,7 +120,7 @@ case $call in
       timeout -s INT 120 python3 benchmarks/split_trace.py --heads 2/4 --lens 32768
       timeout -s INT 100 python3 benchmarks/split_trace.py --heads 4/8 --lens 8192 ;;
   q7) timeout -s INT 150 python3 benchmarks/scan_sweep.py --cases 2/4:32768,4/8:8192 \
-        --variants stages1,t,t_w4,t_bv32,t_tf32,bf16x3 ;;
+        --variants s,default,w4_stages1,bv32_stages1,tf32,bf16x3 ;;  # (s18's names: stages1,t,t_w4,t_bv32,t_tf32,bf16x3 on S)
   q8) timeout -s INT 120 python3 benchmarks/scan_sweep.py --cases 2/4:32768,4/8:32768,4/8:8192 \
         --variants default,s
       GDN_BUDGET_S=250 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s1 \

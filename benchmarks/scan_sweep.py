@@ -2,7 +2,7 @@
 on the piece tables of real layouts, GPU time per call from a profiler trace.
 
     python benchmarks/scan_sweep.py --cases 2/4:32768,4/8:8192 \
-        --variants stages1,stages2,stages3,w4_stages2,bv32_stages2
+        --variants default,stages2,stages3,w4_stages2,bv32_stages2
 
 Each case is ``H/HV:T`` (one sequence of T tokens, cut as :func:`gdn.split.pick_piece_chunks`
 would, or ``H/HV:T:pieces`` to force a piece size in chunks). Every variant's starts are checked
@@ -15,9 +15,8 @@ import os
 import sys
 
 VARIANTS = {  # name -> pallas_triton.scan.TILES override
-    "default": {},
+    "default": {},  # (the walk on S^T since s19, 1 stage)
     "s": {"transposed": False},  # s18's default: the walk on S
-    "stages1": {},
     "stages2": {"num_stages": 2},
     "stages3": {"num_stages": 3},
     "w4_stages1": {"num_warps": 4},
@@ -29,10 +28,6 @@ VARIANTS = {  # name -> pallas_triton.scan.TILES override
     "bf16x3": {"precision": "bf16x3"},
     "bf16x6": {"precision": "bf16x6"},
     "tf32_bv32": {"precision": "tf32", "BV": 32},
-    "t": {"transposed": True},
-    "t_w4": {"transposed": True, "num_warps": 4},
-    "t_bv32": {"transposed": True, "BV": 32},
-    "t_tf32": {"transposed": True, "precision": "tf32"},
 }
 
 
