@@ -42,6 +42,8 @@
 #   bash benchmarks/queue.sh q13    # s19: h0 staged vs L2 prefetch at 256x128, 64x512, 32x1024 (loop alone), then
 #                                   # gdn bench 16/32 (128x256, mix, 4x8192) with FLA under the new policy
 #   (q14, s19: the final state out through the h0 staging, timed and dropped: mosaic_notes session 19)
+#   bash benchmarks/queue.sh r1     # s20: fused_wide_mma (the intra work in the wide loop's prep warpgroup on 16-column
+#                                   # slabs by mma.sync) against float64 compiled, then timed beside the default, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -136,6 +138,10 @@ case $call in
         --loop-variants table_pf,table_h0smem
       GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/b16 \
         GDN_BENCH_ARGS="--no-profile --layouts 128x256,mix,4x8192" bash benchmarks/h200.sh bench 16/32 ;;
+  r1) timeout -s INT 150 $M --only env,small,ptxas --tag r1s --small-names fused_wide_mma,varlen_G2 \
+        --variants fused_wide_mma
+      timeout -s INT 200 $M --only time --tag r1t --shapes 4x8192,128x256 \
+        --variants default,fused_wide_mma --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -41,6 +41,9 @@ CASES = [
      dict(output_final_state=False), "bfloat16", "jit"),
     ("fused_varlen_V128", dict(lens=[70, 0, 65], h=1, hv=2, k=64, v=128, initial_state=True, seed=4),
      dict(), "bfloat16", "packed:fused"),
+    # the wide loop doing the intra work on 16-column slabs (warp-level MMA on the GPU)
+    ("fused_wide_mma_G2_strong", dict(lens=[130, 1, 0, 64, 77], h=1, hv=2, k=128, v=128, initial_state=True,
+                                      gates="strong", seed=12), dict(), "bfloat16", "packed:fused_wide_mma"),
     # the exact split (gdn.split) with its pieces run by this impl: values [v | 0], states [0 | I]
     ("split_pieces", dict(lens=[300, 40], h=1, hv=2, k=64, v=64, initial_state=True, seed=5),
      dict(), "bfloat16", "split"),
@@ -117,6 +120,7 @@ CASES = [
 #: layout suffix -> options of M.run
 VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2),
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
+                "fused_wide_mma": dict(variant="fused_wide_mma"),
                 "narrow": dict(chunk_variant="default"),
                 "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
                 "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
@@ -753,6 +757,8 @@ def _lower_for_cuda(fn, *args):
     # one kernel: the wide loop's prep warpgroup doing the intra work
     (128, 128, 16, 32, "bfloat16", True, True, "fused_wide"),
     (64, 64, 1, 3, "float16", False, False, "fused_wide"),
+    (128, 128, 16, 32, "bfloat16", True, True, "fused_wide_mma"),  # its intra work by warp-level MMA
+    (64, 64, 1, 3, "float16", False, False, "fused_wide_mma"),
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -804,7 +810,7 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         assert "gdn_intra" not in text
     else:
         assert "gdn_intra" in text
-    if variant == "fused_wide":
+    if variant.startswith("fused_wide"):
         assert "gdn_chunk_loop_wide" in text
 
 
@@ -1560,9 +1566,11 @@ def test_auto_loop_ctas_reaches_the_kernel(monkeypatch):
     assert seen == [("wide", 132), ("wide", 132), ("wide", None)], seen
 
 
+@pytest.mark.parametrize("variant", ["fused_wide", "fused_wide_mma"])
 @pytest.mark.parametrize("hv,dv,poison", [(2, 128, True), (3, 64, False)])
-def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison):
-    """variant="fused_wide" (the wide loop's prep warpgroup doing the intra kernel's work) against
+def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison, variant):
+    """variant="fused_wide" (the wide loop's prep warpgroup doing the intra kernel's work; "_mma": on
+    16-column slabs, :mod:`gdn.jax_backend.mosaic_gpu.slabs`, its products dots here) against
     the two kernels with the wide loop: the same bits under the interpreter (both invert with the
     same jnp substitution), outputs and final states, with tiles shared by sequences (one of 1
     token, one empty), an initial state, and a neighbour whose q, k, v, g and beta are NaN (its
@@ -1593,7 +1601,7 @@ def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison):
         return np.asarray(o, np.float64), np.asarray(f)[:len(lens)]
 
     o_w, f_w = run(chunk_variant="wide")
-    o_f, f_f = run(variant="fused_wide")
+    o_f, f_f = run(variant=variant)
     clean = np.ones(q.shape[1], bool)
     if poison:
         clean[bad] = False

@@ -108,7 +108,7 @@ def run(args: PrefillArgs, return_stages: bool = False, *, interpret=None, **opt
         raise NotImplementedError("mosaic_gpu fuses the chunk loop: it has no per-chunk stage tensors "
                                   "(use impl='xla' or the triton backend for stages)")
     interpret = check_runnable(args, interpret)
-    if options.get("variant") in ("fused", "fused_wide") and args.dims[3] > 128:
+    if options.get("variant") in ("fused", "fused_wide", "fused_wide_mma") and args.dims[3] > 128:
         raise NotImplementedError(f"mosaic_gpu variant {options['variant']!r} runs V <= 128 (one state "
                                   "warpgroup per 64 columns)")
     from ._driver import prefill_arrays

@@ -23,8 +23,10 @@ from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 
 #: "fused_wide": the wide chunk loop doing the intra work in its prep warpgroup (chunk_loop_wide's
-#: ``gates``; H100, 2026-12-06: the same bits, 1.69x slower at 4x8192: it spills)
-VARIANTS = ("two_kernels", "fused", "fused_wide")
+#: ``gates``; H100, 2026-12-06: the same bits, 1.69x slower at 4x8192: it spills); "fused_wide_mma": the
+#: same with that work on [64, 16] column slabs by warp-level MMA (``intra_slabs``, :mod:`.slabs`)
+VARIANTS = ("two_kernels", "fused", "fused_wide", "fused_wide_mma")
+FUSED_WIDE = ("fused_wide", "fused_wide_mma")
 CHUNK_VARIANTS = ("auto", "default", "wide")
 #: where use_qk_l2norm's row norms are computed (prefill_arrays' ``qk_norms``)
 QK_NORMS = ("intra", "xla")
@@ -109,10 +111,11 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         xp = x.padded()
         o, final = fused(xp.q, xp.k, xp.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
                          n_out=n_out, stages=stages, regs=regs, interpret=interpret)
-    elif variant == "fused_wide":
+    elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
-                                   overlap=loop_overlap, gates=(x.g_hm, x.beta_hm), interpret=interpret)
+                                   overlap=loop_overlap, gates=(x.g_hm, x.beta_hm),
+                                   intra_slabs=variant == "fused_wide_mma", interpret=interpret)
     else:
         ag, gc, x = run_intra(x, use_qk_l2norm, tiles_per_cta=intra_tiles, head_loop=head_loop,
                               solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
@@ -451,9 +454,9 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     halves = None
-    if variant == "fused_wide":  # the wide loop on its grid of one CTA per item
+    if variant in FUSED_WIDE:  # the wide loop on its grid of one CTA per item
         if chunk_variant not in ("auto", "wide") or loop_halves or loop_ctas not in (None, "auto"):
-            raise ValueError("variant 'fused_wide' is the wide chunk loop on one CTA per item: no "
+            raise ValueError(f"variant {variant!r} is the wide chunk loop on one CTA per item: no "
                              "chunk_variant other than 'wide', loop_ctas or loop_halves")
         chunk_variant, loop_ctas = "wide", None
     if loop_halves and chunk_variant == "auto":

@@ -55,6 +55,7 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows,
                      interpret_params, iota,
                      k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, qk_scaled, rows, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
+from .slabs import intra_tile_slabs
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
 
 BV = 64  # V columns per state warpgroup
@@ -82,19 +83,20 @@ ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
 
 
 def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
-               fused: bool = False, h0_smem: bool = False) -> int:
+               fused: bool = False, h0_smem: bool = False, slabs: bool = False) -> int:
     nsw = dv // BV
     # q, k, v, Ag, P, gc x2 (+ q's and k's row scales) (+ beta x2 with the intra work fused in)
     per_stage = (2 * C * dk + C * dv + 2 * C * C) * itemsize + (2 + 2 * l2 + 2 * fused) * C * 4
     ring = max(stages * per_stage, nsw * dk * BV * 4)  # the state staging aliases the ring
     # + each state warpgroup's output tile (+ its own h0 staging beside the ring: prefetch_h0="smem")
-    return ring + nsw * C * BV * out_itemsize + h0_smem * nsw * dk * BV * 4
+    # (+ the slab intra work's three plain [64, 64] 16-bit tiles: ``intra_slabs``)
+    return ring + nsw * C * BV * out_itemsize + h0_smem * nsw * dk * BV * 4 + slabs * 3 * C * C * itemsize
 
 
 def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False, fused: bool = False,
-                h0_smem: bool = False) -> int:
+                h0_smem: bool = False, slabs: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2, fused, h0_smem) <= SMEM_BUDGET:
+        if smem_bytes(dk, dv, itemsize, out_itemsize, stages, l2, fused, h0_smem, slabs) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"wide chunk loop needs {smem_bytes(dk, dv, itemsize, out_itemsize, 2)} "
                               "bytes of SMEM")
@@ -132,7 +134,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool | str = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
-                    gates=None, _ablate: frozenset = frozenset(),
+                    gates=None, intra_slabs: bool = False, _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -259,7 +261,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         raise ValueError(f"prefetch_h0 must be False, True or 'smem', got {prefetch_h0!r}")
     h0_smem = prefetch_h0 == "smem" and h0 is not None and ctas is not None  # (like True: the persistent grid's)
     if stages is None:
-        stages = pick_stages(dk, dv, isz, osz, l2, gates is not None, h0_smem)
+        stages = pick_stages(dk, dv, isz, osz, l2, gates is not None, h0_smem, intra_slabs)
     if overlap not in (True, False, "store"):
         raise ValueError(f"overlap must be True, False or 'store', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
@@ -284,7 +286,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if fused and (ag is not None or gc is not None or persistent or halves is not None or l2):
         raise ValueError("gates (the intra work in the prep warpgroup) replaces ag and gc, on the grid of "
                          "one CTA per item, without halves or row scales")
-    r_prep, r_state = regs if regs is not None else (FUSED_REGS if fused else REGS)
+    if intra_slabs and not fused:
+        raise ValueError("intra_slabs is the intra work of gates (the fused loop)")
+    r_prep, r_state = regs if regs is not None else (FUSED_REGS if fused and not intra_slabs else REGS)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -306,6 +310,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         # (one union per warpgroup: the groups of ONE RefUnion share their bytes)
         o_st=tuple(plgpu.RefUnion(tile((C, BV), out_dtype), plgpu.SMEM((C, BV), out_dtype)) for _ in range(nsw)),
         **(dict(h0_st=tuple(plgpu.SMEM((dk, BV), F32) for _ in range(nsw))) if h0_smem else {}),
+        **(dict(slab_bufs=tuple(plgpu.SMEM((C, C), dtype) for _ in range(3))) if intra_slabs else {}),
         in_bar=plgpu.Barrier(num_arrivals=5 + nsw + 2 * l2, num_barriers=stages),  # one per TMA copy of a slot
         ready=plgpu.Barrier(num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=nsw, num_barriers=stages),
@@ -315,7 +320,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         done=plgpu.Barrier(num_arrivals=nsw + 1),
     )
 
-    def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done, h0_st=None):
+    def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done, h0_st=None,
+             slab_bufs=None):
         (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *more), st_s = ring
         lq_rows, lk_cols = more if l2 else (None, None)
         b_rows, b_cols = more if fused else (None, None)
@@ -426,7 +432,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             with jax.named_scope("p_wait"):
                 plgpu.barrier_wait(in_bar.at[slot])
             if not ab("prep"):
-                gam = intra_tile(slot, lo, hi) if fused else None
+                if intra_slabs:
+                    gam = intra_tile_slabs(k_s.at[slot], gc_rows.at[slot], gc_cols.at[slot], b_rows.at[slot],
+                                           b_cols.at[slot], a_s.at[slot], slab_bufs, lo, hi, dtype, interp)
+                else:
+                    gam = intra_tile(slot, lo, hi) if fused else None
                 with jax.named_scope("p_qk"):
                     g_r = plgpu.load(gc_rows.at[slot], layout=ROWS) if gam is None else gam[0]
                     if lean:  # o's scale folded into both exponents of the rows: exp(gc_r + ln scale)
