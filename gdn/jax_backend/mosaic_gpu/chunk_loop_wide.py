@@ -434,7 +434,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             if not ab("prep"):
                 if intra_slabs:
                     gam = intra_tile_slabs(k_s.at[slot], gc_rows.at[slot], gc_cols.at[slot], b_rows.at[slot],
-                                           b_cols.at[slot], a_s.at[slot], slab_bufs, lo, hi, dtype, interp)
+                                           b_cols.at[slot], a_s.at[slot], slab_bufs, lo, hi, dtype, interp,
+                                           zero=opaque_zero(cu_ref))
                 else:
                     gam = intra_tile(slot, lo, hi) if fused else None
                 with jax.named_scope("p_qk"):

@@ -36,7 +36,7 @@ from jax.experimental.mosaic.gpu import utils as mu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, vector
 
-from .common import C, COLS, F32, ROWS, WG, cols, iota, masked_decay, rows
+from .common import C, COLS, F32, ROWS, WG, causal_mask, cols, masked_decay, rows
 from .solve import BLOCK, _MlirLanes, warp_solve_steps
 
 SLAB = BLOCK  # columns per slab: one 16x16 block column, one warp's diagonal block
@@ -100,14 +100,14 @@ def _slab_solve_interpret(na):
 
 
 def slab_solve(na, interpret: bool):
-    """``na`` fp32 [64, 16]: row block ``w`` holds ``-A``'s diagonal block ``w`` (strictly lower) ->
-    ``(I + A)``'s inverse on the same blocks (lower triangular, zero above)."""
-    x = _slab_solve_interpret(na) if interpret else _SLAB_SOLVE(na)
-    r, c = iota((C, SLAB), 0), iota((C, SLAB), 1)
-    return jnp.where(r % SLAB >= c, x, 0.0)
+    """``na`` fp32 [64, 16], finite: row block ``w`` holds ``-A``'s diagonal block ``w`` (strictly lower,
+    zero on and above the diagonal) -> ``(I + A)``'s inverse on the same blocks. Exactly 0 above the
+    diagonal without a mask: the substitution adds only ``0 * x_j`` there (x_j finite)."""
+    return _slab_solve_interpret(na) if interpret else _SLAB_SOLVE(na)
 
 
-def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, lo, hi, dtype, interpret: bool):
+def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, lo, hi, dtype, interpret: bool,
+                     zero=0.0):
     """One tile's ``gc`` and ``Ag`` for the tokens ``[lo, hi)`` (one sequence) of the tile.
 
     ``k_ref``: [64, K] 16-bit (swizzled) SMEM; ``g_ref``, ``beta_rows``, ``beta_cols``: fp32 [64] SMEM
@@ -115,44 +115,50 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
     16-bit (swizzled) SMEM, receives ``Ag = (I + A)^-1 diag(beta)``, exactly 0 outside the sequence's
     rows and columns; ``bufs``: three plain [64, 64] 16-bit SMEM tiles (scratch). Returns the cumsum
     in the row and the column layout. Values of other sequences' tokens (possibly NaN) never meet this
-    sequence's: they are selected away before any arithmetic that reaches it.
+    sequence's: they are selected away before any arithmetic that reaches it. ``zero``: the zero arm
+    of the selects cast to 16 bits next (:func:`.common.opaque_zero`: one FSEL per element instead of
+    LLVM's 16-bit select after the cast).
     """
     sq = (C, C)
     sl = (C, SLAB)
     buf_a, buf_x, buf_m = bufs
+    # Every mask below is built from per-row and per-column vectors and, where it can be, from lo / hi:
+    # whole-array iota masks are loop-invariant, and LLVM hoists them out of the tile loop, where the
+    # prep warpgroup's 88 registers cannot hold them (ptx_local: hundreds of bytes of spills).
     rvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROWS)
     vr = (rvec >= lo) & (rvec < hi)
+    blk = rvec // SLAB  # the row's 16-row block (its warp)
     with jax.named_scope("i_cumsum"):  # the sequence's tokens only: another's g may be NaN
-        r, c = iota(sq, 0), iota(sq, 1)
-        cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
-        g_col = jnp.where((cvec >= lo) & (cvec < hi), plgpu.load(g_ref, layout=COLS), 0.0)
-        gam_r = jnp.where(c <= r, cols(g_col, sq), 0.0).sum(axis=1)
+        # causal_mask: c <= r and lo <= c < hi, one compare per element
+        gam_r = jnp.where(causal_mask(lo, hi, sq), cols(plgpu.load(g_ref, layout=COLS), sq), 0.0).sum(axis=1)
         gc_ref[...] = gam_r
         plgpu.commit_smem()  # a warpgroup barrier too: read back in the column layout
-    r, c0 = iota(sl, 0), iota(sl, 1)
-    rb = r // SLAB
     beta_r = rows(plgpu.load(beta_rows, layout=ROWS), sl)
+    # A's mask, lo <= c < r < hi: (c - lo) <u bound(r), the bound 0 on rows outside [lo, hi)
+    a_bound = rows(jnp.where(vr, rvec - lo, 0).astype(jnp.uint32), sl)
 
     def col_slab(ref, s):  # columns [16 s, 16 s + 16) of an fp32 [64] vector, in the column layout
         return plgpu.load(ref.at[pl.ds(s * SLAB, SLAB)], layout=COLS)
 
-    def same_slab(s):  # rows and columns both of the sequence's tokens
-        cv = plgpu.broadcasted_iota(jnp.int32, (SLAB,), 0, layout=COLS) + s * SLAB
-        return rows(vr, sl) & cols((cv >= lo) & (cv < hi), sl)
+    def col_index(s):  # the slab's column (token) indices
+        return plgpu.broadcasted_iota(jnp.int32, (SLAB,), 0, layout=COLS) + s * SLAB
+
+    def on_block(s):  # rows of block s: warp s's rows (slab s holds its diagonal block)
+        return rows(blk == s, sl)
 
     with jax.named_scope("i_a"):
         na = _zeros()
         for s in range(NSLAB):
             cs = pl.ds(s * SLAB, SLAB)
             kk = slab_mma(_zeros(), k_ref, k_ref.at[cs].T, dtype, interpret)  # K K^T's slab s
-            a = masked_decay((r > c0 + s * SLAB) & same_slab(s), kk * beta_r,
-                             rows(gam_r, sl) - cols(col_slab(gc_ref, s), sl))
-            buf_a[:, cs] = jnp.where(rb > s, a, 0.0).astype(dtype)  # Ao: strictly below the diagonal blocks
-            na = jnp.where(rb == s, -a, na)
+            mask = cols((col_index(s) - lo).astype(jnp.uint32), sl) < a_bound
+            a = masked_decay(mask, kk * beta_r, rows(gam_r, sl) - cols(col_slab(gc_ref, s), sl))
+            buf_a[:, cs] = jnp.where(rows(blk > s, sl), a, zero).astype(dtype)  # Ao: below the diagonal blocks
+            na = jnp.where(on_block(s), -a, na)
     with jax.named_scope("i_solve"):
         x0 = slab_solve(na, interpret)
         for s in range(NSLAB):
-            buf_x[:, pl.ds(s * SLAB, SLAB)] = jnp.where(rb == s, x0, 0.0).astype(dtype)
+            buf_x[:, pl.ds(s * SLAB, SLAB)] = jnp.where(on_block(s), x0, zero).astype(dtype)
         plgpu.commit_smem()
     with jax.named_scope("i_merge"):
         for s in range(NSLAB):  # M = Ao X0: X0 is block diagonal, slab s is Ao[:, block s] X0[s, s]
@@ -160,7 +166,7 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
             m = slab_mma(_zeros(), buf_a.at[:, cs], buf_x.at[cs, cs], dtype, interpret)
             buf_m[:, cs] = m.astype(dtype)
         plgpu.commit_smem()
-        z = [jnp.where(rb == s, x0, 0.0) - slab_mma(_zeros(), buf_x, buf_m.at[:, pl.ds(s * SLAB, SLAB)],
+        z = [jnp.where(on_block(s), x0, 0.0) - slab_mma(_zeros(), buf_x, buf_m.at[:, pl.ds(s * SLAB, SLAB)],
                                                      dtype, interpret) for s in range(NSLAB)]
         for s in range(NSLAB):  # M^2 into Ao's tile (Ao was read by M, behind the barrier)
             cs = pl.ds(s * SLAB, SLAB)
@@ -173,7 +179,9 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
         for s in range(NSLAB):
             cs = pl.ds(s * SLAB, SLAB)
             x = z[s] + slab_mma(_zeros(), buf_x, buf_a.at[:, cs], dtype, interpret)
-            buf_m[:, cs] = jnp.where(same_slab(s), x * cols(col_slab(beta_cols, s), sl), 0.0).astype(dtype)
+            cv = col_index(s)
+            same = rows(vr, sl) & cols((cv >= lo) & (cv < hi), sl)
+            buf_m[:, cs] = jnp.where(same, x * cols(col_slab(beta_cols, s), sl), zero).astype(dtype)
         plgpu.commit_smem()
         ag_ref[...] = plgpu.load(buf_m, layout=WG)  # into the swizzled tile the state warpgroups read
     return gam_r, plgpu.load(gc_ref, layout=COLS)
