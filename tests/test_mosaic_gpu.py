@@ -1566,11 +1566,12 @@ def test_auto_loop_ctas_reaches_the_kernel(monkeypatch):
     assert seen == [("wide", 132), ("wide", 132), ("wide", None)], seen
 
 
-@pytest.mark.parametrize("variant", ["fused_wide", "fused_wide_mma"])
+@pytest.mark.parametrize("variant", ["fused_wide", "fused_wide_mma", "fused_wide_mma_persistent"])
 @pytest.mark.parametrize("hv,dv,poison", [(2, 128, True), (3, 64, False)])
 def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison, variant):
     """variant="fused_wide" (the wide loop's prep warpgroup doing the intra kernel's work; "_mma": on
-    16-column slabs, :mod:`gdn.jax_backend.mosaic_gpu.slabs`, its products dots here) against
+    16-column slabs, :mod:`gdn.jax_backend.mosaic_gpu.slabs`, its products dots here; "_persistent": on
+    3 CTAs walking the items) against
     the two kernels with the wide loop: the same bits under the interpreter (both invert with the
     same jnp substitution), outputs and final states, with tiles shared by sequences (one of 1
     token, one empty), an initial state, and a neighbour whose q, k, v, g and beta are NaN (its
@@ -1601,7 +1602,9 @@ def test_fused_wide_same_bits_as_two_kernels(hv, dv, poison, variant):
         return np.asarray(o, np.float64), np.asarray(f)[:len(lens)]
 
     o_w, f_w = run(chunk_variant="wide")
-    o_f, f_f = run(variant=variant)
+    persist = variant.endswith("_persistent")
+    o_f, f_f = run(variant=variant.removesuffix("_persistent"),
+                   **(dict(loop_ctas=3, loop_prefetch=True, loop_schedule="table") if persist else {}))
     clean = np.ones(q.shape[1], bool)
     if poison:
         clean[bad] = False

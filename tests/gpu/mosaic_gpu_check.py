@@ -574,6 +574,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "fused_wide_r168": dict(variant="fused_wide", regs=(168, 168)),
     "fused_wide_r88": dict(variant="fused_wide", regs=(88, 208)),
     "fused_wide_mma": dict(variant="fused_wide_mma"),
+    "fused_wide_mma_persist": dict(variant="fused_wide_mma", loop_ctas=132, loop_prefetch=True, loop_schedule="table"),
     "halves": dict(loop_halves=True),  # (a host plan knows its count: as "default" there)
     "jit": dict(_traced=True),  # the plan an argument of the jitted call (what gdn bench times)
     "jit_halves": dict(_traced=True, loop_halves=True),

@@ -115,7 +115,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
                                    overlap=loop_overlap, gates=(x.g_hm, x.beta_hm),
-                                   intra_slabs=variant == "fused_wide_mma", interpret=interpret)
+                                   intra_slabs=variant == "fused_wide_mma", ctas=loop_ctas,
+                                   prefetch_h0=loop_prefetch, schedule=loop_schedule, interpret=interpret)
     else:
         ag, gc, x = run_intra(x, use_qk_l2norm, tiles_per_cta=intra_tiles, head_loop=head_loop,
                               solve_pad=intra_pad, merge_variant=intra_merge, solve_columns=intra_columns,
@@ -454,11 +455,14 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     halves = None
-    if variant in FUSED_WIDE:  # the wide loop on its grid of one CTA per item
-        if chunk_variant not in ("auto", "wide") or loop_halves or loop_ctas not in (None, "auto"):
-            raise ValueError(f"variant {variant!r} is the wide chunk loop on one CTA per item: no "
-                             "chunk_variant other than 'wide', loop_ctas or loop_halves")
-        chunk_variant, loop_ctas = "wide", None
+    if variant in FUSED_WIDE:  # the wide loop (fused_wide: on its grid of one CTA per item)
+        per_item = variant == "fused_wide"
+        if chunk_variant not in ("auto", "wide") or loop_halves or (per_item and loop_ctas not in (None, "auto")):
+            raise ValueError(f"variant {variant!r} is the wide chunk loop{' on one CTA per item' * per_item}: "
+                             f"no chunk_variant other than 'wide'{', loop_ctas' * per_item} or loop_halves")
+        chunk_variant = "wide"
+        if per_item:
+            loop_ctas = None
     if loop_halves and chunk_variant == "auto":
         halves = halves_table(args.plan, args.dims[1], args.dims[3])
     chunk_variant = "wide" if halves else resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
@@ -471,6 +475,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                    _sm_count())
     if loop_prefetch == "auto":
         loop_prefetch = pick_loop_prefetch(args.plan, args.batch * args.seqlen, loop_ctas)
+        if variant == "fused_wide_mma" and loop_prefetch == "smem":  # no SMEM left for the staging: L2
+            loop_prefetch = True
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,

@@ -283,9 +283,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         ctas = min(ctas, n_items)
         max_items = -(-n_items // ctas)
     fused = gates is not None
-    if fused and (ag is not None or gc is not None or persistent or halves is not None or l2):
+    if fused and (ag is not None or gc is not None or (persistent and not intra_slabs) or halves is not None
+                  or l2):
         raise ValueError("gates (the intra work in the prep warpgroup) replaces ag and gc, on the grid of "
-                         "one CTA per item, without halves or row scales")
+                         "one CTA per item (or a persistent one with intra_slabs), without halves or row scales")
     if intra_slabs and not fused:
         raise ValueError("intra_slabs is the intra work of gates (the fused loop)")
     r_prep, r_state = regs if regs is not None else (FUSED_REGS if fused and not intra_slabs else REGS)
