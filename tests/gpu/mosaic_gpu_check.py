@@ -146,14 +146,14 @@ def sec_intra():
 
 @section("small")
 def sec_small(names=()):
-    """test_mosaic_gpu's CASES compiled against float64; ``names``: only cases whose name contains
-    one of these."""
+    """test_mosaic_gpu's CASES and GPU_CASES compiled against float64; ``names``: only cases whose
+    name contains one of these."""
     spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
     tmg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tmg)
     from gdn.tolerances import vs_f64
     out = {}
-    for case in tmg.CASES:
+    for case in tmg.CASES + tmg.GPU_CASES:
         if names and not any(n in case[0] for n in names):
             continue
         res = tmg._run_case(*case, interpret=False)

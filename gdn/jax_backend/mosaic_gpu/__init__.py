@@ -22,6 +22,10 @@ also does the intra kernel's work (no ``Ag`` / ``gc`` in HBM; the two kernels' b
 As built it does not fit the register file: ptxas spills ~500 B and serializes the state
 warpgroups' products, and it ran 1.69x slower at 4x8192 (H100, 2026-12-06; benchmarks/mosaic_notes.md,
 session 16).
+``variant="fused_wide_mma"`` does that work on 16-column slabs by warp-level MMA (:mod:`.slabs`):
+it fits the registers (140 B of spills), gives the same bits, and is still 1.74x slower at
+4x8192 (H100, 2026-12-06, session 20): one warpgroup takes ~10 us a tile for the intra work, the
+state chain ~3.
 
 XLA around them reshapes, moves g and beta to head-major fp32 and builds the per-token sequence id
 from the plan's ``cu_seqlens`` (all on the device: no host sync; grids come from static shapes).

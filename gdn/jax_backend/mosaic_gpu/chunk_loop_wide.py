@@ -241,9 +241,16 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     launch: FlashInfer's structure (benchmarks/fi_study.md §4, change 3). A CTA holds one sequence, so
     the tokens of others are masked by ``[lo, hi)`` (selects: ``A`` and ``Ag`` are exactly 0 outside,
     the inverse needs no sequence ids) and the bits equal the two-kernel path's (under the
-    interpreter, and on an H100). Not with ``ctas``, ``halves`` or the row scales (use_qk_l2norm
-    normalizes in XLA first). H100, 2026-12-06: 0.996 vs 0.589 ms at 4x8192, 1.198 vs 0.873 at
-    128x256: the registers (:data:`FUSED_REGS`) do not fit.
+    interpreter, and on an H100). Not with ``ctas`` (unless ``intra_slabs``), ``halves`` or the row
+    scales (use_qk_l2norm normalizes in XLA first). H100, 2026-12-06: 0.996 vs 0.589 ms at 4x8192,
+    1.198 vs 0.873 at 128x256: the registers (:data:`FUSED_REGS`) do not fit.
+    ``intra_slabs`` (with ``gates``; ``variant="fused_wide_mma"``): that intra work on [64, 16] column
+    slabs by warp-level MMA (:func:`.slabs.intra_tile_slabs`), at the default loop's (88, 208)
+    registers, with three plain [64, 64] 16-bit SMEM tiles (2 ring stages); also on the persistent
+    grid (``ctas``, the L2 prefetch of h0: no SMEM is left for its staging). The two kernels' bits
+    under the interpreter and on an H100, ptxas 140 / 176 B of spills, but 1.74x slower at 4x8192
+    (1.021 vs 0.587 ms) and 1.60x at 128x256 (H100, 2026-12-06, session 20): the prep warpgroup
+    spends ~10 us a tile on the intra work (in-kernel profile) against the state chain's ~3.
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     check_token_rows("q", t_rows)
