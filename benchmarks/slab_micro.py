@@ -4,7 +4,8 @@ Per-tile time = kernel time / iters. In the wide loop's prep warpgroup (``fused_
 in-kernel profile put ~10.4 us a tile on this work (session 20); this tells whether that is the work
 itself (one warpgroup's dependent steps) or the company of the two state warpgroups.
 
-    PYTHONPATH=. python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1,2,4
+    PYTHONPATH=. python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1,2
+    PYTHONPATH=. python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1 --regs 88,208
     .venv/bin/python benchmarks/slab_micro.py --lower   # CPU host: lower for sm_90 only (ptx_local)
 """
 from __future__ import annotations
@@ -29,9 +30,12 @@ from gdn.jax_backend.mosaic_gpu.slabs import intra_tile_slabs  # noqa: E402
 BF = jnp.bfloat16
 
 
-def build(ctas: int, iters: int, dk: int = 128):
-    def body(k_g, g_g, b_g, lohi, ag_out, k_s, g_s, br_s, bc_s, gc_s, ag_s, b0, b1, b2, bar):
-        cta = lax_axis()
+def build(ctas: int, iters: int, dk: int = 128, regs: tuple[int, int] | None = None):
+    """``regs``: None, one warpgroup per CTA (ptxas picks its registers); or (work, idle): three
+    warpgroups, the first doing the work at ``work`` registers (setmaxnreg), two idle at ``idle``: the
+    wide loop's budget, (88, 208)."""
+
+    def work(k_g, g_g, b_g, lohi, ag_out, k_s, g_s, br_s, bc_s, gc_s, ag_s, b0, b1, b2, bar):
         plgpu.copy_gmem_to_smem(k_g, k_s, bar)
         plgpu.copy_gmem_to_smem(g_g, g_s, bar)
         plgpu.copy_gmem_to_smem(b_g, br_s, bar)
@@ -47,19 +51,36 @@ def build(ctas: int, iters: int, dk: int = 128):
                              False, zero=opaque_zero(lohi))
 
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ag_s, ag_out.at[cta])
+        plgpu.copy_smem_to_gmem(ag_s, ag_out.at[jax.lax.axis_index("c")])
         plgpu.wait_smem_to_gmem(0)
 
-    def lax_axis():
-        return jax.lax.axis_index("c")
+    def body(*refs, done=None, **scratch):
+        if regs is None:
+            return work(*refs, **scratch)
+        wg = jax.lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.set_max_registers(regs[0], action="decrease")
+            work(*refs, **scratch)
+            plgpu.barrier_arrive(done)
+
+        @pl.when(wg > 0)
+        def _():
+            plgpu.set_max_registers(regs[1], action="increase")
+            plgpu.barrier_wait(done)
 
     vec = plgpu.SMEM((C,), F32)
+    scratch = dict(k_s=tile((C, dk), BF), g_s=vec, br_s=vec, bc_s=vec, gc_s=vec, ag_s=tile((C, C), BF),
+                   b0=plgpu.SMEM((C, C), BF), b1=plgpu.SMEM((C, C), BF), b2=plgpu.SMEM((C, C), BF),
+                   bar=plgpu.Barrier(num_arrivals=4))
+    threads = {}
+    if regs is not None:
+        scratch["done"] = plgpu.Barrier(num_arrivals=1)
+        threads = dict(num_threads=3, thread_name="wg")
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((ctas, C, C), BF), grid=(ctas,), grid_names=("c",),
-        compiler_params=compiler_params(), kernel_name="slab_micro",
-        scratch_types=dict(k_s=tile((C, dk), BF), g_s=vec, br_s=vec, bc_s=vec, gc_s=vec, ag_s=tile((C, C), BF),
-                           b0=plgpu.SMEM((C, C), BF), b1=plgpu.SMEM((C, C), BF), b2=plgpu.SMEM((C, C), BF),
-                           bar=plgpu.Barrier(num_arrivals=4)))
+        compiler_params=compiler_params(), kernel_name="slab_micro", scratch_types=scratch, **threads)
 
 
 def inputs(dk: int = 128):
@@ -75,16 +96,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=256)
     ap.add_argument("--ctas-per-sm", default="1,2,4")
     ap.add_argument("--lower", action="store_true")
+    ap.add_argument("--regs", default="", help="work,idle registers: three warpgroups (e.g. 88,208)")
     a = ap.parse_args()
     args = inputs()
+    regs = tuple(int(x) for x in a.regs.split(",")) if a.regs else None
     if a.lower:
         from tests.test_mosaic_gpu import _lower_for_cuda
-        _lower_for_cuda(build(132, a.iters), *args)
+        _lower_for_cuda(build(132, a.iters, regs=regs), *args)
         print("lowered")
         return
     sms = jax.devices()[0].core_count
     for per in (int(x) for x in a.ctas_per_sm.split(",")):
-        fn = jax.jit(build(sms * per, a.iters))
+        fn = jax.jit(build(sms * per, a.iters, regs=regs))
         out = jax.block_until_ready(fn(*args))
         ts = []
         for _ in range(5):
@@ -92,7 +115,7 @@ def main() -> None:
             jax.block_until_ready(fn(*args))
             ts.append(time.perf_counter() - t0)
         t = min(ts)
-        print(f"ctas/SM {per}: {t * 1e3:.3f} ms for {a.iters} tiles a CTA -> {t / a.iters * 1e6:.2f} us a tile "
+        print(f"regs {a.regs or 'free'} ctas/SM {per}: {t * 1e3:.3f} ms for {a.iters} tiles a CTA -> {t / a.iters * 1e6:.2f} us a tile "
               f"per warpgroup, {t / a.iters / per * 1e6:.2f} us a tile per SM; finite {bool(jnp.isfinite(out).all())}",
               flush=True)
 
