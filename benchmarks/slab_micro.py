@@ -30,7 +30,7 @@ from gdn.jax_backend.mosaic_gpu.slabs import intra_tile_slabs  # noqa: E402
 BF = jnp.bfloat16
 
 
-def build(ctas: int, iters: int, dk: int = 128, regs: tuple[int, int] | None = None):
+def build(ctas: int, iters: int, dk: int = 128, regs: tuple[int, int] | None = None, upto: str = "store"):
     """``regs``: None, one warpgroup per CTA (ptxas picks its registers); or (work, idle): three
     warpgroups, the first doing the work at ``work`` registers (setmaxnreg), two idle at ``idle``: the
     wide loop's budget, (88, 208)."""
@@ -48,7 +48,7 @@ def build(ctas: int, iters: int, dk: int = 128, regs: tuple[int, int] | None = N
             # wide loop where they change from tile to tile
             par = jax.lax.rem(i, 2)
             intra_tile_slabs(k_s, g_s, gc_s, br_s, bc_s, ag_s, (b0, b1, b2), lohi[par], lohi[2 + par], BF,
-                             False, zero=opaque_zero(lohi))
+                             False, zero=opaque_zero(lohi), _upto=upto)
 
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(ag_s, ag_out.at[jax.lax.axis_index("c")])
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--ctas-per-sm", default="1,2,4")
     ap.add_argument("--lower", action="store_true")
     ap.add_argument("--regs", default="", help="work,idle registers: three warpgroups (e.g. 88,208)")
+    ap.add_argument("--upto", default="store", help="comma list of intra_tile_slabs' STEPS: each prefix timed")
     a = ap.parse_args()
     args = inputs()
     regs = tuple(int(x) for x in a.regs.split(",")) if a.regs else None
@@ -106,8 +107,8 @@ def main() -> None:
         print("lowered")
         return
     sms = jax.devices()[0].core_count
-    for per in (int(x) for x in a.ctas_per_sm.split(",")):
-        fn = jax.jit(build(sms * per, a.iters, regs=regs))
+    for per, upto in ((int(x), u) for x in a.ctas_per_sm.split(",") for u in a.upto.split(",")):
+        fn = jax.jit(build(sms * per, a.iters, regs=regs, upto=upto))
         out = jax.block_until_ready(fn(*args))
         ts = []
         for _ in range(5):
@@ -115,7 +116,7 @@ def main() -> None:
             jax.block_until_ready(fn(*args))
             ts.append(time.perf_counter() - t0)
         t = min(ts)
-        print(f"regs {a.regs or 'free'} ctas/SM {per}: {t * 1e3:.3f} ms for {a.iters} tiles a CTA -> {t / a.iters * 1e6:.2f} us a tile "
+        print(f"regs {a.regs or 'free'} ctas/SM {per} up to {upto:6s}: {t * 1e3:.3f} ms for {a.iters} tiles a CTA -> {t / a.iters * 1e6:.2f} us a tile "
               f"per warpgroup, {t / a.iters / per * 1e6:.2f} us a tile per SM; finite {bool(jnp.isfinite(out).all())}",
               flush=True)
 

@@ -106,8 +106,11 @@ def slab_solve(na, interpret: bool):
     return _slab_solve_interpret(na) if interpret else _SLAB_SOLVE(na)
 
 
+STEPS = ("a", "solve", "merge", "store")  # each with the cumsum first
+
+
 def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, lo, hi, dtype, interpret: bool,
-                     zero=0.0):
+                     zero=0.0, _upto: str = "store"):
     """One tile's ``gc`` and ``Ag`` for the tokens ``[lo, hi)`` (one sequence) of the tile.
 
     ``k_ref``: [64, K] 16-bit (swizzled) SMEM; ``g_ref``, ``beta_rows``, ``beta_cols``: fp32 [64] SMEM
@@ -117,8 +120,12 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
     in the row and the column layout. Values of other sequences' tokens (possibly NaN) never meet this
     sequence's: they are selected away before any arithmetic that reaches it. ``zero``: the zero arm
     of the selects cast to 16 bits next (:func:`.common.opaque_zero`: one FSEL per element instead of
-    LLVM's 16-bit select after the cast).
+    LLVM's 16-bit select after the cast). ``_upto`` (a diagnostic: WRONG results otherwise): stop
+    after that step of :data:`STEPS` (benchmarks/slab_micro.py times the prefixes).
     """
+    if _upto not in STEPS:
+        raise ValueError(f"_upto must be one of {STEPS}, got {_upto!r}")
+    upto = STEPS.index(_upto)
     sq = (C, C)
     sl = (C, SLAB)
     buf_a, buf_x, buf_m = bufs
@@ -155,11 +162,16 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
             a = masked_decay(mask, kk * beta_r, rows(gam_r, sl) - cols(col_slab(gc_ref, s), sl))
             buf_a[:, cs] = jnp.where(rows(blk > s, sl), a, zero).astype(dtype)  # Ao: below the diagonal blocks
             na = jnp.where(on_block(s), -a, na)
+    if upto == 0:
+        buf_x[:, pl.ds(0, SLAB)] = na.astype(dtype)
+        return gam_r, None
     with jax.named_scope("i_solve"):
         x0 = slab_solve(na, interpret)
         for s in range(NSLAB):
             buf_x[:, pl.ds(s * SLAB, SLAB)] = jnp.where(on_block(s), x0, zero).astype(dtype)
         plgpu.commit_smem()
+    if upto == 1:
+        return gam_r, None
     with jax.named_scope("i_merge"):
         for s in range(NSLAB):  # M = Ao X0: X0 is block diagonal, slab s is Ao[:, block s] X0[s, s]
             cs = pl.ds(s * SLAB, SLAB)
@@ -175,6 +187,8 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
         for s in range(NSLAB):
             buf_x[:, pl.ds(s * SLAB, SLAB)] = z[s].astype(dtype)
         plgpu.commit_smem()
+    if upto == 2:
+        return gam_r, None
     with jax.named_scope("i_store"):
         for s in range(NSLAB):
             cs = pl.ds(s * SLAB, SLAB)
