@@ -44,6 +44,8 @@
 #   (q14, s19: the final state out through the h0 staging, timed and dropped: mosaic_notes session 19)
 #   bash benchmarks/queue.sh r1     # s20: fused_wide_mma (the intra work in the wide loop's prep warpgroup on 16-column
 #                                   # slabs by mma.sync) against float64 compiled, then timed beside the default, FLA
+#   bash benchmarks/queue.sh r2     # s20 (NOT yet run): the slab intra work's step prefixes alone (slab_micro --upto),
+#                                   # free registers and at the wide loop's budget
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -142,6 +144,9 @@ case $call in
         --variants fused_wide_mma
       timeout -s INT 200 $M --only time --tag r1t --shapes 4x8192,128x256 \
         --variants default,fused_wide_mma --fla-shapes 4x8192 ;;
+  r2) timeout -s INT 150 python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1 --upto a,solve,merge,store
+      timeout -s INT 150 python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1 --regs 88,208 \
+        --upto a,solve,merge,store ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
