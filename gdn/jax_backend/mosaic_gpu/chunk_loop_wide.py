@@ -53,7 +53,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows, cols, column_select,
                      compiler_params, drain_releases, finish_together, for_tail_tiles, has_row_scales,
                      interpret_params, iota,
-                     k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, qk_scaled, rows, seq_tiles,
+                     k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, qk_scaled, rows, seq_cumsum, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .slabs import intra_tile_slabs
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
@@ -410,11 +410,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             rvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROWS)
             cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
             vr, vc = (rvec >= lo) & (rvec < hi), (cvec >= lo) & (cvec < hi)
-            with jax.named_scope("i_cumsum"):  # the sequence's tokens only: another's g may be NaN
-                g_col = jnp.where(vc, plgpu.load(gc_rows.at[slot], layout=COLS), 0.0)
-                gam_r = jnp.where(c <= r, cols(g_col, sq), 0.0).sum(axis=1)
-                gc_cols.at[slot][...] = gam_r
-                plgpu.commit_smem()  # a warpgroup barrier too: read back in the column layout
+            with jax.named_scope("i_cumsum"):
+                gam_r = seq_cumsum(gc_rows.at[slot], gc_cols.at[slot], lo, hi)
                 gam_c = plgpu.load(gc_cols.at[slot], layout=COLS)
             with jax.named_scope("i_kk"):
                 kk = mm(k_s.at[slot], k_s.at[slot].T, sq)

@@ -220,6 +220,19 @@ def causal_mask(lo, hi, sq=(C, C)):
     return cols((cvec - lo).astype(jnp.uint32), sq) < rows(bound, sq)
 
 
+def seq_cumsum(g_ref, out_ref, lo, hi):
+    """The inclusive cumsum of a tile's gates over its tokens ``[lo, hi)`` (one sequence; another's g
+    may be NaN and is selected away), written to ``out_ref`` (fp32 [64] SMEM) and committed (a
+    warpgroup barrier too: the caller may read it back in another layout). ``g_ref``: fp32 [64] SMEM.
+    -> the cumsum in the ROWS layout. The mask is :func:`causal_mask` (``c <= r``, ``lo <= c < hi``):
+    built from lo / hi, so LLVM cannot hoist a whole-array mask out of a tile loop."""
+    sq = (C, C)
+    gam_r = jnp.where(causal_mask(lo, hi, sq), cols(plgpu.load(g_ref, layout=COLS), sq), 0.0).sum(axis=1)
+    out_ref[...] = gam_r
+    plgpu.commit_smem()
+    return gam_r
+
+
 def column_select(on: bool):
     """``sel(mask, x)``: ``x`` with the entries outside ``mask`` selected to 0 when ``on``, else ``x``
     as it is (a chunk loop whose other tokens' columns are already exactly 0 skips the select)."""

@@ -36,8 +36,8 @@ from jax.experimental.mosaic.gpu import utils as mu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, vector
 
-from .common import C, COLS, F32, ROWS, WG, causal_mask, cols, masked_decay, rows
-from .solve import BLOCK, _MlirLanes, warp_solve_steps
+from .common import C, COLS, F32, ROWS, WG, cols, masked_decay, rows, seq_cumsum
+from .solve import BLOCK, _MlirLanes, _diag_solve_interpret, same_block, vec_elem, warp_solve_steps
 
 SLAB = BLOCK  # columns per slab: one 16x16 block column, one warp's diagonal block
 NSLAB = C // SLAB
@@ -66,10 +66,7 @@ def _slab_solve_body(ctx, na):
     regs = na.registers
     assert regs.shape == (1, 2, 1, 1, 2, 1, 1, 1, 1), regs.shape  # [8-column group jb][h]
 
-    def elem(v, e):
-        return vector.extract(v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-
-    nav = [[[elem(regs[0, jb, 0, 0, h, 0, 0, 0, 0], e) for e in range(2)] for jb in range(2)] for h in range(2)]
+    nav = [[[vec_elem(regs[0, jb, 0, 0, h, 0, 0, 0, 0], e) for e in range(2)] for jb in range(2)] for h in range(2)]
     x = warp_solve_steps(_MlirLanes(lane), nav)
     out = np.empty_like(regs)
     vec2 = ir.VectorType.get([2], f32)
@@ -86,17 +83,11 @@ _SLAB_SOLVE = plgpu.inline_mgpu(
 
 
 def _slab_solve_interpret(na):
-    """The substitution of :func:`.solve._diag_solve_interpret` on the slab's four blocks (jnp): the same
-    operations per element, so the same bits as the whole-tile path under the interpreter."""
-    a = -na.reshape(NSLAB, SLAB, SLAB)  # A's diagonal blocks (-(-a) is exact)
-    i = jnp.arange(SLAB)
-    res = jnp.broadcast_to(jnp.eye(SLAB, dtype=F32), a.shape)
-    for j in range(SLAB):
-        x_j = res[:, j, :]  # row j of each block: final once step j reads it
-        below = (i > j)[None, :, None]
-        res = res - jnp.where(below, a[:, :, j][:, :, None] * x_j[:, None, :], 0.0)
-    low = (i[:, None] >= i[None, :])[None]
-    return jnp.where(low, res, 0.0).reshape(C, SLAB)
+    """Under the interpreter: the slab's blocks put on the diagonal of a [64, 64] tile, inverted by
+    :func:`.solve._diag_solve_interpret` (the whole-tile path's own substitution, so the same bits), and
+    taken back (each row's one nonzero block: a sum with exact zeros)."""
+    x = _diag_solve_interpret(jnp.where(same_block(BLOCK), -jnp.tile(na, (1, NSLAB)), 0.0), None)
+    return x.reshape(C, NSLAB, SLAB).sum(axis=1)
 
 
 def slab_solve(na, interpret: bool):
@@ -126,7 +117,6 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
     if _upto not in STEPS:
         raise ValueError(f"_upto must be one of {STEPS}, got {_upto!r}")
     upto = STEPS.index(_upto)
-    sq = (C, C)
     sl = (C, SLAB)
     buf_a, buf_x, buf_m = bufs
     # Every mask below is built from per-row and per-column vectors and, where it can be, from lo / hi:
@@ -135,11 +125,8 @@ def intra_tile_slabs(k_ref, g_ref, gc_ref, beta_rows, beta_cols, ag_ref, bufs, l
     rvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROWS)
     vr = (rvec >= lo) & (rvec < hi)
     blk = rvec // SLAB  # the row's 16-row block (its warp)
-    with jax.named_scope("i_cumsum"):  # the sequence's tokens only: another's g may be NaN
-        # causal_mask: c <= r and lo <= c < hi, one compare per element
-        gam_r = jnp.where(causal_mask(lo, hi, sq), cols(plgpu.load(g_ref, layout=COLS), sq), 0.0).sum(axis=1)
-        gc_ref[...] = gam_r
-        plgpu.commit_smem()  # a warpgroup barrier too: read back in the column layout
+    with jax.named_scope("i_cumsum"):
+        gam_r = seq_cumsum(g_ref, gc_ref, lo, hi)
     beta_r = rows(plgpu.load(beta_rows, layout=ROWS), sl)
     # A's mask, lo <= c < r < hi: (c - lo) <u bound(r), the bound 0 on rows outside [lo, hi)
     a_bound = rows(jnp.where(vr, rvec - lo, 0).astype(jnp.uint32), sl)

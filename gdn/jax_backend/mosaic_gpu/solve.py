@@ -157,6 +157,11 @@ def warp_solve_steps(ops, na, seg_rows=None, seg_of=None, seg_cols=None):
     return x
 
 
+def vec_elem(vec, e: int):
+    """Element ``e`` of one register vector of a FragmentedArray (MLIR)."""
+    return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+
+
 class _MlirLanes:
     """:func:`warp_solve_steps`'s operations as MLIR (i32 lane arithmetic, f32 values)."""
 
@@ -211,9 +216,6 @@ def _warp_solve_body(ctx, na_t, seg_ref=None):
     def reg(n, h):
         return regs[0, n, 0, 0, h, 0, 0, 0, 0]
 
-    def elem(vec, e):
-        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-
     is_warp = [arith.cmpi(arith.CmpIPredicate.eq, warp, mu.c(k, i32)) for k in range(4)]
     na = []
     for h in range(2):
@@ -222,7 +224,7 @@ def _warp_solve_body(ctx, na_t, seg_ref=None):
             v = reg(jb, h)
             for k in range(1, 4):
                 v = arith.select(is_warp[k], reg(2 * k + jb, h), v)
-            row.append([elem(v, e) for e in range(2)])
+            row.append([vec_elem(v, e) for e in range(2)])
         na.append(row)
     ops = _MlirLanes(lane)
     seg_rows = seg_of = seg_cols = None
