@@ -1309,6 +1309,13 @@ def test_persistent_grid_h0_prefetch_policy():
     jax.jit(lambda p: seen.append(pick_loop_prefetch(p, 128 * 256, 132)) or 0)(short.to_jax())
     # the bucket of 128 sequences reaches down to 121: 271 tokens at most, still short
     assert seen == ["smem"]
+    # where the staging does not fit the loop's SMEM (the slab intra work's tiles), the L2 prefetch
+    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import h0_staging_fits
+
+    assert pick_loop_prefetch(short, 128 * 256, 132, staging_fits=False) is True
+    assert h0_staging_fits(128, 128, 2, 2) and h0_staging_fits(128, 128, 2, 2, l2=True)
+    assert h0_staging_fits(128, 128, 2, 2, fused=True)
+    assert not h0_staging_fits(128, 128, 2, 2, fused=True, slabs=True)
 
 
 def test_traced_plan_grid_policy(monkeypatch):

@@ -17,7 +17,7 @@ from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide
+from .chunk_loop_wide import SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
@@ -281,12 +281,13 @@ def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) 
 H0_SMEM_MAX_MEAN_TOKENS = 512
 
 
-def pick_loop_prefetch(plan, tokens: int, loop_ctas) -> bool | str:
+def pick_loop_prefetch(plan, tokens: int, loop_ctas, staging_fits: bool = True) -> bool | str:
     """``loop_prefetch="auto"``: "smem" on the persistent grid when the sequences are short on
     average (:data:`H0_SMEM_MAX_MEAN_TOKENS`; for a traced plan, with its bucket's smallest count, the
-    longest mean it can have), else True (the L2 prefetch)."""
+    longest mean it can have) and the staging fits the loop's SMEM (``staging_fits``:
+    :func:`.chunk_loop_wide.h0_staging_fits`), else True (the L2 prefetch)."""
     rng = _seq_range(plan)
-    if loop_ctas is None or rng is None:
+    if loop_ctas is None or rng is None or not staging_fits:
         return True
     return "smem" if tokens <= H0_SMEM_MAX_MEAN_TOKENS * max(rng[0], 1) else True
 
@@ -474,9 +475,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         loop_ctas = pick_loop_ctas(None if rng is None else max(rng[0], 1), args.dims[1], chunk_variant,
                                    _sm_count())
     if loop_prefetch == "auto":
-        loop_prefetch = pick_loop_prefetch(args.plan, args.batch * args.seqlen, loop_ctas)
-        if variant == "fused_wide_mma" and loop_prefetch == "smem":  # no SMEM left for the staging: L2
-            loop_prefetch = True
+        fused = variant in FUSED_WIDE  # (use_qk_l2norm's row scales: in the loop only without the fusion)
+        fits = h0_staging_fits(args.dims[2], args.dims[3], args.q.dtype.itemsize, args.q.dtype.itemsize,
+                               l2=args.use_qk_l2norm and not fused, fused=fused,
+                               slabs=variant == "fused_wide_mma")
+        loop_prefetch = pick_loop_prefetch(args.plan, args.batch * args.seqlen, loop_ctas, fits)
     return run_core(core, args, interpret=interpret, variant=variant, bv=bv, stages=stages,
                     regs=regs, intra_tiles=intra_tiles, head_loop=head_loop, intra_pad=intra_pad,
                     intra_merge=intra_merge, intra_columns=intra_columns, intra_isolate=intra_isolate,

@@ -102,6 +102,13 @@ def pick_stages(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = F
                               "bytes of SMEM")
 
 
+def h0_staging_fits(dk: int, dv: int, itemsize: int, out_itemsize: int, l2: bool = False,
+                    fused: bool = False, slabs: bool = False) -> bool:
+    """Whether ``prefetch_h0="smem"`` (each state warpgroup's [K, 64] fp32 h0 staging beside a
+    2-stage ring) fits the SMEM budget (the slab intra work's tiles leave no room for it at K = 128)."""
+    return smem_bytes(dk, dv, itemsize, out_itemsize, 2, l2, fused, True, slabs) <= SMEM_BUDGET
+
+
 SCHEDULES = ("order", "table")  # the persistent grid's item lookups (chunk_loop_wide's ``schedule``)
 
 
