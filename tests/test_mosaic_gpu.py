@@ -1672,3 +1672,14 @@ def test_traced_split_pass2_loop_is_the_host_plans(monkeypatch, t, h, hv, piece_
 
     _lower_for_cuda(fn, q, q, v, g, g, p.to_jax())
     assert seen == ["default"], seen
+
+
+@pytest.mark.parametrize("options", [dict(), dict(loop_ctas=3, loop_prefetch="smem", loop_schedule="table")],
+                         ids=["per_item", "persistent_h0smem"])
+def test_wide_loop_output_under_update_same_bits(options):
+    """loop_overlap="update" (the wide loop's output products issued before the state update, the
+    output stored while the update computes: common.products_then) against the plain wide loop: the
+    same bits, outputs and final states, on clean and poisoned inputs (9 sequences in 16 grid rows,
+    an initial state with a NaN in one sequence's), on one CTA per item and on 3 persistent CTAs."""
+    res = _loop_io_bits("wide", loop_overlap="update", **options)
+    assert res["clean_same_bits"] and res["poisoned_same_bits"], res

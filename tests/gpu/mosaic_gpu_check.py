@@ -586,6 +586,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s17 (slower, m1): the wide loop's output store issued in the next tile's shadow (o staged in SMEM)
     "wide_store": dict(chunk_variant="wide", loop_overlap="store"),
     "store": dict(loop_overlap="store"),  # the same where the pick is the wide loop, else "auto"
+    # s21: the wide loop's output stored while the tile's state update computes (products_then)
+    "update": dict(loop_overlap="update"),  # (the narrow loop: "auto"'s choice)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -759,6 +761,10 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     # s17 (slower, m1): the output's fence, barrier and TMA issue in the next tile's first group's shadow
     "store": dict(overlap="store"),
     "table_pf_store": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="store"),
+    # s21: the output stored in the state update's shadow
+    "update": dict(overlap="update"),
+    "table_pf_update": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="update"),
+    "table_h0smem_update": dict(ctas=132, schedule="table", prefetch_h0="smem", overlap="update"),
 }
 
 

@@ -350,18 +350,19 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
 
 
 def check_loop_overlap(loop_overlap) -> None:
-    """TypeError unless ``loop_overlap`` is a bool, "auto" or "store"."""
-    if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store"):
-        raise TypeError(f"loop_overlap must be a bool, 'auto' or 'store', got {loop_overlap!r}")
+    """TypeError unless ``loop_overlap`` is a bool, "auto", "store" or "update"."""
+    if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store", "update"):
+        raise TypeError(f"loop_overlap must be a bool, 'auto', 'store' or 'update', got {loop_overlap!r}")
 
 
 def resolve_loop_overlap(loop_overlap: bool | str, chunk_variant: str) -> bool:
     """``loop_overlap`` for the resolved ``chunk_variant``: "auto" is on for the narrow loop
     ("default"), whose overlap ptxas compiles without spills, and off for the wide one (its state
     warpgroups spill with it; slower on the H200, 2026-12-05). "store" (the wide loop's output
-    store alone in the next tile's shadow, :func:`.chunk_loop_wide.chunk_loop_wide`) stays "store"
-    for the wide loop and is "auto"'s choice for the narrow one."""
-    if loop_overlap == "auto" or (loop_overlap == "store" and chunk_variant != "wide"):
+    store alone in the next tile's shadow, :func:`.chunk_loop_wide.chunk_loop_wide`) and "update"
+    (the output stored in the state update's shadow) stay as they are for the wide loop and are
+    "auto"'s choice for the narrow one."""
+    if loop_overlap == "auto" or (loop_overlap in ("store", "update") and chunk_variant != "wide"):
         return chunk_variant == "default"
     return loop_overlap
 

@@ -53,7 +53,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows, cols, column_select,
                      compiler_params, drain_releases, finish_together, for_tail_tiles, has_row_scales,
                      interpret_params, iota,
-                     k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, qk_scaled, rows, seq_cumsum, seq_tiles,
+                     k_scaled, load_state, masked_decay, masked_exp, opaque_zero, mm, products, products_then, qk_scaled, rows, seq_cumsum, seq_tiles,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .slabs import intra_tile_slabs
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
@@ -79,7 +79,7 @@ FUSED_REGS = (152, 176)
 
 #: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
 #: the results are then WRONG. tests/gpu/mosaic_gpu_check.py --only ablate times each.
-ABLATIONS = ("store", "o", "w", "xw", "prep", "selects")
+ABLATIONS = ("store", "o", "w", "xw", "prep", "selects", "q")  # q: the prep's Q scaling alone
 
 
 def smem_bytes(dk: int, dv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
@@ -215,6 +215,9 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     ptxas spills 16 B and each state warpgroup's loop grows by ~80 instructions (the per-column
     predicates live across the deferred branches), and the loop alone is slower: H100, 2026-12-06
     (session 17, m1): 0.381 vs 0.370 ms at 4x8192, 0.680 vs 0.674 at 128x256 (persistent).
+    ``overlap="update"`` (UNTIMED): the output products are issued before the state update in the
+    tile's last group, and the output is stored as soon as they completed, while the update still
+    runs on the tensor cores (:func:`.common.products_then`); nothing rides into the next tile.
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -276,9 +279,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     h0_smem = prefetch_h0 == "smem" and h0 is not None and ctas is not None  # (like True: the persistent grid's)
     if stages is None:
         stages = pick_stages(dk, dv, isz, osz, l2, gates is not None, h0_smem, intra_slabs)
-    if overlap not in (True, False, "store"):
-        raise ValueError(f"overlap must be True, False or 'store', got {overlap!r}")
+    if overlap not in (True, False, "store", "update"):
+        raise ValueError(f"overlap must be True, False, 'store' or 'update', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
+    under_update = overlap == "update"  # the output stored while the state update computes
     overlap = overlap is True
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
@@ -474,7 +478,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                         p_s.at[slot][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq), zero).astype(dtype)
                         e_r = jnp.exp(g_r)
                 with jax.named_scope("p_q"):  # Q <- diag(exp(gc)) Q, after P read q (mm waited)
-                    for h0_ in range(dk // BV):
+                    for h0_ in range(dk // BV * (not ab("q"))):
                         qh = q_s.at[slot, :, pl.ds(h0_ * BV, BV)]
                         qh[...] = (plgpu.load(qh, layout=WG).astype(F32) * rows(e_r, (C, BV))).astype(dtype)
 
@@ -696,6 +700,17 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
                 vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend)
+                if under_update:  # o^T's products first; its store in the update's shadow
+                    def store_o(o_t):
+                        if not ab("store"):
+                            with jax.named_scope("s_store"):
+                                store((o_t if lean else o_t * scale).astype(out_dtype), j, tok, lo, hi, t0)
+                    with jax.named_scope("s_update"):
+                        s_new, = products_then(
+                            [((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)])],
+                            [((BV, dk), s_dec, [(vd_t, k_s.at[slot])])], store_o)
+                        plgpu.barrier_arrive(in_free.at[slot])
+                    return s_new, None
                 with jax.named_scope("s_update"):
                     if ab("o"):
                         s_new, = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]))

@@ -151,6 +151,33 @@ def products(*accs, during=None):
     return outs if during is None else (outs, extra)
 
 
+def products_then(first, last, between):
+    """The products ``first``, then ``last`` (entries as :func:`products`'), issued back to back;
+    ``between(*first's results)`` runs as soon as ``first`` completed, while ``last`` may still be
+    on the tensor cores (WGMMA groups retire in order: a wait that leaves ``last``'s groups in
+    flight) -> ``last``'s results after one more wait. The wide loop stores a tile's output this way
+    in the shadow of its state update. Under the interpreter: both, then ``between``."""
+    if _INTERPRET.get():
+        outs = products(*first)
+        between(*outs)
+        return products(*last)
+
+    def scoped(*refs):
+        for ref, (_, init, _) in zip(refs, first + last):
+            if init is not None:
+                ref[...] = init
+        for ref, (_, _, pairs) in zip(refs, first + last):
+            for a, b in pairs:
+                plgpu.wgmma(ref, a, b)  # one group each
+        in_flight = sum(len(pairs) for _, _, pairs in last)
+        done = tuple(plgpu.wgmma_accumulator_load(ref, wait_n=in_flight) for ref in refs[:len(first)])
+        between(*lax.optimization_barrier(done))
+        return tuple(ref[...] for ref in refs[len(first):])
+
+    outs = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in first + last))
+    return lax.optimization_barrier(tuple(outs))
+
+
 def has_row_scales(lrq, lrk) -> bool:
     """Whether a kernel got use_qk_l2norm's row scales (``lrq``, ``lrk``: fp32 [H, T_pad], ``ln rstd``
     of q's and k's rows); ValueError for one without the other."""
