@@ -765,6 +765,7 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "update": dict(overlap="update"),
     "table_pf_update": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="update"),
     "table_h0smem_update": dict(ctas=132, schedule="table", prefetch_h0="smem", overlap="update"),
+    "update_noshadow": dict(overlap="update", _shadow=False, _prep_shadow=False),  # the store alone
 }
 
 

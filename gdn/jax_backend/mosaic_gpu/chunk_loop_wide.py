@@ -217,7 +217,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     (session 17, m1): 0.381 vs 0.370 ms at 4x8192, 0.680 vs 0.674 at 128x256 (persistent).
     ``overlap="update"`` (UNTIMED): the output products are issued before the state update in the
     tile's last group, and the output is stored as soon as they completed, while the update still
-    runs on the tensor cores (:func:`.common.products_then`); nothing rides into the next tile.
+    runs on the tensor cores (:func:`.common.products_then`); nothing rides into the next tile. With
+    it, as with ``overlap=True``, the column factors, the state's decay and the prep's exponentials
+    are computed in the product groups' shadows (``_shadow=False`` / ``_prep_shadow=False`` turn
+    that off, diagnostics).
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -468,7 +471,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     else:
                         r, c = iota(sq, 0), iota(sq, 1)
                         mask = (r >= c) & (c >= lo) & (c < hi)
-                    if overlap and _prep_shadow:  # the exponentials while Q K^T computes (same values)
+                    if (overlap or under_update) and _prep_shadow:  # the exponentials while Q K^T computes (same values)
                         p, (dec, e_r) = mm(q_s.at[slot], k_s.at[slot].T, sq,
                                            during=lambda: (jnp.exp(rows(g_r, sq) - cols(g_c, sq)), jnp.exp(g_r)))
                         p_s.at[slot][...] = jnp.where(mask, p * dec, 0.0).astype(dtype)
@@ -739,7 +742,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 with ``_shadow`` the column factors and the state's decay are computed in the groups'
                 shadows (the same values)."""
                 sel = column_select(not (ab("selects") or lean))
-                shadow = overlap and _shadow
+                shadow = (overlap or under_update) and _shadow
                 mask = valid if callable(valid) else (lambda: valid)
 
                 def x_factor():  # exp(gc) of X's columns; with lean 0 on other sequences' columns
