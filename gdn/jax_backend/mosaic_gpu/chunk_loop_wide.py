@@ -215,12 +215,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     ptxas spills 16 B and each state warpgroup's loop grows by ~80 instructions (the per-column
     predicates live across the deferred branches), and the loop alone is slower: H100, 2026-12-06
     (session 17, m1): 0.381 vs 0.370 ms at 4x8192, 0.680 vs 0.674 at 128x256 (persistent).
-    ``overlap="update"`` (UNTIMED): the output products are issued before the state update in the
+    ``overlap="update"`` (off: within noise): the output products are issued before the state update in the
     tile's last group, and the output is stored as soon as they completed, while the update still
     runs on the tensor cores (:func:`.common.products_then`); nothing rides into the next tile. With
     it, as with ``overlap=True``, the column factors, the state's decay and the prep's exponentials
     are computed in the product groups' shadows (``_shadow=False`` / ``_prep_shadow=False`` turn
-    that off, diagnostics).
+    that off, diagnostics). The same bits. H100, 2026-12-06 (session 21, u1 / u2), the loop alone, ms:
+    4x8192 0.358 / 0.361 vs 0.366 / 0.365 (without the shadows 0.357), 8x4096 0.370 vs 0.370,
+    128x256 (persistent, h0 staged) 0.575 vs 0.575; whole prefill at 4x8192 0.580 vs 0.588 (FLA
+    2.132). The update's ~0.2 us of tensor work hides little of the store.
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
