@@ -46,6 +46,8 @@
 #                                   # slabs by mma.sync) against float64 compiled, then timed beside the default, FLA
 #   bash benchmarks/queue.sh r2     # s20 (NOT yet run): the slab intra work's step prefixes alone (slab_micro --upto),
 #                                   # free registers and at the wide loop's budget
+#   bash benchmarks/queue.sh u1     # s21 (ran on an H100): the wide loop with loop_overlap="update" (the output stored
+#                                   # in the state update's shadow) alone and whole, on the H200, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -147,6 +149,9 @@ case $call in
   r2) timeout -s INT 150 python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1 --upto a,solve,merge,store
       timeout -s INT 150 python3 benchmarks/slab_micro.py --iters 256 --ctas-per-sm 1 --regs 88,208 \
         --upto a,solve,merge,store ;;
+  u1) timeout -s INT 150 $M --only loops --tag u1a --loop-shapes 4x8192,8x4096 --loop-variants one_per_item,update
+      timeout -s INT 120 $M --only loops --tag u1b --loop-shapes 128x256 --loop-variants table_h0smem,table_h0smem_update
+      timeout -s INT 150 $M --only time --tag u1t --shapes 4x8192,128x256 --variants default,update --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

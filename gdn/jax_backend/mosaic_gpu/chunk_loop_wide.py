@@ -706,24 +706,23 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     g_last = gc_cols[slot, hi - 1]  # the gate of the last valid token closes the tile
                     s_lo = s_t.astype(dtype)
                 vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend)
+                update = ((BV, dk), s_dec, [(vd_t, k_s.at[slot])])
+                o_prods = ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)])  # o^T = Sl Q'^T + Vnew^T P^T
                 if under_update:  # o^T's products first; its store in the update's shadow
                     def store_o(o_t):
                         if not ab("store"):
                             with jax.named_scope("s_store"):
                                 store((o_t if lean else o_t * scale).astype(out_dtype), j, tok, lo, hi, t0)
                     with jax.named_scope("s_update"):
-                        s_new, = products_then(
-                            [((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)])],
-                            [((BV, dk), s_dec, [(vd_t, k_s.at[slot])])], store_o)
+                        s_new, = products_then([o_prods], [update], store_o)
                         plgpu.barrier_arrive(in_free.at[slot])
                     return s_new, None
                 with jax.named_scope("s_update"):
                     if ab("o"):
-                        s_new, = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]))
+                        s_new, = products(update)
                         o_t = vn_lo.astype(F32)
-                    else:  # o^T = Sl (diag(exp(gc)) Q)^T + Vnew^T P^T
-                        s_new, o_t = products(((BV, dk), s_dec, [(vd_t, k_s.at[slot])]),
-                                              ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)]))
+                    else:  # Q' = diag(exp(gc)) Q
+                        s_new, o_t = products(update, o_prods)
                     plgpu.barrier_arrive(in_free.at[slot])
                 o_lo_t = (o_t if lean else o_t * scale).astype(out_dtype)
                 if store_shadow:

@@ -156,7 +156,7 @@ def products_then(first, last, between):
     ``between(*first's results)`` runs as soon as ``first`` completed, while ``last`` may still be
     on the tensor cores (WGMMA groups retire in order: a wait that leaves ``last``'s groups in
     flight) -> ``last``'s results after one more wait. The wide loop stores a tile's output this way
-    in the shadow of its state update. Under the interpreter: both, then ``between``."""
+    in the shadow of its state update. Under the interpreter: ``first``, ``between``, then ``last``."""
     if _INTERPRET.get():
         outs = products(*first)
         between(*outs)
