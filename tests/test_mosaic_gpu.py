@@ -1674,12 +1674,15 @@ def test_traced_split_pass2_loop_is_the_host_plans(monkeypatch, t, h, hv, piece_
     assert seen == ["default"], seen
 
 
+@pytest.mark.parametrize("out", [dict(loop_overlap="update"), dict(loop_direct_out=True)], ids=["update", "direct"])
 @pytest.mark.parametrize("options", [dict(), dict(loop_ctas=3, loop_prefetch="smem", loop_schedule="table")],
                          ids=["per_item", "persistent_h0smem"])
-def test_wide_loop_output_under_update_same_bits(options):
+def test_wide_loop_output_under_update_same_bits(options, out):
     """loop_overlap="update" (the wide loop's output products issued before the state update, the
-    output stored while the update computes: common.products_then) against the plain wide loop: the
-    same bits, outputs and final states, on clean and poisoned inputs (9 sequences in 16 grid rows,
-    an initial state with a NaN in one sequence's), on one CTA per item and on 3 persistent CTAs."""
-    res = _loop_io_bits("wide", loop_overlap="update", **options)
+    output stored while the update computes: common.products_then) and loop_direct_out (whole output
+    tiles from registers to global memory, partial ones through SMEM) against the plain wide loop:
+    the same bits, outputs and final states, on clean and poisoned inputs (9 sequences in 16 grid
+    rows sharing tiles, an initial state with a NaN in one sequence's), on one CTA per item and on
+    3 persistent CTAs."""
+    res = _loop_io_bits("wide", **out, **options)
     assert res["clean_same_bits"] and res["poisoned_same_bits"], res

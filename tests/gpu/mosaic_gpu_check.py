@@ -588,6 +588,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "store": dict(loop_overlap="store"),  # the same where the pick is the wide loop, else "auto"
     # s21: the wide loop's output stored while the tile's state update computes (products_then)
     "update": dict(loop_overlap="update"),  # (the narrow loop: "auto"'s choice)
+    # s21: whole output tiles from the state warpgroups' registers straight to global memory
+    "direct_out": dict(loop_direct_out=True),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -766,6 +768,8 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "table_pf_update": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="update"),
     "table_h0smem_update": dict(ctas=132, schedule="table", prefetch_h0="smem", overlap="update"),
     "update_noshadow": dict(overlap="update", _shadow=False, _prep_shadow=False),  # the store alone
+    "direct_out": dict(direct_out=True),  # whole output tiles from registers (s21)
+    "table_h0smem_direct_out": dict(ctas=132, schedule="table", prefetch_h0="smem", direct_out=True),
 }
 
 

@@ -141,7 +141,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool | str = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
-                    gates=None, intra_slabs: bool = False, _ablate: frozenset = frozenset(),
+                    gates=None, intra_slabs: bool = False, direct_out: bool = False, _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -224,6 +224,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     4x8192 0.358 / 0.361 vs 0.366 / 0.365 (without the shadows 0.357), 8x4096 0.370 vs 0.370,
     128x256 (persistent, h0 staged) 0.575 vs 0.575; whole prefill at 4x8192 0.580 vs 0.588 (FLA
     2.132). The update's ~0.2 us of tensor work hides little of the store.
+    ``direct_out`` (UNTIMED, off): a whole output tile goes from the state warpgroup's registers
+    straight to global memory (a register transpose, then plain stores: nothing waits for them) instead
+    of through the SMEM tile, its fence, warpgroup barrier and TMA store, which sit on the state chain
+    (the ablation: 20% of the loop alone at 4x8192, session 21). A partial tile (shared with a neighbour,
+    or past ``t_valid``) keeps the SMEM path and its row stores. It implies "update"'s order of the
+    last group (in the plain order ptxas serialized the WGMMAs); not with ``overlap="store"`` or True.
+    ptx_local: 168 registers, no spills; the store is 32 shuffles (the transpose) and 16 4-byte stores
+    a thread.
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -288,7 +296,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if overlap not in (True, False, "store", "update"):
         raise ValueError(f"overlap must be True, False, 'store' or 'update', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
-    under_update = overlap == "update"  # the output stored while the state update computes
+    if direct_out and overlap not in (False, "update"):
+        raise ValueError(f"direct_out runs with overlap False or 'update', got {overlap!r}")
+    # the output stored while the state update computes (direct_out too: in the plain order ptxas
+    # serialized the state warpgroups' WGMMAs, C7512, ptx_local 2026-12-06)
+    under_update = overlap == "update" or direct_out
     overlap = overlap is True
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
@@ -637,18 +649,25 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 same branch (as a separate :func:`issue` ptxas serialized the state warpgroups'
                 WGMMAs, C7512, ptx_local 2026-12-06)."""
                 full = whole(lo, hi, t0)
-                with jax.named_scope("s_st_wait"):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
+                if direct_out:  # a whole tile: registers -> global memory (plain stores, nothing waits)
+                    @pl.when(full)
+                    def _():
+                        o_ref.at[tok, j, pl.ds(v0, BV)].T[...] = plgpu.layout_cast(o_lo_t, WGT)
+                else:
+                    with jax.named_scope("s_st_wait"):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
 
-                @pl.when(full)
-                def _():
-                    o_tile.T[...] = o_lo_t
-                    if then_issue:
-                        plgpu.commit_smem()
-                        issue_whole(j, tok)
+                    @pl.when(full)
+                    def _():
+                        o_tile.T[...] = o_lo_t
+                        if then_issue:
+                            plgpu.commit_smem()
+                            issue_whole(j, tok)
 
                 @pl.when(jnp.logical_not(full))
                 def _():
+                    if direct_out:  # only this path reuses the SMEM tile
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     o_part.T[...] = plgpu.layout_cast(o_lo_t, WGT)
                     if then_issue:
                         plgpu.commit_smem()
