@@ -48,6 +48,9 @@
 #                                   # free registers and at the wide loop's budget
 #   bash benchmarks/queue.sh u1     # s21 (ran on an H100): the wide loop with loop_overlap="update" (the output stored
 #                                   # in the state update's shadow) alone and whole, on the H200, FLA
+#   bash benchmarks/queue.sh d1     # s21, UNTIMED: direct_out (whole output tiles from registers to global memory, no
+#                                   # SMEM / fence / barrier / TMA on the state chain): bits vs the plain loop and the
+#                                   # loop alone at 4x8192, 8x4096, 128x256, mix; whole prefills with it, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -152,6 +155,11 @@ case $call in
   u1) timeout -s INT 150 $M --only loops --tag u1a --loop-shapes 4x8192,8x4096 --loop-variants one_per_item,update
       timeout -s INT 120 $M --only loops --tag u1b --loop-shapes 128x256 --loop-variants table_h0smem,table_h0smem_update
       timeout -s INT 150 $M --only time --tag u1t --shapes 4x8192,128x256 --variants default,update --fla-shapes 4x8192 ;;
+  d1) timeout -s INT 120 $M --only nan --tag d1n --nan-names direct_out_wide,persistent_direct_out_wide,update_wide
+      timeout -s INT 150 $M --only loops --tag d1a --loop-shapes 4x8192,8x4096 --loop-variants one_per_item,update,direct_out
+      timeout -s INT 150 $M --only loops --tag d1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_direct_out
+      timeout -s INT 200 $M --only time --tag d1t --shapes 4x8192,128x256,8x4096 --variants default,direct_out \
+        --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

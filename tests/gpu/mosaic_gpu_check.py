@@ -194,7 +194,11 @@ def sec_nan(names=()):
                              ("persistent_overlap_wide", "wide", dict(loop_ctas=3, loop_overlap=True)),
                              ("persistent_h0smem_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                      loop_schedule="table")),
-                             ("overlap_narrow", "narrow", dict(loop_overlap=True))):
+                             ("overlap_narrow", "narrow", dict(loop_overlap=True)),
+                             ("update_wide", "wide", dict(loop_overlap="update")),  # s21
+                             ("direct_out_wide", "wide", dict(loop_direct_out=True)),
+                             ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
+                                                                         loop_schedule="table", loop_direct_out=True))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
