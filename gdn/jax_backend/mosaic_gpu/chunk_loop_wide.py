@@ -646,7 +646,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def stage(o_lo_t, j, tok, lo, hi, t0, then_issue: bool):
                 """o^T [64, C] into this warpgroup's SMEM output tile (swizzled when whole, else plain),
                 and with ``then_issue`` on to rows [lo, min(hi, t_valid - t0)) of the output in the
-                same branch (as a separate :func:`issue` ptxas serialized the state warpgroups'
+                same branch; with ``direct_out`` a whole tile goes from registers to the output instead
+                (no SMEM, nothing to issue) (as a separate :func:`issue` ptxas serialized the state warpgroups'
                 WGMMAs, C7512, ptx_local 2026-12-06)."""
                 full = whole(lo, hi, t0)
                 if direct_out:  # a whole tile: registers -> global memory (plain stores, nothing waits)
@@ -727,11 +728,14 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                 vn_lo, vd_t, s_dec = three_groups(slot, s_t, s_lo, valid, g_x, g_d, g_last, pend)
                 update = ((BV, dk), s_dec, [(vd_t, k_s.at[slot])])
                 o_prods = ((BV, C), None, [(s_lo, q_s.at[slot].T), (vn_lo, p_s.at[slot].T)])  # o^T = Sl Q'^T + Vnew^T P^T
+                def out_tile(o_t):  # o^T in the output dtype (lean: the scale is in the exponents)
+                    return (o_t if lean else o_t * scale).astype(out_dtype)
+
                 if under_update:  # o^T's products first; its store in the update's shadow
                     def store_o(o_t):
                         if not ab("store"):
                             with jax.named_scope("s_store"):
-                                store((o_t if lean else o_t * scale).astype(out_dtype), j, tok, lo, hi, t0)
+                                store(out_tile(o_t), j, tok, lo, hi, t0)
                     with jax.named_scope("s_update"):
                         s_new, = products_then([o_prods], [update], store_o)
                         plgpu.barrier_arrive(in_free.at[slot])
@@ -743,7 +747,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     else:  # Q' = diag(exp(gc)) Q
                         s_new, o_t = products(update, o_prods)
                     plgpu.barrier_arrive(in_free.at[slot])
-                o_lo_t = (o_t if lean else o_t * scale).astype(out_dtype)
+                o_lo_t = out_tile(o_t)
                 if store_shadow:
                     if not ab("store"):
                         with jax.named_scope("s_store"):

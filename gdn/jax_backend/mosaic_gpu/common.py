@@ -137,18 +137,24 @@ def products(*accs, during=None):
         return tuple(outs) if during is None else (tuple(outs), extra)
 
     def scoped(*refs):
-        for ref, (_, init, _) in zip(refs, accs):
-            if init is not None:
-                ref[...] = init
-        for ref, (_, _, pairs) in zip(refs, accs):
-            for a, b in pairs:
-                plgpu.wgmma(ref, a, b)
+        _issue(refs, accs)
         extra = during() if during is not None else None
         return tuple(ref[...] for ref in refs), extra
 
     outs, extra = pl.run_scoped(scoped, *(plgpu.ACC(shape, F32) for shape, _, _ in accs))
     outs = lax.optimization_barrier(tuple(outs))
     return outs if during is None else (outs, extra)
+
+
+def _issue(refs, accs) -> None:
+    """Each accumulator ref of ``refs`` set to its entry's ``init`` (if any), then every product
+    issued, one WGMMA group each, in order (:func:`products`' entries)."""
+    for ref, (_, init, _) in zip(refs, accs):
+        if init is not None:
+            ref[...] = init
+    for ref, (_, _, pairs) in zip(refs, accs):
+        for a, b in pairs:
+            plgpu.wgmma(ref, a, b)
 
 
 def products_then(first, last, between):
@@ -163,12 +169,7 @@ def products_then(first, last, between):
         return products(*last)
 
     def scoped(*refs):
-        for ref, (_, init, _) in zip(refs, first + last):
-            if init is not None:
-                ref[...] = init
-        for ref, (_, _, pairs) in zip(refs, first + last):
-            for a, b in pairs:
-                plgpu.wgmma(ref, a, b)  # one group each
+        _issue(refs, first + last)
         in_flight = sum(len(pairs) for _, _, pairs in last)
         done = tuple(plgpu.wgmma_accumulator_load(ref, wait_n=in_flight) for ref in refs[:len(first)])
         between(*lax.optimization_barrier(done))
