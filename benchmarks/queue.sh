@@ -51,6 +51,9 @@
 #   bash benchmarks/queue.sh d1     # s21, UNTIMED: direct_out (whole output tiles from registers to global memory, no
 #                                   # SMEM / fence / barrier / TMA on the state chain): bits vs the plain loop and the
 #                                   # loop alone at 4x8192, 8x4096, 128x256, mix; whole prefills with it, FLA
+#   bash benchmarks/queue.sh e1     # s22, UNTIMED: out_store="warp" (each warp's output slab through its own SMEM, only
+#                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
+#                                   # whole prefills with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -159,6 +162,11 @@ case $call in
       timeout -s INT 150 $M --only loops --tag d1a --loop-shapes 4x8192,8x4096 --loop-variants one_per_item,update,direct_out
       timeout -s INT 150 $M --only loops --tag d1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_direct_out
       timeout -s INT 200 $M --only time --tag d1t --shapes 4x8192,128x256,8x4096 --variants default,direct_out \
+        --fla-shapes 4x8192 ;;
+  e1) timeout -s INT 120 $M --only nan --tag e1n --nan-names warp_out_wide,persistent_warp_out_wide
+      timeout -s INT 150 $M --only loops --tag e1a --loop-shapes 4x8192,8x4096 --loop-variants one_per_item,update,warp_out
+      timeout -s INT 150 $M --only loops --tag e1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_warp_out
+      timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;

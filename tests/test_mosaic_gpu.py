@@ -1179,6 +1179,43 @@ def test_warp_solve_lane_arithmetic_inverts_each_diagonal_block():
     np.testing.assert_allclose(x, want, rtol=0, atol=1e-12)
 
 
+def test_warp_out_lane_map_transposes_the_tile_without_bank_conflicts():
+    """out_store="warp": each warp's four ``stmatrix.x4.trans`` (lane ``8 m + k`` gives row ``k`` of
+    matrix ``m``, which receives column ``k`` of the lane-fragment matrix) and four 16-byte reads of
+    its slab, emulated on the CPU with the kernel's offsets (the interpreter stores the tile
+    directly), put o^T's [64, 64] tile in global memory as o; every slab byte is written once, and
+    each 8-row phase of a store or a quarter-warp's 16-byte reads hits 8 distinct 16-byte bank groups."""
+    from gdn.jax_backend.mosaic_gpu import warp_out as W
+    rng = np.random.default_rng(0)
+    o_t = rng.integers(0, 2 ** 16, size=(64, 64), dtype=np.uint16)  # [V columns, tokens]
+    out = np.zeros((64, 64), np.uint16)  # [tokens, V columns]
+    lanes = np.arange(32)
+    for w in range(4):
+        mine = o_t[16 * w:16 * w + 16]  # the warp's rows of the WGMMA layout
+        slab = np.zeros(W.SLAB_BYTES // 2, np.uint16)
+        written = np.zeros(W.SLAB_BYTES // 2, int)
+        for s in range(4):
+            off = W.stmatrix_offset(lanes, s)
+            for m in range(4):
+                n, h = 2 * s + m // 2, m % 2
+                frag = mine[8 * h:8 * h + 8, 8 * n:8 * n + 8]  # lane l: row l // 4, columns 2 (l % 4) + e
+                rows = off[8 * m:8 * m + 8]
+                assert len(set(rows % 128 // 16)) == 8, (s, m)
+                for k in range(8):
+                    slab[rows[k] // 2:rows[k] // 2 + 8] = frag[:, k]
+                    written[rows[k] // 2:rows[k] // 2 + 8] += 1
+        assert np.all(written == 1)
+        for i in range(4):
+            off = W.read_offset(lanes, i)
+            tok, half = W.read_row(lanes, i)
+            for quarter in range(4):
+                assert len(set(off[8 * quarter:8 * quarter + 8] % 128 // 16)) == 8, (i, quarter)
+            for lane in range(32):
+                col = 16 * w + 8 * half[lane]
+                out[tok[lane], col:col + 8] = slab[off[lane] // 2:off[lane] // 2 + 8]
+    np.testing.assert_array_equal(out, o_t.T)
+
+
 def test_warp_solve_keeps_a_poisoned_sequence_apart():
     """With the tile's sequence ids, a NaN sequence sharing a block leaves its neighbours' entries
     as they are without it, and every entry across two sequences exactly 0."""
@@ -1674,13 +1711,16 @@ def test_traced_split_pass2_loop_is_the_host_plans(monkeypatch, t, h, hv, piece_
     assert seen == ["default"], seen
 
 
-@pytest.mark.parametrize("out", [dict(loop_overlap="update"), dict(loop_direct_out=True)], ids=["update", "direct"])
+@pytest.mark.parametrize("out", [dict(loop_overlap="update"), dict(loop_out_store="registers"),
+                                 dict(loop_out_store="warp")], ids=["update", "registers", "warp"])
 @pytest.mark.parametrize("options", [dict(), dict(loop_ctas=3, loop_prefetch="smem", loop_schedule="table")],
                          ids=["per_item", "persistent_h0smem"])
 def test_wide_loop_output_under_update_same_bits(options, out):
     """loop_overlap="update" (the wide loop's output products issued before the state update, the
-    output stored while the update computes: common.products_then) and loop_direct_out (whole output
-    tiles from registers to global memory, partial ones through SMEM) against the plain wide loop:
+    output stored while the update computes: common.products_then) and loop_out_store "registers" /
+    "warp" (whole output tiles without the SMEM tile's TMA store, partial ones through it; the
+    interpreter runs "warp"'s whole tiles as "registers", its lanes are emulated above; the partial
+    tiles' waits are its own) against the plain wide loop:
     the same bits, outputs and final states, on clean and poisoned inputs (9 sequences in 16 grid
     rows sharing tiles, an initial state with a NaN in one sequence's), on one CTA per item and on
     3 persistent CTAs."""

@@ -196,9 +196,12 @@ def sec_nan(names=()):
                                                                      loop_schedule="table")),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True)),
                              ("update_wide", "wide", dict(loop_overlap="update")),  # s21
-                             ("direct_out_wide", "wide", dict(loop_direct_out=True)),
+                             ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
-                                                                         loop_schedule="table", loop_direct_out=True))):
+                                                                         loop_schedule="table", loop_out_store="registers")),
+                             ("warp_out_wide", "wide", dict(loop_out_store="warp")),
+                             ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
+                                                                       loop_schedule="table", loop_out_store="warp"))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
@@ -593,7 +596,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s21: the wide loop's output stored while the tile's state update computes (products_then)
     "update": dict(loop_overlap="update"),  # (the narrow loop: "auto"'s choice)
     # s21: whole output tiles from the state warpgroups' registers straight to global memory
-    "direct_out": dict(loop_direct_out=True),
+    "direct_out": dict(loop_out_store="registers"),
+    "warp_out": dict(loop_out_store="warp"),
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -772,8 +776,10 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "table_pf_update": dict(ctas=132, schedule="table", prefetch_h0=True, overlap="update"),
     "table_h0smem_update": dict(ctas=132, schedule="table", prefetch_h0="smem", overlap="update"),
     "update_noshadow": dict(overlap="update", _shadow=False, _prep_shadow=False),  # the store alone
-    "direct_out": dict(direct_out=True),  # whole output tiles from registers (s21)
-    "table_h0smem_direct_out": dict(ctas=132, schedule="table", prefetch_h0="smem", direct_out=True),
+    "direct_out": dict(out_store="registers"),  # whole output tiles from registers (s21)
+    "table_h0smem_direct_out": dict(ctas=132, schedule="table", prefetch_h0="smem", out_store="registers"),
+    "warp_out": dict(out_store="warp"),  # each warp's slab through its own SMEM, bar.warp.sync only (s22)
+    "table_h0smem_warp_out": dict(ctas=132, schedule="table", prefetch_h0="smem", out_store="warp"),
 }
 
 

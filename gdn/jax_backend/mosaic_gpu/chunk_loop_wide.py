@@ -57,6 +57,7 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, causal_mask, check_token_rows,
                      store_final_state, store_rows, store_state, tile, tracing_for_interpreter, zero_rows_outside)
 from .slabs import intra_tile_slabs
 from .solve import block_lower, decayed_a, diag_block_inverse, merge_chain_lean
+from .warp_out import warp_out
 
 BV = 64  # V columns per state warpgroup
 VALUE_DIMS = (64, 128)  # one or two state warpgroups
@@ -79,6 +80,7 @@ FUSED_REGS = (152, 176)
 
 #: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
 #: the results are then WRONG. tests/gpu/mosaic_gpu_check.py --only ablate times each.
+OUT_STORES = ("tma", "registers", "warp")  # how a whole output tile leaves (``out_store``)
 ABLATIONS = ("store", "o", "w", "xw", "prep", "selects", "q")  # q: the prep's Q scaling alone
 
 
@@ -141,7 +143,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool | str = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
-                    gates=None, intra_slabs: bool = False, direct_out: bool = False, _ablate: frozenset = frozenset(),
+                    gates=None, intra_slabs: bool = False, out_store: str = "tma", _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -224,14 +226,18 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     4x8192 0.358 / 0.361 vs 0.366 / 0.365 (without the shadows 0.357), 8x4096 0.370 vs 0.370,
     128x256 (persistent, h0 staged) 0.575 vs 0.575; whole prefill at 4x8192 0.580 vs 0.588 (FLA
     2.132). The update's ~0.2 us of tensor work hides little of the store.
-    ``direct_out`` (UNTIMED, off): a whole output tile goes from the state warpgroup's registers
-    straight to global memory (a register transpose, then plain stores: nothing waits for them) instead
-    of through the SMEM tile, its fence, warpgroup barrier and TMA store, which sit on the state chain
-    (the ablation: 20% of the loop alone at 4x8192, session 21). A partial tile (shared with a neighbour,
-    or past ``t_valid``) keeps the SMEM path and its row stores. It implies "update"'s order of the
-    last group (in the plain order ptxas serialized the WGMMAs); not with ``overlap="store"`` or True.
-    ptx_local: 168 registers, no spills; the store is 32 shuffles (the transpose) and 16 4-byte stores
-    a thread.
+    ``out_store``: how a whole output tile leaves the state warpgroup. "tma" (default): o^T into the
+    SMEM tile, a proxy fence, a warpgroup barrier and one TMA store, after a wait for the previous
+    store's read; those synchronisations sit on the state chain (the ablation: 20% of the loop alone
+    at 4x8192, session 21). "registers": a register transpose (32 shuffles) and 16 4-byte stores a
+    thread straight to global memory; slower on an H100 (session 22, d1: loop alone 4x8192 0.412 vs
+    0.373 ms, 8x4096 0.418 vs 0.384; half-used sectors). "warp" (UNTIMED): each warp writes its
+    [64 tokens, 16 columns] slab through its own 2 KiB of the SMEM tile with only ``bar.warp.sync``,
+    whole 32-byte sectors (:mod:`.warp_out`; the interpreter stores as "registers"). A partial tile
+    (shared with a neighbour, or past ``t_valid``) keeps the SMEM path and its row stores. "registers"
+    and "warp" imply "update"'s order of the last group (in the plain order ptxas serialized the
+    WGMMAs, C7512); not with ``overlap="store"`` or True. ptx_local ("registers"): 168 registers, no
+    spills.
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -296,8 +302,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if overlap not in (True, False, "store", "update"):
         raise ValueError(f"overlap must be True, False, 'store' or 'update', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
+    if out_store not in OUT_STORES:
+        raise ValueError(f"out_store must be one of {OUT_STORES}, got {out_store!r}")
+    direct_out = out_store != "tma"
     if direct_out and overlap not in (False, "update"):
-        raise ValueError(f"direct_out runs with overlap False or 'update', got {overlap!r}")
+        raise ValueError(f"out_store={out_store!r} runs with overlap False or 'update', got {overlap!r}")
     # the output stored while the state update computes (direct_out too: in the plain order ptxas
     # serialized the state warpgroups' WGMMAs, C7512, ptx_local 2026-12-06)
     under_update = overlap == "update" or direct_out
@@ -646,14 +655,18 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             def stage(o_lo_t, j, tok, lo, hi, t0, then_issue: bool):
                 """o^T [64, C] into this warpgroup's SMEM output tile (swizzled when whole, else plain),
                 and with ``then_issue`` on to rows [lo, min(hi, t_valid - t0)) of the output in the
-                same branch; with ``direct_out`` a whole tile goes from registers to the output instead
-                (no SMEM, nothing to issue) (as a separate :func:`issue` ptxas serialized the state warpgroups'
-                WGMMAs, C7512, ptx_local 2026-12-06)."""
+                same branch; with ``out_store`` "registers" / "warp" a whole tile goes to the output
+                without the warpgroup's SMEM tile protocol (nothing to issue) (as a separate :func:`issue`
+                ptxas serialized the state warpgroups' WGMMAs, C7512, ptx_local 2026-12-06)."""
                 full = whole(lo, hi, t0)
-                if direct_out:  # a whole tile: registers -> global memory (plain stores, nothing waits)
+                if direct_out:  # a whole tile: registers -> global memory, nothing waits for it
                     @pl.when(full)
                     def _():
-                        o_ref.at[tok, j, pl.ds(v0, BV)].T[...] = plgpu.layout_cast(o_lo_t, WGT)
+                        dst = o_ref.at[tok, j, pl.ds(v0, BV)]
+                        if out_store == "warp" and not interp:  # each warp through its own SMEM slab
+                            warp_out(o_lo_t, o_part, dst)
+                        else:
+                            dst.T[...] = plgpu.layout_cast(o_lo_t, WGT)
                 else:
                     with jax.named_scope("s_st_wait"):
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store read o_st[w]
@@ -667,12 +680,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
                 @pl.when(jnp.logical_not(full))
                 def _():
-                    if direct_out:  # only this path reuses the SMEM tile
+                    if direct_out:  # only this path issues TMA stores of the SMEM tile (its barrier:
+                        # "warp"'s slabs of the last whole tile are read by every warp)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     o_part.T[...] = plgpu.layout_cast(o_lo_t, WGT)
                     if then_issue:
                         plgpu.commit_smem()
                         issue_rows(j, lo, hi, t0)
+                        if out_store == "warp":  # the next whole tile's slabs overwrite o_part
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             def issue(j, tok, lo, hi, t0):
                 """The tile :func:`stage` left in SMEM -> the output (``store_shadow``)."""
