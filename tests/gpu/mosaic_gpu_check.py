@@ -741,10 +741,42 @@ def sec_kernels():
             res[name] = _bench(f, (x["q"], x["k"], x["v"], ag, x["gc"], x["cu"], x["h0"]))[0]
         except Exception as e:
             res[name] = f"{type(e).__name__}: {e}"[:500]
+    # the HBM bytes each stage must move at least (every operand read once, outputs written once):
+    # against the copy probe (--only hbm) they say how far a stage is from its bandwidth bound
+    nb = {name: x[name].nbytes for name in ("q", "k", "v", "ag", "gc", "g_hm", "b_hm", "seg", "h0")}
+    o_bytes, final_bytes = x["v"].nbytes, x["h0"].nbytes
+    res["bytes_intra"] = nb["k"] + nb["g_hm"] + nb["b_hm"] + nb["seg"] + nb["ag"] + nb["gc"]
+    res["bytes_loop"] = nb["q"] + nb["k"] + nb["v"] + nb["ag"] + nb["gc"] + nb["h0"] + o_bytes + final_bytes
+    for stage, names in (("intra", ("intra_loop", "intra_unroll")), ("loop", ("chunk_loop", "chunk_loop_wide"))):
+        for name in names:
+            if isinstance(res.get(name), float):
+                res[f"tbps_{name}"] = res[f"bytes_{stage}"] / (res[name] * 1e-3) / 1e12
     RESULTS["kernels"] = res
     log(res)
     TABLE.append("kernels alone at 4x8192: " + ", ".join(
-        f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()))
+        f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} FAILED ({v[:80]})" for k, v in res.items()
+        if not k.startswith(("bytes_", "tbps_"))))
+    TABLE.append("kernels' minimum HBM traffic (GB) and its rate (TB/s): " + ", ".join(
+        f"{k} {v / 1e9:.3f}" if k.startswith("bytes_") else f"{k} {v:.2f}" for k, v in res.items()
+        if k.startswith(("bytes_", "tbps_"))))
+
+
+@section("hbm")
+def sec_hbm():
+    """What HBM bandwidth a plain copy reaches here (the yardstick of ``kernels``' rates): a jitted
+    bf16 ``x * 2`` over 512 MiB (read + write) and a sum over 1 GiB (read only)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((1 << 28,), jnp.bfloat16)
+    y = jnp.ones((1 << 29,), jnp.bfloat16)
+    copy_ms = _bench(jax.jit(lambda a: a * 2), (x,))[0]
+    read_ms = _bench(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), (y,))[0]
+    res = dict(copy_ms=copy_ms, copy_tbps=2 * x.nbytes / (copy_ms * 1e-3) / 1e12,
+               read_ms=read_ms, read_tbps=y.nbytes / (read_ms * 1e-3) / 1e12)
+    RESULTS["hbm"] = res
+    log(res)
+    TABLE.append(f"hbm: copy {res['copy_tbps']:.2f} TB/s ({copy_ms:.3f} ms for 2 x 512 MiB), "
+                 f"read {res['read_tbps']:.2f} TB/s ({read_ms:.3f} ms for 1 GiB)")
 
 
 LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loops)
@@ -1070,7 +1102,7 @@ def main():
     if unknown:  # a misspelled label would time nothing and say nothing (a device call lost)
         ap.error(f"--split-shapes: unknown {sorted(unknown)}; known: {[s[0] for s in SPLIT_SHAPES]}")
     sections = {"env": (sec_env, ()), "intra": (sec_intra, ()), "small": (sec_small, ([n for n in a.small_names.split(",") if n],)), "oob": (sec_oob, ()),
-                "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()),
+                "qwen": (sec_qwen, (variants,)), "sync": (sec_sync, ()), "kernels": (sec_kernels, ()), "hbm": (sec_hbm, ()),
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
