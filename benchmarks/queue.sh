@@ -51,7 +51,7 @@
 #   bash benchmarks/queue.sh d1     # s21, UNTIMED: direct_out (whole output tiles from registers to global memory, no
 #                                   # SMEM / fence / barrier / TMA on the state chain): bits vs the plain loop and the
 #                                   # loop alone at 4x8192, 8x4096, 128x256, mix; whole prefills with it, FLA
-#   bash benchmarks/queue.sh e1     # s22, UNTIMED: out_store="warp" (each warp's output slab through its own SMEM, only
+#   bash benchmarks/queue.sh e1     # s22 (ran on an H100: slower): out_store="warp" (each warp's output slab through its own SMEM, only
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid

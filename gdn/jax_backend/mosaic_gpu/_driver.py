@@ -424,7 +424,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     H100, s21): on the wide loop the output stored while the tile's state update computes, and the
     exponentials in the products' shadows;
     ``loop_out_store``: how the wide loop's whole output tiles leave (:func:`chunk_loop_wide.chunk_loop_wide`'s
-    ``out_store``): "tma" (the default), "registers" (slower on an H100, s22) or "warp" (UNTIMED);
+    ``out_store``): "tma" (the default), "registers" or "warp" (both the same bits and slower on an H100, s22);
     the last two with ``loop_overlap`` False or "update"; the narrow loop ignores it;
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).

@@ -231,9 +231,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     store's read; those synchronisations sit on the state chain (the ablation: 20% of the loop alone
     at 4x8192, session 21). "registers": a register transpose (32 shuffles) and 16 4-byte stores a
     thread straight to global memory; slower on an H100 (session 22, d1: loop alone 4x8192 0.412 vs
-    0.373 ms, 8x4096 0.418 vs 0.384; half-used sectors). "warp" (UNTIMED): each warp writes its
-    [64 tokens, 16 columns] slab through its own 2 KiB of the SMEM tile with only ``bar.warp.sync``,
-    whole 32-byte sectors (:mod:`.warp_out`; the interpreter stores as "registers"). A partial tile
+    0.373 ms, 8x4096 0.418 vs 0.384; half-used sectors). "warp": each warp writes its [64 tokens,
+    16 columns] slab through its own 2 KiB of the SMEM tile with only ``bar.warp.sync``, whole
+    32-byte sectors (:mod:`.warp_out`; the interpreter stores as "registers"); the same bits, also
+    slower (H100, s22, e1: loop alone 4x8192 0.377 vs 0.364 ms, 8x4096 0.379 vs 0.369): the store's
+    cost is o's HBM bytes, not its synchronisation (mosaic_notes session 22). A partial tile
     (shared with a neighbour, or past ``t_valid``) keeps the SMEM path and its row stores. "registers"
     and "warp" imply "update"'s order of the last group (in the plain order ptxas serialized the
     WGMMAs, C7512); not with ``overlap="store"`` or True. ptx_local ("registers"): 168 registers, no

@@ -6,7 +6,8 @@ row). The warp writes its slab transposed into its own 2 KiB of SMEM (four ``stm
 then reads it back 16 bytes a lane and stores 16 bytes a lane to global memory: each store
 instruction writes 16 token rows x 32 bytes, whole 32-byte sectors. Only the warp synchronises
 (``bar.warp.sync``): no proxy fence, no warpgroup barrier, no TMA issue or read wait on the state
-chain, which the TMA store of the whole tile needs (benchmarks/mosaic_notes.md, session 22).
+chain, which the TMA store of the whole tile needs. The same bits as the TMA store on an H100,
+and slower (the loop alone at 4x8192 0.377 vs 0.364 ms, benchmarks/mosaic_notes.md session 22).
 
 SMEM slab layout, per warp: token ``t`` at byte ``32 t``; its 8-column half ``h`` in 16-byte chunk
 ``h ^ ((t >> 2) & 1)``, so the 8 rows of one ``stmatrix`` matrix (and the 16 rows of one read)
