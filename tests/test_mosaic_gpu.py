@@ -673,6 +673,23 @@ def test_intra_kernel_computes_the_qk_norms(hv, tiles):
         D.prepare(a.q, a.k, a.v, a.g, a.beta, p.to_jax(), None, True, qk_norms="host")
 
 
+def test_loop_out_store_is_checked_by_name():
+    """A misspelled ``loop_out_store`` and one the wide loop's plain order cannot take are refused by
+    name before anything compiles."""
+    import jax.numpy as jnp
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    t, hv = 70, 2
+    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
+    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
+    _, a = api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, 64), g, b, plan=make_plan([0, t], num_tokens=t),
+                        backend="jax")
+    with pytest.raises(ValueError, match="loop_out_store"):
+        D.prefill_arrays(a, interpret=True, loop_out_store="smem")
+    with pytest.raises(ValueError, match="loop_out_store='warp' runs with loop_overlap"):
+        D.prefill_arrays(a, interpret=True, chunk_variant="wide", loop_out_store="warp", loop_overlap=True)
+
+
 def test_loop_option_defaults_resolve_per_loop(monkeypatch):
     """loop_overlap="auto" is on for the narrow loop and off for the wide one (the H200's verdict,
     session 12); an explicit bool wins; the persistent grid's table and prefetch are on by default;

@@ -480,6 +480,9 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         halves = halves_table(args.plan, args.dims[1], args.dims[3])
     chunk_variant = "wide" if halves else resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
+    if chunk_variant == "wide" and loop_out_store != "tma" and loop_overlap not in (False, "update"):
+        raise ValueError(f"loop_out_store={loop_out_store!r} runs with loop_overlap False or 'update', "
+                         f"got {loop_overlap!r}")
     if halves:  # one CTA (pair) per item
         loop_ctas = None
     elif loop_ctas == "auto":  # a traced plan: persistent where every count of its bucket wants it
