@@ -17,7 +17,7 @@ from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .chunk_loop_wide import OUT_STORES, SCHEDULES, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
+from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
@@ -458,8 +458,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)
-    if loop_out_store not in OUT_STORES:
-        raise ValueError(f"loop_out_store must be one of {OUT_STORES}, got {loop_out_store!r}")
+    check_out_store(loop_out_store, False, names=("loop_out_store", "loop_overlap"))
     if loop_schedule not in SCHEDULES:
         raise ValueError(f"loop_schedule must be one of {SCHEDULES}, got {loop_schedule!r}")
     if qk_norms not in QK_NORMS:
@@ -480,9 +479,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
         halves = halves_table(args.plan, args.dims[1], args.dims[3])
     chunk_variant = "wide" if halves else resolve_chunk_variant(chunk_variant, args.plan, args.dims[1], args.dims[3])
     loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
-    if chunk_variant == "wide" and loop_out_store != "tma" and loop_overlap not in (False, "update"):
-        raise ValueError(f"loop_out_store={loop_out_store!r} runs with loop_overlap False or 'update', "
-                         f"got {loop_overlap!r}")
+    if chunk_variant == "wide":  # before anything traces
+        check_out_store(loop_out_store, loop_overlap, names=("loop_out_store", "loop_overlap"))
     if halves:  # one CTA (pair) per item
         loop_ctas = None
     elif loop_ctas == "auto":  # a traced plan: persistent where every count of its bucket wants it

@@ -77,10 +77,20 @@ REGS = (88, 208)
 #: need 208; the intra work, as written on whole [64, 64] fp32 arrays, far more than the 88 left.
 FUSED_REGS = (152, 176)
 
+OUT_STORES = ("tma", "registers", "warp")  # how a whole output tile leaves (``out_store``)
+
+
+def check_out_store(out_store, overlap, names=("out_store", "overlap")) -> None:
+    """``out_store`` is one of :data:`OUT_STORES`, and one other than "tma" runs with ``overlap``
+    False or "update" (it takes "update"'s order of the last group); ``names``: the caller's."""
+    if out_store not in OUT_STORES:
+        raise ValueError(f"{names[0]} must be one of {OUT_STORES}, got {out_store!r}")
+    if out_store != "tma" and overlap not in (False, "update"):
+        raise ValueError(f"{names[0]}={out_store!r} runs with {names[1]} False or 'update', got {overlap!r}")
+
 
 #: diagnostics only (``chunk_loop_wide(..., _ablate=...)``): work that can be dropped to time its share;
 #: the results are then WRONG. tests/gpu/mosaic_gpu_check.py --only ablate times each.
-OUT_STORES = ("tma", "registers", "warp")  # how a whole output tile leaves (``out_store``)
 ABLATIONS = ("store", "o", "w", "xw", "prep", "selects", "q")  # q: the prep's Q scaling alone
 
 
@@ -304,11 +314,8 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     if overlap not in (True, False, "store", "update"):
         raise ValueError(f"overlap must be True, False, 'store' or 'update', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
-    if out_store not in OUT_STORES:
-        raise ValueError(f"out_store must be one of {OUT_STORES}, got {out_store!r}")
+    check_out_store(out_store, overlap)
     direct_out = out_store != "tma"
-    if direct_out and overlap not in (False, "update"):
-        raise ValueError(f"out_store={out_store!r} runs with overlap False or 'update', got {overlap!r}")
     # the output stored while the state update computes (direct_out too: in the plain order ptxas
     # serialized the state warpgroups' WGMMAs, C7512, ptx_local 2026-12-06)
     under_update = overlap == "update" or direct_out

@@ -61,40 +61,23 @@ def read_offset(lane, i: int):
 
 
 class _I32:
-    """An i32 MLIR value with the integer operators the index functions above use (unsigned)."""
+    """An i32 MLIR value with the integer operators the index functions above use (unsigned), so
+    the kernel and the NumPy emulation in the tests run the same index code."""
 
     def __init__(self, v):
         self.v = v
 
-    @staticmethod
-    def _of(x):
-        return x.v if isinstance(x, _I32) else mu.c(x, ir.IntegerType.get_signless(32))
 
-    def _op(self, f, o):
-        return _I32(f(self.v, self._of(o)))
+def _binary(f):
+    def op(self, o):
+        return _I32(f(self.v, o.v if isinstance(o, _I32) else mu.c(o, ir.IntegerType.get_signless(32))))
+    return op
 
-    def __add__(self, o):
-        return self._op(arith.addi, o)
 
-    def __mul__(self, o):
-        return self._op(arith.muli, o)
-
-    def __floordiv__(self, o):
-        return self._op(arith.divui, o)
-
-    def __mod__(self, o):
-        return self._op(arith.remui, o)
-
-    def __rshift__(self, o):
-        return self._op(arith.shrui, o)
-
-    def __and__(self, o):
-        return self._op(arith.andi, o)
-
-    def __xor__(self, o):
-        return self._op(arith.xori, o)
-
-    __radd__, __rmul__ = __add__, __mul__
+for _name, _f in (("add", arith.addi), ("mul", arith.muli), ("floordiv", arith.divui), ("mod", arith.remui),
+                  ("rshift", arith.shrui), ("and", arith.andi), ("xor", arith.xori)):
+    setattr(_I32, f"__{_name}__", _binary(_f))
+_I32.__radd__, _I32.__rmul__ = _I32.__add__, _I32.__mul__
 
 
 def _warp_out_body(ctx, o_t, stage_ref, dst_ref):
