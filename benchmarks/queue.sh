@@ -54,6 +54,8 @@
 #   bash benchmarks/queue.sh e1     # s22 (ran on an H100: slower): out_store="warp" (each warp's output slab through its own SMEM, only
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
+#   bash benchmarks/queue.sh k3     # s23: what a copy reaches and each kernel's HBM rate (hbm,kernels, owed since s22), the
+#                                   # intra kernel's solve / warpgroup options alone, whole prefills with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -168,6 +170,9 @@ case $call in
       timeout -s INT 150 $M --only loops --tag e1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_warp_out
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
+  k3) timeout -s INT 150 $M --only hbm,kernels --tag k3k
+      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,warp,wg3
+      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
