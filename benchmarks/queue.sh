@@ -55,7 +55,7 @@
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
 #   bash benchmarks/queue.sh k3     # s23: what a copy reaches and each kernel's HBM rate (hbm,kernels, owed since s22), the
-#                                   # intra kernel's solve / warpgroup options alone, whole prefills with FLA
+#                                   # intra kernel's v heads in pairs (head_loop="pair") and the warp solve alone, whole prefills with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -171,8 +171,8 @@ case $call in
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
   k3) timeout -s INT 150 $M --only hbm,kernels --tag k3k
-      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,warp,wg3
-      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default --fla-shapes 4x8192 ;;
+      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,warp
+      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60
