@@ -171,8 +171,8 @@ case $call in
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
   k3) timeout -s INT 150 $M --only hbm,kernels --tag k3k
-      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,warp
-      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair --fla-shapes 4x8192 ;;
+      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,pair_loop
+      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair,pair_loop --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -51,7 +51,7 @@ from .solve import (decayed_a, diag_block_inverse, merge, merge_chain, merge_cha
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
 #: 2, 4 and 8 timed within 3% of each other on the H200, 2026-12-03)
 TILES_PER_CTA = 4
-HEAD_LOOPS = ("unroll", "loop", "pair")
+HEAD_LOOPS = ("unroll", "loop", "pair", "pair_loop")
 MERGES = ("levels", "chain")
 #: fp32 words of padding per row of the substitution's SMEM buffers: the WGMMA register layout stores
 #: 8 rows per warp instruction, which at the unpadded 256-byte row stride all hit the same banks
@@ -103,9 +103,12 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[5]}='warp' reads -A by columns: it needs {names[2]}=True")
     if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
         raise ValueError(f"{names[6]} must be one of {WARPGROUPS}, got {warpgroups!r}")
-    if head_loop == "pair" and (merge_variant != "chain" or out_buffers != 2):
-        raise ValueError(f"head_loop='pair' merges two heads' chains together: it needs {names[0]}='chain' "
-                         f"and {names[4]}=2, got {merge_variant!r} and {out_buffers!r}")
+    if head_loop in ("pair", "pair_loop") and (merge_variant != "chain" or out_buffers != 2):
+        raise ValueError(f"head_loop={head_loop!r} merges two heads' chains together: it needs "
+                         f"{names[0]}='chain' and {names[4]}=2, got {merge_variant!r} and {out_buffers!r}")
+    if head_loop == "pair_loop" and solve != "smem":
+        raise ValueError(f"head_loop='pair_loop' reads each X0 back from the substitution's buffer: it needs "
+                         f"{names[5]}='smem', got {solve!r}")
     if warpgroups > 1 and solve != "warp":
         raise ValueError(f"{names[6]}={warpgroups} needs {names[5]}='warp' (three copies of the SMEM "
                          f"substitution's buffers do not fit one SM)")
@@ -171,6 +174,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError("warpgroups=3 does not fit SMEM with debug_inverse (an fp32 copy of the inverse "
                          "per warpgroup): check its stages with one warpgroup")
     nb = out_buffers
+    paired = head_loop in ("pair", "pair_loop") and group > 1  # two v heads at a time
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
@@ -193,18 +197,16 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
         s_r=smem((2, C), jnp.int32),
         s_c=smem((2, C), jnp.int32),
-        lo_s=smem((C, C), dtype, True),
+        lo_s=smem((2, C, C) if paired else (C, C), dtype, True),  # with pairs: one per head
         ag_s=smem((2, C, C) if nb == 2 else (C, C), dtype, True),
         gc_s=smem((2, C) if nb == 2 else (C,), F32),
         bar_k=plgpu.Barrier(num_arrivals=1 + has_q, num_barriers=nwg),
         bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2 * nwg),
     )
-    if head_loop == "pair" and group > 1:  # the second head's merge tile (its staging is the other)
-        scratch["lo2_s"] = smem((C, C), dtype, True)
     if not warp:  # the substitution's operand and result
         # with head_loop="pair" one result buffer per head: the first head's X0 waits there, not in
         # registers, while the second head's front runs
-        xs_shape = (2, C, C + solve_pad) if head_loop == "pair" and group > 1 else (C, C + solve_pad)
+        xs_shape = (2, C, C + solve_pad) if paired else (C, C + solve_pad)
         scratch.update(na_s=smem((C, C + solve_pad), F32), x_s=smem(xs_shape, F32))
     if nwg > 1:  # K K^T across the head loop (in registers it would not fit the 168-register cap)
         scratch["kk_s"] = smem((C, C + SOLVE_PAD), F32)
@@ -218,7 +220,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
-             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, lo2_s=None, cta=None, bar_s_base=0):
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None, bar_s_base=0):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
@@ -268,6 +270,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 buf = lax.rem(nth, 2)
                 return ag_s.at[buf], gc_s.at[buf], ai_s.at[buf] if debug_inverse else None
             return ag_s, gc_s, ai_s
+
+        def lo_tile(d):
+            """The merge's [64, 64] 16-bit tile of the pair's head ``d`` (one tile without pairs)."""
+            return lo_s.at[d] if paired else lo_s
 
         def x_buf(d):
             """The substitution's result buffer of the pair's head ``d`` (one buffer without pairs)."""
@@ -332,34 +338,47 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             with jax.named_scope("merge"):
                 same = same_seq(slot) if apart else None
                 if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
-                    x = merge_chain(x, a_lo16, lo_s, stagings(nth)[0], dtype, same=same)
+                    x = merge_chain(x, a_lo16, lo_tile(0), stagings(nth)[0], dtype, same=same)
                 else:
-                    x = merge(x, a_lo16, lo_s, dtype, same=same)
+                    x = merge(x, a_lo16, lo_tile(0), dtype, same=same)
             head_back(e, x, slot, tok, apart, nth)
 
         def head_pair(e, kk, slot, tok, apart: bool, nth):
             """v heads ``e`` and ``e + 1`` of the tile (``nth`` even), their merges' product groups issued
             together: each group's wait is paid once for both. The second head's front waits for every
             earlier store (the previous pair's second head last read its staging)."""
-            # the first head's tiles as in one_head, the second's: lo2_s and its own staging (free: its
-            # front waited for every store). The merges' operands go to SMEM as soon as a front is done,
-            # so only X0 stays in registers across the other head's front.
-            bufs = [(lo_s, stagings(nth)[0]), (lo2_s, stagings(nth + 1)[0])]
-            x0s = []
-            for d in (0, 1):
-                x, a16 = head_front(e + d, kk, slot, apart, nth + d, nb - 1 if d == 0 else 0, d)
-                stage_negated(x, a16, *bufs[d], dtype)
-                x0s.append(x)
+            # each head's merge tiles: its lo tile and its own output staging (free: the first head's
+            # front waited for the stores two heads back, the second's for every store). The merges'
+            # operands go to SMEM as soon as a front is done; X0 stays in registers across the other
+            # head's front ("pair") or is read back from the substitution's buffer ("pair_loop", whose
+            # fronts are one loop body: one copy of the code and of its hoisted addresses)
+            bufs = [(lo_tile(d), stagings(nth + d)[0]) for d in (0, 1)]
+
+            def front(d, pending):
+                x, a16 = head_front(e + d, kk, slot, apart, nth + d, pending, d)
+                stage_negated(x, a16, lo_tile(d), stagings(nth + d)[0], dtype)
+                if interp and head_loop == "pair_loop":  # the interpreter's substitution writes no buffer
+                    x_buf(d)[...] = x
+                return x
+
+            if head_loop == "pair_loop":
+                @pl.loop(0, 2)
+                def _front(d):
+                    front(d, 0)
+                x0s = [None, None]
+            else:
+                x0s = [front(d, nb - 1 if d == 0 else 0) for d in (0, 1)]
             with jax.named_scope("merge"):
-                if not (warp or interp):  # the first X0 again from its buffer: the values the solve returned
-                    x0s[0] = reload_diag_inverse(x_buf(0))
+                for d in ((0, 1) if head_loop == "pair_loop" else (0,)):
+                    if not (warp or interp) or head_loop == "pair_loop":  # X0 again: the values the solve returned
+                        x0s[d] = reload_diag_inverse(x_buf(d), interpret=interp)
                 xs = merge_chains([(x, None) + b for x, b in zip(x0s, bufs)], dtype,
                                   same=same_seq(slot) if apart else None)
             for d in (0, 1):
                 head_back(e + d, xs[d], slot, tok, apart, nth + d)
 
         def group_heads(kk, slot, tok, apart: bool, i):
-            if head_loop == "pair":
+            if paired:
                 if group // 2 > 1:
                     @pl.loop(0, group // 2)
                     def _pair(p):

@@ -318,8 +318,11 @@ def _load_result(ctx, x_ref):
     return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
 
 
-def reload_diag_inverse(x_ref):
-    """:func:`diag_block_inverse`'s result again from its substitution's buffer ``x_ref`` (GPU path)."""
+def reload_diag_inverse(x_ref, interpret: bool = False):
+    """:func:`diag_block_inverse`'s result again from its substitution's buffer ``x_ref`` (the interpreter
+    writes none: its caller stores the result there)."""
+    if interpret:
+        return diag_blocks(plgpu.load(x_ref, layout=plgpu.Layout.WGMMA))
     return diag_blocks(_load_result(x_ref))
 
 
@@ -350,7 +353,7 @@ def stage_negated(x0, a_lower, buf_a, buf_b, dtype) -> None:
     buf_b[...] = -block_lower(a_lower, dtype)
 
 
-def merge_chains(items, dtype, same=None):
+def merge_chains(items, dtype, same=None, staged: bool | None = None):
     """:func:`merge_chain` of several independent inverses at once, their three product groups each
     issued for every item before its one wait, so two v heads pay the chain's latency once (the intra
     kernel's ``head_loop="pair"``). ``items``: ``(x0, a_lower, buf_a, buf_b)`` each, their own tiles.
@@ -361,8 +364,9 @@ def merge_chains(items, dtype, same=None):
     ``Z = X0 + (-X0) M`` accumulated onto ``X0`` by the tensor cores (rounded differently from
     ``X0 - X0 M``; ``M^2`` and the last product as in :func:`merge_chain`)."""
     keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
-    if len(items) == 1:
-        x0, a_lower, buf_a, _ = items[0]
+    staged = len(items) > 1 if staged is None else staged
+    if not staged:
+        (x0, a_lower, buf_a, _), = items
         ao, x16 = [block_lower(a_lower, dtype)], [x0.astype(dtype)]
         buf_a[...] = x16[0]
         firsts = [ao[0]]
@@ -375,7 +379,7 @@ def merge_chains(items, dtype, same=None):
         m16.append(keep(m).astype(dtype))
         buf_b[...] = m16[-1]
     plgpu.commit_smem()
-    if len(items) == 1:  # M^2, X0 M
+    if not staged:  # M^2, X0 M
         both = products(((C, C), None, ((m16[0], items[0][3]),)), ((C, C), None, ((x16[0], items[0][3]),)))
     else:  # M^2, Z = X0 + (-X0) M
         both = products(*(acc for m, it in zip(m16, items)
@@ -383,7 +387,7 @@ def merge_chains(items, dtype, same=None):
     zs = []
     for i, (x0, _, buf_a, _) in enumerate(items):
         m2, xm = both[2 * i], both[2 * i + 1]
-        zs.append(keep(x0 - keep(xm)) if len(items) == 1 else keep(xm))  # X0 (I - M)
+        zs.append(keep(xm) if staged else keep(x0 - keep(xm)))  # X0 (I - M)
         buf_a[...] = keep(m2).astype(dtype)  # buf_a's X0 was read by the first group, which was waited for
     plgpu.commit_smem()
     outs = products(*(((C, C), None, ((z.astype(dtype), it[2]),)) for z, it in zip(zs, items)))
