@@ -19,6 +19,11 @@ bound: few warps per SM, a serial inverse):
   H200, 2026-12-04, 4x8192: with the cumsum outside the kernel (call 2) 237 registers instead of
   248 and 0.377 vs 0.403 ms alone; with it inside (today's kernel, call 3) 0.406 ms both ways, its
   register count not read (benchmarks/mosaic_notes.md).
+* ``head_loop="pair"`` / ``"pair_loop"`` (opt-in, session 23): two v heads at a time, their merges'
+  three product groups each issued for both before one wait (:func:`solve.merge_chains`), so a pair
+  pays the chain's latency once; the merges' operands wait in SMEM (one more [64, 64] tile, and with
+  "pair_loop", whose two fronts are one loop body, a second substitution buffer that X0 is read back
+  from). ptx_local: 255 registers and ~600 B of spills either way (the default: 245, none).
 * the inverse (:mod:`.solve`): the 16x16 diagonal blocks by substitution from padded fp32 SMEM
   (``solve_pad``), reading ``-A`` by columns so ``A``'s decay is exponentiated once
   (``solve_columns``), then merged in three dependent product groups (``merge_variant="chain"``).
