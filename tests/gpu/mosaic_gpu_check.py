@@ -889,8 +889,8 @@ def _test_module():
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
              ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
-             ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3)),
-             ("pair", dict(head_loop="pair")), ("pair_loop", dict(head_loop="pair_loop"))]  # s23, UNTIMED: two v heads' merges issued together  # s15, UNTIMED: the diagonal blocks in registers (same bits expected)
+             ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3)),  # s15: the diagonal blocks in registers
+             ("pair", dict(head_loop="pair")), ("pair_loop", dict(head_loop="pair_loop"))]  # s23: two v heads' merges together
 
 
 @section("intra_cmp")
