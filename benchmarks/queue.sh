@@ -173,9 +173,9 @@ case $call in
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
   k3) timeout -s INT 150 $M --only hbm,kernels --tag k3k
-      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,pair_loop
-      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair,pair_loop --fla-shapes 4x8192 ;;
-  k4) timeout -s INT 170 $M --only intra_cmp --tag k4i --intra-cmp default,pair,pair_loop
+      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,warp
+      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair --fla-shapes 4x8192 ;;
+  k4) timeout -s INT 170 $M --only intra_cmp --tag k4i --intra-cmp default,pair,warp
       timeout -s INT 140 $M --only time --tag k4t --shapes 4x8192,128x256 --variants default,pair --fla-shapes 4x8192
       timeout -s INT 110 $M --only hbm,kernels --tag k4k ;;
   k5) timeout -s INT 130 $M --only intra_cmp --tag k5i --intra-cmp default,pair

@@ -522,9 +522,8 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
-    # s23, UNTIMED: the intra kernel's v heads two at a time, each merge product group issued for both
+    # s23: the intra kernel's v heads two at a time, each merge product group issued for both (slower: k5)
     "pair": dict(head_loop="pair"),
-    "pair_loop": dict(head_loop="pair_loop"),  # ... the two fronts one loop body, X0 read back from SMEM
     "t2": dict(intra_tiles=2),
     "t8": dict(intra_tiles=8),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
@@ -890,7 +889,7 @@ INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
              ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
              ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3)),  # s15: the diagonal blocks in registers
-             ("pair", dict(head_loop="pair")), ("pair_loop", dict(head_loop="pair_loop"))]  # s23: two v heads' merges together
+             ("pair", dict(head_loop="pair"))]  # s23: two v heads' merges together (slower on the H200)
 
 
 @section("intra_cmp")
@@ -911,7 +910,7 @@ def sec_intra_cmp(names=None):
         TABLE.append(f"intra {name:12s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
         log(name, err)
-        if name in (cmp[0][0], "levels", "warp", "pair", "pair_loop"):
+        if name in (cmp[0][0], "levels", "warp", "pair"):
             nan = tmg._intra_nan_isolation(hl, interpret=False, **kw)
             out["nan_" + name] = nan
             ok = nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"]

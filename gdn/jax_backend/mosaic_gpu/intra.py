@@ -19,11 +19,12 @@ bound: few warps per SM, a serial inverse):
   H200, 2026-12-04, 4x8192: with the cumsum outside the kernel (call 2) 237 registers instead of
   248 and 0.377 vs 0.403 ms alone; with it inside (today's kernel, call 3) 0.406 ms both ways, its
   register count not read (benchmarks/mosaic_notes.md).
-* ``head_loop="pair"`` / ``"pair_loop"`` (opt-in, session 23): two v heads at a time, their merges'
-  three product groups each issued for both before one wait (:func:`solve.merge_chains`), so a pair
-  pays the chain's latency once; the merges' operands wait in SMEM (one more [64, 64] tile, and with
-  "pair_loop", whose two fronts are one loop body, a second substitution buffer that X0 is read back
-  from). ptx_local: 255 registers and ~600 B of spills either way (the default: 245, none).
+* ``head_loop="pair"`` (opt-in, session 23): two v heads at a time, their merges' three product
+  groups each issued for both before one wait (:func:`solve.merge_chains`), so a pair pays the
+  chain's waits once; the merges' operands wait in SMEM (one more [64, 64] tile, and a second
+  substitution buffer the first head's X0 is read back from). SLOWER: H200, 2026-12-06 (call k5),
+  alone 0.324 vs 0.221 ms at 4x8192, 0.308 vs 0.239 at 128x256, 0.084 vs 0.062 at 4x2048, the same
+  Ag; ptx_local: 255 registers and 592 B of spills (the default 245, none).
 * the inverse (:mod:`.solve`): the 16x16 diagonal blocks by substitution from padded fp32 SMEM
   (``solve_pad``), reading ``-A`` by columns so ``A``'s decay is exponentiated once
   (``solve_columns``), then merged in three dependent product groups (``merge_variant="chain"``).
@@ -56,7 +57,7 @@ from .solve import (decayed_a, diag_block_inverse, merge, merge_chain, merge_cha
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
 #: 2, 4 and 8 timed within 3% of each other on the H200, 2026-12-03)
 TILES_PER_CTA = 4
-HEAD_LOOPS = ("unroll", "loop", "pair", "pair_loop")
+HEAD_LOOPS = ("unroll", "loop", "pair")
 MERGES = ("levels", "chain")
 #: fp32 words of padding per row of the substitution's SMEM buffers: the WGMMA register layout stores
 #: 8 rows per warp instruction, which at the unpadded 256-byte row stride all hit the same banks
@@ -108,12 +109,9 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[5]}='warp' reads -A by columns: it needs {names[2]}=True")
     if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
         raise ValueError(f"{names[6]} must be one of {WARPGROUPS}, got {warpgroups!r}")
-    if head_loop in ("pair", "pair_loop") and (merge_variant != "chain" or out_buffers != 2):
+    if head_loop == "pair" and (merge_variant != "chain" or out_buffers != 2):
         raise ValueError(f"head_loop={head_loop!r} merges two heads' chains together: it needs "
                          f"{names[0]}='chain' and {names[4]}=2, got {merge_variant!r} and {out_buffers!r}")
-    if head_loop == "pair_loop" and solve != "smem":
-        raise ValueError(f"head_loop='pair_loop' reads each X0 back from the substitution's buffer: it needs "
-                         f"{names[5]}='smem', got {solve!r}")
     if warpgroups > 1 and solve != "warp":
         raise ValueError(f"{names[6]}={warpgroups} needs {names[5]}='warp' (three copies of the SMEM "
                          f"substitution's buffers do not fit one SM)")
@@ -179,7 +177,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError("warpgroups=3 does not fit SMEM with debug_inverse (an fp32 copy of the inverse "
                          "per warpgroup): check its stages with one warpgroup")
     nb = out_buffers
-    paired = head_loop in ("pair", "pair_loop") and group > 1  # two v heads at a time
+    paired = head_loop == "pair" and group > 1  # two v heads at a time
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
@@ -354,29 +352,17 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             earlier store (the previous pair's second head last read its staging)."""
             # each head's merge tiles: its lo tile and its own output staging (free: the first head's
             # front waited for the stores two heads back, the second's for every store). The merges'
-            # operands go to SMEM as soon as a front is done; X0 stays in registers across the other
-            # head's front ("pair") or is read back from the substitution's buffer ("pair_loop", whose
-            # fronts are one loop body: one copy of the code and of its hoisted addresses)
+            # operands go to SMEM as soon as a front is done; the first head's X0 is read back from its
+            # substitution buffer rather than kept in registers across the second head's front
             bufs = [(lo_tile(d), stagings(nth + d)[0]) for d in (0, 1)]
-
-            def front(d, pending):
-                x, a16 = head_front(e + d, kk, slot, apart, nth + d, pending, d)
-                stage_negated(x, a16, lo_tile(d), stagings(nth + d)[0], dtype)
-                if interp and head_loop == "pair_loop":  # the interpreter's substitution writes no buffer
-                    x_buf(d)[...] = x
-                return x
-
-            if head_loop == "pair_loop":
-                @pl.loop(0, 2)
-                def _front(d):
-                    front(d, 0)
-                x0s = [None, None]
-            else:
-                x0s = [front(d, nb - 1 if d == 0 else 0) for d in (0, 1)]
+            x0s = []
+            for d in (0, 1):
+                x, a16 = head_front(e + d, kk, slot, apart, nth + d, nb - 1 if d == 0 else 0, d)
+                stage_negated(x, a16, *bufs[d], dtype)
+                x0s.append(x)
             with jax.named_scope("merge"):
-                for d in ((0, 1) if head_loop == "pair_loop" else (0,)):
-                    if not (warp or interp) or head_loop == "pair_loop":  # X0 again: the values the solve returned
-                        x0s[d] = reload_diag_inverse(x_buf(d), interpret=interp)
+                if not (warp or interp):  # X0 again: the values the solve returned
+                    x0s[0] = reload_diag_inverse(x_buf(0))
                 xs = merge_chains([(x, None) + b for x, b in zip(x0s, bufs)], dtype,
                                   same=same_seq(slot) if apart else None)
             for d in (0, 1):

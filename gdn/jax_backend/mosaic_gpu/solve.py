@@ -318,11 +318,8 @@ def _load_result(ctx, x_ref):
     return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
 
 
-def reload_diag_inverse(x_ref, interpret: bool = False):
-    """:func:`diag_block_inverse`'s result again from its substitution's buffer ``x_ref`` (the interpreter
-    writes none: its caller stores the result there)."""
-    if interpret:
-        return diag_blocks(plgpu.load(x_ref, layout=plgpu.Layout.WGMMA))
+def reload_diag_inverse(x_ref):
+    """:func:`diag_block_inverse`'s result again from its substitution's buffer ``x_ref`` (GPU path)."""
     return diag_blocks(_load_result(x_ref))
 
 
