@@ -54,9 +54,6 @@
 #   bash benchmarks/queue.sh e1     # s22 (ran on an H100: slower): out_store="warp" (each warp's output slab through its own SMEM, only
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
-#   bash benchmarks/queue.sh k3     # s23: what a copy reaches and each kernel's HBM rate (hbm,kernels, owed since s22), the
-#                                   # intra kernel's v heads in pairs (head_loop="pair") and the warp solve alone, whole prefills with FLA
-#   bash benchmarks/queue.sh k4     # s23: k3 for a short budget (pairs first, then hbm,kernels)
 #   bash benchmarks/queue.sh k5     # s23: the pairs alone and in a prefill at 4x8192, for a last few minutes
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
@@ -172,12 +169,6 @@ case $call in
       timeout -s INT 150 $M --only loops --tag e1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_warp_out
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
-  k3) timeout -s INT 150 $M --only hbm,kernels --tag k3k
-      timeout -s INT 200 $M --only intra_cmp --tag k3i --intra-cmp default,pair,warp
-      timeout -s INT 170 $M --only time --tag k3t --shapes 4x8192,128x256,4x2048 --variants default,pair --fla-shapes 4x8192 ;;
-  k4) timeout -s INT 170 $M --only intra_cmp --tag k4i --intra-cmp default,pair,warp
-      timeout -s INT 140 $M --only time --tag k4t --shapes 4x8192,128x256 --variants default,pair --fla-shapes 4x8192
-      timeout -s INT 110 $M --only hbm,kernels --tag k4k ;;
   k5) timeout -s INT 130 $M --only intra_cmp --tag k5i --intra-cmp default,pair
       timeout -s INT 110 $M --only time --tag k5t --shapes 4x8192 --variants default,pair --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;

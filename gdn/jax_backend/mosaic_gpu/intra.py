@@ -280,7 +280,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
 
         def x_buf(d):
             """The substitution's result buffer of the pair's head ``d`` (one buffer without pairs)."""
-            return x_s.at[d, :, :C] if len(x_s.shape) == 3 else x_s.at[:, :C]
+            return x_s.at[d, :, :C] if paired else x_s.at[:, :C]
 
         def head_front(e, kk, slot, apart: bool, nth, pending: int, d: int = 0):
             """v head ``hk * group + e`` of the tile up to its diagonal-block inverse: ``(X0 fp32, A in
@@ -374,7 +374,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                     @pl.loop(0, group // 2)
                     def _pair(p):
                         head_pair(2 * p, kk, slot, tok, apart, i * group + 2 * p)
-                elif group > 1:
+                else:
                     head_pair(0, kk, slot, tok, apart, i * group)
                 if group % 2:  # an odd group's last head alone
                     one_head(group - 1, kk, slot, tok, apart, i * group + group - 1)

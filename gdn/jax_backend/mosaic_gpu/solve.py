@@ -350,7 +350,7 @@ def stage_negated(x0, a_lower, buf_a, buf_b, dtype) -> None:
     buf_b[...] = -block_lower(a_lower, dtype)
 
 
-def merge_chains(items, dtype, same=None, staged: bool | None = None):
+def merge_chains(items, dtype, same=None):
     """:func:`merge_chain` of several independent inverses at once, their three product groups each
     issued for every item before its one wait, so two v heads pay the chain's latency once (the intra
     kernel's ``head_loop="pair"``). ``items``: ``(x0, a_lower, buf_a, buf_b)`` each, their own tiles.
@@ -361,7 +361,7 @@ def merge_chains(items, dtype, same=None, staged: bool | None = None):
     ``Z = X0 + (-X0) M`` accumulated onto ``X0`` by the tensor cores (rounded differently from
     ``X0 - X0 M``; ``M^2`` and the last product as in :func:`merge_chain`)."""
     keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
-    staged = len(items) > 1 if staged is None else staged
+    staged = len(items) > 1
     if not staged:
         (x0, a_lower, buf_a, _), = items
         ao, x16 = [block_lower(a_lower, dtype)], [x0.astype(dtype)]
