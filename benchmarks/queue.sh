@@ -55,10 +55,8 @@
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
 #   bash benchmarks/queue.sh k5     # s23: the pairs alone and in a prefill at 4x8192, for a last few minutes
-#   bash benchmarks/queue.sh g1     # s24, UNTIMED: the wide loop's state warpgroups issuing their products in turns
-#                                   # (loop_order "pingpong" / "pingpong12"): NaN isolation compiled, the loop alone
-#                                   # at 4x8192 beside the plain and "update" orders, whole prefills with FLA
-#   bash benchmarks/queue.sh g2     # s24: the loop alone at 128x256 (persistent); whole prefills at 128x256, 8x4096
+#   (g1 / g2, s24: the wide loop's state warpgroups issuing their products in turns, loop_order "pingpong" /
+#    "pingpong12", ran on an H100 and measured within noise; removed, commit 297743c has them: mosaic_notes s24)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -175,13 +173,6 @@ case $call in
         --fla-shapes 4x8192 ;;
   k5) timeout -s INT 130 $M --only intra_cmp --tag k5i --intra-cmp default,pair
       timeout -s INT 110 $M --only time --tag k5t --shapes 4x8192 --variants default,pair --fla-shapes 4x8192 ;;
-  g1) timeout -s INT 130 $M --only nan --tag g1n --nan-names pingpong_wide,pingpong12_wide,persistent_pingpong_wide
-      timeout -s INT 150 $M --only loops --tag g1a --loop-shapes 4x8192 --loop-variants one_per_item,update,pingpong,pingpong12
-      timeout -s INT 150 $M --only time --tag g1t --shapes 4x8192 --variants default,pingpong,pingpong12 \
-        --fla-shapes 4x8192 ;;
-  g2) timeout -s INT 150 $M --only loops --tag g2a --loop-shapes 128x256 \
-        --loop-variants table_h0smem,table_h0smem_pingpong,table_h0smem_pingpong12
-      timeout -s INT 200 $M --only time --tag g2t --shapes 128x256,8x4096 --variants default,pingpong,pingpong12 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

@@ -673,23 +673,17 @@ def test_intra_kernel_computes_the_qk_norms(hv, tiles):
         D.prepare(a.q, a.k, a.v, a.g, a.beta, p.to_jax(), None, True, qk_norms="host")
 
 
-def _tiny_args(dv=64):
-    """Validated zero arguments of one 70-token sequence (H = 1, HV = 2, K = 64, V = ``dv``), for
-    option checks that raise before anything compiles."""
-    import jax.numpy as jnp
-    from gdn import api, plan as make_plan
-    t, hv = 70, 2
-    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
-    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
-    return api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, dv), g, b, plan=make_plan([0, t], num_tokens=t),
-                        backend="jax")[1]
-
-
 def test_loop_out_store_is_checked_by_name():
     """A misspelled ``loop_out_store`` and one the wide loop's plain order cannot take are refused by
     name before anything compiles."""
+    import jax.numpy as jnp
+    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
-    a = _tiny_args()
+    t, hv = 70, 2
+    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
+    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
+    _, a = api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, 64), g, b, plan=make_plan([0, t], num_tokens=t),
+                        backend="jax")
     with pytest.raises(ValueError, match="loop_out_store"):
         D.prefill_arrays(a, interpret=True, loop_out_store="smem")
     with pytest.raises(ValueError, match="loop_out_store='warp' runs with loop_overlap"):
@@ -1780,28 +1774,3 @@ def test_wide_loop_output_under_update_same_bits(options, out):
     3 persistent CTAs."""
     res = _loop_io_bits("wide", **out, **options)
     assert res["clean_same_bits"] and res["poisoned_same_bits"], res
-
-
-@pytest.mark.parametrize("order,options", [("pingpong", dict()), ("pingpong12", dict()),
-                                           ("pingpong12", dict(loop_ctas=3, loop_prefetch="smem", loop_schedule="table"))],
-                         ids=["pingpong_per_item", "pingpong12_per_item", "pingpong12_persistent"])
-def test_wide_loop_pingpong_same_bits(order, options):
-    """loop_order "pingpong" / "pingpong12" (the two state warpgroups issue their product groups in
-    turns, handing the turn over by two mbarriers; "pingpong" in "update"'s order of the last group,
-    products_then's hand-over) against the plain wide loop: the same bits, outputs and final states,
-    on clean and poisoned inputs, on one CTA per item and on 3 persistent CTAs. The interpreter
-    raises when a turn handed over is never waited for (a missing last wait fails it)."""
-    res = _loop_io_bits("wide", loop_order=order, **options)
-    assert res["clean_same_bits"] and res["poisoned_same_bits"], res
-
-
-def test_loop_order_is_checked_by_name():
-    """A misspelled ``loop_order`` and pingpong with ``loop_halves`` are refused by name."""
-    from gdn.jax_backend.mosaic_gpu import _driver as D
-    a = _tiny_args(dv=128)
-    with pytest.raises(ValueError, match="loop_order"):
-        D.prefill_arrays(a, interpret=True, loop_order="pingpang")
-    with pytest.raises(ValueError, match="loop_halves"):
-        D.prefill_arrays(a, interpret=True, loop_order="pingpong", loop_halves=True)
-    with pytest.raises(ValueError, match="overlap False or 'update'"):
-        D.prefill_arrays(a, interpret=True, chunk_variant="wide", loop_order="pingpong", loop_overlap="store")

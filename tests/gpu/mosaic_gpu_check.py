@@ -201,11 +201,7 @@ def sec_nan(names=()):
                                                                          loop_schedule="table", loop_out_store="registers")),
                              ("warp_out_wide", "wide", dict(loop_out_store="warp")),
                              ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
-                                                                       loop_schedule="table", loop_out_store="warp")),
-                             ("pingpong_wide", "wide", dict(loop_order="pingpong")),  # s24
-                             ("pingpong12_wide", "wide", dict(loop_order="pingpong12")),
-                             ("persistent_pingpong_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
-                                                                       loop_schedule="table", loop_order="pingpong"))):
+                                                                       loop_schedule="table", loop_out_store="warp"))):
         if names and name not in names:
             continue
         res = tmg._loop_io_bits(loop, interpret=False, **opts)  # the default loop's bits, clean and poisoned
@@ -604,9 +600,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s21: whole output tiles from the state warpgroups' registers straight to global memory
     "direct_out": dict(loop_out_store="registers"),
     "warp_out": dict(loop_out_store="warp"),
-    # s24: the wide loop's two state warpgroups issue their product groups in turns
-    "pingpong": dict(loop_order="pingpong"),  # (in "update"'s order of the last group)
-    "pingpong12": dict(loop_order="pingpong12"),  # the first two groups in turns, the last free
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -821,11 +814,6 @@ LOOP_VARIANTS = {  # name -> chunk_loop_wide options (the loop alone, --only loo
     "table_h0smem_direct_out": dict(ctas=132, schedule="table", prefetch_h0="smem", out_store="registers"),
     "warp_out": dict(out_store="warp"),  # each warp's slab through its own SMEM, bar.warp.sync only (s22)
     "table_h0smem_warp_out": dict(ctas=132, schedule="table", prefetch_h0="smem", out_store="warp"),
-    # s24: the two state warpgroups' product groups in turns
-    "pingpong": dict(order="pingpong"),
-    "pingpong12": dict(order="pingpong12"),
-    "table_h0smem_pingpong": dict(ctas=132, schedule="table", prefetch_h0="smem", order="pingpong"),
-    "table_h0smem_pingpong12": dict(ctas=132, schedule="table", prefetch_h0="smem", order="pingpong12"),
 }
 
 

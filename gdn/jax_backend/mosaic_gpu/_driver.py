@@ -17,7 +17,7 @@ from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .chunk_loop_wide import ORDERS as LOOP_ORDERS, SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
+from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
 from .intra import SOLVE_PAD, check_options as check_intra_options, intra
@@ -90,8 +90,7 @@ def _sm_count() -> int:
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "loop_order"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -101,8 +100,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
-         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
-         loop_order: str = "free"):
+         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -128,7 +126,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
                         schedule=loop_schedule, halves=loop_halves, out_store=loop_out_store,
-                        order=loop_order, interpret=interpret)
+                        interpret=interpret)
     return x.unpad(o), final, None
 
 
@@ -239,21 +237,20 @@ def run_intra(x: Prepared, use_qk_l2norm: bool, **options) -> tuple[Any, Any, Pr
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
          prefetch_h0: bool | str = False, overlap: bool = False, schedule: str = "order", halves=None,
-         out_store: str = "tma", order: str = "free", interpret=None):
+         out_store: str = "tma", interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
     ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
     item's initial state and how its CTAs look their items up (the default loop has none of them
-    and ignores them); ``halves``: the wide loop's runtime mode table; ``out_store`` / ``order``: the
-    wide loop's (how whole output tiles leave; how its state warpgroups take the tensor cores);
-    ``overlap``: either loop's."""
+    and ignores them); ``halves``: the wide loop's runtime mode table; ``out_store``: the wide loop's
+    (how whole output tiles leave); ``overlap``: either loop's."""
     t_valid = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                                t_valid=t_valid, stages=stages, regs=regs, lean=lean, bare=bare,
                                direct_io=direct_io, ctas=ctas, prefetch_h0=prefetch_h0, overlap=overlap,
                                schedule=schedule, lrq=x.lrq, lrk=x.lrk, halves=halves, out_store=out_store,
-                               order=order, interpret=interpret)
+                               interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
                       overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
@@ -381,7 +378,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
-                   loop_out_store: str = "tma", loop_order: str = "free"):
+                   loop_out_store: str = "tma"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
@@ -429,10 +426,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``loop_out_store``: how the wide loop's whole output tiles leave (:func:`chunk_loop_wide.chunk_loop_wide`'s
     ``out_store``): "tma" (the default), "registers" or "warp" (both the same bits and slower on an H100, s22);
     the last two with ``loop_overlap`` False or "update"; the narrow loop ignores it;
-    ``loop_order``: the wide loop's ``order`` (:data:`chunk_loop_wide.ORDERS`): "free" (the default),
-    "pingpong" (UNTIMED: the two state warpgroups issue their product groups in turns, as
-    FlashInfer's do; with ``loop_overlap`` False or "update") or "pingpong12" (only each tile's first
-    two groups in turns); not with ``loop_halves``; the narrow loop ignores it;
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
     ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts
@@ -466,10 +459,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)
     check_out_store(loop_out_store, False, names=("loop_out_store", "loop_overlap"))
-    if loop_order not in LOOP_ORDERS:
-        raise ValueError(f"loop_order must be one of {LOOP_ORDERS}, got {loop_order!r}")
-    if loop_order != "free" and loop_halves:
-        raise ValueError(f"loop_order={loop_order!r} takes turns between two state warpgroups: not with loop_halves")
     if loop_schedule not in SCHEDULES:
         raise ValueError(f"loop_schedule must be one of {SCHEDULES}, got {loop_schedule!r}")
     if qk_norms not in QK_NORMS:
@@ -492,9 +481,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     loop_overlap = resolve_loop_overlap(loop_overlap, chunk_variant)
     if chunk_variant == "wide":  # before anything traces
         check_out_store(loop_out_store, loop_overlap, names=("loop_out_store", "loop_overlap"))
-        if loop_order == "pingpong" and loop_overlap not in (False, "update"):
-            raise ValueError(f"loop_order='pingpong' runs with loop_overlap False or 'update' (it takes 'update''s "
-                             f"order of the last group), got {loop_overlap!r}")
     if halves:  # one CTA (pair) per item
         loop_ctas = None
     elif loop_ctas == "auto":  # a traced plan: persistent where every count of its bucket wants it
@@ -515,4 +501,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
-                    loop_out_store=loop_out_store, loop_order=loop_order)
+                    loop_out_store=loop_out_store)

@@ -78,13 +78,6 @@ REGS = (88, 208)
 FUSED_REGS = (152, 176)
 
 OUT_STORES = ("tma", "registers", "warp")  # how a whole output tile leaves (``out_store``)
-#: how the two state warpgroups' product groups reach the tensor cores (``order``): "free", each as
-#: soon as it is ready; "pingpong", in turns (0, 1, 0, 1, ...: a warpgroup issues its next group
-#: only after the other issued its own), so one warpgroup's exponentials, selects and casts run
-#: while the other's products compute instead of both chains contending for the tensor cores and
-#: then both leaving them idle; "pingpong12", only each tile's first two groups in turns (the last
-#: group free, in the plain order)
-ORDERS = ("free", "pingpong", "pingpong12")
 
 
 def check_out_store(out_store, overlap, names=("out_store", "overlap")) -> None:
@@ -160,7 +153,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                     bare: bool = True, direct_io: bool = False, ctas: int | None = None,
                     prefetch_h0: bool | str = False, overlap: bool | str = False, interpret=None,
                     schedule: str = "order", lrq=None, lrk=None, halves: tuple[int, ...] | None = None,
-                    gates=None, intra_slabs: bool = False, out_store: str = "tma", order: str = "free", _ablate: frozenset = frozenset(),
+                    gates=None, intra_slabs: bool = False, out_store: str = "tma", _ablate: frozenset = frozenset(),
                     _shadow: bool = True, _prep_shadow: bool = True, _p_mask: str = "one"):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -257,14 +250,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
     and "warp" imply "update"'s order of the last group (in the plain order ptxas serialized the
     WGMMAs, C7512); not with ``overlap="store"`` or True. ptx_local ("registers"): 168 registers, no
     spills.
-    ``order``: :data:`ORDERS` ("pingpong", UNTIMED, off: FlashInfer's SM90 kernel orders its two
-    state warpgroups' products by named barriers, fi_study.md §1.2; here two mbarriers ``turn``,
-    each warpgroup waiting for its turn before each of its three product groups a tile and handing it
-    over once they are issued). The same products and bits; only with two state warpgroups (V = 128)
-    and without ``halves``. "pingpong" takes "update"'s order of the last group: with the plain order
-    and that group in turns, ptxas 13 serialized the state warpgroups' WGMMAs (C7512, ptx_local
-    2026-12-07; in "update"'s order it does not). "pingpong12" leaves the last group free instead
-    (plain order, no C7512).
     ``halves`` (UNTIMED, None by default; not with ``ctas``): one compilation that also runs as the
     narrow loop. The grid gets a leading axis of 2, and the kernel reads a mode on the device:
     ``halves[count]`` for the count of sequences with tokens in ``cu`` (0 or 1; N_pad + 1 entries).
@@ -330,19 +315,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         raise ValueError(f"overlap must be True, False, 'store' or 'update', got {overlap!r}")
     store_shadow = overlap == "store"  # the output's fence and TMA issue in the next tile's shadow
     check_out_store(out_store, overlap)
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if order != "free" and halves is not None:
-        raise ValueError(f"order={order!r} takes turns between two state warpgroups: not with halves")
-    if order == "pingpong" and overlap not in (False, "update"):
-        raise ValueError(f"order='pingpong' runs with overlap False or 'update' (it takes 'update''s order of "
-                         f"the last group), got {overlap!r}")
-    pingpong = order != "free" and nsw == 2
     direct_out = out_store != "tma"
     # the output stored while the state update computes (direct_out too: in the plain order ptxas
     # serialized the state warpgroups' WGMMAs, C7512, ptx_local 2026-12-06)
-    # (order="pingpong" too: in the plain order with the last group in turns ptxas serialized them)
-    under_update = overlap == "update" or direct_out or order == "pingpong"
+    under_update = overlap == "update" or direct_out
     overlap = overlap is True
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
@@ -397,11 +373,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
         h0_done=plgpu.Barrier(num_arrivals=nsw),
         loop_done=plgpu.Barrier(num_arrivals=nsw),
         done=plgpu.Barrier(num_arrivals=nsw + 1),
-        **(dict(turn=plgpu.Barrier(num_barriers=2)) if pingpong else {}),
     )
 
     def body(*refs, ring, o_st, in_bar, ready, in_free, h0_bar, h0_done, loop_done, done, h0_st=None,
-             slab_bufs=None, turn=None):
+             slab_bufs=None):
         (q_s, k_s, v_s, a_s, p_s, gc_rows, gc_cols, *more), st_s = ring
         lq_rows, lk_cols = more if l2 else (None, None)
         b_rows, b_cols = more if fused else (None, None)
@@ -626,10 +601,7 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             if nsw > 1:
                 plgpu.set_max_registers(r_state, action="increase")
             if halves is None:
-                state_walk(w)
-                if pingpong and w == 0:  # the turn warpgroup 1 handed over after its last group
-                    plgpu.barrier_wait(turn.at[0])
-                return
+                return state_walk(w)
             active = (mode_ref[0] == 0) | (x_half == w)
             pl.when(active)(lambda: state_walk(w))
             pl.when(jnp.logical_not(active))(idle)
@@ -656,28 +628,6 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
             o_tile, o_part = o_st[w]
             sh = (BV, C)
             tvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)  # token of each column
-            if pingpong and w == 1:  # warpgroup 0 issues first
-                plgpu.barrier_arrive(turn.at[0])
-
-            def prods(*accs, during=None, last=False):
-                """:func:`.common.products`, in this warpgroup's turn with ``order`` "pingpong" (and
-                "pingpong12" unless it is the tile's ``last`` group)."""
-                if not pingpong or (last and order == "pingpong12"):
-                    return products(*accs) if during is None else products(*accs, during=during)
-                plgpu.barrier_wait(turn.at[w])
-
-                def hand_over():  # every product of the group is issued: the other warpgroup's turn
-                    plgpu.barrier_arrive(turn.at[1 - w])
-                    return None if during is None else during()
-                outs, extra = products(*accs, during=hand_over)
-                return outs if during is None else (outs, extra)
-
-            def prods_then(first, last, between):
-                """:func:`.common.products_then`, in this warpgroup's turn with ``order="pingpong"``."""
-                if not pingpong:
-                    return products_then(first, last, between)
-                plgpu.barrier_wait(turn.at[w])
-                return products_then(first, last, between, issued=lambda: plgpu.barrier_arrive(turn.at[1 - w]))
 
             def initial(n, j):
                 """S^T [64, K] fp32 at the start of grid row n, head j."""
@@ -812,15 +762,15 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             with jax.named_scope("s_store"):
                                 store(out_tile(o_t), j, tok, lo, hi, t0)
                     with jax.named_scope("s_update"):
-                        s_new, = prods_then([o_prods], [update], store_o)
+                        s_new, = products_then([o_prods], [update], store_o)
                         plgpu.barrier_arrive(in_free.at[slot])
                     return s_new, None
                 with jax.named_scope("s_update"):
                     if ab("o"):
-                        s_new, = prods(update, last=True)
+                        s_new, = products(update)
                         o_t = vn_lo.astype(F32)
                     else:  # Q' = diag(exp(gc)) Q
-                        s_new, o_t = prods(update, o_prods, last=True)
+                        s_new, o_t = products(update, o_prods)
                     plgpu.barrier_arrive(in_free.at[slot])
                 o_lo_t = out_tile(o_t)
                 if store_shadow:
@@ -858,11 +808,11 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
 
                 s_dec = None
                 if ab("xw"):  # Vnew = U: no product with the state
-                    (u_t,), fac = prods(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=first)
+                    (u_t,), fac = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]), during=first)
                     vn_t = u_t
                 else:
                     with jax.named_scope("s_ux"):
-                        (u_t, x_t), fac = prods(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
+                        (u_t, x_t), fac = products(((BV, C), None, [(v_s.at[slot, w].T, a_s.at[slot].T)]),
                                                    ((BV, C), None, [(s_lo, k_s.at[slot].T)]), during=first)
                     if ab("w"):  # Vnew = U + X: no second product
                         vn_t = u_t + x_t
@@ -875,10 +825,10 @@ def chunk_loop_wide(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out:
                             w_neg = sel(cols(mask(), sh), x_t * cols(-e_vec, sh)).astype(dtype)
                         with jax.named_scope("s_vnew"):
                             if shadow:
-                                (vn_t,), s_dec = prods(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]),
+                                (vn_t,), s_dec = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]),
                                                           during=lambda: s_t * jnp.exp(g_last))
                             else:
-                                vn_t, = prods(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
+                                vn_t, = products(((BV, C), u_t, [(w_neg, a_s.at[slot].T)]))
                 with jax.named_scope("s_vd"):
                     vn_t = sel(cols(mask(), sh), vn_t)
                     vn_lo = vn_t.astype(dtype)

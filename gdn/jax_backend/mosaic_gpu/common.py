@@ -157,24 +157,19 @@ def _issue(refs, accs) -> None:
             plgpu.wgmma(ref, a, b)
 
 
-def products_then(first, last, between, issued=None):
+def products_then(first, last, between):
     """The products ``first``, then ``last`` (entries as :func:`products`'), issued back to back;
     ``between(*first's results)`` runs as soon as ``first`` completed, while ``last`` may still be
     on the tensor cores (WGMMA groups retire in order: a wait that leaves ``last``'s groups in
     flight) -> ``last``'s results after one more wait. The wide loop stores a tile's output this way
-    in the shadow of its state update. ``issued()`` (if given) runs once every product is issued,
-    before the first wait. Under the interpreter: ``issued``, ``first``, ``between``, then ``last``."""
+    in the shadow of its state update. Under the interpreter: ``first``, ``between``, then ``last``."""
     if _INTERPRET.get():
-        if issued is not None:
-            issued()
         outs = products(*first)
         between(*outs)
         return products(*last)
 
     def scoped(*refs):
         _issue(refs, first + last)
-        if issued is not None:
-            issued()
         in_flight = sum(len(pairs) for _, _, pairs in last)
         done = tuple(plgpu.wgmma_accumulator_load(ref, wait_n=in_flight) for ref in refs[:len(first)])
         between(*lax.optimization_barrier(done))
