@@ -54,7 +54,8 @@
 #   bash benchmarks/queue.sh e1     # s22 (ran on an H100: slower): out_store="warp" (each warp's output slab through its own SMEM, only
 #                                   # bar.warp.sync, 16-byte stores): NaN isolation compiled, bits and the loop alone,
 #                                   # whole prefills with FLA
-#   bash benchmarks/queue.sh k5     # s23: the pairs alone and in a prefill at 4x8192, for a last few minutes
+#   (k5, s23: the intra kernel's v heads in pairs, head_loop="pair", slower on the H200; removed in s24,
+#    commit 84517f4 has it)
 #   (g1 / g2, s24: the wide loop's state warpgroups issuing their products in turns, loop_order "pingpong" /
 #    "pingpong12", ran on an H100 and measured within noise; removed, commit 297743c has them: mosaic_notes s24)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
@@ -171,8 +172,6 @@ case $call in
       timeout -s INT 150 $M --only loops --tag e1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_warp_out
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
-  k5) timeout -s INT 130 $M --only intra_cmp --tag k5i --intra-cmp default,pair
-      timeout -s INT 110 $M --only time --tag k5t --shapes 4x8192 --variants default,pair --fla-shapes 4x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

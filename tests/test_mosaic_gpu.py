@@ -1070,8 +1070,6 @@ def test_persistent_loop_prefetch_takes_effect():
     (320, 1, 3, 64, "float16", 2, "loop", "chain", "boundary", 2),  # two output stagings (the debug output too)
     (512, 16, 2, 128, "bfloat16", None, "loop", "warp", "boundary", 2),  # the diagonal blocks in registers
     (512, 16, 2, 128, "bfloat16", None, "loop", "wg3", "boundary", 2),  # ... and three warpgroups per CTA
-    (512, 16, 2, 128, "bfloat16", None, "pair", "chain", "boundary", 2),  # two heads' merges together
-    (320, 1, 3, 64, "float16", 2, "pair", "chain", "boundary", 2),  # ... G = 3: a pair and one head alone
 ])
 def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, merge, isolate, buffers):
     """The intra kernel through Mosaic layout inference and lowering for an H200 (debug output too)."""
@@ -1102,35 +1100,6 @@ def test_intra_cross_lowers_to_cuda(t, h, group, dk, dtype, tiles, head_loop, me
         else:  # the substitution's SMEM buffers are gone: the kernel is ~36 KB smaller
             [smem_default] = _smem_bytes(make(), *shapes)
             assert smem_default - smem >= 2 * 64 * 64 * 4, (smem_default, smem)
-
-
-@pytest.mark.parametrize("hv", [2, 3, 4])
-def test_intra_head_pairs(hv):
-    """head_loop="pair" (two v heads' merge product groups issued together, a third head alone at
-    G = 3, pairs in a loop at G = 4): the float64 bar, and under the interpreter (whose products are
-    plain fp32 dots: Z = X0 + (-X0) M is then exactly X0 - X0 M) the unrolled kernel's bits; with
-    G = 2 also the NaN isolation of a poisoned neighbour."""
-    from gdn.tolerances import vs_f64
-
-    pair = _intra_stage_errors(head_loop="pair", h=1, hv=hv)
-    assert pair["ai"] < vs_f64("bfloat16") and pair["ag"] < vs_f64("bfloat16"), pair
-    assert pair == _intra_stage_errors(head_loop="unroll", h=1, hv=hv), pair
-    if hv == 2:
-        nan = _intra_nan_isolation("pair")
-        assert nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"], nan
-
-
-def test_intra_head_pairs_options():
-    """head_loop="pair" needs the chained merge and two output stagings: a ValueError naming them."""
-    import jax.numpy as jnp
-
-    from gdn.jax_backend.mosaic_gpu.intra import intra
-
-    args = (jnp.zeros((64, 1, 64), jnp.bfloat16), jnp.zeros((2, 64)), jnp.zeros((2, 64)), jnp.zeros((64,), jnp.int32))
-    with pytest.raises(ValueError, match="merge_variant"):
-        intra(*args, group=2, head_loop="pair", merge_variant="levels", interpret=True)
-    with pytest.raises(ValueError, match="out_buffers"):
-        intra(*args, group=2, head_loop="pair", out_buffers=1, interpret=True)
 
 
 @pytest.mark.parametrize("tiles", [1, 2])

@@ -523,7 +523,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
     # s23: the intra kernel's v heads two at a time, each merge product group issued for both (slower: k5)
-    "pair": dict(head_loop="pair"),
     "t2": dict(intra_tiles=2),
     "t8": dict(intra_tiles=8),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),
@@ -888,8 +887,7 @@ def _test_module():
 INTRA_CMP_SHAPES = [("4x8192", [8192] * 4, 16), ("128x256", [256] * 128, 16), ("4x2048", [2048] * 4, 16)]
 INTRA_CMP = [("default", dict()), ("isolate_all", dict(isolate="all")), ("levels", dict(merge_variant="levels")),
              ("pad0", dict(solve_pad=0)), ("rows", dict(solve_columns=False)), ("buf1", dict(out_buffers=1)),
-             ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3)),  # s15: the diagonal blocks in registers
-             ("pair", dict(head_loop="pair"))]  # s23: two v heads' merges together (slower on the H200)
+             ("warp", dict(solve="warp")), ("wg3", dict(solve="warp", warpgroups=3))]  # s15: the diagonal blocks in registers
 
 
 @section("intra_cmp")
@@ -910,7 +908,7 @@ def sec_intra_cmp(names=None):
         TABLE.append(f"intra {name:12s} vs f64 stages: rms Ai {err['ai']:.2e} Ag {err['ag']:.2e} gc {err['gc']:.2e}"
                      f" | max Ai {err['ai_max']:.2e} Ag {err['ag_max']:.2e} gc {err['gc_max']:.2e}")
         log(name, err)
-        if name in (cmp[0][0], "levels", "warp", "pair"):
+        if name in (cmp[0][0], "levels", "warp"):
             nan = tmg._intra_nan_isolation(hl, interpret=False, **kw)
             out["nan_" + name] = nan
             ok = nan["rows_changed"] == 0 and nan["clean_finite"] and nan["dirty_finite"]

@@ -19,12 +19,10 @@ bound: few warps per SM, a serial inverse):
   H200, 2026-12-04, 4x8192: with the cumsum outside the kernel (call 2) 237 registers instead of
   248 and 0.377 vs 0.403 ms alone; with it inside (today's kernel, call 3) 0.406 ms both ways, its
   register count not read (benchmarks/mosaic_notes.md).
-* ``head_loop="pair"`` (opt-in, session 23): two v heads at a time, their merges' three product
-  groups each issued for both before one wait (:func:`solve.merge_chains`), so a pair pays the
-  chain's waits once; the merges' operands wait in SMEM (one more [64, 64] tile, and a second
-  substitution buffer the first head's X0 is read back from). SLOWER: H200, 2026-12-06 (call k5),
-  alone 0.324 vs 0.221 ms at 4x8192, 0.308 vs 0.239 at 128x256, 0.084 vs 0.062 at 4x2048, the same
-  Ag; ptx_local: 255 registers and 592 B of spills (the default 245, none).
+* two v heads at a time, their merges' three product groups each issued for both before one wait,
+  was built (``head_loop="pair"``, session 23, commit 84517f4) and measured SLOWER on the H200
+  (alone 0.324 vs 0.221 ms at 4x8192, 0.308 vs 0.239 at 128x256; 255 registers and 592 B of spills);
+  removed in session 24 (benchmarks/mosaic_notes.md).
 * the inverse (:mod:`.solve`): the 16x16 diagonal blocks by substitution from padded fp32 SMEM
   (``solve_pad``), reading ``-A`` by columns so ``A``'s decay is exponentiated once
   (``solve_columns``), then merged in three dependent product groups (``merge_variant="chain"``).
@@ -51,13 +49,12 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, check_token_rows, cols, compiler_params, interpret_params,
                      iota, mm, rows, tile, tracing_for_interpreter)
-from .solve import (decayed_a, diag_block_inverse, merge, merge_chain, merge_chains, reload_diag_inverse,
-                    stage_negated)
+from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
 #: 2, 4 and 8 timed within 3% of each other on the H200, 2026-12-03)
 TILES_PER_CTA = 4
-HEAD_LOOPS = ("unroll", "loop", "pair")
+HEAD_LOOPS = ("unroll", "loop")
 MERGES = ("levels", "chain")
 #: fp32 words of padding per row of the substitution's SMEM buffers: the WGMMA register layout stores
 #: 8 rows per warp instruction, which at the unpadded 256-byte row stride all hit the same banks
@@ -109,9 +106,6 @@ def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_colu
         raise ValueError(f"{names[5]}='warp' reads -A by columns: it needs {names[2]}=True")
     if warpgroups not in WARPGROUPS or isinstance(warpgroups, bool):
         raise ValueError(f"{names[6]} must be one of {WARPGROUPS}, got {warpgroups!r}")
-    if head_loop == "pair" and (merge_variant != "chain" or out_buffers != 2):
-        raise ValueError(f"head_loop={head_loop!r} merges two heads' chains together: it needs "
-                         f"{names[0]}='chain' and {names[4]}=2, got {merge_variant!r} and {out_buffers!r}")
     if warpgroups > 1 and solve != "warp":
         raise ValueError(f"{names[6]}={warpgroups} needs {names[5]}='warp' (three copies of the SMEM "
                          f"substitution's buffers do not fit one SM)")
@@ -177,7 +171,6 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError("warpgroups=3 does not fit SMEM with debug_inverse (an fp32 copy of the inverse "
                          "per warpgroup): check its stages with one warpgroup")
     nb = out_buffers
-    paired = head_loop == "pair" and group > 1  # two v heads at a time
     n_tiles = t_pad // C
     tpc = max(1, min(int(tiles_per_cta or TILES_PER_CTA), n_tiles))
     n_cta = -(-n_tiles // tpc)
@@ -200,17 +193,14 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         g_s=vec, b_r=vec, b_c=vec,  # beta: one copy per layout it is read in
         s_r=smem((2, C), jnp.int32),
         s_c=smem((2, C), jnp.int32),
-        lo_s=smem((2, C, C) if paired else (C, C), dtype, True),  # with pairs: one per head
+        lo_s=smem((C, C), dtype, True),
         ag_s=smem((2, C, C) if nb == 2 else (C, C), dtype, True),
         gc_s=smem((2, C) if nb == 2 else (C,), F32),
         bar_k=plgpu.Barrier(num_arrivals=1 + has_q, num_barriers=nwg),
         bar_s=plgpu.Barrier(num_arrivals=5 + 2 * has_rk, num_barriers=2 * nwg),
     )
     if not warp:  # the substitution's operand and result
-        # with head_loop="pair" one result buffer per head: the first head's X0 waits there, not in
-        # registers, while the second head's front runs
-        xs_shape = (2, C, C + solve_pad) if paired else (C, C + solve_pad)
-        scratch.update(na_s=smem((C, C + solve_pad), F32), x_s=smem(xs_shape, F32))
+        scratch.update(na_s=smem((C, C + solve_pad), F32), x_s=smem((C, C + solve_pad), F32))
     if nwg > 1:  # K K^T across the head loop (in registers it would not fit the 168-register cap)
         scratch["kk_s"] = smem((C, C + SOLVE_PAD), F32)
     if has_rk:  # k's row scales, one copy per layout they are read in
@@ -267,38 +257,26 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             return (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
                     == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
 
-        def stagings(nth):
-            """(ag, gc, ai) output stagings of the tile's ``nth`` head (the two alternate from head to head)."""
-            if nb == 2:
-                buf = lax.rem(nth, 2)
-                return ag_s.at[buf], gc_s.at[buf], ai_s.at[buf] if debug_inverse else None
-            return ag_s, gc_s, ai_s
-
-        def lo_tile(d):
-            """The merge's [64, 64] 16-bit tile of the pair's head ``d`` (one tile without pairs)."""
-            return lo_s.at[d] if paired else lo_s
-
-        def x_buf(d):
-            """The substitution's result buffer of the pair's head ``d`` (one buffer without pairs)."""
-            return x_s.at[d, :, :C] if paired else x_s.at[:, :C]
-
-        def head_front(e, kk, slot, apart: bool, nth, pending: int, d: int = 0):
-            """v head ``hk * group + e`` of the tile up to its diagonal-block inverse: ``(X0 fp32, A in
-            k's dtype)``; ``apart``: the tile holds tokens of several sequences, kept apart by selects
-            (static: the caller branches on the tile); ``pending``: how many of the latest output
-            store groups may still be reading when this head rewrites its staging. The named scopes
-            are regions of Mosaic's in-kernel profiler (tests/gpu/mosaic_gpu_check.py --only profile);
-            no code without it."""
+        def one_head(e, kk, slot, tok, apart: bool, nth):
+            """v head ``hk * group + e`` of the tile; ``apart``: the tile holds tokens of several
+            sequences, kept apart by selects (static: the caller branches on the tile). The named
+            scopes are regions of Mosaic's in-kernel profiler (tests/gpu/mosaic_gpu_check.py --only
+            profile); no code without it."""
+            j = hk * group + e
             r, c = iota(sq, 0), iota(sq, 1)
             same = (lambda: same_seq(slot)) if apart else (lambda: None)
-            _, gc_s_, _ = stagings(nth)
+            if nb == 2:  # this head's output staging: the two alternate from head to head
+                buf = lax.rem(nth, 2)
+                ag_s_, gc_s_, ai_s_ = ag_s.at[buf], gc_s.at[buf], ai_s.at[buf] if debug_inverse else None
+            else:
+                ag_s_, gc_s_, ai_s_ = ag_s, gc_s, ai_s
             with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
                 g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
                 upto = (c <= r) & same() if apart else c <= r
                 gam_r = jnp.where(upto, cols(g_col, sq), 0.0).sum(axis=1)
                 # the stores that last read this staging (the previous head's, or with two stagings the
                 # head's before it: one commit group per head) must be done before it is rewritten
-                plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(nb - 1, wait_read_only=True)
                 gc_s_[...] = gam_r
                 plgpu.commit_smem()
                 gam_c = plgpu.load(gc_s_, layout=COLS)  # the same fp32 values, column layout
@@ -312,18 +290,17 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 a_lo16 = a_low.astype(dtype)  # what the merges use (they round A to the input dtype)
             with jax.named_scope("diag_solve"):
                 x = diag_block_inverse(a_low, na_t, None if warp else na_s.at[:, :C],
-                                       None if warp else x_buf(d), interpret=interp,
+                                       None if warp else x_s.at[:, :C], interpret=interp,
                                        same=same() if interp else None, seg_ref=s_r.at[slot] if apart else None,
                                        from_columns=solve_columns, warp=warp)
-            return x, a_lo16
-
-        def head_back(e, x, slot, tok, apart: bool, nth):
-            """Store v head ``hk * group + e``'s ``Ag = X diag(beta)`` (and ``gc``) from its staging."""
-            j = hk * group + e
-            ag_s_, gc_s_, ai_s_ = stagings(nth)
+            with jax.named_scope("merge"):
+                if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
+                    x = merge_chain(x, a_lo16, lo_s, ag_s_, dtype, same=same())
+                else:
+                    x = merge(x, a_lo16, lo_s, dtype, same=same())
             with jax.named_scope("store"):
                 ag = x * cols(plgpu.load(b_c.at[slot, e], layout=COLS), sq)
-                ag_s_[...] = (jnp.where(same_seq(slot), ag, 0.0) if apart else ag).astype(dtype)
+                ag_s_[...] = (jnp.where(same(), ag, 0.0) if apart else ag).astype(dtype)
                 if debug_inverse:
                     ai_s_[...] = x
                 plgpu.commit_smem()
@@ -335,50 +312,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 if nb == 2:
                     plgpu.commit_smem_to_gmem_group()
 
-        def one_head(e, kk, slot, tok, apart: bool, nth):
-            """v head ``hk * group + e`` of the tile, front to back."""
-            x, a_lo16 = head_front(e, kk, slot, apart, nth, nb - 1)
-            with jax.named_scope("merge"):
-                same = same_seq(slot) if apart else None
-                if merge_variant == "chain":  # ag_s is free here: the wait before gc_s's rewrite covers it
-                    x = merge_chain(x, a_lo16, lo_tile(0), stagings(nth)[0], dtype, same=same)
-                else:
-                    x = merge(x, a_lo16, lo_tile(0), dtype, same=same)
-            head_back(e, x, slot, tok, apart, nth)
-
-        def head_pair(e, kk, slot, tok, apart: bool, nth):
-            """v heads ``e`` and ``e + 1`` of the tile (``nth`` even), their merges' product groups issued
-            together: each group's wait is paid once for both. The second head's front waits for every
-            earlier store (the previous pair's second head last read its staging)."""
-            # each head's merge tiles: its lo tile and its own output staging (free: the first head's
-            # front waited for the stores two heads back, the second's for every store). The merges'
-            # operands go to SMEM as soon as a front is done; the first head's X0 is read back from its
-            # substitution buffer rather than kept in registers across the second head's front
-            bufs = [(lo_tile(d), stagings(nth + d)[0]) for d in (0, 1)]
-            x0s = []
-            for d in (0, 1):
-                x, a16 = head_front(e + d, kk, slot, apart, nth + d, nb - 1 if d == 0 else 0, d)
-                stage_negated(x, a16, *bufs[d], dtype)
-                x0s.append(x)
-            with jax.named_scope("merge"):
-                if not (warp or interp):  # X0 again: the values the solve returned
-                    x0s[0] = reload_diag_inverse(x_buf(0))
-                xs = merge_chains([(x, None) + b for x, b in zip(x0s, bufs)], dtype,
-                                  same=same_seq(slot) if apart else None)
-            for d in (0, 1):
-                head_back(e + d, xs[d], slot, tok, apart, nth + d)
-
         def group_heads(kk, slot, tok, apart: bool, i):
-            if paired:
-                if group // 2 > 1:
-                    @pl.loop(0, group // 2)
-                    def _pair(p):
-                        head_pair(2 * p, kk, slot, tok, apart, i * group + 2 * p)
-                else:
-                    head_pair(0, kk, slot, tok, apart, i * group)
-                if group % 2:  # an odd group's last head alone
-                    one_head(group - 1, kk, slot, tok, apart, i * group + group - 1)
-            elif head_loop == "loop" and group > 1:
+            if head_loop == "loop" and group > 1:
                 @pl.loop(0, group)
                 def _head(e):
                     one_head(e, kk, slot, tok, apart, i * group + e)

@@ -299,6 +299,7 @@ def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, se
     ``warp`` (needs ``from_columns``): each warp solves its block in registers
     (:func:`warp_solve_steps`); ``na_ref`` / ``x_ref`` are not used and may be None.
     """
+    blk = same_block(BLOCK)
     if warp and not from_columns:
         raise ValueError("the warp solve reads -A (from_columns=True)")
     if interpret:
@@ -308,25 +309,7 @@ def diag_block_inverse(a_lower, na_t, na_ref, x_ref, *, interpret, same=None, se
     else:
         refs = (na_ref, x_ref) if seg_ref is None else (na_ref, x_ref, seg_ref)
         x = _DIAG_SOLVE[seg_ref is not None, from_columns](na_t, *refs)
-    return diag_blocks(x)
-
-
-@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                   return_type=plgpu.ShapeDtypeStruct((C, C), F32, layout=plgpu.Layout.WGMMA))
-def _load_result(ctx, x_ref):
-    del ctx
-    return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
-
-
-def reload_diag_inverse(x_ref):
-    """:func:`diag_block_inverse`'s result again from its substitution's buffer ``x_ref`` (GPU path)."""
-    return diag_blocks(_load_result(x_ref))
-
-
-def diag_blocks(x):
-    """``x`` on and below the diagonal of its 16x16 diagonal blocks, 0 elsewhere (what
-    :func:`diag_block_inverse` returns of its substitution's buffer)."""
-    return jnp.where(same_block(BLOCK) & (iota((C, C), 0) >= iota((C, C), 1)), x, 0.0)
+    return jnp.where(blk & (iota((C, C), 0) >= iota((C, C), 1)), x, 0.0)
 
 
 def merge_chain(x0, a_lower, buf_a, buf_b, dtype, same=None):
@@ -340,55 +323,21 @@ def merge_chain(x0, a_lower, buf_a, buf_b, dtype, same=None):
     rounded to ``dtype`` as in :func:`merge`. ``buf_a``, ``buf_b``: [64, 64] 16-bit swizzled tiles.
     ``same``: every product selected by it (the NaN isolation of the module docstring).
     """
-    return merge_chains([(x0, a_lower, buf_a, buf_b)], dtype, same)[0]
-
-
-def stage_negated(x0, a_lower, buf_a, buf_b, dtype) -> None:
-    """Store ``-X0`` into ``buf_a`` and ``-Ao`` (``A``'s strictly block-lower part) into ``buf_b``, both in
-    ``dtype``: the operands :func:`merge_chains` reads for several items (the caller commits)."""
-    buf_a[...] = -x0.astype(dtype)
-    buf_b[...] = -block_lower(a_lower, dtype)
-
-
-def merge_chains(items, dtype, same=None):
-    """:func:`merge_chain` of several independent inverses at once, their three product groups each
-    issued for every item before its one wait, so two v heads pay the chain's latency once (the intra
-    kernel's ``head_loop="pair"``). ``items``: ``(x0, a_lower, buf_a, buf_b)`` each, their own tiles.
-
-    One item: :func:`merge_chain`'s operations and bits. Several: two ``X0`` and four accumulators
-    would not fit the registers, so every operand is read from SMEM, staged before the call by
-    :func:`stage_negated` (``a_lower`` is then unused): ``M = (-Ao)(-X0)`` (the same ``M``), and
-    ``Z = X0 + (-X0) M`` accumulated onto ``X0`` by the tensor cores (rounded differently from
-    ``X0 - X0 M``; ``M^2`` and the last product as in :func:`merge_chain`)."""
+    r, c = iota((C, C), 0), iota((C, C), 1)
     keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
-    staged = len(items) > 1
-    if not staged:
-        (x0, a_lower, buf_a, _), = items
-        ao, x16 = [block_lower(a_lower, dtype)], [x0.astype(dtype)]
-        buf_a[...] = x16[0]
-        firsts = [ao[0]]
-    else:
-        firsts = [it[3] for it in items]  # -Ao
+    ao = jnp.where((r // BLOCK) > (c // BLOCK), a_lower, 0.0).astype(dtype)
+    x16 = x0.astype(dtype)
+    buf_a[...] = x16
     plgpu.commit_smem()
-    ms = products(*(((C, C), None, ((a, it[2]),)) for a, it in zip(firsts, items)))  # M = Ao X0
-    m16 = []
-    for m, (_, _, _, buf_b) in zip(ms, items):
-        m16.append(keep(m).astype(dtype))
-        buf_b[...] = m16[-1]
+    m = keep(mm(ao, buf_a, (C, C)))  # M = Ao X0
+    m16 = m.astype(dtype)
+    buf_b[...] = m16
     plgpu.commit_smem()
-    if not staged:  # M^2, X0 M
-        both = products(((C, C), None, ((m16[0], items[0][3]),)), ((C, C), None, ((x16[0], items[0][3]),)))
-    else:  # M^2, Z = X0 + (-X0) M
-        both = products(*(acc for m, it in zip(m16, items)
-                          for acc in (((C, C), None, ((m, it[3]),)), ((C, C), it[0], ((it[2], it[3]),)))))
-    zs = []
-    for i, (x0, _, buf_a, _) in enumerate(items):
-        m2, xm = both[2 * i], both[2 * i + 1]
-        zs.append(keep(xm) if staged else keep(x0 - keep(xm)))  # X0 (I - M)
-        buf_a[...] = keep(m2).astype(dtype)  # buf_a's X0 was read by the first group, which was waited for
+    m2, xm = products(((C, C), None, ((m16, buf_b),)), ((C, C), None, ((x16, buf_b),)))
+    z = keep(x0 - keep(xm))  # X0 (I - M)
+    buf_a[...] = keep(m2).astype(dtype)  # buf_a's X0 was read by the first product, which was waited for
     plgpu.commit_smem()
-    outs = products(*(((C, C), None, ((z.astype(dtype), it[2]),)) for z, it in zip(zs, items)))
-    return [keep(z + zm) for z, zm in zip(zs, outs)]  # Z (I + M^2)
+    return keep(z + mm(z.astype(dtype), buf_a, (C, C)))  # Z (I + M^2)
 
 
 def block_lower(a_lower, dtype):
