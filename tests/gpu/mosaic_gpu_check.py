@@ -522,7 +522,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
-    # s23: the intra kernel's v heads two at a time, each merge product group issued for both (slower: k5)
     "t2": dict(intra_tiles=2),
     "t8": dict(intra_tiles=8),
     "wide_r96": dict(chunk_variant="wide", regs=(96, 208)),

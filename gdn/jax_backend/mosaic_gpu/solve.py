@@ -323,9 +323,8 @@ def merge_chain(x0, a_lower, buf_a, buf_b, dtype, same=None):
     rounded to ``dtype`` as in :func:`merge`. ``buf_a``, ``buf_b``: [64, 64] 16-bit swizzled tiles.
     ``same``: every product selected by it (the NaN isolation of the module docstring).
     """
-    r, c = iota((C, C), 0), iota((C, C), 1)
     keep = (lambda y: y) if same is None else (lambda y: jnp.where(same, y, 0.0))
-    ao = jnp.where((r // BLOCK) > (c // BLOCK), a_lower, 0.0).astype(dtype)
+    ao = block_lower(a_lower, dtype)
     x16 = x0.astype(dtype)
     buf_a[...] = x16
     plgpu.commit_smem()
