@@ -1083,6 +1083,7 @@ def main():
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
+    ap.add_argument("--ablate-lens", default="8192,8192,8192,8192", help="ablate: the sequence lengths")
     ap.add_argument("--loop-shapes", default="128x256,mix", help="loops: the shapes")
     ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
                     help="loops: names of LOOP_VARIANTS (the first is the bitwise reference)")
@@ -1106,7 +1107,7 @@ def main():
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
-                "ablate": (sec_ablate, ()), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
+                "ablate": (sec_ablate, (lens(a.ablate_lens),)), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
