@@ -128,6 +128,7 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
                 "fused_wide_mma": dict(variant="fused_wide_mma"),
                 "narrow": dict(chunk_variant="default"),
+                "narrow_w": dict(chunk_variant="default", loop_w_ahead=True),
                 "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
                 "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
                 "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
