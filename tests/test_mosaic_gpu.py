@@ -681,17 +681,21 @@ def test_intra_kernel_computes_the_qk_norms(hv, tiles):
         D.prepare(a.q, a.k, a.v, a.g, a.beta, p.to_jax(), None, True, qk_norms="host")
 
 
+def _tiny_prefill_args(t: int = 70, hv: int = 2):
+    """Validated zero arguments of one t-token sequence (H = 1, K = V = 64): for option errors."""
+    import jax.numpy as jnp
+    from gdn import api, plan as make_plan
+    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
+    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
+    return api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, 64), g, b, plan=make_plan([0, t], num_tokens=t),
+                        backend="jax")[1]
+
+
 def test_loop_out_store_is_checked_by_name():
     """A misspelled ``loop_out_store`` and one the wide loop's plain order cannot take are refused by
     name before anything compiles."""
-    import jax.numpy as jnp
-    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
-    t, hv = 70, 2
-    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
-    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
-    _, a = api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, 64), g, b, plan=make_plan([0, t], num_tokens=t),
-                        backend="jax")
+    a = _tiny_prefill_args()
     with pytest.raises(ValueError, match="loop_out_store"):
         D.prefill_arrays(a, interpret=True, loop_out_store="smem")
     with pytest.raises(ValueError, match="loop_out_store='warp' runs with loop_overlap"):
@@ -702,21 +706,17 @@ def test_loop_w_ahead_is_checked_by_name():
     """loop_w_ahead must be a bool, and is the narrow loop's with loop_lean: refused by name otherwise,
     before anything compiles (chunk_loop itself refuses w_ahead without lean)."""
     import jax.numpy as jnp
-    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
     from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
     t, hv = 70, 2
-    z = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
-    g, b = jnp.zeros((1, t, hv), jnp.float32), jnp.ones((1, t, hv), jnp.float32)
-    _, a = api.validate(z(1, t, 1, 64), z(1, t, 1, 64), z(1, t, hv, 64), g, b, plan=make_plan([0, t], num_tokens=t),
-                        backend="jax")
+    a = _tiny_prefill_args(t, hv)
     with pytest.raises(TypeError, match="loop_w_ahead must be a bool"):
         D.prefill_arrays(a, interpret=True, chunk_variant="default", loop_w_ahead="yes")
     with pytest.raises(ValueError, match="loop_w_ahead is the narrow loop's"):
         D.prefill_arrays(a, interpret=True, chunk_variant="wide", loop_w_ahead=True)
     with pytest.raises(ValueError, match="loop_w_ahead is the narrow loop's"):
         D.prefill_arrays(a, interpret=True, chunk_variant="default", loop_lean=False, loop_w_ahead=True)
-    k3, v3 = z(72, 1, 64), z(72, hv, 64)
+    k3, v3 = jnp.zeros((72, 1, 64), jnp.bfloat16), jnp.zeros((72, hv, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="w_ahead needs lean=True"):
         chunk_loop(k3, k3, v3, jnp.zeros((hv, 128, 64), jnp.bfloat16), jnp.zeros((hv, 128), jnp.float32),
                    jnp.asarray([0, t, t], jnp.int32), None, scale=0.125, group=2, n_out=None, t_valid=t,
