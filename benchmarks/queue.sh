@@ -58,9 +58,8 @@
 #    commit 84517f4 has it)
 #   (g1 / g2, s24: the wide loop's state warpgroups issuing their products in turns, loop_order "pingpong" /
 #    "pingpong12", ran on an H100 and measured within noise; removed, commit 297743c has them: mosaic_notes s24)
-#   bash benchmarks/queue.sh nw1    # s25: the narrow loop with -W formed a tile ahead (loop_w_ahead): the loop alone
-#                                   # at 1x32768 and HV = 16 against the default and its 2-stage control, NaN
-#                                   # isolation compiled, whole prefills at 1x32768 with FLA
+#   (nw1, s25: the narrow loop with -W formed a tile ahead, loop_w_ahead, ran on an H100: 1.95x slower at
+#    1x32768; removed, commit 247619f has it and its check section: mosaic_notes session 25)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -119,9 +118,6 @@ case $call in
         GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32
       GDN_BUDGET_S=70 GDN_BENCH_IMPLS="jax:mosaic_gpu jax:mosaic_gpu:split" OUT=$OUT/v1s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 16/16 ;;
-  nw1) timeout -s INT 150 $M --only narrow --tag nw1n --narrow-shapes 1x32768,4x8192_HV16
-      timeout -s INT 60 $M --only nan --tag nw1nan --nan-names narrow_w
-      timeout -s INT 110 $M --only time --tag nw1t --shapes 1x32768 --variants default,narrow_w --fla-shapes 1x32768 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
         --json "$OUT/l1.json" ;;

@@ -175,8 +175,7 @@ def sec_nan(names=()):
     bits). ``names``: only these checks (default: all)."""
     tmg = _test_module()
     out = {}
-    for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_plain", 128), ("narrow_plain", 128),
-                        ("narrow_w", 128)):  # s25: -W formed a tile ahead by the output warpgroup
+    for variant, dv in (("", 64), ("narrow", 128), ("wide", 128), ("wide_plain", 128), ("narrow_plain", 128)):
         name = variant or "default"
         if names and name not in names:
             continue
@@ -591,7 +590,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "overlap": dict(loop_overlap=True),  # off-chain work in the products' shadows (on by default for the narrow loop, s12)
     "wide_overlap": dict(chunk_variant="wide", loop_overlap=True),
     "narrow_overlap": dict(chunk_variant="default", loop_overlap=True),
-    "narrow_w": dict(chunk_variant="default", loop_w_ahead=True),  # s25: -W a tile ahead by the output warpgroup
     # s17 (slower, m1): the wide loop's output store issued in the next tile's shadow (o staged in SMEM)
     "wide_store": dict(chunk_variant="wide", loop_overlap="store"),
     "store": dict(loop_overlap="store"),  # the same where the pick is the wide loop, else "auto"
@@ -854,43 +852,6 @@ def sec_loops(shapes=("128x256", "mix"), names=("one_per_item", "order", "table"
     RESULTS.setdefault("loops", {}).update(out)
 
 
-@section("narrow")
-def sec_narrow(shapes=("1x32768",), rounds=5):
-    """The narrow chunk loop alone (what few, long sequences run), interleaved: the default (3 ring stages at
-    K = V = 128), the default at 2 stages (``w_ahead``'s ring depth) and ``w_ahead`` (s25: the state chain in
-    two dependent product groups, WG1 forming -W a tile ahead). ``w_ahead`` rounds W instead of
-    ``V - diag(e) K S``: its outputs are compared with the default's by relative rms, not bits."""
-    import jax
-    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
-    variants = {"default": {}, "stages2": dict(stages=2), "w_ahead": dict(w_ahead=True)}
-    out = {}
-    for label in shapes:
-        lens, h, hv = next((s[1], s[2], s[3]) for s in SHAPES + NAMED_SHAPES if s[0] == label)
-        x = _kernel_inputs(lens, h, hv)
-        args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
-        fns = {name: jax.jit(lambda q, k, v, ag, gc, cu, h0, kw=kw: chunk_loop(
-            q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=hv // h, n_out=x["n"], t_valid=x["t"], overlap=True,
-            **kw))
-            for name, kw in variants.items()}
-        ref = [np.asarray(a, np.float64) for a in jax.block_until_ready(fns["default"](*args))]
-        diff = {}
-        for name, fn in fns.items():
-            try:
-                got = [np.asarray(a, np.float64) for a in jax.block_until_ready(fn(*args))]
-                diff[name] = [float(np.sqrt(np.mean((g - r) ** 2)) / np.sqrt(np.mean(r ** 2))) for g, r in zip(got, ref)]
-            except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-                diff[name] = f"{type(e).__name__}: {str(e)[:300]}"
-                log(name, diff[name])
-        fns = {n: f for n, f in fns.items() if isinstance(diff[n], list)}
-        ts = _interleaved(fns, args, rounds)
-        out[label] = dict(rel_rms_vs_default=diff, ms={n: t[0] for n, t in ts.items()}, best={n: t[1] for n, t in ts.items()})
-        log(label, out[label])
-        TABLE.append(f"narrow loop alone {label} (median of {rounds}): " + ", ".join(
-            f"{n} {t[0]:.3f}" for n, t in ts.items()) + "; rel rms vs default (o, final): " + ", ".join(
-            f"{n} {d}" for n, d in diff.items() if n != "default"))
-    RESULTS.setdefault("narrow", {}).update(out)
-
-
 @section("ablate")
 def sec_ablate(lens=(8192,) * 4, rounds=5):
     """The wide chunk loop alone at ``lens``, whole and with each diagnostic ablation
@@ -1122,7 +1083,6 @@ def main():
     ap.add_argument("--ptxas-lens", default="256,256", help="sequence lengths of the ptxas compile")
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
-    ap.add_argument("--narrow-shapes", default="1x32768", help="narrow: the shapes (SHAPES labels)")
     ap.add_argument("--ablate-lens", default="8192,8192,8192,8192", help="ablate: the sequence lengths")
     ap.add_argument("--loop-shapes", default="128x256,mix", help="loops: the shapes")
     ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
@@ -1147,8 +1107,7 @@ def main():
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
-                "ablate": (sec_ablate, (lens(a.ablate_lens),)),
-                "narrow": (sec_narrow, (a.narrow_shapes.split(","),)), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
+                "ablate": (sec_ablate, (lens(a.ablate_lens),)), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),

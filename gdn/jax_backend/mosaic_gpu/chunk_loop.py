@@ -40,26 +40,23 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
                      finish_together, has_row_scales, interpret_params, iota, k_scaled, load_state, masked_decay,
-                     masked_exp, mm, produce, products, qk_scaled, rows, seq_tiles, store_rows, store_state, tile,
+                     masked_exp, mm, produce, qk_scaled, rows, seq_tiles, store_rows, store_state, tile,
                      tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
 
-def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
-               w_ahead: bool = False) -> int:
+def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
     per_stage = (2 * C * dk + C * bv + C * C) * itemsize + (3 + 2 * l2) * C * 4
     fixed = max(2 * bv * dk * itemsize, dk * bv * 4) + 2 * C * bv * itemsize + 3 * C * bv * out_itemsize
-    fixed += 2 * C * dk * itemsize if w_ahead else 0  # -W of two tiles
     return stages * per_stage + fixed
 
 
-def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int, l2: bool = False, w_ahead: bool = False) -> int:
+def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int, l2: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, bv, itemsize, out_itemsize, stages, l2, w_ahead) <= SMEM_BUDGET:
+        if smem_bytes(dk, bv, itemsize, out_itemsize, stages, l2) <= SMEM_BUDGET:
             return stages
-    raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2, l2, w_ahead)} "
-                              "bytes of SMEM")
+    raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
 
 
 def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=None, shadows=None):
@@ -140,8 +137,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               direct_io: bool = False, overlap: bool = False, w_ahead: bool = False, lrq=None, lrk=None,
-               interpret=None):
+               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -173,14 +169,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
-    ``w_ahead`` (opt-in, needs ``lean``; issue 6): the state chain in two dependent product groups a
-    tile instead of three. WG1 forms ``-W = -(Ag diag(mask exp(gc)) K)`` ([64, K], the input dtype)
-    one tile ahead into one of two SMEM buffers (after zeroing the boundary tile's k, v and Ag rows
-    of other sequences, which WG0 does otherwise), and WG0 issues ``Vnew^T = V^T Ag^T + Sl (-W)^T``
-    as one group, then the update. Meant for few, long sequences, where the loop's CTAs leave SMs
-    idle and each tile's time is the chain's latency (1x32768: 64 CTAs, ~1.5 us a tile, ~0.35 us of
-    it tensor work). Rounds ``W`` instead of ``V - diag(e) K S`` to the input dtype. The two
-    buffers cost a ring stage at K = V = 128 (3 -> 2); ``overlap`` does not apply.
     """
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     check_token_rows("q", t_rows)
@@ -191,11 +179,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
-    if w_ahead and not lean:
-        raise ValueError("w_ahead needs lean=True (W's rows of other tokens are zero only with the zeroed "
-                         "v, k and Ag rows of lean)")
     if stages is None:
-        stages = pick_stages(dk, bv, isz, osz, l2, w_ahead)
+        stages = pick_stages(dk, bv, isz, osz, l2)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -229,13 +214,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     )
     if l2:  # q's row scales for WG1 (row view), k's for both (column view, read only)
         scratch.update(lq_rows=vecs, lk_cols=vecs)
-    if w_ahead:  # -W of tiles i and i + 1 (buffer i % 2), made by WG1, read by WG0
-        scratch.update(w_s=tile((2, C, dk), dtype), w_ready=plgpu.Barrier(num_barriers=2),
-                       w_free=plgpu.Barrier(num_barriers=2))
 
     def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, pub, vn_pub, o_out, o_part,
-             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None, w_s=None, w_ready=None,
-             w_free=None):
+             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None):
         s_pub, st_s = pub
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
@@ -304,9 +285,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     def _():  # WG1 is done with the tiles published two steps ago
                         plgpu.barrier_wait(s_free.at[half])
 
-                if w_ahead:
-                    return w_step(i, s_t, slot, half, lo, hi)
-
                 # A boundary tile (at most two per sequence): the update Vnew^T K below contracts k's
                 # token rows, so rows of other sequences must be 0 in k itself (a 0 in Vnew^T does not
                 # remove a NaN row of k). One load / select / store of the SMEM tile, done here and not
@@ -335,41 +313,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 s_new = state_step(s_t, s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, g_last, valid,
                                    lean, dtype, overlap=overlap, before=publish_s, between=publish_vn,
                                    lk=plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
-                plgpu.barrier_arrive(in_free.at[slot])
-                return s_new
-
-            def w_step(i, s_t, slot, half, lo, hi):
-                """``w_ahead``'s tile: WG1 zeroed the boundary tile's foreign rows and formed -W."""
-                s_lo = s_t.astype(dtype)
-                valid = (tvec >= lo) & (tvec < hi)
-                g_vec = plgpu.load(gc_state.at[slot], layout=COLS)
-                g_last = gc_state[slot, hi - 1]
-                g_d = k_scaled(g_vec, plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)[1]
-                with jax.named_scope("s_wait_w"):
-                    plgpu.barrier_wait(w_ready.at[half])
-
-                def publish_s():
-                    s_pub.at[half][...] = s_lo
-
-                # the state's decay before the products: in their shadow ptxas waits for them anyway
-                # (C7517: the fp32 state was defined by the last tile's update, a GMMA)
-                s_dec = s_t * jnp.exp(g_last)
-                with jax.named_scope("s_vnew"):  # Vnew^T = V^T Ag^T + Sl (-W)^T: one group, one wait
-                    (vn_t,), (f_vec, _) = products(
-                        ((bv, C), None, [(v_s.at[slot].T, a_s.at[slot].T), (s_lo, w_s.at[half].T)]),
-                        during=lambda: (masked_exp(valid, g_last - g_d), publish_s()))
-                    plgpu.barrier_arrive(w_free.at[half])  # -W(i) read: WG1 may form -W(i + 2) there
-                factors = (s_dec, f_vec)
-
-                def publish_vn():
-                    with jax.named_scope("s_publish"):
-                        vn_pub.at[half].T[...] = vn_t.astype(dtype)
-                        plgpu.commit_smem()
-                        plgpu.barrier_arrive(s_ready.at[half])
-
-                with jax.named_scope("s_update"):
-                    s_new = state_update_t(s_t, vn_t, k_s.at[slot], g_d, g_last, valid, dtype, factors=factors,
-                                           during=publish_vn)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
 
@@ -414,44 +357,12 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, bv)], lo,
                                jnp.minimum(hi, t_valid - t0))
 
-            def form_w(i):
-                """``w_ahead``: tile ``i``'s data, its foreign rows zeroed (boundary tile), then
-                ``-W = -(Ag diag(mask exp(gc)) K)`` into buffer ``i % 2`` once WG0 read tile ``i - 2``'s."""
-                slot, half = lax.rem(i, stages), lax.rem(i, 2)
-                _, _, lo, hi = rows_of(i)
-                with jax.named_scope("o_wait"):
-                    plgpu.barrier_wait(in_bar.at[slot])
-
-                @pl.when((lo > 0) | (hi < C))
-                def _():  # every product of this tile contracts these rows (see WG0's boundary case)
-                    for ref in (k_s, v_s, a_s):
-                        zero_rows_outside(ref.at[slot], lo, hi)
-
-                with jax.named_scope("o_w"):
-                    cvec = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COLS)
-                    g_x = k_scaled(plgpu.load(gc_cols.at[slot], layout=COLS),
-                                   plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)[0]
-                    e_c = masked_exp((cvec >= lo) & (cvec < hi), g_x)
-                    ag_e = (plgpu.load(a_s.at[slot], layout=WG).astype(F32) * cols(e_c, sq)).astype(dtype)
-                    pl.when(i >= 2)(lambda: plgpu.barrier_wait(w_free.at[half]))
-                    for part in range(dk // C):  # [64, 64] accumulators
-                        ks = pl.ds(part * C, C)
-                        w_s.at[half, :, ks][...] = (-mm(ag_e, k_s.at[slot, :, ks], sq)).astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(w_ready.at[half])
-
-            if w_ahead:
-                pl.when(nt > 0)(lambda: form_w(0))
-
             def step(i, carry):
                 slot = lax.rem(i, stages)
                 half = lax.rem(i, 2)
                 t0, tok, lo, hi = rows_of(i)
-                if w_ahead:  # the next tile's -W first: WG0's next step waits for it, this tile's o does not
-                    pl.when(i + 1 < nt)(lambda: form_w(i + 1))
-                else:
-                    with jax.named_scope("o_wait"):
-                        plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("o_wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
                 g_r = plgpu.load(gc_rows.at[slot], layout=ROWS)
                 if lean:  # o's scale folded into both row exponents: exp(gc_r + ln scale)
                     g_r = g_r + math.log(scale)
@@ -461,8 +372,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
                 # read k_s only after it (no SMEM race; P loses its overlap with WG0 there only).
                 # The select keeps P's NaN columns (k of another sequence) out either way.
-                # (with w_ahead this warpgroup zeroed them itself, in form_w: no early wait)
-                partial = jnp.logical_and((lo > 0) | (hi < C), not w_ahead)
+                partial = (lo > 0) | (hi < C)
                 pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 with jax.named_scope("o_p"):
                     p = mm(q_s.at[slot], k_s.at[slot].T, sq)
@@ -480,10 +390,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 return carry
 
             lax.fori_loop(0, nt, step, None)
-            if w_ahead:  # WG0's releases of the last two -W buffers, which no form_w waited for
-                @pl.loop(jnp.maximum(nt - 2, 0), nt)
-                def _drain_w(i):
-                    plgpu.barrier_wait(w_free.at[lax.rem(i, 2)])
 
             # the tail row: zeros for the tokens past the last sequence, up to t_valid
             @pl.when(jnp.logical_not(is_seq))
