@@ -60,6 +60,8 @@
 #    "pingpong12", ran on an H100 and measured within noise; removed, commit 297743c has them: mosaic_notes s24)
 #   (nw1, s25: the narrow loop with -W formed a tile ahead, loop_w_ahead, ran on an H100: 1.95x slower at
 #    1x32768; removed, commit 247619f has it and its check section: mosaic_notes session 25)
+#   bash benchmarks/queue.sh ab1    # s25, UNTIMED: the narrow loop's ablations at 1x32768 (which piece of its chain, or
+#                                   # the output warpgroup, sets ~1.55 us a tile), then the stream probe's control edge
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -118,6 +120,9 @@ case $call in
         GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 4x8192" bash benchmarks/h200.sh bench 16/32
       GDN_BUDGET_S=70 GDN_BENCH_IMPLS="jax:mosaic_gpu jax:mosaic_gpu:split" OUT=$OUT/v1s \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 16/16 ;;
+  ab1) timeout -s INT 200 $M --only ablate --tag ab1 --ablate-loop narrow --ablate-lens 32768
+      timeout -s INT 120 python3 benchmarks/stream_probe.py --out $OUT/ab1s \
+        --only "loop,intra_all,loop+intra_all,ctrl:loop_o_stream1+intra_all" ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
         --json "$OUT/l1.json" ;;

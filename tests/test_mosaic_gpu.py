@@ -994,6 +994,25 @@ def test_wide_loop_ablations_cross_lower(ablate):
         _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
 
 
+@pytest.mark.parametrize("ablate", ["xw", "w", "update", "publish", "out", "store"])
+def test_narrow_loop_ablations_cross_lower(ablate):
+    """The narrow loop's diagnostic ablations (chunk_loop._ablate, session 25, timed by
+    tests/gpu/mosaic_gpu_check.py --only ablate --ablate-loop narrow) lower for an H200; an unknown
+    name is refused."""
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import ABLATIONS, chunk_loop
+
+    assert ablate in ABLATIONS
+    t, shapes = _LOOP_T, _loop_arg_shapes()
+
+    def fn(q, k, v, ag, gc, cu, ablate=frozenset({ablate})):
+        return chunk_loop(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, overlap=True,
+                          _ablate=ablate)
+
+    assert "gdn_chunk_loop" in _lower_for_cuda(fn, *shapes).as_text()
+    with pytest.raises(ValueError, match="_ablate"):
+        _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
+
+
 def _mosaic_module_texts(fn, *shapes) -> list[str]:
     """The Mosaic GPU modules (MLIR text, before serialization into the custom call) of ``fn``
     lowered for an H200; hooks jax 0.11.2's private ``_run_serde_pass`` (pinned)."""

@@ -853,26 +853,34 @@ def sec_loops(shapes=("128x256", "mix"), names=("one_per_item", "order", "table"
 
 
 @section("ablate")
-def sec_ablate(lens=(8192,) * 4, rounds=5):
-    """The wide chunk loop alone at ``lens``, whole and with each diagnostic ablation
-    (chunk_loop_wide.ABLATIONS: WRONG results, the time of what is left), interleaved: what each
-    piece of a tile costs on the critical path."""
+def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
+    """The chunk loop ``loop`` ("wide", or "narrow": what few long sequences run) alone at ``lens``, whole
+    and with each diagnostic ablation (the loop module's ABLATIONS: WRONG results, the time of what is
+    left), interleaved: what each piece of a tile costs on the critical path. The narrow loop's state-chain
+    ablations run without ``overlap`` (its default): "plain" is that reference."""
     import jax
-    from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide
+    if loop == "wide":
+        from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide as fn
+        extra = {}
+    else:
+        from gdn.jax_backend.mosaic_gpu.chunk_loop import ABLATIONS, chunk_loop as fn
+        extra = dict(overlap=True)
     x = _kernel_inputs(list(lens), 16, 32)
     fns = {}
-    for name in ("none",) + ABLATIONS:
-        ab = frozenset() if name == "none" else frozenset({name})
-        fns[name] = jax.jit(lambda q, k, v, ag, gc, cu, h0, ab=ab: chunk_loop_wide(
-            q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=len(lens), t_valid=x["t"], _ablate=ab))
+    names = ("none",) + (("plain",) if loop != "wide" else ()) + ABLATIONS
+    for name in names:
+        ab = frozenset() if name in ("none", "plain") else frozenset({name})
+        kw = dict(extra, overlap=False) if name == "plain" else extra
+        fns[name] = jax.jit(lambda q, k, v, ag, gc, cu, h0, ab=ab, kw=kw: fn(
+            q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=len(lens), t_valid=x["t"], _ablate=ab, **kw))
     args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])
     res = {}
     for name, (med, best) in _interleaved(fns, args, rounds).items():
         res[name] = dict(median=med, best=best)
-    RESULTS["ablate"] = res
+    RESULTS["ablate" if loop == "wide" else "ablate_" + loop] = res
     log(res)
     base = res["none"]["median"]
-    TABLE.append(f"ablate wide loop alone {len(lens)}x{lens[0]}: whole {base:.3f} ms; without " + ", ".join(
+    TABLE.append(f"ablate {loop} loop alone {len(lens)}x{lens[0]}: whole {base:.3f} ms; without " + ", ".join(
         f"{n} {r['median']:.3f} ({r['median'] - base:+.3f})" for n, r in res.items() if n != "none"))
 
 
@@ -1084,6 +1092,7 @@ def main():
     ap.add_argument("--dump", action="store_true", help="ptxas: also bring back each kernel's PTX (gzipped)")
     ap.add_argument("--profile-lens", default="2048,2048,2048,2048")
     ap.add_argument("--ablate-lens", default="8192,8192,8192,8192", help="ablate: the sequence lengths")
+    ap.add_argument("--ablate-loop", default="wide", choices=("wide", "narrow"), help="ablate: which chunk loop")
     ap.add_argument("--loop-shapes", default="128x256,mix", help="loops: the shapes")
     ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
                     help="loops: names of LOOP_VARIANTS (the first is the bitwise reference)")
@@ -1107,7 +1116,7 @@ def main():
                 "time": (sec_time, (shapes, variants, set(a.fla_shapes.split(",")))),
                 "intra_cmp": (sec_intra_cmp, ([n for n in a.intra_cmp.split(",") if n],)), "nan": (sec_nan, ([n for n in a.nan_names.split(",") if n],)),
                 "ptxas": (sec_ptxas, (a.out, variants, lens(a.ptxas_lens), a.dump)),
-                "ablate": (sec_ablate, (lens(a.ablate_lens),)), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
+                "ablate": (sec_ablate, (lens(a.ablate_lens), 5, a.ablate_loop)), "loops": (sec_loops, (a.loop_shapes.split(","), a.loop_variants.split(","))),
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),

@@ -46,6 +46,16 @@ from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
 
 
+#: diagnostics only (``chunk_loop(..., _ablate=...)``): work that can be dropped to time its share on
+#: the state chain or in the output warpgroup; the results are then WRONG. "xw": Vnew = V (no product
+#: with the state before the update); "w": Vnew = W (no ``W^T Ag^T``); "update": no state update
+#: product; "publish": no publication of ``S^T`` / ``Vnew`` to SMEM (the hand-over barrier stays); "out":
+#: the output warpgroup only waits and releases (no P, no output products, no store); "store": no
+#: output store. The WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py
+#: --only ablate --ablate-loop narrow times each.
+ABLATIONS = ("xw", "w", "update", "publish", "out", "store")
+
+
 def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
     per_stage = (2 * C * dk + C * bv + C * C) * itemsize + (3 + 2 * l2) * C * 4
     fixed = max(2 * bv * dk * itemsize, dk * bv * 4) + 2 * C * bv * itemsize + 3 * C * bv * out_itemsize
@@ -137,7 +147,8 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None):
+               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
+               _ablate: frozenset = frozenset()):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -170,6 +181,11 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
     """
+    bad = set(_ablate) - set(ABLATIONS)
+    if bad:
+        raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
+    ab = frozenset(_ablate).__contains__
+    chain_ab = any(ab(n) for n in ("xw", "w", "update", "publish"))
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
     check_token_rows("q", t_rows)
     hv, dv = v.shape[1], v.shape[2]
@@ -310,11 +326,35 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(s_ready.at[half])
 
-                s_new = state_step(s_t, s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, g_last, valid,
-                                   lean, dtype, overlap=overlap, before=publish_s, between=publish_vn,
-                                   lk=plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None)
+                lk = plgpu.load(lk_cols.at[slot], layout=COLS) if l2 else None
+                if chain_ab:
+                    s_new = ablated_step(s_t, s_lo, slot, half, g_vec, g_last, valid, lk, publish_s, publish_vn)
+                else:
+                    s_new = state_step(s_t, s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_vec, g_last, valid,
+                                       lean, dtype, overlap=overlap, before=publish_s, between=publish_vn, lk=lk)
                 plgpu.barrier_arrive(in_free.at[slot])
                 return s_new
+
+            def ablated_step(s_t, s_lo, slot, half, g_vec, g_last, valid, lk, publish_s, publish_vn):
+                """The state chain with the ``_ablate`` pieces dropped (a diagnostic: wrong results)."""
+                g_x, g_d = k_scaled(g_vec, lk)
+                if not ab("publish"):
+                    publish_s()
+                sh = (bv, C)
+                if ab("xw"):
+                    vn_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32)
+                elif ab("w"):
+                    x_t = mm(s_lo, k_s.at[slot].T, sh)
+                    vn_t = plgpu.load(v_s.at[slot].T, layout=WG).astype(F32) - x_t * cols(masked_exp(valid, g_x), sh)
+                else:
+                    vn_t = new_values_t(s_lo, v_s.at[slot], k_s.at[slot], a_s.at[slot], g_x, valid, lean)
+                if ab("publish"):
+                    plgpu.barrier_arrive(s_ready.at[half])
+                else:
+                    publish_vn(vn_t)
+                if ab("update"):
+                    return s_t * jnp.exp(g_last)
+                return state_update_t(s_t, vn_t, k_s.at[slot], g_d, g_last, valid, dtype)
 
             s_t = lax.fori_loop(0, nt, step, s0)
 
@@ -372,6 +412,11 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 # On a boundary tile WG0 zeroes k_s rows of other sequences in place before s_ready:
                 # read k_s only after it (no SMEM race; P loses its overlap with WG0 there only).
                 # The select keeps P's NaN columns (k of another sequence) out either way.
+                if ab("out"):  # a diagnostic: the hand-overs only
+                    plgpu.barrier_wait(s_ready.at[half])
+                    plgpu.barrier_arrive(s_free.at[half])
+                    plgpu.barrier_arrive(in_free.at[slot])
+                    return carry
                 partial = (lo > 0) | (hi < C)
                 pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 with jax.named_scope("o_p"):
@@ -386,7 +431,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.barrier_arrive(in_free.at[slot])
                 with jax.named_scope("o_store"):
                     o_lo = (o if lean else o * scale).astype(out_dtype)
-                    store(o_lo, tok, lo, hi, half, t0)
+                    if not ab("store"):
+                        store(o_lo, tok, lo, hi, half, t0)
                 return carry
 
             lax.fori_loop(0, nt, step, None)
