@@ -1013,6 +1013,36 @@ def test_narrow_loop_ablations_cross_lower(ablate):
         _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
 
 
+def test_narrow_loop_ablations_run_and_drop_work():
+    """Under the interpreter each of the narrow loop's ablations runs to the end (its barriers still
+    pair up: a hand-over left waiting would hang here) and changes the output, so each one does drop
+    the work it names; the default loop's output is the reference."""
+    import jax.numpy as jnp
+
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import ABLATIONS, chunk_loop
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+
+    rng = np.random.default_rng(0)
+    t, hv, d = 192, 2, 64
+    cu = jnp.asarray([0, 130, t, t], jnp.int32)  # a boundary tile, a whole one, the tail row
+    k = jnp.asarray(rng.standard_normal((t, 1, d)) * 0.1, jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((t, hv, d)), jnp.bfloat16)
+    g = jnp.asarray(-rng.random((hv, t)) * 0.1, jnp.float32)
+    seg = jnp.searchsorted(cu[1:], jnp.arange(t), side="right").astype(jnp.int32)
+    ag, gc = intra(k, g, jnp.asarray(rng.random((hv, t)), jnp.float32), seg, group=hv, interpret=True)
+    h0 = jnp.asarray(rng.standard_normal((2, hv, d, d)), jnp.float32)
+
+    def run(ablate=frozenset()):
+        o, f = chunk_loop(k, k, v, ag, gc, cu, h0, scale=0.125, group=hv, n_out=2, t_valid=t, overlap=True,
+                          _ablate=ablate, interpret=True)
+        return np.asarray(o, np.float32), np.asarray(f)
+
+    ref = run()
+    for name in ABLATIONS:
+        o, f = run(frozenset({name}))
+        assert not (np.array_equal(o, ref[0]) and np.array_equal(f, ref[1])), name
+
+
 def _mosaic_module_texts(fn, *shapes) -> list[str]:
     """The Mosaic GPU modules (MLIR text, before serialization into the custom call) of ``fn``
     lowered for an H200; hooks jax 0.11.2's private ``_run_serde_pass`` (pinned)."""
