@@ -61,12 +61,12 @@ def main() -> None:
         f = chunk_loop_wide if wide else chunk_loop
         return f(q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=grp, n_out=n, t_valid=t)
 
+    def on_stream1(fn):  # fn's computation as an async call on XLA's stream 1
+        return compute_on(compute_type="gpu_stream:1", out_memory_spaces=MemorySpace.Device)(fn)
+
     def intra_part(k, g, b, s, stream):
         kk, gg, bb, ss = k[:quarter], g[:, :quarter], b[:, :quarter], s[:quarter]
-        if stream:
-            return compute_on(compute_type="gpu_stream:1", out_memory_spaces=MemorySpace.Device)(run_intra)(
-                kk, gg, bb, ss)
-        return run_intra(kk, gg, bb, ss)
+        return (on_stream1(run_intra) if stream else run_intra)(kk, gg, bb, ss)
 
     args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"], x["g_hm"], x["b_hm"], x["seg"])
 
@@ -74,8 +74,7 @@ def main() -> None:
         # one_out: o only (no final state), so the async call returns one array, not a tuple (a tuple's
         # elements came out through further async calls, and the loop's own call-done sat right after its start)
         body = (lambda *xs: run_loop(*xs, wide)[0]) if one_out else (lambda *xs: run_loop(*xs, wide))
-        return compute_on(compute_type="gpu_stream:1", out_memory_spaces=MemorySpace.Device)(body)(
-            q, k, v, ag, gc, cu, h0)
+        return on_stream1(body)(q, k, v, ag, gc, cu, h0)
 
     def make(loop_on: bool | str, intra_on: str | None, stream: bool, wide: bool = False):
         def f(q, k, v, ag, gc, cu, h0, g, b, s):
