@@ -195,6 +195,7 @@ def sec_nan(names=()):
                              ("persistent_h0smem_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                      loop_schedule="table")),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True)),
+                             ("direct_out_narrow", "narrow", dict(loop_out_store="registers")),  # s26
                              ("update_wide", "wide", dict(loop_overlap="update")),  # s21
                              ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
@@ -857,7 +858,8 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
     """The chunk loop ``loop`` ("wide", or "narrow": what few long sequences run) alone at ``lens``, whole
     and with each diagnostic ablation (the loop module's ABLATIONS: WRONG results, the time of what is
     left), interleaved: what each piece of a tile costs on the critical path. The narrow loop's state-chain
-    ablations run without ``overlap`` (its default): "plain" is that reference."""
+    ablations run without ``overlap`` (its default): "plain" is that reference; "registers" (not an
+    ablation: the same results) is the narrow loop with ``out_store="registers"``."""
     import jax
     if loop == "wide":
         from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide as fn
@@ -867,10 +869,11 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
         extra = dict(overlap=True)
     x = _kernel_inputs(list(lens), 16, 32)
     fns = {}
-    names = ("none",) + (("plain",) if loop != "wide" else ()) + ABLATIONS
+    refs = {"plain": dict(overlap=False), "registers": dict(out_store="registers")} if loop != "wide" else {}
+    names = ("none",) + tuple(refs) + ABLATIONS
     for name in names:
-        ab = frozenset() if name in ("none", "plain") else frozenset({name})
-        kw = dict(extra, overlap=False) if name == "plain" else extra
+        ab = frozenset() if name == "none" or name in refs else frozenset({name})
+        kw = dict(extra, **refs.get(name, {}))
         fns[name] = jax.jit(lambda q, k, v, ag, gc, cu, h0, ab=ab, kw=kw: fn(
             q, k, v, ag, gc, cu, h0, scale=128 ** -0.5, group=2, n_out=len(lens), t_valid=x["t"], _ablate=ab, **kw))
     args = (x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
-from .chunk_loop import chunk_loop
+from .chunk_loop import OUT_STORES as NARROW_OUT_STORES, chunk_loop
 from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
@@ -242,8 +242,9 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
     ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
     item's initial state and how its CTAs look their items up (the default loop has none of them
-    and ignores them); ``halves``: the wide loop's runtime mode table; ``out_store``: the wide loop's
-    (how whole output tiles leave); ``overlap``: either loop's."""
+    and ignores them); ``halves``: the wide loop's runtime mode table; ``out_store``: either loop's
+    (how whole output tiles leave; "warp" is the wide loop's alone, the default loop then stores by
+    TMA); ``overlap``: either loop's."""
     t_valid = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
@@ -253,7 +254,8 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
                                interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
-                      overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
+                      overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret,
+                      out_store=out_store if out_store in NARROW_OUT_STORES else "tma")
 
 
 def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) -> int | None:
@@ -425,7 +427,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     exponentials in the products' shadows;
     ``loop_out_store``: how the wide loop's whole output tiles leave (:func:`chunk_loop_wide.chunk_loop_wide`'s
     ``out_store``): "tma" (the default), "registers" or "warp" (both the same bits and slower on an H100, s22);
-    the last two with ``loop_overlap`` False or "update"; the narrow loop ignores it;
+    the last two with ``loop_overlap`` False or "update"; the narrow loop takes "registers"
+    (:func:`chunk_loop.chunk_loop`'s ``out_store``, with any ``loop_overlap``) and stores by TMA otherwise;
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
     ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts

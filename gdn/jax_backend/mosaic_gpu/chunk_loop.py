@@ -51,9 +51,12 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction
 #: with the state before the update); "w": Vnew = W (no ``W^T Ag^T``); "update": no state update
 #: product; "publish": no publication of ``S^T`` / ``Vnew`` to SMEM (the hand-over barrier stays); "out":
 #: the output warpgroup only waits and releases (no P, no output products, no store); "store": no
-#: output store. The WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py
-#: --only ablate --ablate-loop narrow times each.
-ABLATIONS = ("xw", "w", "update", "publish", "out", "store")
+#: output store; "store_tma": a whole tile staged in SMEM and fenced, but no TMA store and no wait for
+#: an earlier one; "store_wait": no wait for the earlier TMA store's read (a race: a diagnostic). The
+#: WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py --only ablate
+#: --ablate-loop narrow times each.
+ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait")
+OUT_STORES = ("tma", "registers")  # how a whole output tile leaves (``out_store``)
 
 
 def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
@@ -148,7 +151,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
-               _ablate: frozenset = frozenset()):
+               out_store: str = "tma", _ablate: frozenset = frozenset()):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -180,7 +183,14 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
+    ``out_store`` (UNTIMED): how a whole output tile leaves the output warpgroup: "tma" (the
+    default: staged in SMEM, fenced, one TMA store, after a wait for the read of the store two tiles
+    back) or "registers" (the fragments straight to global memory, 4-byte stores, no SMEM, fence,
+    barrier or wait; a quad writes 16 contiguous bytes of a token row). A tile shared with another
+    sequence or past ``t_valid`` keeps the SMEM path and its row stores either way.
     """
+    if out_store not in OUT_STORES:
+        raise ValueError(f"out_store must be one of {OUT_STORES}, got {out_store!r}")
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
@@ -384,10 +394,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
                 @pl.when(full)
                 def _():
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of two tiles ago was sent
+                    dst = o_ref.at[tok, j, pl.ds(v0, bv)]
+                    if out_store == "registers":  # nothing waits for these stores
+                        dst[...] = o_lo
+                        return
+                    if not (ab("store_wait") or ab("store_tma")):
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of two tiles ago was sent
                     o_out.at[half][...] = o_lo
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[tok, j, pl.ds(v0, bv)])
+                    if not ab("store_tma"):
+                        plgpu.copy_smem_to_gmem(o_out.at[half], dst)
 
                 @pl.when(jnp.logical_not(full))
                 def _():
