@@ -66,6 +66,8 @@
 #                                   # out_store="registers" at 1x32768 (loop alone); its NaN isolation compiled;
 #                                   # whole prefills default vs registers at 1x32768 / 1x8192 with FLA; the
 #                                   # in-kernel profile at 1x32768 (narrow loop, 2 stages) with each store
+#   bash benchmarks/queue.sh rg2    # s26: the narrow loop's fold_q (o's products in one group) alone at 1x32768 beside
+#                                   # the ablations; its float64 case compiled; whole prefills default vs fold_q at 1x32768 / 1x8192, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -133,6 +135,10 @@ case $call in
         --fla-shapes 1x32768,1x8192
       timeout -s INT 150 $M --only profile --tag rg1p --profile-lens 32768
       timeout -s INT 150 $M --only profile --tag rg1q --profile-lens 32768 --profile-variant direct_out ;;
+  rg2) timeout -s INT 200 $M --only ablate --tag rg2a --ablate-loop narrow --ablate-lens 32768
+      timeout -s INT 120 $M --only small --tag rg2s --small-names fold_q
+      timeout -s INT 200 $M --only time --tag rg2t --variants default,fold_q --shapes 1x32768,1x8192 \
+        --fla-shapes 1x32768,1x8192 ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
         --json "$OUT/l1.json" ;;

@@ -100,6 +100,12 @@ CASES = [
     ("wide_l2norm_varlen_G2_K128_V128_h0", dict(lens=[100, 0, 1, 63, 65], h=1, hv=2, k=128, v=128, l2norm_qk=False,
                                                 initial_state=True, seed=21), dict(use_qk_l2norm=True),
      "bfloat16", "packed:wide"),
+    # the narrow loop with o's two products in one group (loop_fold_q: Q's rows scaled in registers,
+    # with l2norm's q row scales in the same factor)
+    ("narrow_fold_q_l2norm_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
+                                                            l2norm_qk=False, initial_state=True, pad_tokens=20,
+                                                            seed=24), dict(use_qk_l2norm=True), "bfloat16",
+     "packed:narrow_fold_q"),
     ("narrow_l2norm_varlen_G2_h0", dict(lens=[100, 1, 64, 65], h=1, hv=2, k=64, v=64, l2norm_qk=False,
                                         initial_state=True, seed=22), dict(use_qk_l2norm=True), "bfloat16",
      "packed:narrow"),
@@ -135,6 +141,7 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
                 "scan_kernel": dict(scan="kernel", loop_overlap=True),
                 "narrow_xla_norms": dict(chunk_variant="default", qk_norms="xla"),
+                "narrow_fold_q": dict(chunk_variant="default", loop_fold_q=True),
                 "wide_xla_norms": dict(chunk_variant="wide", qk_norms="xla")}
 
 
@@ -996,7 +1003,7 @@ def test_wide_loop_ablations_cross_lower(ablate):
         _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
 
 
-@pytest.mark.parametrize("ablate", ["xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait"])
+@pytest.mark.parametrize("ablate", ["xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm"])
 def test_narrow_loop_ablations_cross_lower(ablate):
     """The narrow loop's diagnostic ablations (chunk_loop._ablate, session 25, timed by
     tests/gpu/mosaic_gpu_check.py --only ablate --ablate-loop narrow) lower for an H200; an unknown
@@ -1067,6 +1074,19 @@ def test_narrow_loop_registers_store_same_bits(interp_results):
     res = interp_results["registers_bits_narrow"]
     assert "error" not in res, res.get("error")
     assert res["clean_same_bits"] and res["poisoned_same_bits"], res
+
+
+def test_narrow_loop_fold_q_cross_lowers():
+    """fold_q (o's two products in one WGMMA group, Q scaled in registers) lowers for an H200."""
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+
+    t, shapes = _LOOP_T, _loop_arg_shapes()
+
+    def fn(q, k, v, ag, gc, cu):
+        return chunk_loop(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, overlap=True,
+                          fold_q=True)
+
+    assert "gdn_chunk_loop" in _lower_for_cuda(fn, *shapes).as_text()
 
 
 def test_narrow_loop_registers_store_cross_lowers():
