@@ -53,10 +53,12 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction
 #: the output warpgroup only waits and releases (no P, no output products, no store); "store": no
 #: output store; "store_tma": a whole tile staged in SMEM and fenced, but no TMA store and no wait for
 #: an earlier one; "store_wait": no wait for the earlier TMA store's read (a race: a diagnostic); "p":
-#: no ``Q K^T`` product and its decay (P = 0); "o_mm": no ``Q S^T`` / ``P Vnew`` products (o = 0, stored).
+#: no ``Q K^T`` product and its decay (P = 0); "o_mm": no ``Q S^T`` / ``P Vnew`` products (o = P, stored);
+#: "p_half": P computed on odd tiles only, passed through SMEM (``o_part``) and read back on every tile
+#: (what a pair of CTAs sharing each head's P would pay; only where no tile is partial).
 #: The WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py --only ablate
 #: --ablate-loop narrow times each.
-ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm")
+ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm", "p_half")
 OUT_STORES = ("tma", "registers")  # how a whole output tile leaves (``out_store``)
 
 
@@ -203,7 +205,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
-    if "o_mm" in _ablate and bv != C:
+    if ("o_mm" in _ablate or "p_half" in _ablate) and bv != C:
         raise ValueError(f"_ablate: 'o_mm' stores P in o's place and needs bv == {C}, got {bv}")
     ab = frozenset(_ablate).__contains__
     chain_ab = any(ab(n) for n in ("xw", "w", "update", "publish"))
@@ -449,6 +451,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 with jax.named_scope("o_p"):
                     if ab("p"):
                         p_lo = plgpu.layout_cast(jnp.zeros(sq, dtype), WG)
+                    elif ab("p_half"):
+                        @pl.when(lax.rem(i, 2) == 1)
+                        def _():
+                            p = mm(q_s.at[slot], k_s.at[slot].T, sq)
+                            o_part[...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                        plgpu.commit_smem()
+                        p_lo = plgpu.load(o_part, layout=WG)
                     elif overlap and _p_shadow:  # the decay's exponentials while Q K^T computes (same values)
                         p, dec = mm(q_s.at[slot], k_s.at[slot].T, sq,
                                     during=lambda: jnp.exp(rows(g_r, sq) - cols(g_c, sq)))
