@@ -62,12 +62,11 @@
 #    1x32768; removed, commit 247619f has it and its check section: mosaic_notes session 25)
 #   bash benchmarks/queue.sh ab1    # s25, UNTIMED: the narrow loop's ablations at 1x32768 (which piece of its chain, or
 #                                   # the output warpgroup, sets ~1.55 us a tile), then the stream probe's control edge
-#   bash benchmarks/queue.sh rg1    # s26: the narrow loop's store ablations split (store_tma, store_wait) and its
-#                                   # out_store="registers" at 1x32768 (loop alone); its NaN isolation compiled;
-#                                   # whole prefills default vs registers at 1x32768 / 1x8192 with FLA; the
-#                                   # in-kernel profile at 1x32768 (narrow loop, 2 stages) with each store
-#   bash benchmarks/queue.sh rg2    # s26: the narrow loop's fold_q (o's products in one group) alone at 1x32768 beside
-#                                   # the ablations; its float64 case compiled; whole prefills default vs fold_q at 1x32768 / 1x8192, FLA
+#   (rg1-rg6, s26, ran on an H100: the narrow loop's whole output tiles from registers and o's products in
+#    one group, both slower at 1x32768, removed, commit 8bf6841 has them; P on half the tiles: mosaic_notes s26)
+#   bash benchmarks/queue.sh ab2    # s26: the narrow loop's ablations at 1x32768 (store_tma, store_wait, p, o_mm,
+#                                   # p_half among them), then its in-kernel profile at 1x2048 (a longer prompt
+#                                   # overruns the profiler's 256 ranges a warpgroup and fails)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -129,16 +128,8 @@ case $call in
   ab1) timeout -s INT 200 $M --only ablate --tag ab1 --ablate-loop narrow --ablate-lens 32768
       timeout -s INT 120 python3 benchmarks/stream_probe.py --out $OUT/ab1s \
         --only "loop,intra_all,loop+intra_all,ctrl:loop_o_stream1+intra_all" ;;
-  rg1) timeout -s INT 200 $M --only ablate --tag rg1a --ablate-loop narrow --ablate-lens 32768
-      timeout -s INT 100 $M --only nan --tag rg1n --nan-names direct_out_narrow
-      timeout -s INT 200 $M --only time --tag rg1t --variants default,direct_out --shapes 1x32768,1x8192 \
-        --fla-shapes 1x32768,1x8192
-      timeout -s INT 150 $M --only profile --tag rg1p --profile-lens 32768
-      timeout -s INT 150 $M --only profile --tag rg1q --profile-lens 32768 --profile-variant direct_out ;;
-  rg2) timeout -s INT 200 $M --only ablate --tag rg2a --ablate-loop narrow --ablate-lens 32768
-      timeout -s INT 120 $M --only small --tag rg2s --small-names fold_q
-      timeout -s INT 200 $M --only time --tag rg2t --variants default,fold_q --shapes 1x32768,1x8192 \
-        --fla-shapes 1x32768,1x8192 ;;
+  ab2) timeout -s INT 200 $M --only ablate --tag ab2a --ablate-loop narrow --ablate-lens 32768
+      timeout -s INT 150 $M --only profile --tag ab2p --profile-lens 2048 --profile-variant narrow ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
         --json "$OUT/l1.json" ;;

@@ -100,12 +100,6 @@ CASES = [
     ("wide_l2norm_varlen_G2_K128_V128_h0", dict(lens=[100, 0, 1, 63, 65], h=1, hv=2, k=128, v=128, l2norm_qk=False,
                                                 initial_state=True, seed=21), dict(use_qk_l2norm=True),
      "bfloat16", "packed:wide"),
-    # the narrow loop with o's two products in one group (loop_fold_q: Q's rows scaled in registers,
-    # with l2norm's q row scales in the same factor)
-    ("narrow_fold_q_l2norm_varlen_G2_K128_V128_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=128, v=128,
-                                                            l2norm_qk=False, initial_state=True, pad_tokens=20,
-                                                            seed=24), dict(use_qk_l2norm=True), "bfloat16",
-     "packed:narrow_fold_q"),
     ("narrow_l2norm_varlen_G2_h0", dict(lens=[100, 1, 64, 65], h=1, hv=2, k=64, v=64, l2norm_qk=False,
                                         initial_state=True, seed=22), dict(use_qk_l2norm=True), "bfloat16",
      "packed:narrow"),
@@ -141,7 +135,6 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "wide_persist": dict(chunk_variant="wide", loop_ctas=3),
                 "scan_kernel": dict(scan="kernel", loop_overlap=True),
                 "narrow_xla_norms": dict(chunk_variant="default", qk_norms="xla"),
-                "narrow_fold_q": dict(chunk_variant="default", loop_fold_q=True),
                 "wide_xla_norms": dict(chunk_variant="wide", qk_norms="xla")}
 
 
@@ -486,7 +479,6 @@ def _main_interpret_cases(path):
                                                                         loop_schedule="table"))
     _timed(results, "overlap_bits_wide", lambda: _loop_io_bits("wide", loop_overlap=True))
     _timed(results, "overlap_bits_narrow", lambda: _loop_io_bits("narrow", loop_overlap=True))
-    _timed(results, "registers_bits_narrow", lambda: _loop_io_bits("narrow", loop_out_store="registers"))
     # the wide loop's output store issued in the next tile's shadow (loop_overlap="store"); on the
     # persistent grid the staged tile must leave before the tail row's zeros reuse its SMEM
     _timed(results, "store_bits_wide", lambda: _loop_io_bits("wide", loop_overlap="store"))
@@ -1064,45 +1056,6 @@ def test_narrow_loop_ablations_run_and_drop_work(interp_results):
     assert "error" not in res, res.get("error")
     assert set(res) == set(ABLATIONS) | {"seconds"}, res
     assert all(res[name] is (name != "store_wait") for name in ABLATIONS), res
-
-
-def test_narrow_loop_registers_store_same_bits(interp_results):
-    """The narrow loop's out_store="registers" (whole output tiles from the output warpgroup's registers
-    straight to global memory; the others through the SMEM path) against its TMA store: the same bits,
-    outputs and final states, on clean and poisoned inputs (9 sequences in 16 grid rows sharing
-    tiles, an initial state with a NaN in one sequence's)."""
-    res = interp_results["registers_bits_narrow"]
-    assert "error" not in res, res.get("error")
-    assert res["clean_same_bits"] and res["poisoned_same_bits"], res
-
-
-def test_narrow_loop_fold_q_cross_lowers():
-    """fold_q (o's two products in one WGMMA group, Q scaled in registers) lowers for an H200."""
-    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
-
-    t, shapes = _LOOP_T, _loop_arg_shapes()
-
-    def fn(q, k, v, ag, gc, cu):
-        return chunk_loop(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, overlap=True,
-                          fold_q=True)
-
-    assert "gdn_chunk_loop" in _lower_for_cuda(fn, *shapes).as_text()
-
-
-def test_narrow_loop_registers_store_cross_lowers():
-    """out_store="registers" lowers for an H200 (the whole tiles' stores have no SMEM staging); an
-    unknown store is refused by name."""
-    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
-
-    t, shapes = _LOOP_T, _loop_arg_shapes()
-
-    def fn(q, k, v, ag, gc, cu, out_store="registers"):
-        return chunk_loop(q, k, v, ag, gc, cu, None, scale=0.1, group=2, n_out=2, t_valid=t, overlap=True,
-                          out_store=out_store)
-
-    assert "gdn_chunk_loop" in _lower_for_cuda(fn, *shapes).as_text()
-    with pytest.raises(ValueError, match="out_store"):
-        _lower_for_cuda(lambda *a: fn(*a, out_store="warp"), *shapes)
 
 
 def _mosaic_module_texts(fn, *shapes) -> list[str]:

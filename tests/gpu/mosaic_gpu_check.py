@@ -195,7 +195,6 @@ def sec_nan(names=()):
                              ("persistent_h0smem_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                      loop_schedule="table")),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True)),
-                             ("direct_out_narrow", "narrow", dict(loop_out_store="registers")),  # s26
                              ("update_wide", "wide", dict(loop_overlap="update")),  # s21
                              ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
@@ -599,7 +598,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s21: whole output tiles from the state warpgroups' registers straight to global memory
     "direct_out": dict(loop_out_store="registers"),
     "warp_out": dict(loop_out_store="warp"),
-    "fold_q": dict(loop_fold_q=True),  # s26: the narrow loop's o products in one group (Q scaled in registers)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -859,9 +857,7 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
     """The chunk loop ``loop`` ("wide", or "narrow": what few long sequences run) alone at ``lens``, whole
     and with each diagnostic ablation (the loop module's ABLATIONS: WRONG results, the time of what is
     left), interleaved: what each piece of a tile costs on the critical path. The narrow loop's state-chain
-    ablations run without ``overlap`` (its default): "plain" is that reference; "registers" (not an
-    ablation: the same results) is the narrow loop with ``out_store="registers"``, "fold_q" with
-    ``fold_q=True`` (rounding-level differences)."""
+    ablations run without ``overlap`` (its default): "plain" is that reference."""
     import jax
     if loop == "wide":
         from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide as fn
@@ -871,9 +867,7 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
         extra = dict(overlap=True)
     x = _kernel_inputs(list(lens), 16, 32)
     fns = {}
-    refs = ({"plain": dict(overlap=False), "registers": dict(out_store="registers"), "fold_q": dict(fold_q=True),
-             "p_noshadow": dict(_p_shadow=False)}
-            if loop != "wide" else {})
+    refs = {"plain": dict(overlap=False)} if loop != "wide" else {}
     names = ("none",) + tuple(refs) + ABLATIONS
     for name in names:
         ab = frozenset() if name == "none" or name in refs else frozenset({name})

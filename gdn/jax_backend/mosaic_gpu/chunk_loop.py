@@ -40,7 +40,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, ROWS, WG, WGT, check_token_rows, cols, column_select, compiler_params,
                      finish_together, has_row_scales, interpret_params, iota, k_scaled, load_state, masked_decay,
-                     masked_exp, mm, produce, products, qk_scaled, rows, seq_tiles, store_rows, store_state, tile,
+                     masked_exp, mm, produce, qk_scaled, rows, seq_tiles, store_rows, store_state, tile,
                      tracing_for_interpreter, zero_rows_outside)
 
 SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction scratch
@@ -59,7 +59,6 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction
 #: The WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py --only ablate
 #: --ablate-loop narrow times each.
 ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm", "p_half")
-OUT_STORES = ("tma", "registers")  # how a whole output tile leaves (``out_store``)
 
 
 def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
@@ -154,8 +153,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
-               out_store: str = "tma", fold_q: bool = False, _ablate: frozenset = frozenset(),
-               _p_shadow: bool = True):
+               _ablate: frozenset = frozenset()):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -183,30 +181,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     chain's products compute: the publication of ``S^T``, V's load and ``exp(gc)`` during
     ``S^T K^T``; the state's decay and the factor ``exp(gc_last - gc)`` during ``W^T Ag^T``; the
     publication of ``Vnew`` (its store, fence and ``s_ready``) during the state update, where it
-    used to wait in front of it; in the output warpgroup P's decay ``exp(gc_r - gc_c)`` while ``Q K^T``
-    computes (``_p_shadow=False``: not, the loop before session 26). The same products and bits.
+    used to wait in front of it. The same products and bits.
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
-    ``out_store`` (UNTIMED): how a whole output tile leaves the output warpgroup: "tma" (the
-    default: staged in SMEM, fenced, one TMA store, after a wait for the read of the store two tiles
-    back) or "registers" (the fragments straight to global memory, 4-byte stores, no SMEM, fence,
-    barrier or wait; a quad writes 16 contiguous bytes of a token row). A tile shared with another
-    sequence or past ``t_valid`` keeps the SMEM path and its row stores either way (H100, session 26:
-    1.033 ms against 0.798 for the loop alone at 1x32768: slower).
-    ``fold_q`` (UNTIMED, off): the output warpgroup's two products ``Q S^T`` and ``P Vnew`` in ONE
-    WGMMA group: Q's rows scaled by ``exp(gc_r)`` (and the scale, with ``lean``) in registers while
-    the state chain runs, instead of ``o = exp(gc_r) (Q S^T)`` waited for before ``P Vnew`` is issued.
-    One dependent tensor-core round trip less a tile on the output warpgroup, which sets the narrow
-    loop's pace on one long prompt (session 26's ablations); Q is rounded to 16 bits after its scaling.
     """
-    if out_store not in OUT_STORES:
-        raise ValueError(f"out_store must be one of {OUT_STORES}, got {out_store!r}")
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
         raise ValueError(f"_ablate: unknown {sorted(bad)}; known {ABLATIONS}")
     if ("o_mm" in _ablate or "p_half" in _ablate) and bv != C:
-        raise ValueError(f"_ablate: 'o_mm' stores P in o's place and needs bv == {C}, got {bv}")
+        raise ValueError(f"_ablate: 'o_mm' and 'p_half' keep P in o's place and need bv == {C}, got {bv}")
     ab = frozenset(_ablate).__contains__
     chain_ab = any(ab(n) for n in ("xw", "w", "update", "publish"))
     t_rows, _, dk = q.shape  # the caller's tokens: the last tile may run past them (read as zeros)
@@ -408,9 +392,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 @pl.when(full)
                 def _():
                     dst = o_ref.at[tok, j, pl.ds(v0, bv)]
-                    if out_store == "registers":  # nothing waits for these stores
-                        dst[...] = o_lo
-                        return
                     if not (ab("store_wait") or ab("store_tma")):
                         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of two tiles ago was sent
                     o_out.at[half][...] = o_lo
@@ -458,23 +439,14 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                             o_part[...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
                         plgpu.commit_smem()
                         p_lo = plgpu.load(o_part, layout=WG)
-                    elif overlap and _p_shadow:  # the decay's exponentials while Q K^T computes (same values)
-                        p, dec = mm(q_s.at[slot], k_s.at[slot].T, sq,
-                                    during=lambda: jnp.exp(rows(g_r, sq) - cols(g_c, sq)))
-                        p_lo = jnp.where(mask, p * dec, 0.0).astype(dtype)  # the select: see masked_decay
                     else:
                         p = mm(q_s.at[slot], k_s.at[slot].T, sq)
                         p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
-                    if fold_q:  # diag(exp(gc_r)) Q in registers: o's products become one group
-                        q_sc = (plgpu.load(q_s.at[slot], layout=WG).astype(F32)
-                                * rows(jnp.exp(g_r), (C, dk))).astype(dtype)
                 with jax.named_scope("o_wait_s"):
                     pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 with jax.named_scope("o_mm"):
                     if ab("o_mm"):
                         o = p_lo.astype(F32)  # P's product stays live (bv == C)
-                    elif fold_q:
-                        (o,) = products(((C, bv), None, [(q_sc, s_pub.at[half].T), (p_lo, vn_pub.at[half])]))
                     else:
                         o = mm(q_s.at[slot], s_pub.at[half].T, (C, bv))
                         o = mm(p_lo, vn_pub.at[half], (C, bv), init=o * rows(jnp.exp(g_r), (C, bv)))
