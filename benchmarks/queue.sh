@@ -64,8 +64,8 @@
 #                                   # the output warpgroup, sets ~1.55 us a tile), then the stream probe's control edge
 #   (rg1-rg6, s26, ran on an H100: the narrow loop's whole output tiles from registers and o's products in
 #    one group, both slower at 1x32768, removed, commit 8bf6841 has them; P on half the tiles: mosaic_notes s26)
-#   bash benchmarks/queue.sh op1    # s26: the narrow loop with two output warpgroups (loop_out_pair): NaN isolation /
-#                                   # bits compiled, whole prefills at 1x32768 / 1x8192 with FLA, the loop alone
+#   (op1, s26, ran on an H100: the narrow loop with two output warpgroups taking turns, loop_out_pair, the
+#    same bits and slower; removed, commit e477fd9 has it: mosaic_notes session 26)
 #   bash benchmarks/queue.sh ab2    # s26: the narrow loop's ablations at 1x32768 (store_tma, store_wait, p, o_mm,
 #                                   # p_half among them), then its in-kernel profile at 1x2048 (a longer prompt
 #                                   # overruns the profiler's 256 ranges a warpgroup and fails)
@@ -130,10 +130,6 @@ case $call in
   ab1) timeout -s INT 200 $M --only ablate --tag ab1 --ablate-loop narrow --ablate-lens 32768
       timeout -s INT 120 python3 benchmarks/stream_probe.py --out $OUT/ab1s \
         --only "loop,intra_all,loop+intra_all,ctrl:loop_o_stream1+intra_all" ;;
-  op1) timeout -s INT 100 $M --only nan --tag op1n --nan-names out_pair_narrow
-      timeout -s INT 200 $M --only time --tag op1t --variants default,out_pair --shapes 1x32768,1x8192 \
-        --fla-shapes 1x32768,1x8192
-      timeout -s INT 200 $M --only ablate --tag op1a --ablate-loop narrow --ablate-lens 32768 ;;
   ab2) timeout -s INT 200 $M --only ablate --tag ab2a --ablate-loop narrow --ablate-lens 32768
       timeout -s INT 150 $M --only profile --tag ab2p --profile-lens 2048 --profile-variant narrow ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;

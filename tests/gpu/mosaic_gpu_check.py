@@ -196,7 +196,6 @@ def sec_nan(names=()):
                                                                      loop_schedule="table")),
                              ("overlap_narrow", "narrow", dict(loop_overlap=True)),
                              ("update_wide", "wide", dict(loop_overlap="update")),  # s21
-                             ("out_pair_narrow", "narrow", dict(loop_out_pair=True)),  # s26
                              ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                          loop_schedule="table", loop_out_store="registers")),
@@ -599,7 +598,6 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s21: whole output tiles from the state warpgroups' registers straight to global memory
     "direct_out": dict(loop_out_store="registers"),
     "warp_out": dict(loop_out_store="warp"),
-    "out_pair": dict(loop_out_pair=True),  # s26: the narrow loop's two output warpgroups (where it is picked)
 }
 
 SHAPES = [  # (label, lens, H, HV, target ms)
@@ -859,8 +857,7 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
     """The chunk loop ``loop`` ("wide", or "narrow": what few long sequences run) alone at ``lens``, whole
     and with each diagnostic ablation (the loop module's ABLATIONS: WRONG results, the time of what is
     left), interleaved: what each piece of a tile costs on the critical path. The narrow loop's state-chain
-    ablations run without ``overlap`` (its default): "plain" is that reference; "out_pair" (not an
-    ablation: the same bits) the narrow loop with two output warpgroups."""
+    ablations run without ``overlap`` (its default): "plain" is that reference."""
     import jax
     if loop == "wide":
         from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide as fn
@@ -870,7 +867,7 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
         extra = dict(overlap=True)
     x = _kernel_inputs(list(lens), 16, 32)
     fns = {}
-    refs = {"plain": dict(overlap=False), "out_pair": dict(out_pair=True)} if loop != "wide" else {}
+    refs = {"plain": dict(overlap=False)} if loop != "wide" else {}
     names = ("none",) + tuple(refs) + ABLATIONS
     for name in names:
         ab = frozenset() if name == "none" or name in refs else frozenset({name})

@@ -90,8 +90,7 @@ def _sm_count() -> int:
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "loop_out_pair"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -101,8 +100,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
-         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
-         loop_out_pair: bool = False):
+         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma"):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -128,7 +126,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                         stages=stages, regs=regs, lean=loop_lean, bare=loop_bare, direct_io=loop_direct_io,
                         ctas=loop_ctas, prefetch_h0=loop_prefetch, overlap=loop_overlap,
                         schedule=loop_schedule, halves=loop_halves, out_store=loop_out_store,
-                        out_pair=loop_out_pair, interpret=interpret)
+                        interpret=interpret)
     return x.unpad(o), final, None
 
 
@@ -239,13 +237,13 @@ def run_intra(x: Prepared, use_qk_l2norm: bool, **options) -> tuple[Any, Any, Pr
 def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv: int = 64, stages=None,
          regs=None, lean: bool = True, bare: bool = True, direct_io: bool = False, ctas: int | None = None,
          prefetch_h0: bool | str = False, overlap: bool = False, schedule: str = "order", halves=None,
-         out_store: str = "tma", out_pair: bool = False, interpret=None):
+         out_store: str = "tma", interpret=None):
     """The chunk loop ``chunk_variant`` ("wide" or "default") on prepared operands and the intra
     kernel's ``ag``, ``gc``, from ``h0`` -> (o [T_pad, HV, V], final [n_out, HV, K, V] or None);
     ``ctas`` / ``prefetch_h0`` / ``schedule``: the wide loop's persistent grid, its L2 prefetch of each
     item's initial state and how its CTAs look their items up (the default loop has none of them
     and ignores them); ``halves``: the wide loop's runtime mode table; ``out_store``: the wide loop's
-    (how whole output tiles leave); ``overlap``: either loop's; ``out_pair``: the default loop's."""
+    (how whole output tiles leave); ``overlap``: either loop's."""
     t_valid = x.q.shape[0]
     if chunk_variant == "wide":
         return chunk_loop_wide(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
@@ -255,7 +253,7 @@ def loop(x: Prepared, ag, gc, h0, n_out, *, chunk_variant: str, scale: float, bv
                                interpret=interpret)
     return chunk_loop(x.q, x.k, x.v, ag, gc, x.cu, h0, scale=scale, group=x.group, n_out=n_out,
                       t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=bare, direct_io=direct_io,
-                      overlap=overlap, lrq=x.lrq, lrk=x.lrk, out_pair=out_pair, interpret=interpret)
+                      overlap=overlap, lrq=x.lrq, lrk=x.lrk, interpret=interpret)
 
 
 def pick_loop_ctas(num_seqs: int | None, hv: int, chunk_variant: str, sms: int) -> int | None:
@@ -380,7 +378,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
-                   loop_out_store: str = "tma", loop_out_pair: bool = False):
+                   loop_out_store: str = "tma"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
@@ -429,8 +427,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``out_store``): "tma" (the default), "registers" or "warp" (both the same bits and slower on an H100, s22);
     the last two with ``loop_overlap`` False or "update"; the narrow loop ignores it (its whole tiles from
     registers, session 26, measured 1.03-1.08 vs 0.78-0.80 ms alone at 1x32768 on an H100; commit 8bf6841);
-    ``loop_out_pair`` (UNTIMED, off): the narrow loop with two output warpgroups taking turns
-    (:func:`chunk_loop.chunk_loop`'s ``out_pair``; the wide loop ignores it);
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
     ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts
@@ -459,7 +455,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if not (isinstance(loop_prefetch, bool) or loop_prefetch in ("smem", "auto")):
         raise TypeError(f"loop_prefetch must be a bool, 'smem' or 'auto', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_halves", loop_halves), ("loop_out_pair", loop_out_pair)):
+                      ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)
@@ -506,4 +502,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
-                    loop_out_store=loop_out_store, loop_out_pair=loop_out_pair)
+                    loop_out_store=loop_out_store)

@@ -58,9 +58,6 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction
 #: (what a pair of CTAs sharing each head's P would pay; only where no tile is partial).
 #: The WG0 ones run the chain without ``overlap``. tests/gpu/mosaic_gpu_check.py --only ablate
 #: --ablate-loop narrow times each.
-#: ``out_pair``: registers of the state warpgroup and of each output warpgroup (the loads' take 24)
-PAIR_REGS = (224, 128)
-
 ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm", "p_half")
 
 
@@ -156,7 +153,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
-               out_pair: bool = False, _ablate: frozenset = frozenset()):
+               _ablate: frozenset = frozenset()):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -188,12 +185,6 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
-    ``out_pair`` (UNTIMED, off): two output warpgroups, one for the even tiles and one for the odd ones
-    (each owns one half of the publication buffers and, at 2 ring stages, one ring slot: every
-    barrier a warpgroup waits on is one whose every phase it sees), so each has two tiles' time for
-    P, o's products and the store; registers :data:`PAIR_REGS` (state, each output) and 24 (loads); ``stages`` 2.
-    Session 26's ablations and profile: the output warpgroup, not the state chain, sets the pace on
-    one long prompt. The same bits as one output warpgroup.
     """
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
@@ -211,11 +202,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
-    if out_pair and stages not in (None, 2):
-        raise ValueError(f"stages: out_pair runs 2 ring stages (a slot per output warpgroup), got {stages}")
     if stages is None:
-        stages = 2 if out_pair else pick_stages(dk, bv, isz, osz, l2)
-    n_out_wg = 2 if out_pair else 1
+        stages = pick_stages(dk, bv, isz, osz, l2)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -239,13 +227,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         pub=plgpu.RefUnion(tile((2, bv, dk), dtype), plgpu.SMEM((dk, bv), F32)),
         vn_pub=tile((2, C, bv), dtype),
         o_out=tile((2, C, bv), out_dtype),
-        o_part=plgpu.SMEM((n_out_wg, C, bv), out_dtype),  # plain rows for the partial-tile row stores
+        o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
         in_bar=plgpu.Barrier(num_arrivals=7 + 2 * l2, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         s_ready=plgpu.Barrier(num_barriers=2),
         s_free=plgpu.Barrier(num_barriers=2),
         st_bar=plgpu.Barrier(),
-        done=plgpu.Barrier(num_arrivals=2 + n_out_wg),
+        done=plgpu.Barrier(num_arrivals=3),
     )
     if l2:  # q's row scales for WG1 (row view), k's for both (column view, read only)
         scratch.update(lq_rows=vecs, lk_cols=vecs)
@@ -271,7 +259,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(24 if out_pair else 40, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
 
             def issue(i, slot):
                 _, tok, _, _ = rows_of(i)
@@ -290,7 +278,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
         @pl.when(wg == 0)
         def _state():
-            plgpu.set_max_registers(PAIR_REGS[0] if out_pair else 232, action="increase")
+            plgpu.set_max_registers(232, action="increase")
             if has_h0:
                 h0_blk = h0_ref.at[jnp.minimum(n, n_h0 - 1), j, :, pl.ds(v0, bv)]
                 if direct_io:
@@ -392,10 +380,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.copy_smem_to_gmem(st_s, ht_ref.at[n, j, :, pl.ds(v0, bv)])
                     plgpu.wait_smem_to_gmem(0)
 
-        def output(w):
-            """Output warpgroup ``w`` of ``n_out_wg``: tiles w, w + n_out_wg, ... (and with w = 0 the
-            tail row's zeros)."""
-            plgpu.set_max_registers(PAIR_REGS[1] if out_pair else 232, action="increase")
+        @pl.when(wg == 1)
+        def _output():
+            plgpu.set_max_registers(232, action="increase")
             sq = (C, C)
             r, c = iota(sq, 0), iota(sq, 1)
 
@@ -405,8 +392,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 @pl.when(full)
                 def _():
                     dst = o_ref.at[tok, j, pl.ds(v0, bv)]
-                    if not (ab("store_wait") or ab("store_tma")):  # o_out[half] of two tiles ago was sent
-                        plgpu.wait_smem_to_gmem(1 if n_out_wg == 1 else 0, wait_read_only=True)
+                    if not (ab("store_wait") or ab("store_tma")):
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of two tiles ago was sent
                     o_out.at[half][...] = o_lo
                     plgpu.commit_smem()
                     if not ab("store_tma"):
@@ -415,10 +402,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 @pl.when(jnp.logical_not(full))
                 def _():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_part of an earlier tile was sent
-                    part = o_part.at[w]
-                    part[...] = o_lo
+                    o_part[...] = o_lo
                     plgpu.commit_smem()
-                    store_rows(part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, bv)], lo,
+                    store_rows(o_part, lambda r: o_ref.at[pl.ds(t0 + r, 1), j, pl.ds(v0, bv)], lo,
                                jnp.minimum(hi, t_valid - t0))
 
             def step(i, carry):
@@ -450,9 +436,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         @pl.when(lax.rem(i, 2) == 1)
                         def _():
                             p = mm(q_s.at[slot], k_s.at[slot].T, sq)
-                            o_part.at[w][...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
+                            o_part[...] = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
                         plgpu.commit_smem()
-                        p_lo = plgpu.load(o_part.at[w], layout=WG)
+                        p_lo = plgpu.load(o_part, layout=WG)
                     else:
                         p = mm(q_s.at[slot], k_s.at[slot].T, sq)
                         p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
@@ -472,10 +458,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         store(o_lo, tok, lo, hi, half, t0)
                 return carry
 
-            lax.fori_loop(0, lax.div(nt - w + n_out_wg - 1, n_out_wg), lambda m, c: step(w + n_out_wg * m, c), None)
+            lax.fori_loop(0, nt, step, None)
 
             # the tail row: zeros for the tokens past the last sequence, up to t_valid
-            @pl.when(jnp.logical_not(is_seq) if w == 0 else False)
+            @pl.when(jnp.logical_not(is_seq))
             def _tail():
                 z0 = cu_ref[ns - 1]
                 zm0 = lax.div(z0, C)
@@ -490,16 +476,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=direct_io)
 
-        pl.when(wg == 1)(lambda: output(0))
-        if out_pair:
-            pl.when(wg == 3)(lambda: output(1))
         finish_together(done)
 
     args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),
-            num_threads=2 + n_out_wg, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
+            num_threads=3, thread_name="wg", compiler_params=compiler_params(no_auto_barriers=bare),
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop",
         )(*args)
     return outs[0], (outs[1] if out_final else None)
