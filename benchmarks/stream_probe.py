@@ -15,7 +15,8 @@ Usage (GPU): ``python benchmarks/stream_probe.py [--lens 32768] [--only NAMES] [
 are medians of interleaved rounds (tests/gpu/mosaic_gpu_check.py's ``_interleaved``). H100, session 25
 (benchmarks/RESULTS.md): the annotation takes, but in every form timed the scheduler left the other
 kernel outside the async call's start / done pair, so nothing overlapped; the ``ctrl:*`` forms (a
-control edge from the intra kernel to the loop's call-done) were not run.
+control edge from the intra kernel to the loop's call-done) fail on the GPU (session 26): jax 0.11.2
+registers no CUDA handler for ``control_dep``.
 """
 from __future__ import annotations
 
