@@ -66,9 +66,10 @@
 #    one group, both slower at 1x32768, removed, commit 8bf6841 has them; P on half the tiles: mosaic_notes s26)
 #   (op1, s26, ran on an H100: the narrow loop with two output warpgroups taking turns, loop_out_pair, the
 #    same bits and slower; removed, commit e477fd9 has it: mosaic_notes session 26)
-#   bash benchmarks/queue.sh ab2    # s26: the narrow loop's ablations at 1x32768 (store_tma, store_wait, p, o_mm,
-#                                   # p_half among them), then its in-kernel profile at 1x2048 (a longer prompt
-#                                   # overruns the profiler's 256 ranges a warpgroup and fails)
+#   bash benchmarks/queue.sh ab2    # s26, the profile UNTIMED: the narrow loop's ablations at 1x32768 (store_tma,
+#                                   # store_wait, p, o_mm, p_half among them), then the loop alone under the
+#                                   # in-kernel profiler at 1x2048 plain and without P / o's products / the output
+#                                   # warpgroup (benchmarks/loop_profile.py; the state chain's products in scopes)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -131,7 +132,7 @@ case $call in
       timeout -s INT 120 python3 benchmarks/stream_probe.py --out $OUT/ab1s \
         --only "loop,intra_all,loop+intra_all,ctrl:loop_o_stream1+intra_all" ;;
   ab2) timeout -s INT 200 $M --only ablate --tag ab2a --ablate-loop narrow --ablate-lens 32768
-      timeout -s INT 150 $M --only profile --tag ab2p --profile-lens 2048 --profile-variant narrow ;;
+      timeout -s INT 240 python3 benchmarks/loop_profile.py --out $OUT/ab2p --lens 2048 --ablate none,p,o_mm,out ;;
   t1) timeout -s INT 280 python3 tests/gpu/triton_gpu_check.py exact_split ;;
   l1) timeout -s INT 240 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages \
         --json "$OUT/l1.json" ;;

@@ -995,7 +995,8 @@ def test_wide_loop_ablations_cross_lower(ablate):
         _lower_for_cuda(lambda *a: fn(*a, ablate=frozenset({"bogus"})), *shapes)
 
 
-@pytest.mark.parametrize("ablate", ["xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm", "p_half"])
+@pytest.mark.parametrize("ablate", ["xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p",
+                                    "o_mm", "p_half"])
 def test_narrow_loop_ablations_cross_lower(ablate):
     """The narrow loop's diagnostic ablations (chunk_loop._ablate, session 25, timed by
     tests/gpu/mosaic_gpu_check.py --only ablate --ablate-loop narrow) lower for an H200; an unknown

@@ -97,16 +97,19 @@ def new_values_t(s_lo, v_tile, k_tile, a_tile, g_vec, valid, lean: bool, v_keep=
         v_t = plgpu.load(v_tile.T, layout=WG).astype(F32)
         return v_t if v_keep is None else jnp.where(v_keep, v_t, 0.0)
 
-    if shadows is None:
-        e_vec = x_factor()
-        ks = mm(s_lo, k_tile.T, sh)  # S^T K^T
-        v_t = v_values()
-    else:
-        ks, (e_vec, v_t, first) = mm(s_lo, k_tile.T, sh, during=lambda: (x_factor(), v_values(), shadows[0]()))
+    # named scopes: regions of Mosaic's in-kernel profiler (benchmarks/loop_profile.py; no code without it)
+    with jax.named_scope("s_x"):
+        if shadows is None:
+            e_vec = x_factor()
+            ks = mm(s_lo, k_tile.T, sh)  # S^T K^T
+            v_t = v_values()
+        else:
+            ks, (e_vec, v_t, first) = mm(s_lo, k_tile.T, sh, during=lambda: (x_factor(), v_values(), shadows[0]()))
     w_t = sel(cols(valid, sh), v_t - ks * cols(e_vec, sh)).astype(s_lo.dtype)
-    if shadows is None:
-        return sel(cols(valid, sh), mm(w_t, a_tile.T, sh))
-    vn_t, second = mm(w_t, a_tile.T, sh, during=shadows[1])
+    with jax.named_scope("s_w"):
+        if shadows is None:
+            return sel(cols(valid, sh), mm(w_t, a_tile.T, sh))
+        vn_t, second = mm(w_t, a_tile.T, sh, during=shadows[1])
     return sel(cols(valid, sh), vn_t), first, second
 
 
@@ -117,9 +120,10 @@ def state_update_t(s_t, vn_t, k_tile, g_vec, g_last, valid, dtype, factors=None,
     computes."""
     s_dec, f_vec = decay_factors(s_t, g_vec, g_last, valid) if factors is None else factors
     vd_t = (vn_t * cols(f_vec, vn_t.shape)).astype(dtype)
-    if during is None:
-        return mm(vd_t, k_tile, s_t.shape, init=s_dec)
-    return mm(vd_t, k_tile, s_t.shape, init=s_dec, during=during)[0]
+    with jax.named_scope("s_update"):
+        if during is None:
+            return mm(vd_t, k_tile, s_t.shape, init=s_dec)
+        return mm(vd_t, k_tile, s_t.shape, init=s_dec, during=during)[0]
 
 
 def decay_factors(s_t, g_vec, g_last, valid):
