@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-import gdn  # noqa: E402
 from gdn import reference as R  # noqa: E402
 from gdn.api import load_backend, validate  # noqa: E402
 from gdn.arrays import convert, sync  # noqa: E402
@@ -76,7 +75,7 @@ def main(argv: list[str]) -> int:
                 rows.append((name, f"{backend}:{impl}", f"error {type(e).__name__}: {str(e)[:80]}",
                              float("nan"), float("nan"), float("nan")))
             print(rows[-1], flush=True)
-    print(f"\n| layout | impl | split | ms | o vs unsplit | state vs unsplit |\n|---|---|---|---|---|---|")
+    print("\n| layout | impl | split | ms | o vs unsplit | state vs unsplit |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.1e} | {r[5]:.1e} |")
     return 0

@@ -33,7 +33,6 @@ def main() -> None:
     a = ap.parse_args()
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import gdn
     from gdn.bench import trace_calls

@@ -40,7 +40,6 @@ def test_split_equals_unsplit(gates, piece_chunks):
 def test_wrong_combination_is_caught():
     # a split that forgets the start-state correction must fail the comparison above
     x = make_inputs([300], h=1, hv=1, k=8, v=8, gates="none", seed=1)
-    p = gdn.plan(x.cu_seqlens)
     sp = split_pieces(x.cu_seqlens, 1)
     o_bad, _ = R.chunked(*x.arrays, plan=gdn.plan(sp.piece_cu_seqlens))
     o_ref, _ = R.recurrent(*x.arrays, cu_seqlens=x.cu_seqlens)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import count_trace, dot, pack, run_core, token_valid
+from .common import count_trace, dot, pack, run_core
 
 __all__ = ["run", "status", "core"]
 

@@ -282,7 +282,6 @@ def sec_oob(layouts=OOB_LAYOUTS, heads=(16, 32, 128), **run_kw):
 @section("qwen")
 def sec_qwen(variants=(("default", {}),)):
     """2x1024 at the Qwen3.5 shape vs the float64 token loop, and vs FLA (vLLM's absolute bar), per variant."""
-    import jax.numpy as jnp
     from gdn import api, reference as R
     from gdn.jax_backend import mosaic_gpu as M
     from gdn.tolerances import VS_FLA
@@ -385,7 +384,6 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
     piece sizes timed interleaved, with FLA."""
     import jax.numpy as jnp
     from gdn import api, reference as R
-    from gdn.jax_backend import mosaic_gpu as M
     from gdn.jax_backend.mosaic_gpu.split import model_us, pick_piece_chunks, run_split
     from gdn.planner import split_pieces
     out = {}
