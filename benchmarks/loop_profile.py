@@ -29,12 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = """
 import sys; sys.path.insert(0, {root!r})
 import jax
-from tests.gpu.mosaic_gpu_check import _kernel_inputs
-from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
-from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import chunk_loop_wide
+from tests.gpu.mosaic_gpu_check import _kernel_inputs, _loop_alone
 x = _kernel_inputs({lens!r}, 16, 32)
-fn = chunk_loop if {loop!r} == "narrow" else chunk_loop_wide
-kw = dict(overlap=True) if {loop!r} == "narrow" else {{}}
+_, fn, kw = _loop_alone({loop!r})
 out = fn(x["q"], x["k"], x["v"], x["ag"], x["gc"], x["cu"], x["h0"], scale=128 ** -0.5, group=2,
          n_out=x["n"], t_valid=x["t"], stages=2, _ablate=frozenset({ablate!r}), **kw)
 jax.block_until_ready(out)
@@ -44,7 +41,6 @@ jax.block_until_ready(out)
 def profile_case(lens: list[int], loop: str, ablate: tuple[str, ...], space: int) -> dict:
     """One run of the loop (``ablate`` dropped) under the profiler -> the chunk loop's trace summary
     (tests/gpu/mosaic_gpu_check.py's ``summarize_trace``)."""
-    sys.path.insert(0, ROOT)
     from tests.gpu.mosaic_gpu_check import summarize_trace
     prof = tempfile.mkdtemp(prefix="gdn_loop_prof_")
     env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE=str(space))
@@ -69,6 +65,7 @@ def main() -> None:
     ap.add_argument("--space", type=int, default=256, help="profiler ranges a warpgroup")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
+    sys.path.insert(0, ROOT)
     lens = [int(x) for x in a.lens.split(",")]
     res = {}
     for case in a.ablate.split(","):

@@ -850,6 +850,16 @@ def sec_loops(shapes=("128x256", "mix"), names=("one_per_item", "order", "table"
     RESULTS.setdefault("loops", {}).update(out)
 
 
+def _loop_alone(loop: str):
+    """``loop`` ("wide" / "narrow") -> (its module's ABLATIONS, the kernel function, the options it runs
+    with by default here: the narrow loop's ``overlap``, on in the prefill)."""
+    if loop == "wide":
+        from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide
+        return ABLATIONS, chunk_loop_wide, {}
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import ABLATIONS, chunk_loop
+    return ABLATIONS, chunk_loop, dict(overlap=True)
+
+
 @section("ablate")
 def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
     """The chunk loop ``loop`` ("wide", or "narrow": what few long sequences run) alone at ``lens``, whole
@@ -857,12 +867,7 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
     left), interleaved: what each piece of a tile costs on the critical path. The narrow loop's state-chain
     ablations run without ``overlap`` (its default): "plain" is that reference."""
     import jax
-    if loop == "wide":
-        from gdn.jax_backend.mosaic_gpu.chunk_loop_wide import ABLATIONS, chunk_loop_wide as fn
-        extra = {}
-    else:
-        from gdn.jax_backend.mosaic_gpu.chunk_loop import ABLATIONS, chunk_loop as fn
-        extra = dict(overlap=True)
+    ABLATIONS, fn, extra = _loop_alone(loop)
     x = _kernel_inputs(list(lens), 16, 32)
     fns = {}
     refs = {"plain": dict(overlap=False)} if loop != "wide" else {}

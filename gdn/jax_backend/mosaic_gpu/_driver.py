@@ -426,7 +426,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     ``loop_out_store``: how the wide loop's whole output tiles leave (:func:`chunk_loop_wide.chunk_loop_wide`'s
     ``out_store``): "tma" (the default), "registers" or "warp" (both the same bits and slower on an H100, s22);
     the last two with ``loop_overlap`` False or "update"; the narrow loop ignores it (its whole tiles from
-    registers, session 26, measured 1.03-1.08 vs 0.78-0.80 ms alone at 1x32768 on an H100; commit 8bf6841);
+    registers, session 26, measured 1.02-1.08 vs 0.78-0.80 ms alone at 1x32768 on an H100; commit 8bf6841);
     ``loop_schedule`` (the persistent grid's item lookups): "table" (the default,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``schedule``) or "order" (the ranking, session 8).
     ``loop_halves`` (off): with a plan traced under jit whose bucket holds sequence counts
