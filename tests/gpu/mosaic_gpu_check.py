@@ -199,6 +199,8 @@ def sec_nan(names=()):
                              ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                          loop_schedule="table", loop_out_store="registers")),
+                             ("coresident", "narrow", dict(variant="coresident")),  # s27
+                             ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2)),
                              ("warp_out_wide", "wide", dict(loop_out_store="warp")),
                              ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                        loop_schedule="table", loop_out_store="warp"))):
@@ -209,6 +211,60 @@ def sec_nan(names=()):
         out[name] = dict(res, ok=bool(ok))
         TABLE.append(f"nan {name}: {'PASS' if ok else 'FAIL'} {res}")
     RESULTS["nan"] = out
+
+
+@section("coresident")
+def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4):
+    """The co-resident kernel (variant="coresident") against the narrow loop after the intra kernel,
+    compiled, on two input sets taken in turns (a missed flag would read the Ag / gc buffer of the
+    call before, which holds the other set's values): every call's o and final state must be the
+    same bits. Also with ``_no_wait`` (the loop ignores the flags): that comparison must then FAIL
+    (the check can fail). With use_qk_l2norm too (the norms from the workers, 2 a CTA)."""
+    import jax
+    from gdn import plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.jax_backend.mosaic_gpu.coresident import coresident
+    sms = D._sm_count()
+    scale = 128 ** -0.5
+    out = {}
+
+    def two_kernels(q, k, v, g, beta, h0, plan, l2):
+        x = D.prepare(q, k, v, g, beta, plan, h0, l2)
+        ag, gc, x = D.run_intra(x, l2)
+        o, f = D.loop(x, ag, gc, x.h0, plan.padded_seqs, chunk_variant="default", scale=scale, overlap=True)
+        return o, f
+
+    def one_launch(q, k, v, g, beta, h0, plan, l2, no_wait):
+        x = D.prepare(q, k, v, g, beta, plan, h0, l2)
+        o, f, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
+                              n_out=plan.padded_seqs, t_valid=x.q.shape[0], sms=sms, lrq=x.lrq, lrk=x.lrk,
+                              norms_in_intra=l2, overlap=True, _no_wait=no_wait)
+        return o, f
+
+    for label in layouts:
+        n, t = (int(s) for s in label.split("x"))
+        lens = [t] * n
+        for l2 in (False, True):
+            sets = []
+            for seed in (1, 2):
+                q, k, v, g, beta, h0, cu = _qwen_inputs(lens, 16, 32, 128, seed=seed)
+                sets.append((q, k, v, g, beta, h0, make_plan(cu, num_tokens=q.shape[1]).to_jax()))
+            f_ref = jax.jit(lambda *a, l2=l2: two_kernels(*a, l2))
+            refs = [jax.device_get(f_ref(*s)) for s in sets]
+            for no_wait in (False, True):
+                f = jax.jit(lambda *a, l2=l2, nw=no_wait: one_launch(*a, l2, nw))
+                same = []
+                for r in range(reps):
+                    for si, s in enumerate(sets):
+                        o, fin = jax.device_get(f(*s))
+                        same.append(bool(np.array_equal(o, refs[si][0]) and np.array_equal(fin, refs[si][1])))
+                name = f"{label}{' l2' * l2}{' no_wait' * no_wait}"
+                ok = all(same) if not no_wait else not all(same)
+                out[name] = dict(same=same, ok=ok)
+                log(name, same)
+                TABLE.append(f"coresident {name:22s} same bits as two kernels in {sum(same)}/{len(same)} calls: "
+                             f"{'PASS' if ok else 'FAIL'}{' (expected to differ)' * no_wait}")
+    RESULTS["coresident"] = out
 
 
 def _qwen_inputs(lens, h, hv, dk, seed, initial_state=True):
@@ -518,6 +574,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "default": {},  # chunk_variant="auto" (_driver.pick_chunk_variant), intra heads in a loop
     "fused": dict(variant="fused"),
     "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
+    # s27: the intra work on the SMs the narrow loop leaves idle, one launch (coresident.py)
+    "coresident": dict(variant="coresident"),
+    "coresident_w2": dict(variant="coresident", intra_warpgroups=2),
+    "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
     "t2": dict(intra_tiles=2),
@@ -1124,7 +1184,8 @@ def main():
                 "split": (sec_split, ([s for s in SPLIT_SHAPES
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
-                "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens)))}
+                "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens))),
+                "coresident": (sec_coresident, ())}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
             fn, args = sections[name]

@@ -17,6 +17,7 @@ from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
+from .coresident import coresident
 from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
@@ -25,7 +26,9 @@ from .intra import SOLVE_PAD, check_options as check_intra_options, intra
 #: "fused_wide": the wide chunk loop doing the intra work in its prep warpgroup (chunk_loop_wide's
 #: ``gates``; H100, 2026-12-06: the same bits, 1.69x slower at 4x8192: it spills); "fused_wide_mma": the
 #: same with that work on [64, 16] column slabs by warp-level MMA (``intra_slabs``, :mod:`.slabs`)
-VARIANTS = ("two_kernels", "fused", "fused_wide", "fused_wide_mma")
+#: "coresident": the intra work and the narrow loop in one launch, the intra on the SMs the loop leaves
+#: idle (:mod:`.coresident`; one long prompt)
+VARIANTS = ("two_kernels", "fused", "fused_wide", "fused_wide_mma", "coresident")
 FUSED_WIDE = ("fused_wide", "fused_wide_mma")
 CHUNK_VARIANTS = ("auto", "default", "wide")
 #: where use_qk_l2norm's row norms are computed (prefill_arrays' ``qk_norms``)
@@ -90,7 +93,8 @@ def _sm_count() -> int:
     "scale", "use_qk_l2norm", "output_final_state", "return_stages", "interpret", "variant", "bv",
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
-    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store"))
+    "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
+    "coresident_sms"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -100,17 +104,25 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          chunk_variant: str = "default", loop_lean: bool = True,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
-         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma"):
+         qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
+         coresident_sms: int | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
     count_trace("mosaic_gpu")
-    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant == "two_kernels", qk_norms=qk_norms)
+    x = prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm, fold_l2norm=variant in ("two_kernels", "coresident"), qk_norms=qk_norms)
     n_out = plan.padded_seqs if output_final_state else None
     if variant == "fused":
         xp = x.padded()
         o, final = fused(xp.q, xp.k, xp.v, x.g_hm, x.beta_hm, x.cu, x.h0, scale=scale, group=x.group,
                          n_out=n_out, stages=stages, regs=regs, interpret=interpret)
+    elif variant == "coresident":
+        o, final, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
+                                  n_out=n_out, t_valid=x.q.shape[0], sms=coresident_sms or _sm_count(),
+                                  lrq=x.lrq, lrk=x.lrk, norms_in_intra=use_qk_l2norm and x.lrk is None, bv=bv,
+                                  stages=stages, lean=loop_lean, overlap=loop_overlap,
+                                  intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
+                                  interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -378,7 +390,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
-                   loop_out_store: str = "tma"):
+                   loop_out_store: str = "tma", coresident_sms: int | None = None):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
@@ -468,6 +480,14 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
     halves = None
+    if variant == "coresident":  # the narrow loop beside the intra workers (its own intra options: solve "warp")
+        if chunk_variant not in ("auto", "default") or loop_halves:
+            raise ValueError(f"variant 'coresident' runs the narrow chunk loop: no chunk_variant other than "
+                             f"'default', no loop_halves; got {chunk_variant!r}")
+        if coresident_sms is not None and (isinstance(coresident_sms, bool) or not isinstance(coresident_sms, int)
+                                           or coresident_sms < 2):
+            raise ValueError(f"coresident_sms must be an int >= 2 or None, got {coresident_sms!r}")
+        chunk_variant = "default"
     if variant in FUSED_WIDE:  # the wide loop (fused_wide: on its grid of one CTA per item)
         per_item = variant == "fused_wide"
         if chunk_variant not in ("auto", "wide") or loop_halves or (per_item and loop_ctas not in (None, "auto")):
@@ -502,4 +522,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
-                    loop_out_store=loop_out_store)
+                    loop_out_store=loop_out_store, coresident_sms=coresident_sms)

@@ -31,6 +31,7 @@ others before exiting.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +158,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
                direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
-               _ablate: frozenset = frozenset()):
+               _ablate: frozenset = frozenset(), program: bool = False):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
     q, k: [T_q, H, K]; v: [T_q, HV, V]; ag: [HV, T_pad, 64]; gc: [HV, T_pad] fp32 (from
@@ -228,7 +229,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         # S^T published for WG1 (16-bit), sharing its bytes with the fp32 [K, V] staging of the initial
         # and final state: WG0 alone touches both, the staging only before its first publication
         # and after WG1 released the last one.
-        pub=plgpu.RefUnion(tile((2, bv, dk), dtype), plgpu.SMEM((dk, bv), F32)),
+        pub=(tile((2, bv, dk), dtype) if direct_io  # (no staging with direct_io)
+             else plgpu.RefUnion(tile((2, bv, dk), dtype), plgpu.SMEM((dk, bv), F32))),
         vn_pub=tile((2, C, bv), dtype),
         o_out=tile((2, C, bv), out_dtype),
         o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
@@ -243,15 +245,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         scratch.update(lq_rows=vecs, lk_cols=vecs)
 
     def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, pub, vn_pub, o_out, o_part,
-             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None):
-        s_pub, st_s = pub
+             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None, cta=None,
+             gate_wait=None):
+        s_pub, st_s = (pub, None) if direct_io else pub
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
         lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
         o_ref = refs.pop(0)
         ht_ref = refs.pop(0) if out_final else None
-        iv, j, n = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("n")
+        iv, j, n = (lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("n")) if cta is None else cta
         hk = lax.div(j, group)
         v0 = iv * bv
         wg = lax.axis_index("wg")
@@ -271,6 +274,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(v0, bv)], v_s.at[slot], bar)
+                if gate_wait is not None:  # the co-resident kernel: the intra results of tile i are out
+                    gate_wait(i, rows_of(i)[0], hk)
                 plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
                 for buf in (gc_state, gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
@@ -483,6 +488,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         finish_together(done)
 
     args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
+    if program:
+        return LoopProgram(tuple(out_type), scratch, tuple(args), body, (nv, hv, ns))
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),
@@ -490,3 +497,15 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             interpret=interpret_params(interpret), kernel_name="gdn_chunk_loop",
         )(*args)
     return outs[0], (outs[1] if out_final else None)
+
+
+class LoopProgram(NamedTuple):
+    """:func:`chunk_loop`'s kernel unlaunched (``program=True``), for a kernel that runs it beside
+    other work (:mod:`.coresident`): its outputs' types, scratch, inputs, ``body(*inputs_and_outputs,
+    cta=(iv, j, n), gate_wait=, **scratch)`` (``gate_wait(i, t0, hk)``: called by the memory
+    warpgroup before it loads tile i's ``Ag`` / ``gc``, t0 its first token) and its CTAs' grid."""
+    out_type: tuple
+    scratch: dict
+    inputs: tuple
+    body: Callable
+    grid: tuple

@@ -41,6 +41,8 @@ alone 0.222 vs 0.337 ms at 4x8192, 0.221 vs 0.341 at 128x256; whole prefill 0.68
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -79,7 +81,9 @@ SOLVES = ("smem", "warp")
 #: 384 threads make ptxas fit 168 registers, so 3 warpgroups share an SM instead of 2 (245
 #: registers). Needs ``solve="warp"`` (SMEM: 3 x ~67 KB) and keeps ``K K^T`` in SMEM. SLOWER: whole
 #: prefill 0.614 vs 0.589 ms at 4x8192, 0.894 vs 0.873 at 128x256 (H100, 2026-12-06, same bits).
-WARPGROUPS = (1, 3)
+#: 2: the same two-way (for the co-resident kernel, :mod:`.coresident`, where q's tile for
+#: use_qk_l2norm's norms does not fit three copies); UNTIMED alone.
+WARPGROUPS = (1, 2, 3)
 
 
 def check_options(head_loop: str, merge_variant: str, solve_pad: int, solve_columns: bool, isolate: str,
@@ -115,7 +119,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
           isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
           interpret=None,
-          debug_inverse: bool = False, lrk=None, q=None):
+          debug_inverse: bool = False, lrk=None, q=None, program: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
 
@@ -146,6 +150,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     squares are the diagonals of ``Q Q^T`` and of ``K K^T`` (fp32 accumulation), so no separate
     reduction reads q and k (H200, 2026-12-05: XLA's two reductions took 0.075 ms of a 0.66 ms
     prefill at 4x8192). Tokens past T_k read as zeros: their factor is 1e3, on zero rows.
+    ``program``: return the kernel unlaunched (:class:`IntraProgram`; ``warpgroups`` > 1).
     """
     t_k, h, dk = k.shape
     hv, t_pad = g_hm.shape
@@ -164,7 +169,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers, solve, warpgroups)
     warp = solve == "warp"
     nwg = warpgroups
-    if nwg > 1 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM, over the SM's 232,448
+    if nwg > 2 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM, over the SM's 232,448
         raise ValueError("warpgroups=3 does not fit SMEM with q's norms computed here (use_qk_l2norm with "
                          "qk_norms='intra'): use qk_norms='xla' or one warpgroup")
     if nwg > 1 and debug_inverse:  # its fp32 staging three times over: 293,960 B (H100, 2026-12-06)
@@ -213,7 +218,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
-             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None, bar_s_base=0):
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None, bar_s_base=0, sched=None,
+             after_tile=None):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
@@ -221,22 +227,31 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         ag_ref, gc_ref = refs.pop(0), refs.pop(0)
         ai_ref = refs.pop(0) if debug_inverse else None
         lrq_out, lrk_out = (refs.pop(0), refs.pop(0)) if has_q else (None, None)
-        hk = lax.axis_index("h")
-        cta = lax.axis_index("m") if cta is None else cta
-        first = cta * tpc
-        count = jnp.minimum(tpc, n_tiles - first)
-        heads = pl.ds(hk * group, group)
+        if sched is None:  # the CTA's run of consecutive tiles of one k head
+            hk0 = lax.axis_index("h")
+            cta = lax.axis_index("m") if cta is None else cta
+            first = cta * tpc
+            count = jnp.minimum(tpc, n_tiles - first)
+
+            def where(i):
+                return first + i, hk0
+        else:  # the caller's (count, where(i) -> (tile, k head)): the co-resident kernel's workers
+            count, where = sched
 
         def tok_of(i):
-            return pl.ds(pl.multiple_of((first + i) * C, C), C)
+            return pl.ds(pl.multiple_of(where(i)[0] * C, C), C)
+
+        def hk_of(i):
+            return where(i)[1]
 
         def issue_k(i):
-            plgpu.copy_gmem_to_smem(k_ref.at[tok_of(i), hk], k_s, bar_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[tok_of(i), hk_of(i)], k_s, bar_k)
             if has_q:
-                plgpu.copy_gmem_to_smem(q_ref.at[tok_of(i), hk], q_s, bar_k)
+                plgpu.copy_gmem_to_smem(q_ref.at[tok_of(i), hk_of(i)], q_s, bar_k)
 
         def issue_small(i, slot):
-            tok = tok_of(i)
+            tok, hk = tok_of(i), hk_of(i)
+            heads = pl.ds(hk * group, group)
             pairs = [(g_ref.at[heads, tok], g_s), (b_ref.at[heads, tok], b_r), (b_ref.at[heads, tok], b_c),
                      (seg_ref.at[tok], s_r), (seg_ref.at[tok], s_c)]
             if has_rk:
@@ -257,7 +272,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             return (rows(plgpu.load(s_r.at[slot], layout=ROWS), sq)
                     == cols(plgpu.load(s_c.at[slot], layout=COLS), sq))
 
-        def one_head(e, kk, slot, tok, apart: bool, nth):
+        def one_head(e, kk, slot, tok, hk, apart: bool, nth):
             """v head ``hk * group + e`` of the tile; ``apart``: the tile holds tokens of several
             sequences, kept apart by selects (static: the caller branches on the tile). The named
             scopes are regions of Mosaic's in-kernel profiler (tests/gpu/mosaic_gpu_check.py --only
@@ -312,14 +327,14 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 if nb == 2:
                     plgpu.commit_smem_to_gmem_group()
 
-        def group_heads(kk, slot, tok, apart: bool, i):
+        def group_heads(kk, slot, tok, hk, apart: bool, i):
             if head_loop == "loop" and group > 1:
                 @pl.loop(0, group)
                 def _head(e):
-                    one_head(e, kk, slot, tok, apart, i * group + e)
+                    one_head(e, kk, slot, tok, hk, apart, i * group + e)
             else:
                 for e in range(group):
-                    one_head(e, kk, slot, tok, apart, i * group + e)
+                    one_head(e, kk, slot, tok, hk, apart, i * group + e)
 
         def ln_rstd(gram):
             """ln rstd of the rows whose [64, 64] Gram matrix is ``gram``: from its diagonal."""
@@ -334,7 +349,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
             nrm_s.at[slot, 0][...] = lq
 
-        def scale_by_norms(kk, slot, tok):
+        def scale_by_norms(kk, slot, tok, hk):
             """K K^T scaled by rstd(k_r) rstd(k_s) (from its diagonal); the tile's ln rstd of q
             and k stored (they join the next commit group of the outputs)."""
             lk = ln_rstd(kk)
@@ -348,7 +363,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         @pl.loop(0, count)
         def _tile(i):
             slot = lax.rem(i, 2)
-            tok = tok_of(i)
+            tok, hk = tok_of(i), hk_of(i)
 
             # the other slot was last read by tile i - 1, which ended with a warpgroup barrier
             @pl.when(i + 1 < count)
@@ -364,7 +379,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s (and q_s)
                 if has_q:
-                    kk = scale_by_norms(kk, slot, tok)
+                    kk = scale_by_norms(kk, slot, tok, hk)
                 elif has_rk:  # the normalized keys' products, in fp32
                     kk = (kk * rows(jnp.exp(plgpu.load(rk_r.at[slot], layout=ROWS)), sq)
                           * cols(jnp.exp(plgpu.load(rk_c.at[slot], layout=COLS)), sq))
@@ -378,26 +393,49 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 plgpu.commit_smem()
                 kk = None  # each head reloads it: not live across the head loop
             if isolate == "all":
-                group_heads(kk, slot, tok, True, i)
+                group_heads(kk, slot, tok, hk, True, i)
             else:  # ids are non-decreasing: the tile is one sequence's iff its first and last agree
                 single = s_r[slot, 0] == s_r[slot, C - 1]
-                pl.when(single)(lambda: group_heads(kk, slot, tok, False, i))
-                pl.when(jnp.logical_not(single))(lambda: group_heads(kk, slot, tok, True, i))
+                pl.when(single)(lambda: group_heads(kk, slot, tok, hk, False, i))
+                pl.when(jnp.logical_not(single))(lambda: group_heads(kk, slot, tok, hk, True, i))
+            if after_tile is not None:  # the co-resident kernel: tell the chunk loop this tile is out
+                after_tile(i)
 
         plgpu.wait_smem_to_gmem(0)
 
-    def body_per_warpgroup(*refs, bar_k, bar_s, **bufs):
+    def body_per_warpgroup(*refs, bar_k, bar_s, sched_of=None, after_tile_of=None, **bufs):
         """``warpgroups`` > 1: warpgroup ``wg`` is CTA ``m * warpgroups + wg`` of the one-warpgroup
-        kernel, on its own copy of every buffer and barrier."""
+        kernel, on its own copy of every buffer and barrier. ``sched_of(wg)`` / ``after_tile_of(wg)``
+        (the co-resident kernel, :mod:`.coresident`): the warpgroup's ``(count, where)`` of tiles
+        and what it does after each instead."""
         wg = lax.axis_index("wg")
         mine = {name: ref.at[wg] for name, ref in bufs.items()}
-        body(*refs, bar_k=bar_k.at[wg], bar_s=bar_s, bar_s_base=2 * wg, cta=lax.axis_index("m") * nwg + wg, **mine)
+        extra = {} if sched_of is None else dict(sched=sched_of(wg), after_tile=after_tile_of(wg))
+        body(*refs, bar_k=bar_k.at[wg], bar_s=bar_s, bar_s_base=2 * wg,
+             cta=lax.axis_index("m") * nwg + wg if sched_of is None else None, **mine, **extra)
 
+    inputs = (k, g_hm, beta_hm, seg, *([lrk] if has_rk else []), *([q] if has_q else []))
+    if program:
+        if nwg == 1:
+            raise ValueError("program=True needs warpgroups > 1 (each warpgroup its own run of tiles)")
+        return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg)
     with tracing_for_interpreter(interp):
         threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
         outs = plgpu.kernel(
             body if nwg == 1 else body_per_warpgroup, out_type=tuple(out_type), scratch_types=scratch,
             grid=(h, -(-n_cta // nwg)), grid_names=("h", "m"), compiler_params=compiler_params(),
             interpret=interpret_params(interpret), kernel_name="gdn_intra", **threads,
-        )(k, g_hm, beta_hm, seg, *([lrk] if has_rk else []), *([q] if has_q else []))
+        )(*inputs)
     return tuple(outs)
+
+
+class IntraProgram(NamedTuple):
+    """:func:`intra`'s kernel unlaunched (``program=True``), for a kernel that runs it beside other
+    work (:mod:`.coresident`): its outputs' types, SMEM scratch (a copy per warpgroup), inputs, and
+    ``body(*inputs_and_outputs, sched_of=, after_tile_of=, **scratch)``, one run of tiles per
+    warpgroup."""
+    out_type: tuple
+    scratch: dict
+    inputs: tuple
+    body: Callable
+    warpgroups: int

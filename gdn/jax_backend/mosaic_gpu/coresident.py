@@ -1,0 +1,184 @@
+"""The intra kernel's work on the SMs the narrow chunk loop leaves idle: both in one launch.
+
+On one long prompt the narrow loop (:func:`.chunk_loop.chunk_loop`) runs a CTA per (V half, v head):
+64 CTAs at HV = 32, on an SM each, and 68 of an H100's or H200's 132 SMs idle for the whole loop
+(~0.8 ms at 1x32768), while the intra kernel runs before it on every SM (~0.2 ms). XLA 0.11.2 would
+not run the two kernels at once on two streams (benchmarks/mosaic_notes.md, sessions 25 and 26), so
+this kernel does it inside one launch:
+
+* CTAs ``0 .. workers - 1`` are intra workers: each of their ``intra_warpgroups`` warpgroups walks
+  the (tile, k head) items ``w, w + W, w + 2W, ...`` (W warpgroups in all, tile-major: the order
+  the loop needs them) with the intra kernel's code (:func:`.intra.intra`, ``program=True``), and
+  after each item waits for its stores to land and raises the item's flag (a global semaphore,
+  ``red.release.gpu``).
+* the other CTAs are the narrow loop's, in its grid order (sequence-major). The memory warpgroup
+  waits for tile i's flag (``ld.relaxed`` spin, ``fence.acquire.gpu``) before it loads tile i's
+  ``Ag``, ``gc`` (and the row norms, with use_qk_l2norm), then a proxy fence, then the TMA loads.
+
+The intra CTAs come first in the grid and never wait for anything, so the loop's waits cannot
+deadlock whatever the residency: a loop CTA only waits for items whose workers were dispatched
+before it (CUDA dispatches a grid's CTAs in index order; a co-tenant kernel on the same GPU can
+only delay them). The flags are zeroed per call (Pallas's GMEM scratch). The two roles' SMEM is one
+union (each CTA uses one side); the loop runs with ``direct_io`` (its state staging would be a
+union inside the union) and Pallas's automatic barriers (the intra code relies on them).
+
+The interpreter runs the grid's CTAs one after another in index order, so it runs this kernel
+without the flags (its semaphores are not interpreted): the intra workers finish before the
+first loop CTA starts.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+from .chunk_loop import chunk_loop
+from .common import C, compiler_params, interpret_params, tracing_for_interpreter
+from .intra import intra
+
+#: the loop CTAs may fill at most this share of the SMs, or the workers would fall behind the loop
+#: (intra alone ~0.2 ms on all 132 SMs at 1x32768, 16/32; the loop ~0.8 ms on 64)
+MAX_LOOP_SHARE = 0.5
+
+
+def _fence_proxy_async_global():
+    """Orders this thread's global memory accesses of the generic proxy with those of the async
+    proxy (TMA): after a flag is seen and before the TMA loads that read what it guards, and
+    between a worker's completed TMA stores and the flag it raises."""
+    @plgpu.inline_mgpu()
+    def _fence(ctx):
+        del ctx
+        mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+    _fence()
+
+
+def workers_for(loop_ctas: int, sms: int) -> int:
+    """Intra worker CTAs beside ``loop_ctas`` loop CTAs on ``sms`` SMs (one CTA an SM); ValueError
+    where the loop would leave fewer than half of them (:data:`MAX_LOOP_SHARE`)."""
+    if loop_ctas > MAX_LOOP_SHARE * sms:
+        raise ValueError(f"the co-resident kernel needs the chunk loop on at most {MAX_LOOP_SHARE:.0%} of the "
+                         f"{sms} SMs; its grid has {loop_ctas} CTAs")
+    return sms - loop_ctas
+
+
+def applies(loop_ctas: int, sms: int) -> bool:
+    """Whether :func:`workers_for` accepts this grid."""
+    return loop_ctas <= MAX_LOOP_SHARE * sms
+
+
+def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int, n_out: int | None,
+               t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
+               stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
+               interpret=None, _no_wait: bool = False):
+    """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
+    (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
+    loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
+    beta_hm [HV, T_pad] fp32, seg [T_pad], cu [N_pad + 1], h0 None or [N_h0, HV, K, V] fp32.
+    ``norms_in_intra`` (use_qk_l2norm with the norms from the intra kernel): lrq / lrk are None and
+    the workers compute them (2 intra warpgroups a CTA: q's tile does not fit 3); else lrq / lrk are
+    use_qk_l2norm's precomputed row scales or None. ``intra_warpgroups``: 2 or 3 workers a CTA.
+    ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
+    shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
+    if norms_in_intra and (lrq is not None or lrk is not None):
+        raise ValueError("norms_in_intra computes lrq / lrk: pass neither")
+    if intra_warpgroups not in (2, 3):
+        raise ValueError(f"intra_warpgroups must be 2 or 3, got {intra_warpgroups!r}")
+    nwg_i = 2 if norms_in_intra else intra_warpgroups
+    interp = bool(interpret)
+    h = k.shape[1]
+    n_tiles = g_hm.shape[1] // C
+    n_items = n_tiles * h
+    ip = intra(k, g_hm, beta_hm, seg, group=group, solve="warp", warpgroups=nwg_i, lrk=lrk,
+               q=q if norms_in_intra else None, interpret=interpret, program=True)
+    n_iout = len(ip.out_type)  # ag, gc (+ lrq, lrk)
+    # the loop's operands that the workers produce: placeholders here, their output refs in the body
+    ag_t, gc_t = ip.out_type[:2]
+    lq_t, lk_t = (ip.out_type[2:4] if norms_in_intra else (lrq, lrk))
+    lp = chunk_loop(q, k, v, ag_t, gc_t, cu, h0, scale=scale, group=group, n_out=n_out, t_valid=t_valid, bv=bv,
+                    stages=stages, lean=lean, bare=False, direct_io=True, overlap=overlap, lrq=lq_t, lrk=lk_t,
+                    interpret=interpret, program=True)
+    nv, hv, ns = lp.grid
+    loop_ctas = nv * hv * ns
+    n_work = workers_for(nv * hv * (ns - 1), sms)  # (the tail row's CTAs exit at once)
+    n_w = n_work * nwg_i
+    # the loop's inputs, with those the workers produce marked by their output index
+    from_intra = {3: 0, 4: 1}
+    if norms_in_intra:
+        from_intra.update({6: 2, 7: 3})
+    loop_in = [a for i, a in enumerate(lp.inputs) if i not in from_intra]
+    n_iin, n_lin = len(ip.inputs), len(loop_in)
+
+    def is_bar(x):
+        return isinstance(x, plgpu.Barrier)
+
+    smem = plgpu.RefUnion({n: s for n, s in lp.scratch.items() if not is_bar(s)},
+                          {n: s for n, s in ip.scratch.items() if not is_bar(s)})
+    scratch = dict(smem=smem, **{"l_" + n: s for n, s in lp.scratch.items() if is_bar(s)},
+                   **{"i_" + n: s for n, s in ip.scratch.items() if is_bar(s)})
+
+    def body(*refs, smem, **bars):
+        refs = list(refs)
+        i_in, l_in = refs[:n_iin], refs[n_iin:n_iin + n_lin]
+        i_out = refs[n_iin + n_lin:n_iin + n_lin + n_iout]
+        l_out = refs[n_iin + n_lin + n_iout:]
+        l_bufs, i_bufs = smem
+        l_bars = {n[2:]: b for n, b in bars.items() if n.startswith("l_")}
+        i_bars = {n[2:]: b for n, b in bars.items() if n.startswith("i_")}
+        c = lax.axis_index("c")
+        flags = None if interp else pl.get_global(plgpu.SemaphoreType.REGULAR((n_items,)))
+
+        @pl.when(c < n_work)
+        def _intra():
+            def sched_of(wg):
+                w = c * nwg_i + wg
+                count = jnp.maximum(n_items - w + n_w - 1, 0) // n_w
+
+                def where(i):
+                    item = w + i * n_w
+                    return lax.div(item, h), lax.rem(item, h)
+                return count, where
+
+            def after_tile_of(wg):
+                def after(i):
+                    plgpu.wait_smem_to_gmem(0)  # the item's Ag / gc (/ norms) are in global memory
+                    if not interp:
+                        _fence_proxy_async_global()
+                        plgpu.semaphore_signal(flags.at[c * nwg_i + wg + i * n_w], 1, memory_scope="gpu")
+                return after
+
+            wg = lax.axis_index("wg")
+
+            @pl.when(wg < nwg_i)
+            def _():
+                ip.body(*i_in, *i_out, sched_of=sched_of, after_tile_of=after_tile_of, **i_bufs, **i_bars)
+
+        @pl.when(c >= n_work)
+        def _loop():
+            cl = c - n_work
+            cta = (lax.rem(cl, nv), lax.rem(lax.div(cl, nv), hv), lax.div(cl, nv * hv))
+            ins = list(l_in)
+            for pos in sorted(from_intra):
+                ins.insert(pos, i_out[from_intra[pos]])
+
+            def gate_wait(i, t0, hk):
+                del i
+                if not (interp or _no_wait):
+                    plgpu.semaphore_wait(flags.at[lax.div(t0, C) * h + hk], 1, decrement=False,
+                                         memory_scope="gpu")
+                    _fence_proxy_async_global()
+            lp.body(*ins, *l_out, cta=cta, gate_wait=gate_wait, **l_bufs, **l_bars)
+
+    with tracing_for_interpreter(interp):
+        outs = plgpu.kernel(
+            body, out_type=tuple(ip.out_type) + tuple(lp.out_type), scratch_types=scratch,
+            grid=(n_work + loop_ctas,), grid_names=("c",), num_threads=3, thread_name="wg",
+            compiler_params=compiler_params(), interpret=interpret_params(interpret),
+            kernel_name="gdn_coresident",
+        )(*ip.inputs, *loop_in)
+    i_res, l_res = outs[:n_iout], outs[n_iout:]
+    o, final = l_res[0], (l_res[1] if n_out is not None else None)
+    lq, lk = (i_res[2], i_res[3]) if norms_in_intra else (lrq, lrk)
+    return o, final, i_res[0], i_res[1], lq, lk
