@@ -70,6 +70,10 @@
 #                                   # store_wait, p, o_mm, p_half among them), then the loop alone under the
 #                                   # in-kernel profiler at 1x2048 plain and without P / o's products / the output
 #                                   # warpgroup (benchmarks/loop_profile.py; the state chain's products in scopes)
+#   bash benchmarks/queue.sh cr1    # s27, UNTIMED: the co-resident kernel (variant="coresident": intra workers on the
+#                                   # SMs the narrow loop leaves idle, one launch): the same bits as two kernels on
+#                                   # alternating inputs (and a no-wait control that must differ), NaN isolation,
+#                                   # then whole prefills at 1x32768 and 1x8192 against the default, with FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -189,6 +193,10 @@ case $call in
       timeout -s INT 150 $M --only loops --tag e1b --loop-shapes 128x256,mix --loop-variants table_h0smem,table_h0smem_warp_out
       timeout -s INT 170 $M --only time --tag e1t --shapes 4x8192,128x256,8x4096 --variants default,warp_out \
         --fla-shapes 4x8192 ;;
+  cr1) timeout -s INT 200 $M --only coresident --tag cr1c
+      timeout -s INT 100 $M --only nan --tag cr1n --nan-names coresident,coresident_w2
+      timeout -s INT 200 $M --only time --tag cr1t --shapes 1x32768,1x8192 --variants default,coresident,coresident_w2 \
+        --fla-shapes 1x32768,1x8192 ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

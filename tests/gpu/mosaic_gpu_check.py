@@ -200,7 +200,7 @@ def sec_nan(names=()):
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                          loop_schedule="table", loop_out_store="registers")),
                              ("coresident", "narrow", dict(variant="coresident")),  # s27
-                             ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2)),
+                             ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2, intra_solve="warp")),
                              ("warp_out_wide", "wide", dict(loop_out_store="warp")),
                              ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                        loop_schedule="table", loop_out_store="warp"))):
@@ -238,7 +238,7 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4):
         x = D.prepare(q, k, v, g, beta, plan, h0, l2)
         o, f, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
                               n_out=plan.padded_seqs, t_valid=x.q.shape[0], sms=sms, lrq=x.lrq, lrk=x.lrk,
-                              norms_in_intra=l2, overlap=True, _no_wait=no_wait)
+                              norms_in_intra=l2, overlap=True, active_seqs=len(lens), _no_wait=no_wait)
         return o, f
 
     for label in layouts:
@@ -575,8 +575,9 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "fused": dict(variant="fused"),
     "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
     # s27: the intra work on the SMs the narrow loop leaves idle, one launch (coresident.py)
-    "coresident": dict(variant="coresident"),
-    "coresident_w2": dict(variant="coresident", intra_warpgroups=2),
+    # (coresident_seqs=1: a traced plan's bucket holds up to 2 sequences, which the kernel refuses at HV = 32)
+    "coresident": dict(variant="coresident", coresident_seqs=1),
+    "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1),
     "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads

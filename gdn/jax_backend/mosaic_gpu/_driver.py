@@ -94,7 +94,7 @@ def _sm_count() -> int:
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "coresident_sms"))
+    "coresident_sms", "coresident_seqs"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -105,7 +105,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
-         coresident_sms: int | None = None):
+         coresident_sms: int | None = None, coresident_seqs: int | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -122,7 +122,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                   lrq=x.lrq, lrk=x.lrk, norms_in_intra=use_qk_l2norm and x.lrk is None, bv=bv,
                                   stages=stages, lean=loop_lean, overlap=loop_overlap,
                                   intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
-                                  interpret=interpret)
+                                  active_seqs=coresident_seqs, interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -390,7 +390,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    loop_direct_io: bool = False, loop_ctas: int | str | None = "auto",
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
-                   loop_out_store: str = "tma", coresident_sms: int | None = None):
+                   loop_out_store: str = "tma", coresident_sms: int | None = None,
+                   coresident_seqs: int | None = None):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
@@ -488,6 +489,17 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                                            or coresident_sms < 2):
             raise ValueError(f"coresident_sms must be an int >= 2 or None, got {coresident_sms!r}")
         chunk_variant = "default"
+        if coresident_seqs is not None and (isinstance(coresident_seqs, bool) or not isinstance(coresident_seqs, int)
+                                            or coresident_seqs < 1):
+            raise ValueError(f"coresident_seqs must be a positive int or None, got {coresident_seqs!r}")
+        rng = _seq_range(args.plan)  # the most sequences with tokens this compilation may see
+        n_max = rng[1] if rng is not None else None
+        if coresident_seqs is not None and n_max is not None and _counted_seqs(args.plan) is not None \
+                and n_max > coresident_seqs:
+            raise ValueError(f"coresident_seqs={coresident_seqs} but the plan has {n_max} sequences with tokens")
+        coresident_seqs = coresident_seqs if coresident_seqs is not None else n_max
+    else:
+        coresident_seqs = None
     if variant in FUSED_WIDE:  # the wide loop (fused_wide: on its grid of one CTA per item)
         per_item = variant == "fused_wide"
         if chunk_variant not in ("auto", "wide") or loop_halves or (per_item and loop_ctas not in (None, "auto")):
@@ -522,4 +534,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                     loop_lean=loop_lean, loop_bare=loop_bare, loop_direct_io=loop_direct_io,
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
-                    loop_out_store=loop_out_store, coresident_sms=coresident_sms)
+                    loop_out_store=loop_out_store, coresident_sms=coresident_sms,
+                    coresident_seqs=coresident_seqs)

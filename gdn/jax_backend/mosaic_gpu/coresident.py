@@ -72,7 +72,7 @@ def applies(loop_ctas: int, sms: int) -> bool:
 def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int, n_out: int | None,
                t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
                stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
-               interpret=None, _no_wait: bool = False):
+               active_seqs: int | None = None, interpret=None, _no_wait: bool = False):
     """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
     (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
     loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
@@ -80,6 +80,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     ``norms_in_intra`` (use_qk_l2norm with the norms from the intra kernel): lrq / lrk are None and
     the workers compute them (2 intra warpgroups a CTA: q's tile does not fit 3); else lrq / lrk are
     use_qk_l2norm's precomputed row scales or None. ``intra_warpgroups``: 2 or 3 workers a CTA.
+    ``active_seqs``: at most this many sequences have tokens (default: cu's N_pad; a host plan
+    knows its count): the loop CTAs that walk tiles, which the workers must leave SMs to.
     ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
@@ -102,7 +104,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                     interpret=interpret, program=True)
     nv, hv, ns = lp.grid
     loop_ctas = nv * hv * ns
-    n_work = workers_for(nv * hv * (ns - 1), sms)  # (the tail row's CTAs exit at once)
+    # (the CTAs of empty sequences and of the tail row exit at once)
+    n_work = workers_for(nv * hv * (ns - 1 if active_seqs is None else max(int(active_seqs), 1)), sms)
     n_w = n_work * nwg_i
     # the loop's inputs, with those the workers produce marked by their output index
     from_intra = {3: 0, 4: 1}
