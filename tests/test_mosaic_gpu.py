@@ -128,6 +128,7 @@ VARIANT_OPTS = {"": {}, "fused": dict(variant="fused"), "t2": dict(intra_tiles=2
                 "unroll": dict(head_loop="unroll", intra_tiles=2), "wide": dict(chunk_variant="wide"),
                 "fused_wide_mma": dict(variant="fused_wide_mma"),
                 "narrow": dict(chunk_variant="default"),
+                "coresident": dict(variant="coresident", coresident_sms=40),
                 "wide_plain": dict(chunk_variant="wide", loop_lean=False, loop_bare=False),
                 "narrow_plain": dict(chunk_variant="default", loop_lean=False, loop_bare=False),
                 "wide_direct": dict(chunk_variant="wide", loop_direct_io=True),
@@ -493,18 +494,103 @@ def _main_interpret_cases(path):
     assert jax.device_count() >= 3
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory):
+def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, dv: int = 64):
+    """variant="coresident" (:mod:`gdn.jax_backend.mosaic_gpu.coresident`: intra workers and the
+    narrow loop in one launch) against the narrow loop after the intra kernel, on the clean and the
+    poisoned inputs of :func:`_nan_inputs` (9 sequences, an initial state, NaN / inf in four): the same
+    bits (NaN where NaN). ``l2``: use_qk_l2norm, the row norms from the workers (2 a CTA); ``sms``:
+    the SMs the kernel sizes its workers for (few here: the interpreter runs each CTA in turn)."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+
+    out = {}
+    for poison in (False, True):
+        x, arrs, h0 = _nan_inputs(poison, dv)
+        p = make_plan(x.cu_seqlens, num_tokens=x.q.shape[1])
+        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
+        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
+                               initial_state=jnp.asarray(h0), backend="jax", use_qk_l2norm=l2)
+        runs = []
+        for opts in (dict(chunk_variant="default"),
+                     dict(variant="coresident", intra_warpgroups=intra_warpgroups, intra_solve="warp",
+                          coresident_sms=sms)):
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                o, f = M.run(args, interpret=True, **opts)
+            runs.append((np.asarray(o, np.float32), np.asarray(f)))
+        (o_s, f_s), (o_d, f_d) = runs
+        tag = "poisoned" if poison else "clean"
+        out[tag + "_same_bits"] = bool(np.array_equal(o_s, o_d, equal_nan=True)
+                                       and np.array_equal(f_s, f_d, equal_nan=True))
+        out[tag + "_nonfinite"] = int((~np.isfinite(f_d)).any(axis=(1, 2, 3)).sum())
+    return out
+
+
+CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 16 rows: 32 loop CTAs)
+    "coresident_bits": dict(l2=False, intra_warpgroups=3, sms=72),
+    "coresident_w2_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66),
+}
+
+
+def _main_coresident_cases(path):
+    results = {}
+    for name, kw in CORESIDENT_CASES.items():
+        _timed(results, name, lambda kw=kw: _coresident_bits(**kw))
+    # a whole float64 case (G = 3, K = 128, fp16, use_qk_l2norm with the norms from the workers)
+    case = next(c for c in CASES if c[0] == "G3_K128_fp16_l2norm")
+    _timed(results, "coresident_G3_K128_fp16_l2norm", lambda: _run_case(case[0], case[1], case[2], case[3],
+                                                                       "packed:coresident"))
+    with open(path, "w") as fh:
+        json.dump(results, fh)
+
+
+def _interp_subprocess(tmp_path_factory, flag: str, devices: int):
+    """Runs this file with ``flag`` in a fresh interpreter process on ``devices`` CPU devices (Mosaic's
+    interpreter runs a CTA's warpgroups as threads whose callbacks need free devices: the co-resident
+    kernel with use_qk_l2norm stalled on 4) and returns the JSON it wrote."""
     path = tmp_path_factory.mktemp("mosaic") / "results.json"
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-cases", str(path)],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, str(path)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not path.exists():
         pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-3000:]}")
     with open(path) as fh:
         return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def coresident_results(tmp_path_factory):
+    return _interp_subprocess(tmp_path_factory, "--coresident-cases", 8)
+
+
+@pytest.mark.parametrize("name", list(CORESIDENT_CASES))
+def test_coresident_same_bits_as_two_kernels(coresident_results, name):
+    """The co-resident kernel's o and final state are the two-kernel path's bits, clean and poisoned
+    (NaN stays in its sequence there too). The interpreter runs its CTAs one after another, workers
+    first, without the flags; the flags themselves are checked compiled (tests/gpu/mosaic_gpu_check.py
+    --only coresident, which also runs the loop without waiting and must then see other bits)."""
+    res = coresident_results[name]
+    assert "error" not in res, res.get("error")
+    assert res["clean_same_bits"] and res["poisoned_same_bits"], res
+    assert res["clean_nonfinite"] == 0 and res["poisoned_nonfinite"] >= 1, res
+
+
+def test_coresident_matches_float64(coresident_results):
+    from gdn.tolerances import vs_f64
+    res = coresident_results["coresident_G3_K128_fp16_l2norm"]
+    assert "error" not in res, res.get("error")
+    assert res["o"] < vs_f64(res["dtype"]) and res["tail"] == 0 and res.get("final", 0) < vs_f64(res["dtype"]), res
+
+
+@pytest.fixture(scope="module")
+def interp_results(tmp_path_factory):
+    return _interp_subprocess(tmp_path_factory, "--interpret-cases", 4)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
@@ -615,6 +701,10 @@ def test_unsupported_calls_raise_not_implemented():
         M.run(args_for(jnp.bfloat16, v=256), interpret=True, chunk_variant="wide")
     with pytest.raises(ValueError, match="chunk_variant"):
         M.run(args_for(jnp.bfloat16), interpret=True, chunk_variant="narrow")
+    with pytest.raises(ValueError, match="chunk_variant"):
+        M.run(args_for(jnp.bfloat16), interpret=True, variant="coresident", chunk_variant="wide")
+    with pytest.raises(ValueError, match="co-resident"):  # the loop would take most SMs: no room for workers
+        M.run(args_for(jnp.bfloat16), interpret=True, variant="coresident", coresident_sms=4)
     for bad, exc in ((dict(intra_pad=6), ValueError), (dict(intra_pad=-8), ValueError),
                      (dict(intra_merge="tree"), ValueError), (dict(intra_columns="False"), TypeError),
                      (dict(intra_isolate="none"), ValueError), (dict(intra_out_buffers=3), ValueError),
@@ -624,7 +714,11 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(loop_prefetch=1), TypeError), (dict(loop_overlap="no"), TypeError),
                      (dict(loop_schedule="lookup"), ValueError), (dict(intra_solve="regs"), ValueError),
                      (dict(intra_solve="warp", intra_columns=False), ValueError),
-                     (dict(intra_warpgroups=2), ValueError), (dict(intra_warpgroups=3), ValueError)):
+                     (dict(intra_warpgroups=2), ValueError), (dict(intra_warpgroups=3), ValueError),
+                     (dict(intra_warpgroups=4, intra_solve="warp"), ValueError),
+                     (dict(coresident_sms=1, variant="coresident"), ValueError),
+                     (dict(coresident_seqs=0, variant="coresident"), ValueError),
+                     (dict(coresident_seqs=True, variant="coresident"), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -783,6 +877,9 @@ def _lower_for_cuda(fn, *args):
     (64, 64, 1, 3, "float16", False, False, "fused_wide"),
     (128, 128, 16, 32, "bfloat16", True, True, "fused_wide_mma"),  # its intra work by warp-level MMA
     (64, 64, 1, 3, "float16", False, False, "fused_wide_mma"),
+    # the intra workers and the narrow loop in one launch (one sequence's worth of loop CTAs)
+    (128, 128, 16, 32, "bfloat16", True, True, "coresident"),
+    (64, 128, 16, 32, "float16", False, False, "coresident_l2"),  # the row norms from the workers
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -802,7 +899,9 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
 
     def fn(q, k, v, g, beta, h0, plan):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
-                               backend="jax")
+                               backend="jax", use_qk_l2norm=variant.endswith("_l2"))
+        if variant.startswith("coresident"):
+            return prefill_arrays(args, variant="coresident", coresident_seqs=1)
         if variant == "wide_store":
             return prefill_arrays(args, chunk_variant="wide", loop_overlap="store")
         if variant.endswith("_overlap"):
@@ -830,10 +929,12 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     assert "stablehlo.while" not in text
     if variant.startswith("wide"):
         assert "gdn_chunk_loop_wide" in text
-    if variant.startswith("fused"):
+    if variant.startswith(("fused", "coresident")):
         assert "gdn_intra" not in text
     else:
         assert "gdn_intra" in text
+    if variant.startswith("coresident"):
+        assert "gdn_coresident" in text and "gdn_chunk_loop" not in text
     if variant.startswith("fused_wide"):
         assert "gdn_chunk_loop_wide" in text
 
@@ -1347,6 +1448,9 @@ def test_prefill_picks_mosaic_gpu_on_hopper():
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpret-cases":
     sys.path.insert(0, ROOT)
     _main_interpret_cases(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--coresident-cases":
+    sys.path.insert(0, ROOT)
+    _main_coresident_cases(sys.argv[2])
 
 
 def test_chunk_variant_policy():

@@ -28,7 +28,6 @@ first loop CTA starts.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 import jax.experimental.pallas as pl
