@@ -382,12 +382,12 @@ def _intra_nan_isolation(head_loop="unroll", interpret=True, **intra_kw):
                 dirty_finite=bool(np.isfinite(ag_p[:, rows]).all() and np.isfinite(gc_p[:, rows]).all()))
 
 
-def _loop_io_bits(variant, interpret=True, dv=128, **options):
-    """The chunk loop ``variant`` ("wide" / "narrow") with ``options`` (``loop_direct_io=True``, the wide
+def _loop_io_bits(loop, interpret=True, dv=128, l2=False, **options):
+    """The chunk loop ``loop`` ("wide" / "narrow") with ``options`` (``loop_direct_io=True``, the wide
     loop's persistent ``loop_ctas``) against the plain loop (those options off) on the clean and the poisoned inputs of
     :func:`_nan_inputs` (an initial state with a NaN in one sequence's, 9 sequences in 16 grid rows):
     o and the final state must be the same bits (NaN where NaN): only the way the state enters and
-    leaves, or which CTA walks which (sequence, head), changes."""
+    leaves, or which CTA walks which (sequence, head), changes. ``l2``: with use_qk_l2norm."""
     import warnings
 
     import jax.numpy as jnp
@@ -401,14 +401,14 @@ def _loop_io_bits(variant, interpret=True, dv=128, **options):
         p = make_plan(x.cu_seqlens, num_tokens=x.q.shape[1])
         q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
         _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
-                               initial_state=jnp.asarray(h0), backend="jax")
+                               initial_state=jnp.asarray(h0), backend="jax", use_qk_l2norm=l2)
         runs = []
         # the baseline is the plain loop, not the defaults (which turn some of these options on)
         base = dict(loop_direct_io=False, loop_prefetch=False, loop_overlap=False, loop_schedule="order")
         for opts in (base, dict(base, **options)):
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
-                o, f = M.run(args, interpret=interpret, chunk_variant="wide" if variant == "wide" else "default",
+                o, f = M.run(args, interpret=interpret, chunk_variant="wide" if loop == "wide" else "default",
                              **opts)
             runs.append((np.asarray(o, np.float32), np.asarray(f)))
         (o_s, f_s), (o_d, f_d) = runs
@@ -494,40 +494,14 @@ def _main_interpret_cases(path):
     assert jax.device_count() >= 3
 
 
-def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, dv: int = 64):
+def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int):
     """variant="coresident" (:mod:`gdn.jax_backend.mosaic_gpu.coresident`: intra workers and the
-    narrow loop in one launch) against the narrow loop after the intra kernel, on the clean and the
-    poisoned inputs of :func:`_nan_inputs` (9 sequences, an initial state, NaN / inf in four): the same
-    bits (NaN where NaN). ``l2``: use_qk_l2norm, the row norms from the workers (2 a CTA); ``sms``:
-    the SMs the kernel sizes its workers for (few here: the interpreter runs each CTA in turn)."""
-    import warnings
-
-    import jax.numpy as jnp
-
-    from gdn import api, plan as make_plan
-    from gdn.jax_backend import mosaic_gpu as M
-
-    out = {}
-    for poison in (False, True):
-        x, arrs, h0 = _nan_inputs(poison, dv)
-        p = make_plan(x.cu_seqlens, num_tokens=x.q.shape[1])
-        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
-        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
-                               initial_state=jnp.asarray(h0), backend="jax", use_qk_l2norm=l2)
-        runs = []
-        for opts in (dict(chunk_variant="default"),
-                     dict(variant="coresident", intra_warpgroups=intra_warpgroups, intra_solve="warp",
-                          coresident_sms=sms)):
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
-                warnings.simplefilter("ignore", RuntimeWarning)
-                o, f = M.run(args, interpret=True, **opts)
-            runs.append((np.asarray(o, np.float32), np.asarray(f)))
-        (o_s, f_s), (o_d, f_d) = runs
-        tag = "poisoned" if poison else "clean"
-        out[tag + "_same_bits"] = bool(np.array_equal(o_s, o_d, equal_nan=True)
-                                       and np.array_equal(f_s, f_d, equal_nan=True))
-        out[tag + "_nonfinite"] = int((~np.isfinite(f_d)).any(axis=(1, 2, 3)).sum())
-    return out
+    narrow loop in one launch) against the narrow loop after the intra kernel on :func:`_loop_io_bits`'
+    clean and poisoned inputs (V = 64): the same bits. ``l2``: use_qk_l2norm, the row norms from the
+    workers (2 a CTA); ``sms``: the SMs the kernel sizes its workers for (few here: the interpreter
+    runs each CTA in turn)."""
+    return _loop_io_bits("narrow", dv=64, l2=l2, variant="coresident", intra_warpgroups=intra_warpgroups,
+                         intra_solve="warp", coresident_sms=sms)
 
 
 CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 16 rows: 32 loop CTAs)

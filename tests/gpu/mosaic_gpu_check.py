@@ -675,6 +675,8 @@ NAMED_SHAPES = [  # timed only when --shapes names them
     ("1x32760", [32760], 16, 32, None),
     ("4x8191", [8191] * 4, 16, 32, None),
     ("1x8192", [8192], 16, 32, 0.15),  # issue 6's target (the floor bucket's narrow pick under jit)
+    ("1x32768_HV16", [32768], 16, 16, None),  # s27: the co-resident kernel where the loop leaves 100 SMs
+    ("28672+4096", [28672, 4096], 16, 32, 0.60),
     # s19: the persistent grid's h0 staged in SMEM (short items) or prefetched into L2 (long ones)
     ("256x128", [128] * 256, 16, 32, None),
     ("64x512", [512] * 64, 16, 32, None),
