@@ -1441,6 +1441,47 @@ def test_chunk_variant_policy():
     assert pick_chunk_variant(0, 32, 128, 132) == "default"
 
 
+def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
+    """variant="auto": the co-resident kernel where the narrow loop's CTAs for the most sequences a
+    compilation may see leave at least half of the SMs (one prompt at HV = 32 with a host plan, or
+    with coresident_seqs=1 under jit; a traced plan's bucket of 0..2 at HV = 16), two kernels
+    elsewhere, under the interpreter and with non-default intra options."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu._driver import pick_variant
+
+    import jax
+
+    def args_for(lens, hv, traced=False):
+        t = sum(lens)
+        q = jnp.zeros((1, t, 16, 128), jnp.bfloat16)
+        v = jnp.zeros((1, t, hv, 128), jnp.bfloat16)
+        g = jnp.zeros((1, t, hv), jnp.float32)
+        p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
+        if traced:  # as a jitted call sees it: the counts are gone, the bucket stays
+            p = jax.tree_util.tree_map(lambda x: x, p.to_jax())
+            assert p.num_seqs is None
+        return api.validate(q, q, v, g, g, plan=p, backend="jax")[1]
+
+    def pick(a, chunk_variant="auto", seqs=None, interpret=False, intra_default=True, sms=132):
+        return pick_variant(a, chunk_variant, 64, False, intra_default, seqs, sms, interpret)
+
+    one, two = args_for([256], 32), args_for([128, 128], 32)
+    assert pick(one) == "coresident"                          # 64 loop CTAs on 132 SMs
+    assert pick(args_for([0, 256], 32)) == "coresident"        # an empty sequence adds no CTA that works
+    assert pick(two) == "two_kernels"                         # 128
+    assert pick(one, sms=127) == "two_kernels"                # 64 > half of 127
+    assert pick(args_for([256], 48)) == "two_kernels"         # 96
+    assert pick(args_for([256], 32, traced=True)) == "two_kernels"  # the bucket holds 2 sequences
+    assert pick(args_for([256], 32, traced=True), seqs=1) == "coresident"
+    assert pick(args_for([256], 16, traced=True)) == "coresident"
+    assert pick(one, interpret=True) == "two_kernels"
+    assert pick(one, intra_default=False) == "two_kernels"
+    assert pick(one, chunk_variant="wide") == "two_kernels"
+    assert pick(one, chunk_variant="default") == "coresident"
+
+
 def test_chunk_variant_policy_for_a_bucket():
     """One loop for a traced plan's bucket: the common pick where every count agrees, else the loop
     whose worst slowdown (the wave model) over the bucket is smaller, checked against a brute

@@ -17,7 +17,7 @@ from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .coresident import coresident
+from .coresident import applies as coresident_applies, coresident
 from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
@@ -364,6 +364,38 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     return chunk_variant
 
 
+#: the intra kernel's options as :func:`prefill_arrays` defaults them (intra_tiles, head_loop, intra_pad,
+#: intra_merge, intra_columns, intra_isolate, intra_out_buffers, intra_solve, intra_warpgroups)
+INTRA_DEFAULTS = (None, "loop", SOLVE_PAD, "chain", True, "boundary", 2, "smem", 1)
+
+
+def pick_variant(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bool, intra_default: bool,
+                 coresident_seqs: int | None, coresident_sms: int | None, interpret) -> str:
+    """``variant="auto"``: "coresident" where the narrow chunk loop runs (``chunk_variant`` "default",
+    or "auto" picking it) and its CTAs for the most sequences with tokens this compilation may see
+    (``coresident_seqs``, else a host plan's count or a traced plan's bucket's largest) leave at least
+    half the SMs to the intra workers (:func:`.coresident.applies`), the intra kernel's options at
+    their defaults and V in tiles of 64; else "two_kernels". H100, 2026-12-07 (session 27, the same
+    bits): whole prefill 0.847-0.873 vs 0.980-1.003 ms at 1x32768, 0.250-0.256 vs 0.282 at 1x8192,
+    0.835 vs 0.909 at 1x32768 with HV = 16. Under the interpreter (``interpret``) "two_kernels": it
+    runs a grid's CTAs one after another, and the workers' ~70 CTAs would dominate a small test's
+    time (the co-resident kernel has its own interpreter tests)."""
+    h, hv, dk, dv = args.dims
+    if interpret or loop_halves or not intra_default or bv != 64 or dv % bv:
+        return "two_kernels"
+    if chunk_variant == "auto":
+        chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, hv, dv)
+    if chunk_variant != "default":
+        return "two_kernels"
+    if coresident_seqs is None:
+        rng = _seq_range(args.plan)
+        if rng is None:
+            return "two_kernels"
+        coresident_seqs = rng[1]
+    ctas = (dv // bv) * hv * max(int(coresident_seqs), 1)
+    return "coresident" if coresident_applies(ctas, coresident_sms or _sm_count()) else "two_kernels"
+
+
 def check_loop_overlap(loop_overlap) -> None:
     """TypeError unless ``loop_overlap`` is a bool, "auto", "store" or "update"."""
     if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store", "update"):
@@ -382,7 +414,7 @@ def resolve_loop_overlap(loop_overlap: bool | str, chunk_variant: str) -> bool:
     return loop_overlap
 
 
-def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_kernels", bv: int = 64,
+def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", bv: int = 64,
                    stages: int | None = None, regs=None, intra_tiles: int | None = None,
                    head_loop: str = "loop", intra_pad: int = SOLVE_PAD, intra_merge: str = "chain",
                    intra_columns: bool = True, intra_isolate: str = "boundary", intra_out_buffers: int = 2,
@@ -394,7 +426,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
                    coresident_seqs: int | None = None):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
-    ``variant``: "two_kernels" (default: the intra kernel, then the chunk loop), "fused" (one
+    ``variant``: "auto" (the default: :func:`pick_variant`), "two_kernels" (the intra kernel, then
+    the chunk loop), "coresident" (the two in one launch, the intra work on the SMs the narrow loop
+    leaves idle: :mod:`.coresident`; ``coresident_seqs``: the most sequences with tokens a call of
+    this compilation may have, default the plan's count or its bucket's largest; ``coresident_sms``:
+    the SMs it sizes its workers for, default the device's), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
     (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
@@ -459,8 +495,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     with neither (the same bits); ``loop_overlap`` loses on the wide loop (0.674 vs 0.591 ms at
     4x8192, ptxas spills 68 B) and wins or ties on the narrow one (1.004 vs 1.042 at 1x32768, 0.939
     vs 0.948 at 4x8192 with HV = 48, 0.365 vs 0.369 at HV = 16; 1.054 vs 1.047 at 1x32760)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != "auto" and variant not in VARIANTS:
+        raise ValueError(f"variant must be 'auto' or one of {VARIANTS}, got {variant!r}")
     check_intra_options(head_loop, intra_merge, intra_pad, intra_columns, intra_isolate, intra_out_buffers,
                         intra_solve, intra_warpgroups,
                         names=("intra_merge", "intra_pad", "intra_columns", "intra_isolate", "intra_out_buffers",
@@ -480,18 +516,20 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "two_ker
     if loop_ctas not in (None, "auto") and (isinstance(loop_ctas, bool) or not isinstance(loop_ctas, int)
                                             or loop_ctas < 1):
         raise ValueError(f"loop_ctas must be a positive int, None or 'auto', got {loop_ctas!r}")
+    for name, val, least in (("coresident_sms", coresident_sms, 2), ("coresident_seqs", coresident_seqs, 1)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < least):
+            raise ValueError(f"{name} must be an int >= {least} or None, got {val!r}")
     halves = None
+    if variant == "auto":
+        intra_default = (intra_tiles, head_loop, intra_pad, intra_merge, intra_columns, intra_isolate,
+                         intra_out_buffers, intra_solve, intra_warpgroups) == INTRA_DEFAULTS
+        variant = pick_variant(args, chunk_variant, bv, loop_halves, intra_default, coresident_seqs,
+                               coresident_sms, interpret)
     if variant == "coresident":  # the narrow loop beside the intra workers (its own intra options: solve "warp")
         if chunk_variant not in ("auto", "default") or loop_halves:
             raise ValueError(f"variant 'coresident' runs the narrow chunk loop: no chunk_variant other than "
                              f"'default', no loop_halves; got {chunk_variant!r}")
-        if coresident_sms is not None and (isinstance(coresident_sms, bool) or not isinstance(coresident_sms, int)
-                                           or coresident_sms < 2):
-            raise ValueError(f"coresident_sms must be an int >= 2 or None, got {coresident_sms!r}")
         chunk_variant = "default"
-        if coresident_seqs is not None and (isinstance(coresident_seqs, bool) or not isinstance(coresident_seqs, int)
-                                            or coresident_seqs < 1):
-            raise ValueError(f"coresident_seqs must be a positive int or None, got {coresident_seqs!r}")
         rng = _seq_range(args.plan)  # the most sequences with tokens this compilation may see
         n_max = rng[1] if rng is not None else None
         if coresident_seqs is not None and n_max is not None and _counted_seqs(args.plan) is not None \
