@@ -75,7 +75,8 @@
 #                                   # alternating inputs (and a no-wait control that must differ), NaN isolation,
 #                                   # then whole prefills at 1x32768 and 1x8192 against the default, with FLA
 #   bash benchmarks/queue.sh cr4    # s27: gdn bench rows on one prompt (16/32, 16/16; jitted and host plan, the
-#                                   # latter now the co-resident kernel by default), with FLA and jla; --qk-l2norm
+#                                   # latter now the co-resident kernel by default), with FLA and jla; then two
+#                                   # prompts under jit beside workers sized for one (coresident_seqs=1)
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -199,10 +200,10 @@ case $call in
       timeout -s INT 100 $M --only nan --tag cr1n --nan-names coresident,coresident_w2
       timeout -s INT 200 $M --only time --tag cr1t --shapes 1x32768,1x8192 --variants default,coresident,coresident_w2 \
         --fla-shapes 1x32768,1x8192 ;;
-  cr4) GDN_BUDGET_S=200 GDN_BENCH_IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr4 \
+  cr4) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr4 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
-      GDN_BUDGET_S=80 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr4l \
-        GDN_BENCH_ARGS="--qk-l2norm --no-profile --layouts 1x32768" bash benchmarks/h200.sh bench 16/32 ;;
+      timeout -s INT 120 $M --only time --tag cr4t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
+        --fla-shapes none ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac 2>&1 | tee "$OUT/$call.log" | tail -n 60

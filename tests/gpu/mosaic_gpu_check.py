@@ -579,6 +579,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "coresident": dict(variant="coresident", coresident_seqs=1),
     "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1),
     "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
+    # the plan an argument of the jitted call (what gdn bench times): two kernels / the co-resident
+    # kernel sized for one prompt whatever the bucket holds (two prompts then share the SMs with it)
+    "traced": dict(_traced=True),
+    "coresident_traced1": dict(variant="coresident", coresident_seqs=1, _traced=True),
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
     "t2": dict(intra_tiles=2),
@@ -677,6 +681,7 @@ NAMED_SHAPES = [  # timed only when --shapes names them
     ("1x8192", [8192], 16, 32, 0.15),  # issue 6's target (the floor bucket's narrow pick under jit)
     ("1x32768_HV16", [32768], 16, 16, None),  # s27: the co-resident kernel where the loop leaves 100 SMs
     ("28672+4096", [28672, 4096], 16, 32, 0.60),
+    ("2x16384", [16384] * 2, 16, 32, None),
     # s19: the persistent grid's h0 staged in SMEM (short items) or prefetched into L2 (long ones)
     ("256x128", [128] * 256, 16, 32, None),
     ("64x512", [512] * 64, 16, 32, None),

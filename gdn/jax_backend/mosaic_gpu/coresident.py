@@ -15,12 +15,13 @@ this kernel does it inside one launch:
   waits for tile i's flag (``ld.relaxed`` spin, ``fence.acquire.gpu``) before it loads tile i's
   ``Ag``, ``gc`` (and the row norms, with use_qk_l2norm), then a proxy fence, then the TMA loads.
 
-The intra CTAs come first in the grid and never wait for anything, so the loop's waits cannot
-deadlock whatever the residency: a loop CTA only waits for items whose workers were dispatched
-before it (CUDA dispatches a grid's CTAs in index order; a co-tenant kernel on the same GPU can
-only delay them). The flags are zeroed per call (Pallas's GMEM scratch). The two roles' SMEM is one
-union (each CTA uses one side); the loop runs with ``direct_io`` (its state staging would be a
-union inside the union) and Pallas's automatic barriers (the intra code relies on them).
+The intra CTAs come first in the grid and never wait for anything, so a loop CTA only waits for
+workers dispatched before it: GPUs dispatch a grid's CTAs in index order in practice (not a
+documented CUDA guarantee), and a co-tenant kernel on the same GPU can then only delay the loop,
+not deadlock it. The flags are zeroed before each call (Pallas's GMEM scratch is zero-initialized
+in jax 0.11.2, the version gdn pins). The two roles' SMEM is one union (each CTA uses one side); the
+loop runs with ``direct_io`` (its state staging would be a union inside the union) and Pallas's
+automatic barriers (the intra code relies on them).
 
 The interpreter runs the grid's CTAs one after another in index order, so it runs this kernel
 without the flags (its semaphores are not interpreted): the intra workers finish before the
