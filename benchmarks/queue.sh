@@ -77,6 +77,7 @@
 #   bash benchmarks/queue.sh cr4    # s27: gdn bench rows on one prompt (16/32, 16/16; jitted and host plan, the
 #                                   # latter now the co-resident kernel by default), with FLA and jla; then two
 #                                   # prompts under jit beside workers sized for one (coresident_seqs=1)
+#   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -200,6 +201,8 @@ case $call in
       timeout -s INT 100 $M --only nan --tag cr1n --nan-names coresident,coresident_w2
       timeout -s INT 200 $M --only time --tag cr1t --shapes 1x32768,1x8192 --variants default,coresident,coresident_w2 \
         --fla-shapes 1x32768,1x8192 ;;
+  cr5) GDN_BUDGET_S=130 GDN_BENCH_IMPLS="fla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr5 \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 ;;
   cr4) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr4 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
       timeout -s INT 120 $M --only time --tag cr4t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
