@@ -269,13 +269,13 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
             plgpu.set_max_registers(40, action="decrease")
 
             def issue(i, slot):
-                _, tok, _, _ = rows_of(i)
+                t0, tok, _, _ = rows_of(i)
                 bar = in_bar.at[slot]
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, hk], q_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(k_ref.at[tok, hk], k_s.at[slot], bar)
                 plgpu.copy_gmem_to_smem(v_ref.at[tok, j, pl.ds(v0, bv)], v_s.at[slot], bar)
                 if gate_wait is not None:  # the co-resident kernel: the intra results of tile i are out
-                    gate_wait(i, rows_of(i)[0], hk)
+                    gate_wait(t0, hk)
                 plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
                 for buf in (gc_state, gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
@@ -502,8 +502,9 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 class LoopProgram(NamedTuple):
     """:func:`chunk_loop`'s kernel unlaunched (``program=True``), for a kernel that runs it beside
     other work (:mod:`.coresident`): its outputs' types, scratch, inputs, ``body(*inputs_and_outputs,
-    cta=(iv, j, n), gate_wait=, **scratch)`` (``gate_wait(i, t0, hk)``: called by the memory
-    warpgroup before it loads tile i's ``Ag`` / ``gc``, t0 its first token) and its CTAs' grid."""
+    cta=(iv, j, n), gate_wait=, **scratch)`` (``gate_wait(t0, hk)``: called by the memory
+    warpgroup before it loads the ``Ag`` / ``gc`` of the tile whose first token is t0) and its
+    CTAs' grid."""
     out_type: tuple
     scratch: dict
     inputs: tuple

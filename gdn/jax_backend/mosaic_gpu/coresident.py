@@ -58,7 +58,7 @@ def _fence_proxy_async_global():
 def workers_for(loop_ctas: int, sms: int) -> int:
     """Intra worker CTAs beside ``loop_ctas`` loop CTAs on ``sms`` SMs (one CTA an SM); ValueError
     where the loop would leave fewer than half of them (:data:`MAX_LOOP_SHARE`)."""
-    if loop_ctas > MAX_LOOP_SHARE * sms:
+    if not applies(loop_ctas, sms):
         raise ValueError(f"the co-resident kernel needs the chunk loop on at most {MAX_LOOP_SHARE:.0%} of the "
                          f"{sms} SMs; its grid has {loop_ctas} CTAs")
     return sms - loop_ctas
@@ -166,8 +166,7 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
             for pos in sorted(from_intra):
                 ins.insert(pos, i_out[from_intra[pos]])
 
-            def gate_wait(i, t0, hk):
-                del i
+            def gate_wait(t0, hk):
                 if not (interp or _no_wait):
                     plgpu.semaphore_wait(flags.at[lax.div(t0, C) * h + hk], 1, decrement=False,
                                          memory_scope="gpu")
