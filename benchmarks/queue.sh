@@ -78,6 +78,10 @@
 #                                   # latter now the co-resident kernel by default), with FLA and jla; then two
 #                                   # prompts under jit beside workers sized for one (coresident_seqs=1)
 #   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
+#   bash benchmarks/queue.sh s28    # s28: the no-sync checks (transfer_guard, sync detector) on one prompt (the
+#                                   # co-resident kernel) and five sequences; gdn bench 16/32 and 16/16 at 1x32768,
+#                                   # 28672+4096, 1x8192 (FLA, jla, FlashInfer if unpacked by fi1); the split vs the
+#                                   # co-resident kernel at 16/16; two prompts beside workers sized for one
 #   bash benchmarks/queue.sh v1     # s13: gdn bench rows (jitted, device plan) after the traced-plan grid
 #                                   # policy and the intra norms by default, with FLA
 #
@@ -206,6 +210,18 @@ case $call in
   cr4) GDN_BUDGET_S=170 GDN_BENCH_IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/cr4 \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
       timeout -s INT 120 $M --only time --tag cr4t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
+        --fla-shapes none ;;
+  s28) timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
+        --json "$OUT/s28sync.json"
+      if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then
+        cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
+      fi
+      IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host"
+      [ -d /tmp/fisite/flashinfer ] && IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host"
+      GDN_BUDGET_S=200 GDN_BENCH_IMPLS="$IMPLS" OUT=$OUT/s28b \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768,28672+4096,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
+      timeout -s INT 150 $M --only split --split-no-f64 --tag s28s --split-shapes 1x32768_HV16
+      timeout -s INT 100 $M --only time --tag s28t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
         --fla-shapes none ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;

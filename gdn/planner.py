@@ -37,9 +37,11 @@ _BUCKET_BITS = 3
 _FLOOR_TOKENS = 64
 _FLOOR_SEQS = 8
 _FLOOR_CHUNKS = 8
-#: Batches of at most this many sequences get their own sequence bucket below the floor: one or
-#: two long prompts leave a per-(sequence, v head) grid a fraction of the GPU, where three to
-#: eight fill it, and a kernel traced with a device plan must pick its grid for the whole bucket.
+#: Batches of at most two sequences get buckets of their own below the floor, one for 0..1 and
+#: one for 2: one or two long prompts leave a per-(sequence, v head) grid a fraction of the GPU,
+#: where three to eight fill it, and a kernel traced with a device plan must pick its grid for the
+#: whole bucket. One prompt alone leaves more than half the SMs idle at HV = 32, which the
+#: mosaic_gpu co-resident kernel fills; two do not.
 _FEW_SEQS = 2
 
 
@@ -64,7 +66,7 @@ def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, 
     """(T, N, NT) -> (T_pad, N_pad, NT_pad). The one bucketing policy of gdn.
 
     T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 chunks, and 2 or 8
-    sequences (0..2 pad to 2, 3..8 to 8).
+    sequences (0..1 pad to 1, 2 to 2, 3..8 to 8).
     """
     t_pad = bucket(num_tokens, _FLOOR_TOKENS)
     t_pad = -(-t_pad // 64) * 64
@@ -72,13 +74,13 @@ def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, 
 
 
 def _seq_bucket(n: int) -> int:
-    """N_pad for ``n`` sequences: ``bucket(n, 8)``, except that 0..2 sequences pad to 2."""
-    return _FEW_SEQS if 0 <= n <= _FEW_SEQS else bucket(n, _FLOOR_SEQS)
+    """N_pad for ``n`` sequences: ``bucket(n, 8)``, except that 0..1 pad to 1 and 2 stays 2."""
+    return max(n, 1) if 0 <= n <= _FEW_SEQS else bucket(n, _FLOOR_SEQS)
 
 
 def seq_bucket_range(n_pad: int) -> tuple[int, int] | None:
     """The sequence counts ``N`` that :func:`padded_sizes` pads to ``n_pad`` sequence rows, as
-    ``(lo, n_pad)`` (inclusive; the floor buckets are 0..2 and 3..8), or None if no count does (a
+    ``(lo, n_pad)`` (inclusive; the floor buckets are 0..1, 2 and 3..8), or None if no count does (a
     plan padded by hand). What a kernel traced with a device plan may assume about ``N``."""
     n_pad = int(n_pad)
     if n_pad < 0 or _seq_bucket(n_pad) != n_pad:
@@ -436,10 +438,14 @@ def makespan(tiles: Any, slots: int) -> float:
     return float(load.max())
 
 
+#: How much faster than unsplit a split must model to be picked (:func:`two_pass_policy`).
+SPLIT_MIN_GAIN = 1.1
+
+
 def two_pass_policy(seq_lens: Any, *, loop_us: Callable[[np.ndarray], float],
                     map_us: Callable[[np.ndarray, np.ndarray], float], scan_step_us: float,
                     chunk_size: int = 64, candidates: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
-                    min_gain: float = 1.1) -> int | None:
+                    min_gain: float = SPLIT_MIN_GAIN) -> int | None:
     """Chunks per piece for a two-pass exact split, or None when it does not pay.
 
     The caller's cost model (host numbers only): ``loop_us(chunks)`` the chunk loop over

@@ -1444,7 +1444,7 @@ def test_chunk_variant_policy():
 def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
     """variant="auto": the co-resident kernel where the narrow loop's CTAs for the most sequences a
     compilation may see leave at least half of the SMs (one prompt at HV = 32 with a host plan, or
-    with coresident_seqs=1 under jit; a traced plan's bucket of 0..2 at HV = 16), two kernels
+    under jit, whose bucket of 0..1 holds one; a traced plan's bucket of 2 at HV = 16), two kernels
     elsewhere, under the interpreter and with non-default intra options."""
     import jax.numpy as jnp
 
@@ -1473,9 +1473,11 @@ def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
     assert pick(two) == "two_kernels"                         # 128
     assert pick(one, sms=127) == "two_kernels"                # 64 > half of 127
     assert pick(args_for([256], 48)) == "two_kernels"         # 96
-    assert pick(args_for([256], 32, traced=True)) == "two_kernels"  # the bucket holds 2 sequences
-    assert pick(args_for([256], 32, traced=True), seqs=1) == "coresident"
-    assert pick(args_for([256], 16, traced=True)) == "coresident"
+    assert pick(args_for([256], 32, traced=True)) == "coresident"  # the bucket 0..1
+    assert pick(args_for([0], 32, traced=True)) == "coresident"
+    assert pick(args_for([128, 128], 32, traced=True)) == "two_kernels"  # the bucket of 2
+    assert pick(args_for([128, 128], 32, traced=True), seqs=1) == "coresident"  # the caller's promise
+    assert pick(args_for([128, 128], 16, traced=True)) == "coresident"
     assert pick(one, interpret=True) == "two_kernels"
     assert pick(one, intra_default=False) == "two_kernels"
     assert pick(one, chunk_variant="wide") == "two_kernels"
@@ -1494,7 +1496,7 @@ def test_chunk_variant_policy_for_a_bucket():
     assert pick_chunk_variant_for(range(3, 9), 32, 64, 132) == "default"
     for sms in (4, 78, 132):
         for hv in (1, 2, 4, 8, 16, 32, 48, 64):
-            for n_pad in (2, 8, 9, 16, 18, 64, 120):
+            for n_pad in (1, 2, 8, 9, 16, 18, 64, 120):
                 lo, hi = seq_bucket_range(n_pad)
                 counts = range(lo, hi + 1)
                 pick = pick_chunk_variant_for(counts, hv, 128, sms)
@@ -1593,7 +1595,7 @@ def test_traced_plan_grid_policy(monkeypatch):
     assert picks([100 + 70 * i for i in range(42)], 32, True) == ("wide", 132)
     assert picks([8192] * 4, 32, True) == ("wide", None)  # 3..8 disagree: the wide loop's worst is 1.12x
     assert picks([4096] * 6, 32, True) == ("wide", None)  # the same bucket
-    assert picks([32768], 32, True) == ("default", None)  # 0..2 all want the narrow loop
+    assert picks([32768], 32, True) == ("default", None)  # 0..1 both want the narrow loop
     assert picks([16384] * 2, 32, True) == ("default", None)
     assert picks([8192] * 4, 4, True) == ("default", None)  # 3..8 sequences all want it
     assert picks([8192] * 4, 32, True, chunk_variant="wide") == ("wide", None)  # 3..8: not all persistent
@@ -1640,10 +1642,12 @@ def test_traced_plan_split_routing(monkeypatch):
                                                        output_final_state=False, **kw)[0], p.to_jax(), q, v, g)
         return seen.pop()
 
-    want = S.pick_piece_chunks_for_bucket(32768, (0, 2), 4, 128, 128, 132)
+    want = S.pick_piece_chunks_for_bucket(32768, (0, 1), 4, 128, 128, 132)
     assert want == S.pick_piece_chunks([32768], 4, 128, 128, 132) == 32  # TP8: j1's 3.5x unsplit
     assert route([32768], 2, 4) == ("split", want)
-    assert route([16384, 16384], 2, 4) == ("split", want)  # the bucket 0..2: the same pieces
+    want2 = S.pick_piece_chunks_for_bucket(32768, (2, 2), 4, 128, 128, 132)
+    assert want2 == S.pick_piece_chunks([16384, 16384], 4, 128, 128, 132) == 32
+    assert route([16384, 16384], 2, 4) == ("split", want2)  # the bucket of 2
     assert route([32768], 16, 32) == ("unsplit", None)  # the model keeps HV = 32 unsplit
     want8 = S.pick_piece_chunks_for_bucket(32768, (3, 8), 4, 128, 128, 132)
     assert want8
@@ -1669,11 +1673,14 @@ def test_traced_split_pick_holds_for_the_bucket():
     assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 4, 128, 128, 132) == 32
     assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 8, 128, 128, 132) == 64
     assert S.pick_piece_chunks_for_bucket(32768, (0, 2), 32, 128, 128, 132) is None
+    # one prompt at HV = 32: pieces of 128 model 1.07x, short of the host pick's 1.1x: unsplit
+    assert S.pick_piece_chunks_for_bucket(32768, (0, 1), 32, 128, 128, 132) is None
+    assert S.pick_piece_chunks([32768], 32, 128, 128, 132) is None
     # not pieces of 8 (slower than modelled: 0.351 ms under jit against 0.115 at 16, H100 s17)
     assert S.pick_piece_chunks_for_bucket(8192, (0, 2), 4, 128, 128, 132) == 16
     for hv in (2, 4, 8, 16, 32):
         for t in (8192, 32768, 131072):
-            for n_pad in (2, 8):
+            for n_pad in (1, 2, 8):
                 lo, hi = seq_bucket_range(n_pad)
                 pc = S.pick_piece_chunks_for_bucket(t, (lo, hi), hv, 128, 128, 132)
                 assert pc is None or pc in S.BUCKET_PIECES, pc

@@ -72,7 +72,7 @@ def test_seq_bucket_range():
             assert seq_bucket_range(n_pad) == (min(counts), max(counts)), n_pad
         else:
             assert seq_bucket_range(n_pad) is None, n_pad
-    assert seq_bucket_range(2) == (0, 2) and seq_bucket_range(8) == (3, 8) and seq_bucket_range(128) == (121, 128)
+    assert seq_bucket_range(1) == (0, 1) and seq_bucket_range(2) == (2, 2) and seq_bucket_range(8) == (3, 8) and seq_bucket_range(128) == (121, 128)
 
 
 def test_padded_sizes_whole_chunks():

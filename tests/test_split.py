@@ -378,7 +378,7 @@ def test_prefill_default_asks_the_mosaic_split_model(monkeypatch):
     two_rows = [z.reshape((2, t // 2) + z.shape[2:]) for z in zeros]
     assert not auto_split_applies("jax", api.validate(*two_rows, backend="jax", impl="mosaic_gpu")[1])
 
-    # a plan traced under jit: the largest count of its bucket decides (0..2 here; 17..20 below)
+    # a plan traced under jit: the largest count of its bucket decides (0..1 here; 17..20 below)
     seen = []
     for c in (cu, many[:21]):
         jax.jit(lambda plan: seen.append(auto_split_applies("jax", api.validate(

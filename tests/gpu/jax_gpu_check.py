@@ -11,7 +11,8 @@ Sections (each in its own try/except, so one failure does not hide the rest):
      state array h passes 2^31 elements there: 64-bit offsets), and the start of the third piece
      against float64 from the chained state
   3. no device-to-host transfer in a jitted prefill (jax.transfer_guard("disallow")), and the
-     sync detector: the host gets control back long before 50 ms of queued GPU work drains
+     sync detector: the host gets control back long before 50 ms of queued GPU work drains; on
+     five sequences and on one prompt (mosaic_gpu's co-resident kernel at HV = 32)
   4. first-call (trace + compile + run) time of each implementation
   5. timings at 1x32768, 4x8192, 8x4096, 128x256 (packed, Qwen3.5 shape, bf16): a loop of calls
      of the jitted prefill with one block_until_ready, median of several rounds; one table
@@ -171,16 +172,22 @@ def long_chain(impls, quick: bool):
             print(f"  skip  {impl}: unsupported: {e}")
 
 
+#: the batches of section 3: several sequences, and one prompt (on mosaic_gpu at HV = 32 the
+#: co-resident kernel, whose loop waits on flags in GPU memory)
+NO_SYNC_BATCHES = (("5 sequences", [4096, 2048, 256, 0, 77]), ("1 prompt", [8192]))
+
+
+def _mosaic_variant(arrs, dp, h0) -> str:
+    """The mosaic_gpu variant ``variant="auto"`` runs for these arguments (device plan)."""
+    from gdn import api
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+
+    _, args = api.validate(*arrs, plan=dp, initial_state=h0, backend="jax")
+    return D.pick_variant(args, "auto", 64, False, True, None, None, False)
+
+
 @section("3. no host transfer and no sync inside a jitted prefill")
 def no_sync(impls):
-    x = make_inputs([4096, 2048, 256, 0, 77], seed=3, initial_state=True, **QWEN)
-    arrs, _ = device_args(x, "bfloat16")
-    p = gdn.plan(x.cu_seqlens)
-    h0 = np.zeros((p.padded_seqs,) + x.initial_state.shape[1:], np.float32)
-    h0[: p.num_seqs] = x.initial_state
-    h0 = jnp.asarray(h0)
-    dp = p.to_jax()
-
     # ~50 ms of queued GPU work: a chain of 8192^2 bf16 matmuls
     @jax.jit
     def busy(a):
@@ -191,26 +198,45 @@ def no_sync(impls):
     t0 = time.perf_counter()
     busy(a).block_until_ready()
     busy_ms = (time.perf_counter() - t0) * 1e3
+    for label, lens in NO_SYNC_BATCHES:
+        _no_sync_batch(impls, label, lens, busy, a, busy_ms)
+
+
+def _no_sync_batch(impls, label, lens, busy, a, busy_ms):
+    x = make_inputs(lens, seed=3, initial_state=True, **QWEN)
+    arrs, _ = device_args(x, "bfloat16")
+    p = gdn.plan(x.cu_seqlens)
+    h0 = np.zeros((p.padded_seqs,) + x.initial_state.shape[1:], np.float32)
+    h0[: p.num_seqs] = x.initial_state
+    h0 = jnp.asarray(h0)
+    dp = p.to_jax()
     for impl in impls:
+        if impl == "mosaic_gpu":
+            try:
+                label_i = f"{impl} ({label}, {_mosaic_variant(arrs, dp, h0)})"
+            except Exception as e:  # the name only; the checks below still run
+                label_i = f"{impl} ({label}, variant unknown: {type(e).__name__})"
+        else:
+            label_i = f"{impl} ({label})"
         try:
             f = jax.jit(lambda q, k, v, g, b, plan, h: gdn.prefill(
                 q, k, v, g, b, plan=plan, initial_state=h, impl=impl))
             with jax.transfer_guard("disallow"):  # tracing, compiling and running
                 out = f(*arrs, dp, h0)
                 jax.block_until_ready(out)
-            check(f"{impl} transfer_guard('disallow') around a jitted prefill", True)
+            check(f"{label_i} transfer_guard('disallow') around a jitted prefill", True)
             with jax.transfer_guard("disallow"):  # an eager call with a device plan, too
                 jax.block_until_ready(gdn.prefill(*arrs, plan=dp, initial_state=h0, impl=impl))
-            check(f"{impl} transfer_guard('disallow') around an eager prefill", True)
+            check(f"{label_i} transfer_guard('disallow') around an eager prefill", True)
             q = busy(a)
             t0 = time.perf_counter()
             out = f(*arrs, dp, h0)
             host_ms = (time.perf_counter() - t0) * 1e3
             jax.block_until_ready((q, out))
-            check(f"{impl} returns before the queue drains", host_ms < 0.3 * busy_ms,
+            check(f"{label_i} returns before the queue drains", host_ms < 0.3 * busy_ms,
                   f"host {host_ms:.2f} ms behind {busy_ms:.1f} ms of queued work")
         except Exception as e:
-            check(f"{impl} no-sync checks", False, f"{type(e).__name__}: {e}")
+            check(f"{label_i} no-sync checks", False, f"{type(e).__name__}: {e}")
 
 
 def _bench(fn, args, target_s: float = 0.25, rounds: int = 5) -> float:
@@ -324,12 +350,13 @@ def report_stages(cname, st):
 
 def _smoke() -> None:
     """Toy sizes for every section (checking this script on a CPU, interpret mode)."""
-    global QWEN, EDGE_CASES, CONFIGS, PIECE, BUSY
+    global QWEN, EDGE_CASES, CONFIGS, PIECE, BUSY, NO_SYNC_BATCHES
     QWEN = dict(h=2, hv=4, k=32, v=32)
     EDGE_CASES = [(n, {**c, "hv": 6} if "hv" in c else c, d, l2) for n, c, d, l2 in EDGE_CASES]
     CONFIGS = [("1x32768", [200]), ("4x8192", [64] * 4), ("8x4096", [30] * 8),
                ("128x256", [5] * 24)]
     PIECE, BUSY = 192, 512
+    NO_SYNC_BATCHES = (("5 sequences", [40, 20, 3, 0, 7]), ("1 prompt", [100]))
 
 
 PIECE = 100_032  # tokens per piece of the long chain: a multiple of 64, chunk boundaries line up

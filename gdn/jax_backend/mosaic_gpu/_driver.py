@@ -67,7 +67,7 @@ def pick_chunk_variant_for(counts, hv: int, dv: int, sms: int) -> str:
     compilation serves): :func:`pick_chunk_variant`'s pick where all counts agree, else the loop
     whose worst slowdown against the count's own pick (:func:`loop_wave_us`) is smaller, ties to
     "default". At HV = 32 the bucket of 3..8 sequences gets the wide loop (at most 1.12x the
-    narrow one, at 5 and 6 sequences, against 1.19x the other way, at 3, 4, 7 and 8); 0..2
+    narrow one, at 5 and 6 sequences, against 1.19x the other way, at 3, 4, 7 and 8); 0..1 and 2
     sequences get the narrow one (the wide loop would be 1.68x)."""
     counts = [max(int(n), 1) for n in counts]
     picks = {pick_chunk_variant(n, hv, dv, sms) for n in counts}
@@ -317,7 +317,7 @@ def _seq_range(plan) -> tuple[int, int] | None:
     """The sequence counts the grid policies decide for: ``(n, n)`` with a host plan's non-empty
     count ``n``; for a plan traced under the caller's jit (its count unknown) every count its
     bucket holds (:func:`gdn.planner.seq_bucket_range`: within 1/8 of ``N_pad`` above the floor
-    buckets of 0..2 and 3..8), so one compilation serves the bucket; None if unknown."""
+    buckets of 0..1, 2 and 3..8), so one compilation serves the bucket; None if unknown."""
     n = _counted_seqs(plan)
     return (n, n) if n is not None else seq_bucket_range(plan.padded_seqs)
 

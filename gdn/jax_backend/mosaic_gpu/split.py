@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...api import PrefillArgs
+from ...planner import SPLIT_MIN_GAIN
 from ..common import _pad_rows, _take_rows, _tracing, count_trace
 from . import _driver
 from .piece_states import piece_states
@@ -335,8 +336,12 @@ def _pick_for_bucket(num_tokens: int, counts: tuple[int, int], hv: int, dk: int,
     def regret(pc):
         return max(c / b for c, b in zip(cost[pc], best))
 
+    # as the host plan's pick (two_pass_policy): a piece size must beat unsplit by SPLIT_MIN_GAIN
+    # on some batch of the bucket, not only tie with it (a bucket of one prompt at HV = 32 would
+    # otherwise split, modelled 1.07x, where the unsplit co-resident kernel is faster)
     ok = [pc for pc in cost if pc is None
-          or all(c <= BUCKET_SLACK * u for c, u in zip(cost[pc], cost[None]))]
+          or (all(c <= BUCKET_SLACK * u for c, u in zip(cost[pc], cost[None]))
+              and any(c * SPLIT_MIN_GAIN <= u for c, u in zip(cost[pc], cost[None])))]
     return min(ok, key=lambda pc: (regret(pc), pc is not None))
 
 
