@@ -1484,6 +1484,39 @@ def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
     assert pick(one, chunk_variant="default") == "coresident"
 
 
+def test_variant_policy_sees_the_intra_options(monkeypatch):
+    """prefill_arrays tells pick_variant whether every intra option is at its default (read from
+    its own signature): the defaults say so, any one option changed does not."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(args, chunk_variant, bv, loop_halves, intra_default, *rest):
+        seen.append(intra_default)
+        raise Stop
+
+    monkeypatch.setattr(D, "pick_variant", spy)
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    g = jnp.zeros((1, 256, 4), jnp.float32)
+    v = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    args = api.validate(q, q, v, g, g, plan=make_plan([0, 256], num_tokens=256), backend="jax")[1]
+    changed = dict(intra_tiles=2, head_loop="unroll", intra_pad=0, intra_merge="levels", intra_columns=False,
+                   intra_isolate="all", intra_out_buffers=1, intra_solve="warp", intra_warpgroups=3)
+    assert set(changed) == set(D.INTRA_OPTIONS)
+    for kw in [{}] + [{n: val} for n, val in changed.items()]:
+        if kw.get("intra_warpgroups"):  # (needs the warp solve)
+            kw["intra_solve"] = "warp"
+        with pytest.raises(Stop):
+            D.prefill_arrays(args, **kw)
+    assert seen == [True] + [False] * len(changed)
+
+
 def test_chunk_variant_policy_for_a_bucket():
     """One loop for a traced plan's bucket: the common pick where every count agrees, else the loop
     whose worst slowdown (the wave model) over the bucket is smaller, checked against a brute

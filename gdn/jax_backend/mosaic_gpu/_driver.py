@@ -8,6 +8,7 @@ scalar operands of eager ops are host-to-device transfers).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -364,9 +365,15 @@ def resolve_chunk_variant(chunk_variant: str, plan, hv: int, dv: int) -> str:
     return chunk_variant
 
 
-#: the intra kernel's options as :func:`prefill_arrays` defaults them (intra_tiles, head_loop, intra_pad,
-#: intra_merge, intra_columns, intra_isolate, intra_out_buffers, intra_solve, intra_warpgroups)
-INTRA_DEFAULTS = (None, "loop", SOLVE_PAD, "chain", True, "boundary", 2, "smem", 1)
+#: the intra kernel's options of :func:`prefill_arrays` (their defaults: :func:`intra_defaults`)
+INTRA_OPTIONS = ("intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns", "intra_isolate",
+                 "intra_out_buffers", "intra_solve", "intra_warpgroups")
+
+
+def intra_defaults() -> tuple:
+    """:data:`INTRA_OPTIONS`' defaults, read from :func:`prefill_arrays`' signature (one copy)."""
+    params = inspect.signature(prefill_arrays).parameters
+    return tuple(params[n].default for n in INTRA_OPTIONS)
 
 
 def pick_variant(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bool, intra_default: bool,
@@ -521,8 +528,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
             raise ValueError(f"{name} must be an int >= {least} or None, got {val!r}")
     halves = None
     if variant == "auto":
-        intra_default = (intra_tiles, head_loop, intra_pad, intra_merge, intra_columns, intra_isolate,
-                         intra_out_buffers, intra_solve, intra_warpgroups) == INTRA_DEFAULTS
+        given = locals()
+        intra_default = tuple(given[n] for n in INTRA_OPTIONS) == intra_defaults()
         variant = pick_variant(args, chunk_variant, bv, loop_halves, intra_default, coresident_seqs,
                                coresident_sms, interpret)
     if variant == "coresident":  # the narrow loop beside the intra workers (its own intra options: solve "warp")

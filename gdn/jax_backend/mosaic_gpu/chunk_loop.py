@@ -489,7 +489,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
     args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     if program:
-        return LoopProgram(tuple(out_type), scratch, tuple(args), body, (nv, hv, ns))
+        names = ("q", "k", "v", "ag", "gc", "cu") + (("lrq", "lrk") if l2 else ()) + (("h0",) if has_h0 else ())
+        return LoopProgram(tuple(out_type), scratch, tuple(args), body, (nv, hv, ns), names)
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch, grid=(nv, hv, ns), grid_names=("v", "h", "n"),
@@ -503,10 +504,12 @@ class LoopProgram(NamedTuple):
     """:func:`chunk_loop`'s kernel unlaunched (``program=True``), for a kernel that runs it beside
     other work (:mod:`.coresident`): its outputs' types, scratch, inputs, ``body(*inputs_and_outputs,
     cta=(iv, j, n), gate_wait=, **scratch)`` (``gate_wait(t0, hk)``: called by the memory
-    warpgroup before it loads the ``Ag`` / ``gc`` of the tile whose first token is t0) and its
-    CTAs' grid."""
+    warpgroup before it loads the ``Ag`` / ``gc`` of the tile whose first token is t0), its
+    CTAs' grid and its inputs' names (``input_names``: "q", "k", "v", "ag", "gc", "cu", then "lrq",
+    "lrk", "h0" where present)."""
     out_type: tuple
     scratch: dict
     inputs: tuple
     body: Callable
     grid: tuple
+    input_names: tuple

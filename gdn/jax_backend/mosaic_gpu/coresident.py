@@ -107,10 +107,9 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     # (the CTAs of empty sequences and of the tail row exit at once)
     n_work = workers_for(nv * hv * (ns - 1 if active_seqs is None else max(int(active_seqs), 1)), sms)
     n_w = n_work * nwg_i
-    # the loop's inputs, with those the workers produce marked by their output index
-    from_intra = {3: 0, 4: 1}
-    if norms_in_intra:
-        from_intra.update({6: 2, 7: 3})
+    # the loop's inputs that the workers produce (by name): loop input position -> intra output index
+    produced = ("ag", "gc") + (("lrq", "lrk") if norms_in_intra else ())
+    from_intra = {lp.input_names.index(n): ip.out_names.index(n) for n in produced}
     loop_in = [a for i, a in enumerate(lp.inputs) if i not in from_intra]
     n_iin, n_lin = len(ip.inputs), len(loop_in)
 

@@ -418,7 +418,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     if program:
         if nwg == 1:
             raise ValueError("program=True needs warpgroups > 1 (each warpgroup its own run of tiles)")
-        return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg)
+        out_names = ("ag", "gc") + (("ai",) if debug_inverse else ()) + (("lrq", "lrk") if has_q else ())
+        return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg, out_names)
     with tracing_for_interpreter(interp):
         threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
         outs = plgpu.kernel(
@@ -433,9 +434,11 @@ class IntraProgram(NamedTuple):
     """:func:`intra`'s kernel unlaunched (``program=True``), for a kernel that runs it beside other
     work (:mod:`.coresident`): its outputs' types, SMEM scratch (a copy per warpgroup), inputs, and
     ``body(*inputs_and_outputs, sched_of=, after_tile_of=, **scratch)``, one run of tiles per
-    warpgroup."""
+    warpgroup; ``out_names``: each output's name ("ag", "gc", "lrq", "lrk"), as
+    :class:`.chunk_loop.LoopProgram` names its inputs."""
     out_type: tuple
     scratch: dict
     inputs: tuple
     body: Callable
     warpgroups: int
+    out_names: tuple
