@@ -78,6 +78,8 @@
 #                                   # latter now the co-resident kernel by default), with FLA and jla; then two
 #                                   # prompts under jit beside workers sized for one (coresident_seqs=1)
 #   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
+#   bash benchmarks/queue.sh s28a   # s28: P from the co-resident workers (coresident_p): the flags compiled, NaN
+#                                   # isolation, timed beside the co-resident default with FLA; then the no-sync checks
 #   bash benchmarks/queue.sh s28    # s28: the no-sync checks (transfer_guard, sync detector) on one prompt (the
 #                                   # co-resident kernel) and five sequences; gdn bench 16/32 and 16/16 at 1x32768,
 #                                   # 28672+4096, 1x8192 (FLA, jla, FlashInfer if unpacked by fi1); the split vs the
@@ -211,9 +213,14 @@ case $call in
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
       timeout -s INT 120 $M --only time --tag cr4t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
         --fla-shapes none ;;
-  s28) timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
-        --json "$OUT/s28sync.json"
-      if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then
+  s28a) cp .fib/part1/fisite.part.aa /tmp/ 2>/dev/null
+      timeout -s INT 150 $M --only coresident --tag s28c --coresident-layouts 1x32768,1x8192
+      timeout -s INT 90 $M --only nan --tag s28n --nan-names coresident_p
+      timeout -s INT 150 $M --only time --tag s28t --shapes 1x32768,1x8192 --variants coresident,coresident_p \
+        --fla-shapes 1x32768,1x8192
+      timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
+        --json "$OUT/s28sync.json" ;;
+  s28) if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
       fi
       IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host"

@@ -494,19 +494,22 @@ def _main_interpret_cases(path):
     assert jax.device_count() >= 3
 
 
-def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int):
+def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, p: bool = False):
     """variant="coresident" (:mod:`gdn.jax_backend.mosaic_gpu.coresident`: intra workers and the
     narrow loop in one launch) against the narrow loop after the intra kernel on :func:`_loop_io_bits`'
     clean and poisoned inputs (V = 64): the same bits. ``l2``: use_qk_l2norm, the row norms from the
     workers (2 a CTA); ``sms``: the SMs the kernel sizes its workers for (few here: the interpreter
-    runs each CTA in turn)."""
+    runs each CTA in turn); ``p``: the workers also form P for the loop (``coresident_p``)."""
     return _loop_io_bits("narrow", dv=64, l2=l2, variant="coresident", intra_warpgroups=intra_warpgroups,
-                         intra_solve="warp", coresident_sms=sms)
+                         intra_solve="warp", coresident_sms=sms, coresident_p=p)
 
 
 CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 16 rows: 32 loop CTAs)
     "coresident_bits": dict(l2=False, intra_warpgroups=3, sms=72),
     "coresident_w2_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66),
+    # P from the workers (2 a CTA: q's tile), read by the loop's output warpgroup from SMEM
+    "coresident_p_bits": dict(l2=False, intra_warpgroups=2, sms=70, p=True),
+    "coresident_p_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True),
 }
 
 
@@ -854,6 +857,8 @@ def _lower_for_cuda(fn, *args):
     # the intra workers and the narrow loop in one launch (one sequence's worth of loop CTAs)
     (128, 128, 16, 32, "bfloat16", True, True, "coresident"),
     (64, 128, 16, 32, "float16", False, False, "coresident_l2"),  # the row norms from the workers
+    (128, 128, 16, 32, "bfloat16", True, True, "coresident_p"),  # and P for the loop's output warpgroup
+    (128, 128, 16, 32, "bfloat16", True, True, "coresident_p_l2"),
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -875,7 +880,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         _, args = api.validate(q, k, v, g, beta, plan=plan, initial_state=h0, output_final_state=final,
                                backend="jax", use_qk_l2norm=variant.endswith("_l2"))
         if variant.startswith("coresident"):
-            return prefill_arrays(args, variant="coresident", coresident_seqs=1)
+            return prefill_arrays(args, variant="coresident", coresident_seqs=1,
+                                  coresident_p=variant.startswith("coresident_p"))
         if variant == "wide_store":
             return prefill_arrays(args, chunk_variant="wide", loop_overlap="store")
         if variant.endswith("_overlap"):

@@ -201,6 +201,7 @@ def sec_nan(names=()):
                                                                          loop_schedule="table", loop_out_store="registers")),
                              ("coresident", "narrow", dict(variant="coresident")),  # s27
                              ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2, intra_solve="warp")),
+                             ("coresident_p", "narrow", dict(variant="coresident", coresident_p=True)),  # s28
                              ("warp_out_wide", "wide", dict(loop_out_store="warp")),
                              ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                        loop_schedule="table", loop_out_store="warp"))):
@@ -214,12 +215,13 @@ def sec_nan(names=()):
 
 
 @section("coresident")
-def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4):
+def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, True)):
     """The co-resident kernel (variant="coresident") against the narrow loop after the intra kernel,
     compiled, on two input sets taken in turns (a missed flag would read the Ag / gc buffer of the
     call before, which holds the other set's values): every call's o and final state must be the
     same bits. Also with ``_no_wait`` (the loop ignores the flags): that comparison must then FAIL
-    (the check can fail). With use_qk_l2norm too (the norms from the workers, 2 a CTA)."""
+    (the check can fail). With use_qk_l2norm too (the norms from the workers, 2 a CTA), and with P
+    from the workers (``ps``: ``p_from_workers``; the same bits as two kernels under the interpreter)."""
     import jax
     from gdn import plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
@@ -234,11 +236,12 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4):
         o, f = D.loop(x, ag, gc, x.h0, plan.padded_seqs, chunk_variant="default", scale=scale, overlap=True)
         return o, f
 
-    def one_launch(q, k, v, g, beta, h0, plan, l2, no_wait):
+    def one_launch(q, k, v, g, beta, h0, plan, l2, no_wait, p):
         x = D.prepare(q, k, v, g, beta, plan, h0, l2)
         o, f, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
                               n_out=plan.padded_seqs, t_valid=x.q.shape[0], sms=sms, lrq=x.lrq, lrk=x.lrk,
-                              norms_in_intra=l2, overlap=True, active_seqs=len(lens), _no_wait=no_wait)
+                              norms_in_intra=l2, overlap=True, active_seqs=len(lens), p_from_workers=p,
+                              _no_wait=no_wait)
         return o, f
 
     for label in layouts:
@@ -251,14 +254,14 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4):
                 sets.append((q, k, v, g, beta, h0, make_plan(cu, num_tokens=q.shape[1]).to_jax()))
             f_ref = jax.jit(lambda *a, l2=l2: two_kernels(*a, l2))
             refs = [jax.device_get(f_ref(*s)) for s in sets]
-            for no_wait in (False, True):
-                f = jax.jit(lambda *a, l2=l2, nw=no_wait: one_launch(*a, l2, nw))
+            for no_wait, p in [(nw, p) for p in ps for nw in (False, True)]:
+                f = jax.jit(lambda *a, l2=l2, nw=no_wait, p=p: one_launch(*a, l2, nw, p))
                 same = []
                 for r in range(reps):
                     for si, s in enumerate(sets):
                         o, fin = jax.device_get(f(*s))
                         same.append(bool(np.array_equal(o, refs[si][0]) and np.array_equal(fin, refs[si][1])))
-                name = f"{label}{' l2' * l2}{' no_wait' * no_wait}"
+                name = f"{label}{' l2' * l2}{' p' * p}{' no_wait' * no_wait}"
                 ok = all(same) if not no_wait else not all(same)
                 out[name] = dict(same=same, ok=ok)
                 log(name, same)
@@ -578,6 +581,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # (coresident_seqs=1: a traced plan's bucket holds up to 2 sequences, which the kernel refuses at HV = 32)
     "coresident": dict(variant="coresident", coresident_seqs=1),
     "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1),
+    "coresident_p": dict(variant="coresident", coresident_seqs=1, coresident_p=True),  # s28: P from the workers
     "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
     # the plan an argument of the jitted call (what gdn bench times): two kernels / the co-resident
     # kernel sized for one prompt whatever the bucket holds (two prompts then share the SMs with it)
@@ -1169,6 +1173,7 @@ def main():
     ap.add_argument("--loop-variants", default="one_per_item,order,table,table_pf",
                     help="loops: names of LOOP_VARIANTS (the first is the bitwise reference)")
     ap.add_argument("--nan-names", default="", help="nan: only these checks (default: all)")
+    ap.add_argument("--coresident-layouts", default="", help="coresident: NxT layouts (default 1x32768,1x8192,1x1000)")
     ap.add_argument("--small-names", default="", help="small: only cases whose names contain one of these")
     ap.add_argument("--split-shapes", default="", help="labels of SPLIT_SHAPES to time (default: all)")
     ap.add_argument("--split-no-f64", action="store_true",
@@ -1193,7 +1198,7 @@ def main():
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
                 "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens))),
-                "coresident": (sec_coresident, ())}
+                "coresident": (sec_coresident, ((a.coresident_layouts.split(","),) if a.coresident_layouts else ()))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
             fn, args = sections[name]

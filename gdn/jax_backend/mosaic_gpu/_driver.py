@@ -95,7 +95,7 @@ def _sm_count() -> int:
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "coresident_sms", "coresident_seqs"))
+    "coresident_sms", "coresident_seqs", "coresident_p"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -106,7 +106,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
-         coresident_sms: int | None = None, coresident_seqs: int | None = None):
+         coresident_sms: int | None = None, coresident_seqs: int | None = None, coresident_p: bool = False):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -123,7 +123,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                   lrq=x.lrq, lrk=x.lrk, norms_in_intra=use_qk_l2norm and x.lrk is None, bv=bv,
                                   stages=stages, lean=loop_lean, overlap=loop_overlap,
                                   intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
-                                  active_seqs=coresident_seqs, interpret=interpret)
+                                  active_seqs=coresident_seqs, p_from_workers=coresident_p, interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -430,14 +430,16 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
                    loop_out_store: str = "tma", coresident_sms: int | None = None,
-                   coresident_seqs: int | None = None):
+                   coresident_seqs: int | None = None, coresident_p: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "auto" (the default: :func:`pick_variant`), "two_kernels" (the intra kernel, then
     the chunk loop), "coresident" (the two in one launch, the intra work on the SMs the narrow loop
     leaves idle: :mod:`.coresident`; ``coresident_seqs``: the most sequences with tokens a call of
     this compilation may have, default the plan's count or its bucket's largest; ``coresident_sms``:
-    the SMs it sizes its workers for, default the device's), "fused" (one
+    the SMs it sizes its workers for, default the device's; ``coresident_p``, UNTIMED, off: the
+    workers also form each tile's P for the loop's output warpgroup, :mod:`.coresident`'s
+    ``p_from_workers``, where the co-resident kernel runs), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
     (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
@@ -511,7 +513,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
     if not (isinstance(loop_prefetch, bool) or loop_prefetch in ("smem", "auto")):
         raise TypeError(f"loop_prefetch must be a bool, 'smem' or 'auto', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_halves", loop_halves)):
+                      ("loop_halves", loop_halves), ("coresident_p", coresident_p)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     check_loop_overlap(loop_overlap)
@@ -580,4 +582,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
-                    coresident_seqs=coresident_seqs)
+                    coresident_seqs=coresident_seqs, coresident_p=coresident_p and variant == "coresident")

@@ -62,15 +62,16 @@ SMEM_BUDGET = 227 * 1024 - 4 * 1024  # leave room for barriers and the reduction
 ABLATIONS = ("xw", "w", "update", "publish", "out", "store", "store_tma", "store_wait", "p", "o_mm", "p_half")
 
 
-def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False) -> int:
-    per_stage = (2 * C * dk + C * bv + C * C) * itemsize + (3 + 2 * l2) * C * 4
+def smem_bytes(dk: int, bv: int, itemsize: int, out_itemsize: int, stages: int, l2: bool = False,
+               p_in: bool = False) -> int:
+    per_stage = (2 * C * dk + C * bv + (1 + p_in) * C * C) * itemsize + (3 + 2 * l2) * C * 4
     fixed = max(2 * bv * dk * itemsize, dk * bv * 4) + 2 * C * bv * itemsize + 3 * C * bv * out_itemsize
     return stages * per_stage + fixed
 
 
-def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int, l2: bool = False) -> int:
+def pick_stages(dk: int, bv: int, itemsize: int, out_itemsize: int, l2: bool = False, p_in: bool = False) -> int:
     for stages in (4, 3, 2):
-        if smem_bytes(dk, bv, itemsize, out_itemsize, stages, l2) <= SMEM_BUDGET:
+        if smem_bytes(dk, bv, itemsize, out_itemsize, stages, l2, p_in) <= SMEM_BUDGET:
             return stages
     raise NotImplementedError(f"chunk loop needs {smem_bytes(dk, bv, itemsize, out_itemsize, 2)} bytes of SMEM")
 
@@ -157,7 +158,7 @@ def state_step(s_t, s_lo, v_tile, k_tile, a_tile, g_vec, g_last, valid, lean: bo
 
 def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int | None, t_valid: int,
                bv: int = 64, stages: int | None = None, lean: bool = True, bare: bool = True,
-               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, interpret=None,
+               direct_io: bool = False, overlap: bool = False, lrq=None, lrk=None, pm=None, interpret=None,
                _ablate: frozenset = frozenset(), program: bool = False):
     """``(o [T_q, HV, V] in q's dtype, final [n_out, HV, K, V] fp32 or None)``.
 
@@ -190,6 +191,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
+    ``pm`` (UNTIMED; with ``lean``): [HV, T_pad, 64] in q's dtype, each tile's P with o's scale in it,
+    as the output warpgroup would form it (:func:`.intra.intra`'s ``p_scale``: the co-resident
+    kernel's workers write it). The memory warpgroup loads it into the ring and the output
+    warpgroup takes ``P Vnew``'s left operand from SMEM: no ``Q K^T`` and no decay here.
     """
     bad = set(_ablate) - set(ABLATIONS)
     if bad:
@@ -207,8 +212,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     out_dtype = q.dtype
     isz, osz = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     l2 = has_row_scales(lrq, lrk)
+    p_in = pm is not None
+    if p_in:
+        if not lean:
+            raise ValueError("pm (P from the intra workers) holds o's scale: it needs lean=True")
+        if pm.shape != (hv, ag.shape[1], C) or pm.dtype != dtype:
+            raise ValueError(f"pm must be {(hv, ag.shape[1], C)} {dtype}, got {pm.shape} {pm.dtype}")
+        if set(_ablate) & {"p", "p_half", "out"}:
+            raise ValueError("_ablate: 'p', 'p_half' and 'out' are about the P formed here: not with pm")
     if stages is None:
-        stages = pick_stages(dk, bv, isz, osz, l2)
+        stages = pick_stages(dk, bv, isz, osz, l2, p_in)
     has_h0 = h0 is not None
     n_h0 = h0.shape[0] if has_h0 else 0
     out_final = n_out is not None
@@ -234,7 +247,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
         vn_pub=tile((2, C, bv), dtype),
         o_out=tile((2, C, bv), out_dtype),
         o_part=plgpu.SMEM((C, bv), out_dtype),  # plain rows for the partial-tile row stores
-        in_bar=plgpu.Barrier(num_arrivals=7 + 2 * l2, num_barriers=stages),
+        in_bar=plgpu.Barrier(num_arrivals=7 + 2 * l2 + p_in, num_barriers=stages),
         in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         s_ready=plgpu.Barrier(num_barriers=2),
         s_free=plgpu.Barrier(num_barriers=2),
@@ -243,13 +256,16 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     )
     if l2:  # q's row scales for WG1 (row view), k's for both (column view, read only)
         scratch.update(lq_rows=vecs, lk_cols=vecs)
+    if p_in:  # P of each tile, for WG1
+        scratch["p_s"] = tile((stages, C, C), dtype)
 
     def body(*refs, q_s, k_s, v_s, a_s, gc_state, gc_rows, gc_cols, pub, vn_pub, o_out, o_part,
-             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None, cta=None,
+             in_bar, in_free, s_ready, s_free, st_bar, done, lq_rows=None, lk_cols=None, p_s=None, cta=None,
              gate_wait=None):
         s_pub, st_s = (pub, None) if direct_io else pub
         refs = list(refs)
         q_ref, k_ref, v_ref, ag_ref, gc_ref, cu_ref = (refs.pop(0) for _ in range(6))
+        pm_ref = refs.pop(0) if p_in else None
         lrq_ref, lrk_ref = (refs.pop(0), refs.pop(0)) if l2 else (None, None)
         h0_ref = refs.pop(0) if has_h0 else None
         o_ref = refs.pop(0)
@@ -277,6 +293,8 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                 if gate_wait is not None:  # the co-resident kernel: the intra results of tile i are out
                     gate_wait(t0, hk)
                 plgpu.copy_gmem_to_smem(ag_ref.at[j, tok], a_s.at[slot], bar)
+                if p_in:
+                    plgpu.copy_gmem_to_smem(pm_ref.at[j, tok], p_s.at[slot], bar)
                 for buf in (gc_state, gc_rows, gc_cols):
                     plgpu.copy_gmem_to_smem(gc_ref.at[j, tok], buf.at[slot], bar)
                 if l2:
@@ -437,9 +455,12 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                     plgpu.barrier_arrive(in_free.at[slot])
                     return carry
                 partial = (lo > 0) | (hi < C)
-                pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
+                if not p_in:
+                    pl.when(partial)(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 with jax.named_scope("o_p"):
-                    if ab("p"):
+                    if p_in:  # the workers' P, the left operand of P Vnew straight from SMEM
+                        p_lo = p_s.at[slot]
+                    elif ab("p"):
                         p_lo = plgpu.layout_cast(jnp.zeros(sq, dtype), WG)
                     elif ab("p_half"):
                         @pl.when(lax.rem(i, 2) == 1)
@@ -452,7 +473,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
                         p = mm(q_s.at[slot], k_s.at[slot].T, sq)
                         p_lo = masked_decay(mask, p, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
                 with jax.named_scope("o_wait_s"):
-                    pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
+                    if p_in:
+                        plgpu.barrier_wait(s_ready.at[half])
+                    else:
+                        pl.when(jnp.logical_not(partial))(lambda: plgpu.barrier_wait(s_ready.at[half]))
                 with jax.named_scope("o_mm"):
                     if ab("o_mm"):
                         o = p_lo.astype(F32)  # P's product stays live (bv == C)
@@ -487,9 +511,10 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
 
         finish_together(done)
 
-    args = [q, k, v, ag, gc, cu] + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
+    args = [q, k, v, ag, gc, cu] + ([pm] if p_in else []) + ([lrq, lrk] if l2 else []) + ([h0] if has_h0 else [])
     if program:
-        names = ("q", "k", "v", "ag", "gc", "cu") + (("lrq", "lrk") if l2 else ()) + (("h0",) if has_h0 else ())
+        names = (("q", "k", "v", "ag", "gc", "cu") + (("p",) if p_in else ()) + (("lrq", "lrk") if l2 else ())
+                 + (("h0",) if has_h0 else ()))
         return LoopProgram(tuple(out_type), scratch, tuple(args), body, (nv, hv, ns), names)
     with tracing_for_interpreter(interp):
         outs = plgpu.kernel(
@@ -505,8 +530,8 @@ class LoopProgram(NamedTuple):
     other work (:mod:`.coresident`): its outputs' types, scratch, inputs, ``body(*inputs_and_outputs,
     cta=(iv, j, n), gate_wait=, **scratch)`` (``gate_wait(t0, hk)``: called by the memory
     warpgroup before it loads the ``Ag`` / ``gc`` of the tile whose first token is t0), its
-    CTAs' grid and its inputs' names (``input_names``: "q", "k", "v", "ag", "gc", "cu", then "lrq",
-    "lrk", "h0" where present)."""
+    CTAs' grid and its inputs' names (``input_names``: "q", "k", "v", "ag", "gc", "cu", then "p",
+    "lrq", "lrk", "h0" where present)."""
     out_type: tuple
     scratch: dict
     inputs: tuple

@@ -90,15 +90,15 @@ def mm(a, b, shape, init=None, during=None):
 
     The result passes an optimization barrier: reading a WGMMA accumulator lowers to a wait that
     carries no data dependency, so without it LLVM may move arithmetic on the result above the wait.
-    The Mosaic GPU interpreter has no WGMMA with a register operand: there the product is a plain
-    fp32-accumulated dot of the same 16-bit values.
+    The Mosaic GPU interpreter has no WGMMA with a register operand, nor (jax 0.11.2) one into an
+    initialized accumulator: there the product is a plain fp32-accumulated dot of the same 16-bit values.
     """
     if during is not None:
         (out,), extra = products((shape, init, [(a, b)]), during=during)
         return out, extra
-    if _INTERPRET.get() and not _is_ref(a):
-        bv = plgpu.load(b, layout=WG)
-        out = jnp.dot(a, bv, preferred_element_type=F32)
+    if _INTERPRET.get() and (not _is_ref(a) or init is not None):  # (nor one into an initialized accumulator)
+        av = plgpu.load(a, layout=WG) if _is_ref(a) else a
+        out = jnp.dot(av, plgpu.load(b, layout=WG), preferred_element_type=F32)
         return out if init is None else init + out
     if init is None:
         def scoped(acc):

@@ -72,7 +72,8 @@ def applies(loop_ctas: int, sms: int) -> bool:
 def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int, n_out: int | None,
                t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
                stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
-               active_seqs: int | None = None, interpret=None, _no_wait: bool = False):
+               active_seqs: int | None = None, p_from_workers: bool = False, interpret=None,
+               _no_wait: bool = False):
     """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
     (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
     loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
@@ -82,33 +83,41 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     use_qk_l2norm's precomputed row scales or None. ``intra_warpgroups``: 2 or 3 workers a CTA.
     ``active_seqs``: at most this many sequences have tokens (default: cu's N_pad; a host plan
     knows its count): the loop CTAs that walk tiles, which the workers must leave SMs to.
+    ``p_from_workers`` (UNTIMED): the workers also form each tile's P (:func:`.intra.intra`'s
+    ``p_scale``; 2 a CTA: q's tile) and the loop's output warpgroup reads it (``chunk_loop``'s ``pm``)
+    instead of forming ``Q K^T`` and its decay on the chain's SM (session 26: the loop alone without
+    P was 0.58-0.61 ms against 0.78-0.81 at 1x32768). Needs ``lean``; with use_qk_l2norm only with
+    ``norms_in_intra``.
     ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
         raise ValueError("norms_in_intra computes lrq / lrk: pass neither")
     if intra_warpgroups not in (2, 3):
         raise ValueError(f"intra_warpgroups must be 2 or 3, got {intra_warpgroups!r}")
-    nwg_i = 2 if norms_in_intra else intra_warpgroups
+    if p_from_workers and (lrq is not None or not lean):
+        raise ValueError("p_from_workers needs lean=True and, with use_qk_l2norm, norms_in_intra")
+    nwg_i = 2 if norms_in_intra or p_from_workers else intra_warpgroups
     interp = bool(interpret)
     h = k.shape[1]
     n_tiles = g_hm.shape[1] // C
     n_items = n_tiles * h
     ip = intra(k, g_hm, beta_hm, seg, group=group, solve="warp", warpgroups=nwg_i, lrk=lrk,
-               q=q if norms_in_intra else None, interpret=interpret, program=True)
+               q=q if norms_in_intra or p_from_workers else None, norms=norms_in_intra,
+               p_scale=scale if p_from_workers else None, interpret=interpret, program=True)
+    named = dict(zip(ip.out_names, ip.out_type))
     n_iout = len(ip.out_type)  # ag, gc (+ lrq, lrk)
     # the loop's operands that the workers produce: placeholders here, their output refs in the body
-    ag_t, gc_t = ip.out_type[:2]
-    lq_t, lk_t = (ip.out_type[2:4] if norms_in_intra else (lrq, lrk))
-    lp = chunk_loop(q, k, v, ag_t, gc_t, cu, h0, scale=scale, group=group, n_out=n_out, t_valid=t_valid, bv=bv,
-                    stages=stages, lean=lean, bare=False, direct_io=True, overlap=overlap, lrq=lq_t, lrk=lk_t,
-                    interpret=interpret, program=True)
+    lq_t, lk_t = (named["lrq"], named["lrk"]) if norms_in_intra else (lrq, lrk)
+    lp = chunk_loop(q, k, v, named["ag"], named["gc"], cu, h0, scale=scale, group=group, n_out=n_out,
+                    t_valid=t_valid, bv=bv, stages=stages, lean=lean, bare=False, direct_io=True, overlap=overlap,
+                    lrq=lq_t, lrk=lk_t, pm=named.get("p"), interpret=interpret, program=True)
     nv, hv, ns = lp.grid
     loop_ctas = nv * hv * ns
     # (the CTAs of empty sequences and of the tail row exit at once)
     n_work = workers_for(nv * hv * (ns - 1 if active_seqs is None else max(int(active_seqs), 1)), sms)
     n_w = n_work * nwg_i
     # the loop's inputs that the workers produce (by name): loop input position -> intra output index
-    produced = ("ag", "gc") + (("lrq", "lrk") if norms_in_intra else ())
+    produced = ("ag", "gc") + (("lrq", "lrk") if norms_in_intra else ()) + (("p",) if p_from_workers else ())
     from_intra = {lp.input_names.index(n): ip.out_names.index(n) for n in produced}
     loop_in = [a for i, a in enumerate(lp.inputs) if i not in from_intra]
     n_iin, n_lin = len(ip.inputs), len(loop_in)
@@ -181,5 +190,6 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
         )(*ip.inputs, *loop_in)
     i_res, l_res = outs[:n_iout], outs[n_iout:]
     o, final = l_res[0], (l_res[1] if n_out is not None else None)
-    lq, lk = (i_res[2], i_res[3]) if norms_in_intra else (lrq, lrk)
-    return o, final, i_res[0], i_res[1], lq, lk
+    res = dict(zip(ip.out_names, i_res))
+    lq, lk = (res["lrq"], res["lrk"]) if norms_in_intra else (lrq, lrk)
+    return o, final, res["ag"], res["gc"], lq, lk

@@ -41,6 +41,7 @@ alone 0.222 vs 0.337 ms at 4x8192, 0.221 vs 0.341 at 128x256; whole prefill 0.68
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -50,7 +51,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, check_token_rows, cols, compiler_params, interpret_params,
-                     iota, mm, rows, tile, tracing_for_interpreter)
+                     iota, masked_decay, mm, rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
@@ -119,7 +120,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
           solve_pad: int = SOLVE_PAD, merge_variant: str = "chain", solve_columns: bool = True,
           isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
           interpret=None,
-          debug_inverse: bool = False, lrk=None, q=None, program: bool = False):
+          debug_inverse: bool = False, lrk=None, q=None, norms: bool = True, p_scale: float | None = None,
+          program: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
 
@@ -150,6 +152,12 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     squares are the diagonals of ``Q Q^T`` and of ``K K^T`` (fp32 accumulation), so no separate
     reduction reads q and k (H200, 2026-12-05: XLA's two reductions took 0.075 ms of a 0.66 ms
     prefill at 4x8192). Tokens past T_k read as zeros: their factor is 1e3, on zero rows.
+    ``norms`` (with ``q``; default True): compute and return q's and k's norms as above; False: q's
+    tile is loaded for ``p_scale``'s P only (no use_qk_l2norm).
+    ``p_scale`` (UNTIMED; with ``q``): also return ``P`` [HV, T_pad, 64] in k's dtype, each tile's
+    ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))`` (with the norms, times ``rstd(q_r) rstd(k_s)``), the
+    mask keeping ``s <= r`` of one sequence: what the narrow chunk loop's output warpgroup forms for
+    its ``P Vnew``, in the same arithmetic (its ``pm``).
     ``program``: return the kernel unlaunched (:class:`IntraProgram`; ``warpgroups`` > 1).
     """
     t_k, h, dk = k.shape
@@ -158,6 +166,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         raise ValueError(f"HV ({hv}) must be H ({h}) x group ({group})")
     has_rk = lrk is not None
     has_q = q is not None
+    do_norms = has_q and norms
+    p_out = p_scale is not None
+    if p_out and not has_q:
+        raise ValueError("p_scale (P for the chunk loop) needs q")
     if has_q and (has_rk or q.shape != k.shape or q.dtype != k.dtype):
         raise ValueError(f"q must match k ({k.shape}, {k.dtype}) and lrk be None, got q {q.shape} "
                          f"{q.dtype}, lrk {None if lrk is None else lrk.shape}")
@@ -169,9 +181,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     check_options(head_loop, merge_variant, solve_pad, solve_columns, isolate, out_buffers, solve, warpgroups)
     warp = solve == "warp"
     nwg = warpgroups
-    if nwg > 2 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM, over the SM's 232,448
-        raise ValueError("warpgroups=3 does not fit SMEM with q's norms computed here (use_qk_l2norm with "
-                         "qk_norms='intra'): use qk_norms='xla' or one warpgroup")
+    if nwg > 2 and has_q:  # q's tile per warpgroup: 247,880 B of SMEM (norms), over the SM's 232,448
+        raise ValueError("warpgroups=3 does not fit SMEM with q's tile (q's norms computed here, use_qk_l2norm "
+                         "with qk_norms='intra', or P for the chunk loop): use 2, or qk_norms='xla'")
     if nwg > 1 and debug_inverse:  # its fp32 staging three times over: 293,960 B (H100, 2026-12-06)
         raise ValueError("warpgroups=3 does not fit SMEM with debug_inverse (an fp32 copy of the inverse "
                          "per warpgroup): check its stages with one warpgroup")
@@ -185,8 +197,10 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     out_type = [jax.ShapeDtypeStruct((hv, t_pad, C), dtype), jax.ShapeDtypeStruct((hv, t_pad), F32)]
     if debug_inverse:
         out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), F32))
-    if has_q:
+    if do_norms:
         out_type += [jax.ShapeDtypeStruct((h, t_pad), F32)] * 2
+    if p_out:
+        out_type.append(jax.ShapeDtypeStruct((hv, t_pad, C), dtype))
     lead = (nwg,) if nwg > 1 else ()  # one copy of every buffer per warpgroup
 
     def smem(shape, dt, tiled=False):
@@ -210,23 +224,28 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
         scratch["kk_s"] = smem((C, C + SOLVE_PAD), F32)
     if has_rk:  # k's row scales, one copy per layout they are read in
         scratch.update(rk_r=smem((2, C), F32), rk_c=smem((2, C), F32))
-    if has_q:  # q's tile (refilled like k's), and the tile's ln rstd of q and k for their TMA stores
-        scratch.update(q_s=smem((C, dk), dtype, True), nrm_s=smem((2, 2, C), F32))
+    if has_q:  # q's tile (refilled like k's)
+        scratch["q_s"] = smem((C, dk), dtype, True)
+    if do_norms:  # the tile's ln rstd of q and k for their TMA stores
+        scratch["nrm_s"] = smem((2, 2, C), F32)
+    if p_out:  # Q K^T across the head loop (fp32, unpadded: SMEM), and each head's P for its TMA store
+        scratch.update(qk_s=smem((C, C), F32), p_s=smem((2, C, C) if nb == 2 else (C, C), dtype, True))
     if debug_inverse:
         scratch["ai_s"] = smem((2, C, C) if nb == 2 else (C, C), F32)
     interp = bool(interpret)
     sq = (C, C)
 
     def body(*refs, k_s, g_s, b_r, b_c, s_r, s_c, lo_s, ag_s, gc_s, bar_k, bar_s, na_s=None, x_s=None, ai_s=None,
-             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, cta=None, bar_s_base=0, sched=None,
-             after_tile=None):
+             rk_r=None, rk_c=None, q_s=None, nrm_s=None, kk_s=None, qk_s=None, p_s=None, cta=None, bar_s_base=0,
+             sched=None, after_tile=None):
         refs = list(refs)
         k_ref, g_ref, b_ref, seg_ref = (refs.pop(0) for _ in range(4))
         lrk_ref = refs.pop(0) if has_rk else None
         q_ref = refs.pop(0) if has_q else None
         ag_ref, gc_ref = refs.pop(0), refs.pop(0)
         ai_ref = refs.pop(0) if debug_inverse else None
-        lrq_out, lrk_out = (refs.pop(0), refs.pop(0)) if has_q else (None, None)
+        lrq_out, lrk_out = (refs.pop(0), refs.pop(0)) if do_norms else (None, None)
+        p_ref = refs.pop(0) if p_out else None
         if sched is None:  # the CTA's run of consecutive tiles of one k head
             hk0 = lax.axis_index("h")
             cta = lax.axis_index("m") if cta is None else cta
@@ -283,8 +302,9 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             if nb == 2:  # this head's output staging: the two alternate from head to head
                 buf = lax.rem(nth, 2)
                 ag_s_, gc_s_, ai_s_ = ag_s.at[buf], gc_s.at[buf], ai_s.at[buf] if debug_inverse else None
+                p_s_ = p_s.at[buf] if p_out else None
             else:
-                ag_s_, gc_s_, ai_s_ = ag_s, gc_s, ai_s
+                ag_s_, gc_s_, ai_s_, p_s_ = ag_s, gc_s, ai_s, p_s
             with jax.named_scope("cumsum"):  # segmented, chunk-local: a masked [64, 64] row sum
                 g_col = plgpu.load(g_s.at[slot, e], layout=COLS)
                 upto = (c <= r) & same() if apart else c <= r
@@ -318,14 +338,34 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 ag_s_[...] = (jnp.where(same(), ag, 0.0) if apart else ag).astype(dtype)
                 if debug_inverse:
                     ai_s_[...] = x
+                if p_out:
+                    p_s_[...] = p_tile(gam_r, gam_c, slot, apart)
                 plgpu.commit_smem()
                 grouped = dict(commit_group=False) if nb == 2 else {}
                 plgpu.copy_smem_to_gmem(ag_s_, ag_ref.at[j, tok], **grouped)
                 plgpu.copy_smem_to_gmem(gc_s_, gc_ref.at[j, tok], **grouped)
                 if debug_inverse:
                     plgpu.copy_smem_to_gmem(ai_s_, ai_ref.at[j, tok], **grouped)
+                if p_out:
+                    plgpu.copy_smem_to_gmem(p_s_, p_ref.at[j, tok], **grouped)
                 if nb == 2:
                     plgpu.commit_smem_to_gmem_group()
+
+        def p_tile(gam_r, gam_c, slot, apart: bool):
+            """The head's P in k's dtype, as the narrow chunk loop's output warpgroup forms it: its
+            row exponents ``gc_r + ln p_scale (+ ln rstd(q_r))``, its column ones ``gc_s (- ln
+            rstd(k_s))``, the select on ``s <= r`` of one sequence (the loop's ``[lo, hi)`` columns
+            for the rows of its sequence)."""
+            r, c = iota(sq, 0), iota(sq, 1)
+            g_r = gam_r + math.log(p_scale)
+            if do_norms:
+                g_r = g_r + plgpu.load(nrm_s.at[slot, 0], layout=ROWS)
+                g_c = gam_c - plgpu.load(nrm_s.at[slot, 1], layout=COLS)
+            else:
+                g_c = gam_c
+            mask = (r >= c) & same_seq(slot) if apart else r >= c
+            qk = plgpu.load(qk_s, layout=plgpu.Layout.WGMMA, optimized=False)
+            return masked_decay(mask, qk, rows(g_r, sq) - cols(g_c, sq)).astype(dtype)
 
         def group_heads(kk, slot, tok, hk, apart: bool, i):
             if head_loop == "loop" and group > 1:
@@ -374,11 +414,13 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
                 plgpu.barrier_wait(bar_k)
                 plgpu.barrier_wait(bar_s.at[bar_s_base + slot])
             with jax.named_scope("kk"):
-                if has_q:  # q's norms first: Q Q^T's registers are free before K K^T takes its own
+                if do_norms:  # q's norms first: Q Q^T's registers are free before K K^T takes its own
                     q_norms(slot)
+                if p_out:  # Q K^T for every head's P, kept in SMEM across the head loop
+                    qk_s[...] = mm(q_s, k_s.T, sq)
                 kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s (and q_s)
-                if has_q:
+                if do_norms:
                     kk = scale_by_norms(kk, slot, tok, hk)
                 elif has_rk:  # the normalized keys' products, in fp32
                     kk = (kk * rows(jnp.exp(plgpu.load(rk_r.at[slot], layout=ROWS)), sq)
@@ -418,7 +460,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     if program:
         if nwg == 1:
             raise ValueError("program=True needs warpgroups > 1 (each warpgroup its own run of tiles)")
-        out_names = ("ag", "gc") + (("ai",) if debug_inverse else ()) + (("lrq", "lrk") if has_q else ())
+        out_names = (("ag", "gc") + (("ai",) if debug_inverse else ()) + (("lrq", "lrk") if do_norms else ())
+                     + (("p",) if p_out else ()))
         return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg, out_names)
     with tracing_for_interpreter(interp):
         threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
