@@ -79,7 +79,7 @@
 #                                   # prompts under jit beside workers sized for one (coresident_seqs=1)
 #   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
 #   bash benchmarks/queue.sh s28a   # s28: P from the co-resident workers (coresident_p): the flags compiled, NaN
-#                                   # isolation, timed beside the co-resident default with FLA; then the no-sync checks
+#                                   # isolation, timed beside the co-resident default and its 2 workers a CTA, with FLA
 #   bash benchmarks/queue.sh s28    # s28: the no-sync checks (transfer_guard, sync detector) on one prompt (the
 #                                   # co-resident kernel) and five sequences; gdn bench 16/32 and 16/16 at 1x32768,
 #                                   # 28672+4096, 1x8192 (FLA, jla, FlashInfer if unpacked by fi1); the split vs the
@@ -214,21 +214,21 @@ case $call in
       timeout -s INT 120 $M --only time --tag cr4t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
         --fla-shapes none ;;
   s28a) cp .fib/part1/fisite.part.aa /tmp/ 2>/dev/null
-      timeout -s INT 150 $M --only coresident --tag s28c --coresident-layouts 1x32768,1x8192
-      timeout -s INT 90 $M --only nan --tag s28n --nan-names coresident_p
-      timeout -s INT 150 $M --only time --tag s28t --shapes 1x32768,1x8192 --variants coresident,coresident_p \
-        --fla-shapes 1x32768,1x8192
-      timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
-        --json "$OUT/s28sync.json" ;;
-  s28) if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then
+      timeout -s INT 180 $M --only coresident --tag s28c --coresident-layouts 1x32768,1x8192
+      timeout -s INT 90 $M --only nan --tag s28n --nan-names coresident_p,coresident_w2
+      timeout -s INT 220 $M --only time --tag s28t --shapes 1x32768,1x8192 \
+        --variants coresident,coresident_w2,coresident_p --fla-shapes 1x32768,1x8192 ;;
+  s28) timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
+        --json "$OUT/s28sync.json"
+      if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
       fi
       IMPLS="fla jla jax:mosaic_gpu jax:mosaic_gpu:host"
       [ -d /tmp/fisite/flashinfer ] && IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host"
-      GDN_BUDGET_S=200 GDN_BENCH_IMPLS="$IMPLS" OUT=$OUT/s28b \
+      GDN_BUDGET_S=180 GDN_BENCH_IMPLS="$IMPLS" OUT=$OUT/s28b \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,28672+4096,1x8192" bash benchmarks/h200.sh bench 16/32 16/16
-      timeout -s INT 150 $M --only split --split-no-f64 --tag s28s --split-shapes 1x32768_HV16
-      timeout -s INT 100 $M --only time --tag s28t --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
+      timeout -s INT 120 $M --only split --split-no-f64 --tag s28s --split-shapes 1x32768_HV16
+      timeout -s INT 90 $M --only time --tag s28p --shapes 28672+4096,2x16384 --variants traced,coresident_traced1 \
         --fla-shapes none ;;
   hp) timeout -s INT 200 python3 tests/gpu/host_profile.py --layouts 4x8192,2048x4 --calls 100 ;;
   *) echo "unknown call $call" >&2; exit 2 ;;

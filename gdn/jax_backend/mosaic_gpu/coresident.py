@@ -42,6 +42,9 @@ from .intra import intra
 #: the loop CTAs may fill at most this share of the SMs, or the workers would fall behind the loop
 #: (intra alone ~0.2 ms on all 132 SMs at 1x32768, 16/32; the loop ~0.8 ms on 64)
 MAX_LOOP_SHARE = 0.5
+#: registers of each of two worker warpgroups and of the idle third (3 x 128 threads share 64K):
+#: at 168 (the kernel's cap for 384 threads) the workers spill (ptxas 12.9: 532 / 800 B with P)
+WORKER_REGS, WORKER_IDLE_REGS = 232, 40
 
 
 def _fence_proxy_async_global():
@@ -161,9 +164,15 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                 return after
 
             wg = lax.axis_index("wg")
+            if nwg_i == 2:  # the third warpgroup idles: its registers go to the two workers (232 each)
+                @pl.when(wg == 2)
+                def _():
+                    plgpu.set_max_registers(WORKER_IDLE_REGS, action="decrease")
 
             @pl.when(wg < nwg_i)
             def _():
+                if nwg_i == 2:
+                    plgpu.set_max_registers(WORKER_REGS, action="increase")
                 ip.body(*i_in, *i_out, sched_of=sched_of, after_tile_of=after_tile_of, **i_bufs, **i_bars)
 
         @pl.when(c >= n_work)
