@@ -513,10 +513,46 @@ CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 
 }
 
 
+def _coresident_order_bits():
+    """The co-resident kernel with its loop CTAs walking the sequences in a permuted order (what
+    :func:`gdn.jax_backend.mosaic_gpu.coresident.long_first` picks for a host plan) against two kernels
+    on :func:`_nan_inputs`' clean and poisoned inputs (9 sequences in 16 rows): the same bits, so
+    every sequence row is walked once, by the CTAs of its own row's heads and V halves."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend import mosaic_gpu as M
+    from gdn.jax_backend.common import run_core
+    from gdn.jax_backend.mosaic_gpu._driver import core
+
+    out = {}
+    for poison in (False, True):
+        x, arrs, h0 = _nan_inputs(poison, 64)
+        p = make_plan(x.cu_seqlens, num_tokens=x.q.shape[1])
+        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in arrs[:3])
+        _, args = api.validate(q, k, v, jnp.asarray(arrs[3]), jnp.asarray(arrs[4]), plan=p,
+                               initial_state=jnp.asarray(h0), backend="jax")
+        order = tuple(range(p.padded_seqs))[::-1]  # every row moves, the empty and padding rows too
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = M.run(args, interpret=True, chunk_variant="default", loop_overlap=True)
+            got = run_core(core, args, interpret=True, variant="coresident", chunk_variant="default",
+                           loop_overlap=True, loop_schedule="order", intra_warpgroups=3, intra_solve="warp",
+                           coresident_sms=40, coresident_seqs=1, coresident_order=order)[:2]
+        tag = "poisoned" if poison else "clean"
+        out[tag + "_same_bits"] = all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                     equal_nan=True) for a, b in zip(ref, got))
+        out[tag + "_nonfinite"] = int((~np.isfinite(np.asarray(got[1]))).any(axis=(1, 2, 3)).sum())
+    return out
+
+
 def _main_coresident_cases(path):
     results = {}
     for name, kw in CORESIDENT_CASES.items():
         _timed(results, name, lambda kw=kw: _coresident_bits(**kw))
+    _timed(results, "coresident_order_bits", _coresident_order_bits)
     # a whole float64 case (G = 3, K = 128, fp16, use_qk_l2norm with the norms from the workers)
     case = next(c for c in CASES if c[0] == "G3_K128_fp16_l2norm")
     _timed(results, "coresident_G3_K128_fp16_l2norm", lambda: _run_case(case[0], case[1], case[2], case[3],
@@ -546,7 +582,7 @@ def coresident_results(tmp_path_factory):
     return _interp_subprocess(tmp_path_factory, "--coresident-cases", 8)
 
 
-@pytest.mark.parametrize("name", list(CORESIDENT_CASES))
+@pytest.mark.parametrize("name", list(CORESIDENT_CASES) + ["coresident_order_bits"])
 def test_coresident_same_bits_as_two_kernels(coresident_results, name):
     """The co-resident kernel's o and final state are the two-kernel path's bits, clean and poisoned
     (NaN stays in its sequence there too). The interpreter runs its CTAs one after another, workers
@@ -830,6 +866,30 @@ def _lower_for_cuda(fn, *args):
         device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_long_first_cross_lowers_to_cuda():
+    """A short prompt, then a long one (host plan): variant="auto" picks the co-resident kernel with
+    the long prompt's CTAs first (:func:`gdn.jax_backend.mosaic_gpu._driver.pick_long_first`), and it
+    lowers for an H200."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu._driver import pick_long_first, prefill_arrays
+
+    t = 2112
+    p = make_plan([0, 64, t], num_tokens=t)
+    sds = jax.ShapeDtypeStruct
+    q, v, g = sds((1, t, 16, 128), jnp.bfloat16), sds((1, t, 32, 128), jnp.bfloat16), sds((1, t, 32), jnp.float32)
+
+    def fn(q, k, v, g, beta, plan):
+        _, args = api.validate(q, k, v, g, beta, plan=plan, backend="jax")
+        assert pick_long_first(args, "auto", 64, False, True, None, None) == (1, 0)
+        return prefill_arrays(args)
+
+    text = _lower_for_cuda(lambda *a: fn(*a, p), q, q, v, g, g).as_text()
+    assert "gdn_coresident" in text and "gdn_intra" not in text
 
 
 @pytest.mark.parametrize("dk,dv,h,hv,dtype,with_h0,final,variant", [
@@ -1488,6 +1548,58 @@ def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
     assert pick(one, intra_default=False) == "two_kernels"
     assert pick(one, chunk_variant="wide") == "two_kernels"
     assert pick(one, chunk_variant="default") == "coresident"
+
+
+def test_long_first_policy():
+    """Two prompts whose narrow loop fills the GPU: the co-resident kernel with workers sized for
+    the longest, its CTAs first, where the model says it beats two kernels by 1.1x (one long and
+    one short prompt, either order), not for two equal ones, a traced plan, the interpreter or
+    non-default intra options; and the kernel then runs in that order."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.jax_backend.mosaic_gpu.coresident import long_first
+
+    assert long_first([448, 64], 32, 2, 132) == (0, 1)      # 28672+4096: s28p 0.752 vs 0.908 ms
+    assert long_first([64, 448], 32, 2, 132) == (1, 0)
+    assert long_first([0, 448, 0, 64], 32, 2, 132) == (1, 0, 2, 3)
+    assert long_first([256, 256], 32, 2, 132) is None       # 2x16384: s28p 0.886 vs 0.625
+    assert long_first([512], 32, 2, 132) is None            # one prompt: plain co-resident
+    assert long_first([448, 64, 64], 32, 2, 132) is None    # 192 CTAs: no single wave
+
+    def args_for(lens, traced=False):  # 8 SMs, 2 v heads, V = 128: 4 loop CTAs a sequence
+        t = sum(lens)
+        q = jnp.zeros((1, t, 1, 64), jnp.bfloat16)
+        v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+        g = jnp.zeros((1, t, 2), jnp.float32)
+        p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
+        return api.validate(q, q, v, g, g, plan=p.to_jax() if traced else p, backend="jax")[1]
+
+    def pick(a, interpret=False, intra_default=True):
+        return D.pick_long_first(a, "auto", 64, False, intra_default, 8, interpret)
+
+    long_short = args_for([28 * 64, 4 * 64])
+    assert pick(long_short) == (0, 1) and pick(args_for([4 * 64, 28 * 64])) == (1, 0)
+    assert pick(args_for([16 * 64, 16 * 64])) is None
+    assert pick(args_for([28 * 64, 4 * 64], traced=True)) is None
+    assert pick(long_short, interpret=True) is None and pick(long_short, intra_default=False) is None
+
+    seen = {}
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        raise StopIteration
+
+    import gdn.jax_backend.mosaic_gpu._driver as drv
+    real = drv.run_core
+    drv.run_core = spy
+    try:
+        with pytest.raises(StopIteration):
+            D.prefill_arrays(long_short, coresident_sms=8)
+    finally:
+        drv.run_core = real
+    assert seen["variant"] == "coresident" and seen["coresident_order"] == (0, 1) and seen["coresident_seqs"] == 1
 
 
 def test_variant_policy_sees_the_intra_options(monkeypatch):

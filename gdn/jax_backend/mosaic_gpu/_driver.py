@@ -13,12 +13,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...api import PrefillArgs
 from ...planner import seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .coresident import applies as coresident_applies, coresident
+from .coresident import applies as coresident_applies, coresident, long_first
 from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
@@ -95,7 +96,7 @@ def _sm_count() -> int:
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "coresident_sms", "coresident_seqs", "coresident_p"))
+    "coresident_sms", "coresident_seqs", "coresident_p", "coresident_order"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -106,7 +107,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          loop_bare: bool = True, loop_direct_io: bool = False, loop_ctas: int | None = None,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
-         coresident_sms: int | None = None, coresident_seqs: int | None = None, coresident_p: bool = False):
+         coresident_sms: int | None = None, coresident_seqs: int | None = None, coresident_p: bool = False,
+         coresident_order: tuple[int, ...] | None = None):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -123,7 +125,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                   lrq=x.lrq, lrk=x.lrk, norms_in_intra=use_qk_l2norm and x.lrk is None, bv=bv,
                                   stages=stages, lean=loop_lean, overlap=loop_overlap,
                                   intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
-                                  active_seqs=coresident_seqs, p_from_workers=coresident_p, interpret=interpret)
+                                  active_seqs=coresident_seqs, p_from_workers=coresident_p,
+                                  seq_order=coresident_order, interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -403,6 +406,31 @@ def pick_variant(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bo
     return "coresident" if coresident_applies(ctas, coresident_sms or _sm_count()) else "two_kernels"
 
 
+#: host plans of at most this many sequence rows are asked :func:`pick_long_first` (its order is a
+#: chain of selects in the kernel)
+LONG_FIRST_MAX_SEQS = 8
+
+
+def pick_long_first(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bool, intra_default: bool,
+                    coresident_sms: int | None, interpret) -> tuple[int, ...] | None:
+    """``variant="auto"`` where :func:`pick_variant` said "two_kernels": with a host plan of a few
+    sequences whose narrow loop fills one wave, the co-resident kernel with workers sized for the
+    longest sequence alone, its loop CTAs first (:func:`.coresident.long_first`'s order), or None.
+    H100, 2026-12-07 (s28p, the same bits): 28672+4096 at 16/32 0.752 ms against 0.908."""
+    h, hv, dk, dv = args.dims
+    plan = args.plan
+    if (interpret or loop_halves or not intra_default or bv != 64 or dv % bv or not plan.is_host
+            or plan.padded_seqs > LONG_FIRST_MAX_SEQS):
+        return None
+    if chunk_variant == "auto":
+        chunk_variant = resolve_chunk_variant(chunk_variant, plan, hv, dv)
+    if chunk_variant != "default":
+        return None
+    tiles = -(-np.asarray(plan.seq_lens, np.int64) // C)
+    return long_first(tiles.tolist() + [0] * (plan.padded_seqs - len(tiles)), hv, dv // bv,
+                      coresident_sms or _sm_count())
+
+
 def check_loop_overlap(loop_overlap) -> None:
     """TypeError unless ``loop_overlap`` is a bool, "auto", "store" or "update"."""
     if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store", "update"):
@@ -529,11 +557,16 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < least):
             raise ValueError(f"{name} must be an int >= {least} or None, got {val!r}")
     halves = None
+    order = None  # the co-resident kernel's sequence order (pick_long_first)
     if variant == "auto":
         given = locals()
         intra_default = tuple(given[n] for n in INTRA_OPTIONS) == intra_defaults()
         variant = pick_variant(args, chunk_variant, bv, loop_halves, intra_default, coresident_seqs,
                                coresident_sms, interpret)
+        if variant == "two_kernels" and coresident_seqs is None:
+            order = pick_long_first(args, chunk_variant, bv, loop_halves, intra_default, coresident_sms, interpret)
+            if order is not None:
+                variant = "coresident"
     if variant == "coresident":  # the narrow loop beside the intra workers (its own intra options: solve "warp")
         if chunk_variant not in ("auto", "default") or loop_halves:
             raise ValueError(f"variant 'coresident' runs the narrow chunk loop: no chunk_variant other than "
@@ -545,8 +578,10 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                 and n_max > coresident_seqs:
             raise ValueError(f"coresident_seqs={coresident_seqs} but the plan has {n_max} sequences with tokens")
         coresident_seqs = coresident_seqs if coresident_seqs is not None else n_max
+        if order is not None:  # workers sized for the longest sequence, whose CTAs come first
+            coresident_seqs = 1
     else:
-        coresident_seqs = None
+        coresident_seqs = order = None
     if variant in FUSED_WIDE:  # the wide loop (fused_wide: on its grid of one CTA per item)
         per_item = variant == "fused_wide"
         if chunk_variant not in ("auto", "wide") or loop_halves or (per_item and loop_ctas not in (None, "auto")):
@@ -582,4 +617,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
-                    coresident_seqs=coresident_seqs, coresident_p=coresident_p and variant == "coresident")
+                    coresident_seqs=coresident_seqs, coresident_p=coresident_p and variant == "coresident",
+                    coresident_order=order)

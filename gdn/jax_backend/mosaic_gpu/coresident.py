@@ -72,11 +72,44 @@ def applies(loop_ctas: int, sms: int) -> bool:
     return loop_ctas <= MAX_LOOP_SHARE * sms
 
 
+#: the cost model of :func:`long_first`, H100 (sessions 25-26): the narrow loop's time a tile
+#: (0.78-0.81 ms alone over 512 tiles at 1x32768), and the intra kernel's SM-time a (tile, v head)
+#: (0.20-0.21 ms alone on 132 SMs for 512 tiles x 32 v heads)
+LOOP_TILE_US, INTRA_ITEM_SM_US = 1.55, 1.6
+#: how much faster than two kernels :func:`long_first` must model the co-resident order to pick it
+LONG_FIRST_GAIN = 1.1
+
+
+def long_first(tiles, hv: int, nv: int, sms: int) -> tuple[int, ...] | None:
+    """For a host plan whose narrow loop fits one wave (``sum(CTAs) <= sms``) but not beside workers:
+    the sequence order (the longest first, then the rest as they come) in which the co-resident
+    kernel with workers sized for ONE sequence beats two kernels by :data:`LONG_FIRST_GAIN` in the
+    model, else None. ``tiles``: each sequence's 64-token tiles (0 for an empty one). The longest
+    sequence's loop CTAs run beside the workers from the start; the others' wait for SMs until
+    the workers are done (a grid's CTAs start in index order). Model: two kernels = the intra work
+    on every SM + the longest loop; co-resident = max(the longest loop, the intra work on the
+    workers' SMs + the next longest loop). H100, 2026-12-07 (session 28, s28p, the same bits): at
+    28672+4096 0.752 ms against 0.908 (modelled 0.69 / 0.89), at 2x16384 0.886 against 0.625
+    (modelled 0.78 / 0.60: not picked)."""
+    tiles = [int(t) for t in tiles]
+    busy = [t for t in tiles if t > 0]
+    if len(busy) < 2 or len(busy) * nv * hv > sms or not applies(nv * hv, sms):
+        return None
+    intra_all = sum(busy) * hv * INTRA_ITEM_SM_US / sms
+    order = sorted(busy, reverse=True)
+    two = intra_all + order[0] * LOOP_TILE_US
+    one = max(order[0] * LOOP_TILE_US, intra_all * sms / workers_for(nv * hv, sms) + order[1] * LOOP_TILE_US)
+    if one * LONG_FIRST_GAIN > two:
+        return None
+    first = tiles.index(order[0])
+    return (first,) + tuple(n for n in range(len(tiles)) if n != first)
+
+
 def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int, n_out: int | None,
                t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
                stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
-               active_seqs: int | None = None, p_from_workers: bool = False, interpret=None,
-               _no_wait: bool = False):
+               active_seqs: int | None = None, p_from_workers: bool = False, seq_order: tuple | None = None,
+               interpret=None, _no_wait: bool = False):
     """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
     (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
     loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
@@ -91,6 +124,9 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     instead of forming ``Q K^T`` and its decay on the chain's SM (session 26: the loop alone without
     P was 0.58-0.61 ms against 0.78-0.81 at 1x32768). Needs ``lean``; with use_qk_l2norm only with
     ``norms_in_intra``.
+    ``seq_order`` (a host plan's, :func:`long_first`): the loop's CTAs walk the sequences in this order
+    (a permutation of ``range(N_pad)``; the tail row stays last), so that the first ``active_seqs``
+    of it run beside the workers and the rest start when the workers are done.
     ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
@@ -116,6 +152,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                     lrq=lq_t, lrk=lk_t, pm=named.get("p"), interpret=interpret, program=True)
     nv, hv, ns = lp.grid
     loop_ctas = nv * hv * ns
+    if seq_order is not None and sorted(seq_order) != list(range(ns - 1)):
+        raise ValueError(f"seq_order must be a permutation of range({ns - 1}), got {seq_order!r}")
     # (the CTAs of empty sequences and of the tail row exit at once)
     n_work = workers_for(nv * hv * (ns - 1 if active_seqs is None else max(int(active_seqs), 1)), sms)
     n_w = n_work * nwg_i
@@ -178,7 +216,13 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
         @pl.when(c >= n_work)
         def _loop():
             cl = c - n_work
-            cta = (lax.rem(cl, nv), lax.rem(lax.div(cl, nv), hv), lax.div(cl, nv * hv))
+            row = lax.div(cl, nv * hv)
+            if seq_order is not None:  # a static permutation: a chain of selects (few rows)
+                n = row
+                for pos, seq in enumerate(seq_order):
+                    n = jnp.where(row == pos, seq, n)
+                row = n
+            cta = (lax.rem(cl, nv), lax.rem(lax.div(cl, nv), hv), row)
             ins = list(l_in)
             for pos in sorted(from_intra):
                 ins.insert(pos, i_out[from_intra[pos]])
