@@ -435,6 +435,14 @@ SPLIT_SHAPES = [  # (label, lens, H, HV, issue 6's target ms, piece sizes in chu
 ]
 
 
+def _split_size(pc) -> tuple[int, dict]:
+    """A SPLIT_SHAPES piece size, ``<chunks>[s<stages>][d][k][o]`` -> (chunks, run_split options):
+    pass 1's ring stages, direct I/O, the scan kernel, the loops' overlap."""
+    chunks, st, direct, kscan, ov = re.fullmatch(r"(\d+)(?:s(\d))?(d?)(k?)(o?)", str(pc)).groups()
+    return int(chunks), {**(dict(stages1=int(st)) if st else {}), **(dict(loop_direct_io=True) if direct else {}),
+                         **(dict(scan="kernel") if kscan else {}), **(dict(loop_overlap=True) if ov else {})}
+
+
 @section("split")
 def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 4), f64_pieces=(2, 8), dk=128):
     """The two-pass exact split (issue 6): compiled against the float64 truth on a small varlen
@@ -464,12 +472,8 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         fns["unsplit"], a0, _ = _jitted(lens, h, hv, dk, seed=1)
         for pc in sizes:
             try:
-                chunks, st, direct, kscan, ov = re.fullmatch(r"(\d+)(?:s(\d))?(d?)(k?)(o?)", str(pc)).groups()
-                fns[f"split{pc}"], _, _ = _jitted(lens, h, hv, dk, 1, int(chunks),
-                                                  **(dict(stages1=int(st)) if st else {}),
-                                                  **(dict(loop_direct_io=True) if direct else {}),
-                                                  **(dict(scan="kernel") if kscan else {}),
-                                                  **(dict(loop_overlap=True) if ov else {}))
+                chunks, kw = _split_size(pc)
+                fns[f"split{pc}"], _, _ = _jitted(lens, h, hv, dk, 1, chunks, **kw)
             except Exception as e:
                 row[f"split{pc}"] = f"ERROR {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
@@ -486,8 +490,9 @@ def sec_split(shapes, rounds=3, f64_lens=(3000, 0, 130, 64, 700), f64_heads=(2, 
         # the stages by differences of prefixes (core_split's _stop) at the first piece size
         pc0 = str(sizes[0])
         if f"split{pc0}" in fns:
+            chunks, kw = _split_size(pc0)  # (s28: int("64k") failed here, after the compiles)
             for stop in ("intra", "pass1", "scan"):
-                fns[f"to_{stop}"], _, _ = _jitted(lens, h, hv, dk, 1, int(pc0), _stop=stop)
+                fns[f"to_{stop}"], _, _ = _jitted(lens, h, hv, dk, 1, chunks, _stop=stop, **kw)
         for name, (med, best) in _interleaved(fns, a0, rounds).items():
             row[name], row[name + "_best"] = med, best
         if "to_scan" in row and isinstance(row.get(f"split{pc0}"), float):
