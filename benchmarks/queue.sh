@@ -80,6 +80,9 @@
 #   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
 #   bash benchmarks/queue.sh s28a   # s28: P from the co-resident workers (coresident_p): the flags compiled, NaN
 #                                   # isolation, timed beside the co-resident default and its 2 workers a CTA, with FLA
+#   bash benchmarks/queue.sh s29a   # s28, not run: coresident_p taken apart (the narrow loop alone with / without
+#                                   # P in the ring, at 2 stages; the intra kernel with / without P), then the
+#                                   # long-first default (host plan) at 28672+4096 and 4096+28672, with FLA
 #   bash benchmarks/queue.sh s28    # s28: the no-sync checks (transfer_guard, sync detector) on one prompt (the
 #                                   # co-resident kernel) and five sequences; gdn bench 16/32 and 16/16 at 1x32768,
 #                                   # 28672+4096, 1x8192 (FLA, jla, FlashInfer if unpacked by fi1); the split vs the
@@ -218,6 +221,10 @@ case $call in
       timeout -s INT 90 $M --only nan --tag s28n --nan-names coresident_p,coresident_w2
       timeout -s INT 220 $M --only time --tag s28t --shapes 1x32768,1x8192 \
         --variants coresident,coresident_w2,coresident_p --fla-shapes 1x32768,1x8192 ;;
+  s29a) timeout -s INT 200 $M --only loop_pm --tag s29l --ablate-lens 32768
+      timeout -s INT 150 $M --only loop_pm --tag s29m --ablate-lens 8192
+      timeout -s INT 200 $M --only time --tag s29t --shapes 28672+4096,4096+28672 --variants default,two_kernels \
+        --fla-shapes 28672+4096 ;;
   s28) timeout -s INT 150 python3 tests/gpu/jax_gpu_check.py --impls mosaic_gpu --skip edges,timings,stages,long \
         --json "$OUT/s28sync.json"
       if [ -f /tmp/fisite.part.aa ] && [ -d .fib/part2 ] && [ ! -d /tmp/fisite/flashinfer ]; then

@@ -588,6 +588,7 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1),
     "coresident_p": dict(variant="coresident", coresident_seqs=1, coresident_p=True),  # s28: P from the workers
     "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
+    "two_kernels": dict(variant="two_kernels"),  # s28: against the default's co-resident picks (long_first)
     # the plan an argument of the jitted call (what gdn bench times): two kernels / the co-resident
     # kernel sized for one prompt whatever the bucket holds (two prompts then share the SMs with it)
     "traced": dict(_traced=True),
@@ -690,6 +691,7 @@ NAMED_SHAPES = [  # timed only when --shapes names them
     ("1x8192", [8192], 16, 32, 0.15),  # issue 6's target (the floor bucket's narrow pick under jit)
     ("1x32768_HV16", [32768], 16, 16, None),  # s27: the co-resident kernel where the loop leaves 100 SMs
     ("28672+4096", [28672, 4096], 16, 32, 0.60),
+    ("4096+28672", [4096, 28672], 16, 32, None),  # s28: the long prompt second (long_first reorders)
     ("2x16384", [16384] * 2, 16, 32, None),
     # s19: the persistent grid's h0 staged in SMEM (short items) or prefetched into L2 (long ones)
     ("256x128", [128] * 256, 16, 32, None),
@@ -965,6 +967,43 @@ def sec_ablate(lens=(8192,) * 4, rounds=5, loop="wide"):
         f"{n} {r['median']:.3f} ({r['median'] - base:+.3f})" for n, r in res.items() if n != "none"))
 
 
+@section("loop_pm")
+def sec_loop_pm(lens=(32768,), rounds=5):
+    """P from the intra workers (``coresident_p``) taken apart: the narrow loop alone with and without
+    ``pm`` (P in the ring, 2 stages) and without it at 2 stages (what the ring's size costs), and the
+    intra kernel alone with and without ``p_scale`` (what forming P costs the workers), interleaved;
+    the loop's o and final state must be the same bits with ``pm``."""
+    import jax
+    from gdn.jax_backend.mosaic_gpu.chunk_loop import chunk_loop
+    from gdn.jax_backend.mosaic_gpu.intra import intra
+    x = _kernel_inputs(list(lens), 16, 32)
+    scale = 128 ** -0.5
+    ag, gc, pm = intra(x["k"], x["g_hm"], x["b_hm"], x["seg"], group=2, q=x["q"], norms=False, p_scale=scale)
+    args = (x["q"], x["k"], x["v"], ag, gc, x["cu"], x["h0"], pm)
+
+    def loop_fn(with_pm=False, **kw):
+        return jax.jit(lambda q, k, v, ag, gc, cu, h0, pm: chunk_loop(
+            q, k, v, ag, gc, cu, h0, scale=scale, group=2, n_out=len(lens), t_valid=x["t"], overlap=True,
+            pm=pm if with_pm else None, **kw))
+    loops = {"loop": loop_fn(), "loop_s2": loop_fn(stages=2), "loop_pm": loop_fn(with_pm=True)}
+    same = [bool(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)))
+            for a, b in zip(jax.device_get(loops["loop"](*args)), jax.device_get(loops["loop_pm"](*args)))]
+    ia = (x["k"], x["g_hm"], x["b_hm"], x["seg"], x["q"])
+    intras = {"intra": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2)),
+              "intra_p": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False, p_scale=scale)),
+              "intra_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, solve="warp", warpgroups=2)),
+              "intra_p_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False, p_scale=scale,
+                                                                solve="warp", warpgroups=2))}
+    res = {n: dict(median=m, best=b) for n, (m, b) in _interleaved(loops, args, rounds).items()}
+    res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(intras, ia, rounds).items()})
+    res["loop_pm_same_bits"] = same
+    RESULTS["loop_pm"] = res
+    log(res)
+    TABLE.append(f"loop_pm {len(lens)}x{lens[0]}: " + ", ".join(
+        f"{n} {r['median']:.3f}" for n, r in res.items() if isinstance(r, dict))
+        + f"; o / final with pm the same bits: {same}")
+
+
 def _test_module():
     spec = importlib.util.spec_from_file_location("tmg", os.path.join(ROOT, "tests", "test_mosaic_gpu.py"))
     tmg = importlib.util.module_from_spec(spec)
@@ -1203,6 +1242,7 @@ def main():
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
                 "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens))),
+                "loop_pm": (sec_loop_pm, (lens(a.ablate_lens),)),
                 "coresident": (sec_coresident, ((a.coresident_layouts.split(","),) if a.coresident_layouts else ()))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
         for name in a.only.split(","):
