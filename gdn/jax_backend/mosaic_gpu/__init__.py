@@ -21,7 +21,10 @@ Where the narrow loop leaves at least half the SMs idle (one long prompt: 64 CTA
 ``variant="auto"`` (the default, ``_driver.pick_variant``) runs both in ONE launch instead
 (:mod:`.coresident`): worker CTAs do the intra work on the idle SMs, tile by tile, and raise a flag
 in global memory per item that the loop's memory warpgroup waits for before loading it. The two
-kernels' bits; 0.847-0.873 vs 0.980-1.003 ms at 1x32768 (H100, 2026-12-07, session 27).
+kernels' bits; 0.847-0.873 vs 0.980-1.003 ms at 1x32768 (H100, 2026-12-07, session 27). With a
+host plan of two prompts whose narrow loop fills the GPU, it runs them with workers sized for the
+longest, whose CTAs come first, where :func:`.coresident.long_first`'s model says it pays
+(28672+4096: 0.752 vs 0.908 ms, H100, session 28).
 
 Opt-in, slower: ``variant="fused_wide"`` runs one kernel, the wide loop whose prep warpgroup
 also does the intra kernel's work (no ``Ag`` / ``gc`` in HBM; the two kernels' bits, on an H100 too).
