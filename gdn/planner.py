@@ -65,7 +65,7 @@ def bucket(n: int, floor: int = 1) -> int:
 def padded_sizes(num_tokens: int, num_seqs: int, num_chunks: int) -> tuple[int, int, int]:
     """(T, N, NT) -> (T_pad, N_pad, NT_pad). The one bucketing policy of gdn.
 
-    T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 chunks, and 2 or 8
+    T_pad is also a multiple of 64 (whole chunks), floors are 64 tokens, 8 chunks, and 1, 2 or 8
     sequences (0..1 pad to 1, 2 to 2, 3..8 to 8).
     """
     t_pad = bucket(num_tokens, _FLOOR_TOKENS)

@@ -123,7 +123,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
           debug_inverse: bool = False, lrk=None, q=None, norms: bool = True, p_scale: float | None = None,
           program: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
-    ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q``).
+    ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q`` and ``norms``) (+ ``P`` [HV, T_pad, 64] in
+    k's dtype with ``p_scale``).
 
     k: [T_k, H, K] with T_pad - 64 < T_k <= T_pad (the rows of the last tile past T_k are read as
     zeros: TMA fills them); g_hm, beta_hm: [HV, T_pad] fp32 (T_pad a multiple of 64), HV = H * group;
@@ -477,7 +478,7 @@ class IntraProgram(NamedTuple):
     """:func:`intra`'s kernel unlaunched (``program=True``), for a kernel that runs it beside other
     work (:mod:`.coresident`): its outputs' types, SMEM scratch (a copy per warpgroup), inputs, and
     ``body(*inputs_and_outputs, sched_of=, after_tile_of=, **scratch)``, one run of tiles per
-    warpgroup; ``out_names``: each output's name ("ag", "gc", "lrq", "lrk"), as
+    warpgroup; ``out_names``: each output's name ("ag", "gc", "ai", "lrq", "lrk", "p"), as
     :class:`.chunk_loop.LoopProgram` names its inputs."""
     out_type: tuple
     scratch: dict
