@@ -117,6 +117,7 @@ class Workload:
     n_sets: int = 1
     seed: int = 0
     _sets: dict = dataclasses.field(default_factory=dict)
+    device: roofline.Device = roofline.H200  # the roofline model of the GPU that runs it
 
     def __post_init__(self):
         self.tokens = int(sum(self.lens))
@@ -126,7 +127,7 @@ class Workload:
         self.h0 = (0.1 * rng.standard_normal((len(self.lens), self.hv, self.k, self.v))
                    ).astype(np.float32)
         self.cost = roofline.cost(self.tokens, len(self.lens), self.h, self.hv, self.k, self.v,
-                                  DTYPE)
+                                  DTYPE, self.device)
 
     @property
     def heads(self) -> str:
@@ -657,6 +658,7 @@ class Options:
     no_peers: bool = False
     impl: list | None = None
     qk_l2norm: bool = False
+    device: roofline.Device = roofline.H200  # the floor's model (roofline.device_for the GPU's name)
     profile_calls: int = 20
     checkpoint: Callable[[list], None] | None = None  # called with the rows after each workload
 
@@ -695,7 +697,7 @@ def _row_base(wl: Workload, r: Runner) -> dict:
     return dict(heads=wl.heads, h=wl.h, hv=wl.hv, k=wl.k, v=wl.v, layout=wl.layout, seqs=n,
                 shape_desc=desc, tokens=wl.tokens, runner=r.name, key=r.key,
                 framework=r.framework, floor_ms=c.floor_ms, bound=c.bound, gflop=c.flops / 1e9,
-                gbytes=c.bytes / 1e9)
+                gbytes=c.bytes / 1e9, floor_device=wl.device.name)
 
 
 def _finish(rows: list[dict]) -> None:
@@ -723,6 +725,17 @@ def _finish(rows: list[dict]) -> None:
             r.pop("_o", None)
 
 
+def _jax_device_kind() -> str | None:
+    """The first JAX device's kind where JAX runs on a GPU (no torch there), else None."""
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        return dev.device_kind if dev.platform == "gpu" else None
+    except Exception:
+        return None
+
+
 def run_matrix(shapes, layouts: dict[str, tuple[int, ...]], rlist: list[Runner], opts: Options,
                progress, rows: list[dict] | None = None) -> list[dict]:
     """Measure the matrix, appending to ``rows`` (so an interrupted run keeps its rows)."""
@@ -731,7 +744,7 @@ def run_matrix(shapes, layouts: dict[str, tuple[int, ...]], rlist: list[Runner],
         max_tokens = max(sum(v) for v in layouts.values())
         base = make_inputs([max_tokens], h, hv, dim, dim, gates="qwen", seed=h * 1000 + hv)
         for name, lens in layouts.items():
-            wl = Workload(h, hv, dim, dim, name, lens, base, seed=len(lens))
+            wl = Workload(h, hv, dim, dim, name, lens, base, seed=len(lens), device=opts.device)
             wl.n_sets = _n_sets(wl.cost.bytes, opts.gpu)
             for r in rlist:
                 row = _row_base(wl, r)
@@ -841,6 +854,8 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]], str]:
 def render_markdown(record: dict) -> str:
     env, rows = record["environment"], record["rows"]
     runners = list(dict.fromkeys(r["runner"] for r in rows))
+    # (records written before the rows named their model: the H200's, then the only one)
+    dev = roofline.device_for(rows[0].get("floor_device", "H200") if rows else env.get("gpu"))
     lines = [f"# gdn prefill benchmark ({record['mode']})", "",
              f"- date: {env.get('date')}; device: {env.get('gpu', 'CPU (interpret mode)')}",
              "- versions: " + ", ".join(f"{k} {env[k]}" for k in
@@ -850,7 +865,8 @@ def render_markdown(record: dict) -> str:
              "- ms: device time per call (torch: do_bench median with L2 flush; JAX: a jitted loop "
              "with one block_until_ready, median); vs FLA: FLA's ms / this ms, same run",
              "- TFLOP/s counts 6KV + 10CK + 2C^2/3 per token per v head (gdn/roofline.py); "
-             "nominal: FlashInfer's 4KV count; floor: max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s)",
+             "nominal: FlashInfer's 4KV count; floor: max(FLOPs / {:.0f} TFLOP/s, bytes / {:.2g} TB/s), "
+             "the {} model".format(dev.flops_per_s / 1e12, dev.bytes_per_s / 1e12, dev.name),
              "- check: rms(o - o_FLA) / rms(o_FLA) on the first 8192 tokens (else against the row's "
              "first implementation)"]
     for note in record.get("notes", []):
@@ -934,7 +950,8 @@ def render(record: dict, out_dir: str, *, quiet: bool = False) -> dict[str, str]
         fh.write(render_markdown(record))
     if not quiet:
         headers, cells, align = _table(record["rows"])
-        print_table(f"gdn bench ({record['mode']}): {DTYPE}, ms per call; floor = roofline",
+        model = record["rows"][0].get("floor_device", "H200") if record["rows"] else "H200"
+        print_table(f"gdn bench ({record['mode']}): {DTYPE}, ms per call; floor = roofline ({model} model)",
                     headers, cells, align=align)
         for n in record.get("notes", []):
             print(f"note: {n}")
@@ -1006,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
     o = Options(gpu=gpu and not smoke, smoke=smoke,
                 reps=opts.reps or (1 if smoke else 10), host_reps=1 if smoke else 20,
                 xla_max_tokens=opts.xla_max_tokens, profile=not opts.no_profile,
-                no_peers=opts.no_peers, impl=_split(opts.impl) or None, qk_l2norm=opts.qk_l2norm)
+                no_peers=opts.no_peers, impl=_split(opts.impl) or None, qk_l2norm=opts.qk_l2norm,
+                device=roofline.device_for(environment().get("gpu") or _jax_device_kind()))
     if smoke:
         shapes = [(h, hv, SMOKE_DIM) for h, hv in SMOKE_HEADS]
         layouts = dict(SMOKE_LAYOUTS)

@@ -15,13 +15,16 @@ and written once, ``2 HV K V 4`` (4 MiB per sequence at HV = 32).
 
 Floor = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth), with the H200's dense bf16 tensor-core
 rate (~790 TFLOP/s: 814 measured by a jax 8192^3 matmul, GPU.md) and its HBM bandwidth (4.3 TB/s:
-4.25 measured device-to-device, GPU.md).
+4.25 measured device-to-device, GPU.md). :data:`H100` (the SXM part, the H200's chip with HBM3):
+the same tensor-core rate, and the bandwidth scaled by the two parts' HBM specs (3.35 / 4.8 TB/s:
+3.0 TB/s; a jitted copy read at 3.01 TB/s on an H100 in session 24, benchmarks/RESULTS.md).
+:func:`device_for` picks the model from a device name.
 """
 from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["H200", "Device", "flops_per_token_head", "flops", "nominal_flops", "bytes_moved",
+__all__ = ["H200", "H100", "Device", "device_for", "flops_per_token_head", "flops", "nominal_flops", "bytes_moved",
            "floor_seconds", "Cost", "cost"]
 
 CHUNK = 64
@@ -36,6 +39,13 @@ class Device:
 
 
 H200 = Device("H200", 790e12, 4.3e12, 50 * 2**20)
+H100 = Device("H100", 790e12, 4.3e12 * 3.35 / 4.8, 50 * 2**20)
+
+
+def device_for(name: str | None) -> Device:
+    """The roofline model of a GPU named ``name`` (``torch.cuda.get_device_name()`` or a jax
+    device's ``device_kind``): :data:`H100` for an H100, else :data:`H200` (also without a GPU)."""
+    return H100 if name and "H100" in name else H200
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 

@@ -25,6 +25,21 @@ def test_flop_and_byte_counts_match_design_md():
     assert roofline.bytes_moved(1, 0, 16, 32, 128, 128, "float32") == 2 * 24832 - 256
 
 
+def test_roofline_device_models():
+    """The floor of an H100 run uses the H100's bandwidth (the H200's chip, HBM3): 1x32768 at
+    16/32, compute-bound on the H200 (0.243 ms), is memory-bound there (0.273 ms); many sequences
+    are memory-bound on both, 4.8 / 3.35 times longer on the H100."""
+    assert roofline.device_for("NVIDIA H100 80GB HBM3") is roofline.H100
+    assert roofline.device_for("NVIDIA H200") is roofline.H200 and roofline.device_for(None) is roofline.H200
+    assert roofline.H100.bytes_per_s == pytest.approx(3.0e12, rel=0.01)
+    one = [roofline.cost(32768, 1, 16, 32, 128, 128, device=d) for d in (roofline.H200, roofline.H100)]
+    assert one[0].bound == "compute" and one[1].bound == "memory"
+    assert one[1].floor_ms == pytest.approx(one[1].bytes / roofline.H100.bytes_per_s * 1e3)
+    assert one[1].floor_ms == pytest.approx(0.273, abs=0.002) and one[0].floor_ms == pytest.approx(0.243, abs=0.002)
+    many = [roofline.cost(8192, 2048, 16, 32, 128, 128, device=d).floor_ms for d in (roofline.H200, roofline.H100)]
+    assert many[1] == pytest.approx(many[0] * 4.8 / 3.35, rel=1e-6)
+
+
 def test_layouts():
     assert bench.layout_lens("4x8192") == (8192,) * 4
     assert bench.layout_lens("2048x4") == (2048,) * 4 and bench.layout_lens("16384x2") == (16384,) * 2
