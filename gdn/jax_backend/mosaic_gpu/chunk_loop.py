@@ -191,7 +191,7 @@ def chunk_loop(q, k, v, ag, gc, cu, h0, *, scale: float, group: int, n_out: int 
     ``lrq``, ``lrk`` (use_qk_l2norm, both or neither): fp32 [H, T_pad], ``ln rstd`` of each k head's q
     and k rows; q and k stay the caller's and the scales join the exponents of the factors on q's
     and k's rows (:func:`.chunk_loop_wide.chunk_loop_wide`'s).
-    ``pm`` (UNTIMED; with ``lean``): [HV, T_pad, 64] in q's dtype, each tile's P with o's scale in it,
+    ``pm`` (with ``lean``; timed only inside the co-resident kernel, session 28): [HV, T_pad, 64] in q's dtype, each tile's P with o's scale in it,
     as the output warpgroup would form it (:func:`.intra.intra`'s ``p_scale``: the co-resident
     kernel's workers write it). The memory warpgroup loads it into the ring and the output
     warpgroup takes ``P Vnew``'s left operand from SMEM: no ``Q K^T`` and no decay here.

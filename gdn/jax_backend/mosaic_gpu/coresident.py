@@ -43,7 +43,9 @@ from .intra import intra
 #: (intra alone ~0.2 ms on all 132 SMs at 1x32768, 16/32; the loop ~0.8 ms on 64)
 MAX_LOOP_SHARE = 0.5
 #: registers of each of two worker warpgroups and of the idle third (3 x 128 threads share 64K):
-#: at 168 (the kernel's cap for 384 threads) the workers spill (ptxas 12.9: 532 / 800 B with P)
+#: at 168 (the kernel's cap for 384 threads) the workers spill (ptxas 12.9: 532 / 800 B with P,
+#: 160 / 208 B at 232). H100, session 28: 2 workers a CTA 0.867 / 0.247 ms against 3 at 168 0.861 /
+#: 0.262 (1x32768 / 1x8192), one command: 3 stays the default
 WORKER_REGS, WORKER_IDLE_REGS = 232, 40
 
 
@@ -119,7 +121,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     use_qk_l2norm's precomputed row scales or None. ``intra_warpgroups``: 2 or 3 workers a CTA.
     ``active_seqs``: at most this many sequences have tokens (default: cu's N_pad; a host plan
     knows its count): the loop CTAs that walk tiles, which the workers must leave SMs to.
-    ``p_from_workers`` (UNTIMED): the workers also form each tile's P (:func:`.intra.intra`'s
+    ``p_from_workers`` (off by default; H100, session 28: 0.866 vs 0.861 ms at 1x32768, 0.240 vs
+    0.262 at 1x8192, the same bits): the workers also form each tile's P (:func:`.intra.intra`'s
     ``p_scale``; 2 a CTA: q's tile) and the loop's output warpgroup reads it (``chunk_loop``'s ``pm``)
     instead of forming ``Q K^T`` and its decay on the chain's SM (session 26: the loop alone without
     P was 0.58-0.61 ms against 0.78-0.81 at 1x32768). Needs ``lean``; with use_qk_l2norm only with

@@ -155,7 +155,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     prefill at 4x8192). Tokens past T_k read as zeros: their factor is 1e3, on zero rows.
     ``norms`` (with ``q``; default True): compute and return q's and k's norms as above; False: q's
     tile is loaded for ``p_scale``'s P only (no use_qk_l2norm).
-    ``p_scale`` (UNTIMED; with ``q``): also return ``P`` [HV, T_pad, 64] in k's dtype, each tile's
+    ``p_scale`` (with ``q``; timed only inside the co-resident kernel, session 28): also return ``P`` [HV, T_pad, 64] in k's dtype, each tile's
     ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))`` (with the norms, times ``rstd(q_r) rstd(k_s)``), the
     mask keeping ``s <= r`` of one sequence: what the narrow chunk loop's output warpgroup forms for
     its ``P Vnew``, in the same arithmetic (its ``pm``).
