@@ -1842,12 +1842,13 @@ def test_traced_split_pick_holds_for_the_bucket():
                     assert split <= S.BUCKET_SLACK * unsplit, (hv, t, n, pc, split, unsplit)
 
 
-@pytest.mark.parametrize("lens, mode", [([130, 0], 1), ([130, 0, 70], 0)])
+@pytest.mark.parametrize("lens, mode", [([130, 0, 70], 1), ([130, 0, 70, 9, 5, 3], 0)])
 def test_wide_loop_halves_mode_same_bits(monkeypatch, lens, mode):
-    """loop_halves=True under jit (a traced plan in a floor bucket, where with 4 SMs and 2 v heads
-    1 sequence wants the narrow loop and 2 the wide one): the wide loop reads its mode on the device.
-    Mode 1 (one non-empty sequence) gives each state warpgroup its own CTA, mode 0 (two) runs the
-    wide loop. Both give the wide loop's bits and meet the float64 bar, final states included."""
+    """loop_halves=True under jit (a traced plan in the floor bucket of 3..8 sequences, where with
+    16 SMs and 2 v heads up to 4 sequences want the narrow loop and 5 or more the wide one): the wide
+    loop reads its mode on the device from the count of sequences with tokens. Mode 1 (two non-empty
+    sequences) gives each state warpgroup its own CTA, mode 0 (five) runs the wide loop. Both give
+    the wide loop's bits and meet the float64 bar, final states included."""
     import jax
     import jax.numpy as jnp
 
@@ -1856,13 +1857,13 @@ def test_wide_loop_halves_mode_same_bits(monkeypatch, lens, mode):
     from gdn.jax_backend.mosaic_gpu import _driver as D
     from gdn.tolerances import vs_f64
 
-    monkeypatch.setattr(D, "_sm_count", lambda: 4)
+    monkeypatch.setattr(D, "_sm_count", lambda: 16)
     x = make_inputs(lens=lens, h=1, hv=2, k=128, v=128, initial_state=True, seed=31)
     qkv = [round_to_dtype(a, "bfloat16") for a in (x.q, x.k, x.v)]
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv)
     p = make_plan(x.cu_seqlens, num_tokens=q.shape[1])
     table = D.halves_table(dataclasses_replace_traced(p), 2, 128)
-    assert table is not None and table[1] == 1 and table[2] == 0, table
+    assert table is not None and table[2] == 1 and table[5] == 0, table
     h0 = jnp.pad(jnp.asarray(x.initial_state), ((0, p.padded_seqs - len(lens)), (0, 0), (0, 0), (0, 0)))
     seen = []
     real_loop = D.loop
