@@ -731,7 +731,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(intra_warpgroups=4, intra_solve="warp"), ValueError),
                      (dict(coresident_sms=1, variant="coresident"), ValueError),
                      (dict(coresident_seqs=0, variant="coresident"), ValueError),
-                     (dict(coresident_seqs=True, variant="coresident"), ValueError)):
+                     (dict(coresident_seqs=True, variant="coresident"), ValueError),
+                     (dict(coresident_p=1), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):

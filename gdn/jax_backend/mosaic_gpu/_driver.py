@@ -379,6 +379,19 @@ def intra_defaults() -> tuple:
     return tuple(params[n].default for n in INTRA_OPTIONS)
 
 
+def _coresident_can_run(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bool, intra_default: bool,
+                        interpret) -> bool:
+    """What both co-resident picks ask first: not under the interpreter, no ``loop_halves``, the
+    intra options at their defaults, V in tiles of 64, and the narrow loop (``chunk_variant``
+    "default", or "auto" picking it for the plan)."""
+    h, hv, dk, dv = args.dims
+    if interpret or loop_halves or not intra_default or bv != 64 or dv % bv:
+        return False
+    if chunk_variant == "auto":
+        chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, hv, dv)
+    return chunk_variant == "default"
+
+
 def pick_variant(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bool, intra_default: bool,
                  coresident_seqs: int | None, coresident_sms: int | None, interpret) -> str:
     """``variant="auto"``: "coresident" where the narrow chunk loop runs (``chunk_variant`` "default",
@@ -390,13 +403,9 @@ def pick_variant(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves: bo
     0.835 vs 0.909 at 1x32768 with HV = 16. Under the interpreter (``interpret``) "two_kernels": it
     runs a grid's CTAs one after another, and the workers' ~70 CTAs would dominate a small test's
     time (the co-resident kernel has its own interpreter tests)."""
+    if not _coresident_can_run(args, chunk_variant, bv, loop_halves, intra_default, interpret):
+        return "two_kernels"
     h, hv, dk, dv = args.dims
-    if interpret or loop_halves or not intra_default or bv != 64 or dv % bv:
-        return "two_kernels"
-    if chunk_variant == "auto":
-        chunk_variant = resolve_chunk_variant(chunk_variant, args.plan, hv, dv)
-    if chunk_variant != "default":
-        return "two_kernels"
     if coresident_seqs is None:
         rng = _seq_range(args.plan)
         if rng is None:
@@ -419,12 +428,8 @@ def pick_long_first(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves:
     H100, 2026-12-07 (s28p, the same bits): 28672+4096 at 16/32 0.752 ms against 0.908."""
     h, hv, dk, dv = args.dims
     plan = args.plan
-    if (interpret or loop_halves or not intra_default or bv != 64 or dv % bv or not plan.is_host
-            or plan.padded_seqs > LONG_FIRST_MAX_SEQS):
-        return None
-    if chunk_variant == "auto":
-        chunk_variant = resolve_chunk_variant(chunk_variant, plan, hv, dv)
-    if chunk_variant != "default":
+    if (not plan.is_host or plan.padded_seqs > LONG_FIRST_MAX_SEQS
+            or not _coresident_can_run(args, chunk_variant, bv, loop_halves, intra_default, interpret)):
         return None
     tiles = -(-np.asarray(plan.seq_lens, np.int64) // C)
     return long_first(tiles.tolist() + [0] * (plan.padded_seqs - len(tiles)), hv, dv // bv,

@@ -76,7 +76,9 @@ def applies(loop_ctas: int, sms: int) -> bool:
 
 #: the cost model of :func:`long_first`, H100 (sessions 25-26): the narrow loop's time a tile
 #: (0.78-0.81 ms alone over 512 tiles at 1x32768), and the intra kernel's SM-time a (tile, v head)
-#: (0.20-0.21 ms alone on 132 SMs for 512 tiles x 32 v heads)
+#: (0.20-0.21 ms alone on 132 SMs for 512 tiles x 32 v heads). Not ``_driver.DEFAULT_TILE_US``
+#: (1.93): that is a CTA's tile time with two CTAs an SM's worth of work in waves at 4x8192 (H200),
+#: the wave model's; this one is a lone CTA's chain on one long prompt.
 LOOP_TILE_US, INTRA_ITEM_SM_US = 1.55, 1.6
 #: how much faster than two kernels :func:`long_first` must model the co-resident order to pick it
 LONG_FIRST_GAIN = 1.1
