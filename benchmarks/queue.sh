@@ -80,6 +80,8 @@
 #   bash benchmarks/queue.sh cr5    # s27, cr4 cut for a short budget: gdn bench at 16/32, 1x32768 and 1x8192, FLA
 #   bash benchmarks/queue.sh s28a   # s28: P from the co-resident workers (coresident_p): the flags compiled, NaN
 #                                   # isolation, timed beside the co-resident default and its 2 workers a CTA, with FLA
+#   bash benchmarks/queue.sh s29    # s29: s29a below plus the FlashInfer bundle's first half to /tmp (carry .fib/part1)
+#   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28, not run: coresident_p taken apart (the narrow loop alone with / without
 #                                   # P in the ring, at 2 stages; the intra kernel with / without P), then the
 #                                   # long-first default (host plan) at 28672+4096 and 4096+28672, with FLA
@@ -221,6 +223,17 @@ case $call in
       timeout -s INT 90 $M --only nan --tag s28n --nan-names coresident_p,coresident_w2
       timeout -s INT 220 $M --only time --tag s28t --shapes 1x32768,1x8192 \
         --variants coresident,coresident_w2,coresident_p --fla-shapes 1x32768,1x8192 ;;
+  s29) cp .fib/part1/fisite.part.aa /tmp/ 2>/dev/null; nvidia-smi --query-gpu=name --format=csv,noheader
+      timeout -s INT 170 $M --only loop_pm --tag s29l --ablate-lens 32768
+      timeout -s INT 120 $M --only loop_pm --tag s29m --ablate-lens 8192
+      timeout -s INT 200 $M --only time --tag s29t --shapes 28672+4096,4096+28672 --variants default,two_kernels \
+        --fla-shapes 28672+4096 ;;
+  s29b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
+        cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
+      fi
+      GDN_BUDGET_S=330 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s29b \
+        GDN_BENCH_ARGS="--no-profile --layouts 4x8192,1x32768,28672+4096,1x8192,2048x4,128x256,mix,8x4096" \
+        bash benchmarks/h200.sh bench 16/32 ;;
   s29a) timeout -s INT 200 $M --only loop_pm --tag s29l --ablate-lens 32768
       timeout -s INT 150 $M --only loop_pm --tag s29m --ablate-lens 8192
       timeout -s INT 200 $M --only time --tag s29t --shapes 28672+4096,4096+28672 --variants default,two_kernels \
