@@ -1601,6 +1601,11 @@ def test_long_first_policy():
     finally:
         drv.run_core = real
     assert seen["variant"] == "coresident" and seen["coresident_order"] == (0, 1) and seen["coresident_seqs"] == 1
+    # the route a check script names (resolve_variant, prefill_arrays' own decision)
+    assert D.resolve_variant(long_short, coresident_sms=8) == ("coresident", (0, 1))
+    assert D.resolve_variant(args_for([16 * 64, 16 * 64]), coresident_sms=8) == ("two_kernels", None)
+    assert D.resolve_variant(long_short, "two_kernels", coresident_sms=8) == ("two_kernels", None)
+    assert D.resolve_variant(long_short, coresident_sms=8, intra_default=False) == ("two_kernels", None)
 
 
 def test_variant_policy_sees_the_intra_options(monkeypatch):

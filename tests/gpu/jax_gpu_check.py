@@ -183,7 +183,8 @@ def _mosaic_variant(arrs, dp, h0) -> str:
     from gdn.jax_backend.mosaic_gpu import _driver as D
 
     _, args = api.validate(*arrs, plan=dp, initial_state=h0, backend="jax")
-    return D.pick_variant(args, "auto", 64, False, True, None, None, False)
+    variant, order = D.resolve_variant(args, interpret=False)
+    return variant if order is None else f"{variant}, order {order}"
 
 
 @section("3. no host transfer and no sync inside a jitted prefill")

@@ -436,6 +436,24 @@ def pick_long_first(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves:
                       coresident_sms or _sm_count())
 
 
+def resolve_variant(args: PrefillArgs, variant: str = "auto", *, chunk_variant: str = "auto", bv: int = 64,
+                    loop_halves: bool = False, intra_default: bool = True, coresident_seqs: int | None = None,
+                    coresident_sms: int | None = None, interpret=None) -> tuple[str, tuple[int, ...] | None]:
+    """The kernel route :func:`prefill_arrays` takes: (variant, the co-resident kernel's sequence order
+    or None). A ``variant`` other than "auto" is returned as given; "auto" asks :func:`pick_variant`,
+    then (a host plan, ``coresident_seqs`` not given) :func:`pick_long_first`. The keywords default to
+    :func:`prefill_arrays`' own defaults, so a check script names the route a plain call takes."""
+    if variant != "auto":
+        return variant, None
+    variant = pick_variant(args, chunk_variant, bv, loop_halves, intra_default, coresident_seqs, coresident_sms,
+                           interpret)
+    if variant == "two_kernels" and coresident_seqs is None:
+        order = pick_long_first(args, chunk_variant, bv, loop_halves, intra_default, coresident_sms, interpret)
+        if order is not None:
+            return "coresident", order
+    return variant, None
+
+
 def check_loop_overlap(loop_overlap) -> None:
     """TypeError unless ``loop_overlap`` is a bool, "auto", "store" or "update"."""
     if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store", "update"):
@@ -563,16 +581,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < least):
             raise ValueError(f"{name} must be an int >= {least} or None, got {val!r}")
     halves = None
-    order = None  # the co-resident kernel's sequence order (pick_long_first)
-    if variant == "auto":
-        given = locals()
-        intra_default = tuple(given[n] for n in INTRA_OPTIONS) == intra_defaults()
-        variant = pick_variant(args, chunk_variant, bv, loop_halves, intra_default, coresident_seqs,
-                               coresident_sms, interpret)
-        if variant == "two_kernels" and coresident_seqs is None:
-            order = pick_long_first(args, chunk_variant, bv, loop_halves, intra_default, coresident_sms, interpret)
-            if order is not None:
-                variant = "coresident"
+    given = locals()
+    variant, order = resolve_variant(args, variant, chunk_variant=chunk_variant, bv=bv, loop_halves=loop_halves,
+                                     intra_default=tuple(given[n] for n in INTRA_OPTIONS) == intra_defaults(),
+                                     coresident_seqs=coresident_seqs, coresident_sms=coresident_sms,
+                                     interpret=interpret)
     if variant == "coresident":  # the narrow loop beside the intra workers (its own intra options: solve "warp")
         if chunk_variant not in ("auto", "default") or loop_halves:
             raise ValueError(f"variant 'coresident' runs the narrow chunk loop: no chunk_variant other than "
