@@ -996,6 +996,18 @@ def sec_loop_pm(lens=(32768,), rounds=5):
                                                                 solve="warp", warpgroups=2))}
     res = {n: dict(median=m, best=b) for n, (m, b) in _interleaved(loops, args, rounds).items()}
     res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(intras, ia, rounds).items()})
+    # s29: the co-resident kernel with and without P, waiting for the workers' flags and not (_no_wait:
+    # WRONG results, the loop's pace with the workers beside it but not gating it)
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+    from gdn.jax_backend.mosaic_gpu.coresident import coresident
+    ca = (x["q"], x["k"], x["v"], x["g_hm"], x["b_hm"], x["seg"], x["cu"], x["h0"])
+
+    def cr_fn(p, nw):
+        return jax.jit(lambda *a: coresident(*a, scale=scale, group=2, n_out=len(lens), t_valid=x["t"],
+                                             sms=D._sm_count(), overlap=True, active_seqs=len(lens),
+                                             p_from_workers=p, _no_wait=nw)[:2])
+    crs = {f"cr{'_p' * p}{'_nowait' * nw}": cr_fn(p, nw) for p in (False, True) for nw in (False, True)}
+    res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(crs, ca, rounds).items()})
     res["loop_pm_same_bits"] = same
     RESULTS["loop_pm"] = res
     log(res)
