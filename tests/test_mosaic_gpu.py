@@ -732,7 +732,7 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(coresident_sms=1, variant="coresident"), ValueError),
                      (dict(coresident_seqs=0, variant="coresident"), ValueError),
                      (dict(coresident_seqs=True, variant="coresident"), ValueError),
-                     (dict(coresident_p=1), TypeError)):
+                     (dict(coresident_p=1), TypeError), (dict(coresident_p="on"), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -867,6 +867,40 @@ def _lower_for_cuda(fn, *args):
         device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_one_prompt_default_lowers_with_p_from_workers(monkeypatch):
+    """One prompt at the Qwen3.5 head counts, jitted with a device plan (what a server runs) and with
+    a host plan: the default route is the co-resident kernel with P from the workers
+    (``coresident_p="auto"``), and it lowers for an H200; with use_qk_l2norm, without P."""
+    import jax
+    import jax.numpy as jnp
+
+    import gdn
+    from gdn import api
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+
+    seen = []
+    real = D.coresident
+
+    def spy(*a, **kw):
+        seen.append(kw["p_from_workers"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(D, "coresident", spy)
+    t = 2112
+    sds = jax.ShapeDtypeStruct
+    q, v, g = sds((1, t, 16, 128), jnp.bfloat16), sds((1, t, 32, 128), jnp.bfloat16), sds((1, t, 32), jnp.float32)
+    host = gdn.plan([0, t], num_tokens=t)
+    def fn(q, k, v, g, b, plan, l2):  # gdn.prefill's route on a GPU (it refuses a CPU-only host first)
+        return D.prefill_arrays(api.validate(q, k, v, g, b, plan=plan, use_qk_l2norm=l2, backend="jax")[1])
+
+    for traced, l2 in ((True, False), (False, False), (False, True)):
+        seen.clear()
+        jax.clear_caches()  # the jitted core would not trace again for a plan of the same avals
+        text = _lower_for_cuda(lambda *a, pl=host.to_jax() if traced else host, l2=l2: fn(*a, pl, l2),
+                               q, q, v, g, g).as_text()
+        assert "gdn_coresident" in text and seen == [not l2], (traced, l2, seen)
 
 
 def test_long_first_cross_lowers_to_cuda():
@@ -1601,11 +1635,63 @@ def test_long_first_policy():
     finally:
         drv.run_core = real
     assert seen["variant"] == "coresident" and seen["coresident_order"] == (0, 1) and seen["coresident_seqs"] == 1
+    assert seen["coresident_p"] is False  # P from the workers: untimed beside a long-first order
     # the route a check script names (resolve_variant, prefill_arrays' own decision)
     assert D.resolve_variant(long_short, coresident_sms=8) == ("coresident", (0, 1))
     assert D.resolve_variant(args_for([16 * 64, 16 * 64]), coresident_sms=8) == ("two_kernels", None)
     assert D.resolve_variant(long_short, "two_kernels", coresident_sms=8) == ("two_kernels", None)
     assert D.resolve_variant(long_short, coresident_sms=8, intra_default=False) == ("two_kernels", None)
+
+
+def test_coresident_p_policy(monkeypatch):
+    """P from the workers ("auto"): on where the co-resident kernel serves one prompt, off beside a
+    long-first order, with use_qk_l2norm, without lean, for two kernels; a bool as given (only where
+    the co-resident kernel runs); and prefill_arrays hands the resolved value to the kernel."""
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+    from gdn.jax_backend.mosaic_gpu import _driver as D
+
+    r = D.resolve_coresident_p
+    assert r("auto", "coresident", None, 1, False) is True
+    assert r("auto", "coresident", (1, 0), 1, False) is False
+    assert r("auto", "coresident", None, 2, False) is False
+    assert r("auto", "coresident", None, 1, True) is False
+    assert r("auto", "coresident", None, 1, False, lean=False) is False
+    assert r("auto", "two_kernels", None, 1, False) is False
+    assert r(True, "coresident", (1, 0), 2, True) is True and r(False, "coresident", None, 1, False) is False
+    assert r(True, "two_kernels", None, 1, False) is False
+
+    def args_for(lens, l2=False, traced=False):  # 8 SMs, 2 v heads, V = 128: 4 loop CTAs a sequence
+        t = sum(lens)
+        q = jnp.zeros((1, t, 1, 64), jnp.bfloat16)
+        v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+        g = jnp.zeros((1, t, 2), jnp.float32)
+        p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
+        return api.validate(q, q, v, g, g, plan=p.to_jax() if traced else p, use_qk_l2norm=l2, backend="jax")[1]
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(D, "run_core", spy)
+    for a, kw, variant, p in ((args_for([256]), {}, "coresident", True),
+                              (args_for([256], traced=True), {}, "coresident", True),
+                              (args_for([256], l2=True), {}, "coresident", False),
+                              (args_for([256]), dict(coresident_p=False), "coresident", False),
+                              (args_for([256]), dict(loop_lean=False), "coresident", False),
+                              (args_for([128, 128]), {}, "two_kernels", False),
+                              (args_for([128, 128]), dict(variant="coresident", coresident_p=True), "coresident",
+                               True)):
+        seen.clear()
+        with pytest.raises(Stop):
+            D.prefill_arrays(a, coresident_sms=8, **kw)
+        assert (seen["variant"], seen["coresident_p"]) == (variant, p), (kw, seen["variant"], seen["coresident_p"])
 
 
 def test_variant_policy_sees_the_intra_options(monkeypatch):

@@ -199,8 +199,9 @@ def sec_nan(names=()):
                              ("direct_out_wide", "wide", dict(loop_out_store="registers")),
                              ("persistent_direct_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
                                                                          loop_schedule="table", loop_out_store="registers")),
-                             ("coresident", "narrow", dict(variant="coresident")),  # s27
-                             ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2, intra_solve="warp")),
+                             ("coresident", "narrow", dict(variant="coresident", coresident_p=False)),  # s27
+                             ("coresident_w2", "narrow", dict(variant="coresident", intra_warpgroups=2, intra_solve="warp",
+                                                               coresident_p=False)),
                              ("coresident_p", "narrow", dict(variant="coresident", coresident_p=True)),  # s28
                              ("warp_out_wide", "wide", dict(loop_out_store="warp")),
                              ("persistent_warp_out_wide", "wide", dict(loop_ctas=3, loop_prefetch="smem",
@@ -584,15 +585,17 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     "narrow": dict(chunk_variant="default"),  # chunk_loop.py: one CTA per 64 V columns
     # s27: the intra work on the SMs the narrow loop leaves idle, one launch (coresident.py)
     # (coresident_seqs=1: a traced plan's bucket holds up to 2 sequences, which the kernel refuses at HV = 32)
-    "coresident": dict(variant="coresident", coresident_seqs=1),
-    "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1),
+    "coresident": dict(variant="coresident", coresident_seqs=1, coresident_p=False),  # (s29: P is "auto"'s pick)
+    "coresident_auto": dict(variant="coresident", coresident_seqs=1),
+    "coresident_w2": dict(variant="coresident", intra_warpgroups=2, intra_solve="warp", coresident_seqs=1,
+                          coresident_p=False),
     "coresident_p": dict(variant="coresident", coresident_seqs=1, coresident_p=True),  # s28: P from the workers
     "narrow_nobare_direct": dict(chunk_variant="default", loop_bare=False, loop_direct_io=True),
     "two_kernels": dict(variant="two_kernels"),  # s28: against the default's co-resident picks (long_first)
     # the plan an argument of the jitted call (what gdn bench times): two kernels / the co-resident
     # kernel sized for one prompt whatever the bucket holds (two prompts then share the SMs with it)
     "traced": dict(_traced=True),
-    "coresident_traced1": dict(variant="coresident", coresident_seqs=1, _traced=True),
+    "coresident_traced1": dict(variant="coresident", coresident_seqs=1, coresident_p=False, _traced=True),
     "wide": dict(chunk_variant="wide"),  # chunk_loop_wide.py: one CTA per (sequence, v head), prep + 2 state WGs
     "unroll": dict(head_loop="unroll"),  # the intra kernel unrolls a group's v heads
     "t2": dict(intra_tiles=2),

@@ -454,6 +454,22 @@ def resolve_variant(args: PrefillArgs, variant: str = "auto", *, chunk_variant: 
     return variant, None
 
 
+def resolve_coresident_p(coresident_p: bool | str, variant: str, order: tuple | None, coresident_seqs: int | None,
+                         use_qk_l2norm: bool, lean: bool = True) -> bool:
+    """Whether the intra workers form P for the loop (:mod:`.coresident`'s ``p_from_workers``): only
+    where the co-resident kernel runs; a bool as given; "auto" on where the workers serve one prompt
+    (``coresident_seqs`` 1, no long-first ``order``), without use_qk_l2norm and with ``lean``.
+    Measured on that case only (whole prefill, the same bits, H/HV 16/32): H200, 2026-12-07 (s29c)
+    0.815 vs 0.855 ms at 1x32768, 0.231 vs 0.254 at 1x8192; H100 (s28a) 0.866 vs 0.861 and 0.240 vs
+    0.262. Untimed with use_qk_l2norm (the workers are 2 a CTA there already) and beside a long-first
+    order (P makes the workers slower, and the next prompt's loop starts when they finish)."""
+    if variant != "coresident":
+        return False
+    if coresident_p == "auto":
+        return order is None and coresident_seqs == 1 and not use_qk_l2norm and lean
+    return coresident_p
+
+
 def check_loop_overlap(loop_overlap) -> None:
     """TypeError unless ``loop_overlap`` is a bool, "auto", "store" or "update"."""
     if not isinstance(loop_overlap, bool) and loop_overlap not in ("auto", "store", "update"):
@@ -481,17 +497,17 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
                    loop_out_store: str = "tma", coresident_sms: int | None = None,
-                   coresident_seqs: int | None = None, coresident_p: bool = False):
+                   coresident_seqs: int | None = None, coresident_p: bool | str = "auto"):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "auto" (the default: :func:`pick_variant`), "two_kernels" (the intra kernel, then
     the chunk loop), "coresident" (the two in one launch, the intra work on the SMs the narrow loop
     leaves idle: :mod:`.coresident`; ``coresident_seqs``: the most sequences with tokens a call of
     this compilation may have, default the plan's count or its bucket's largest; ``coresident_sms``:
-    the SMs it sizes its workers for, default the device's; ``coresident_p``, off: the workers
-    also form each tile's P for the loop's output warpgroup, :mod:`.coresident`'s ``p_from_workers``,
-    where the co-resident kernel runs; H100, session 28: the same bits, 0.866 vs 0.861 ms at
-    1x32768, 0.240 vs 0.262 at 1x8192), "fused" (one
+    the SMs it sizes its workers for, default the device's; ``coresident_p``: the workers also form
+    each tile's P for the loop's output warpgroup, :mod:`.coresident`'s ``p_from_workers``, where the
+    co-resident kernel runs; "auto" (:func:`resolve_coresident_p`) on for one prompt without
+    use_qk_l2norm), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
     (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
@@ -565,9 +581,11 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
     if not (isinstance(loop_prefetch, bool) or loop_prefetch in ("smem", "auto")):
         raise TypeError(f"loop_prefetch must be a bool, 'smem' or 'auto', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_halves", loop_halves), ("coresident_p", coresident_p)):
+                      ("loop_halves", loop_halves)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
+    if not isinstance(coresident_p, bool) and coresident_p != "auto":
+        raise TypeError(f"coresident_p must be a bool or 'auto', got {coresident_p!r}")
     check_loop_overlap(loop_overlap)
     check_out_store(loop_out_store, False, names=("loop_out_store", "loop_overlap"))
     if loop_schedule not in SCHEDULES:
@@ -636,5 +654,6 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_ctas=loop_ctas, loop_prefetch=loop_prefetch, loop_overlap=loop_overlap,
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
-                    coresident_seqs=coresident_seqs, coresident_p=coresident_p and variant == "coresident",
+                    coresident_seqs=coresident_seqs, coresident_p=resolve_coresident_p(
+                        coresident_p, variant, order, coresident_seqs, args.use_qk_l2norm, loop_lean),
                     coresident_order=order)
