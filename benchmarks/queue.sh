@@ -83,6 +83,7 @@
 #   bash benchmarks/queue.sh s29    # s29: s29a below plus the FlashInfer bundle's first half to /tmp (carry .fib/part1)
 #   bash benchmarks/queue.sh s29c   # s29 (for an H200): loop_pm at 1x32768, the co-resident kernel with and without
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
+#   bash benchmarks/queue.sh s29e   # s29: use_qk_l2norm on one prompt, the co-resident kernel without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28, not run: coresident_p taken apart (the narrow loop alone with / without
 #                                   # P in the ring, at 2 stages; the intra kernel with / without P), then the
@@ -234,6 +235,8 @@ case $call in
       timeout -s INT 170 $M --only loop_pm --tag s29l --ablate-lens 32768
       timeout -s INT 170 $M --only time --tag s29u --shapes 1x32768,1x8192 --variants coresident,coresident_p \
         --fla-shapes 1x32768 ;;
+  s29e) timeout -s INT 190 $M --only time --tag s29e --shapes 1x32768,1x8192 \
+        --variants l2norm_coresident,l2norm_coresident_p --fla-shapes none ;;
   s29b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
       fi

@@ -644,6 +644,9 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # 0.699 ms at 4x8192 on the H200) or from two XLA reductions
     "l2norm_intra_norms": dict(_l2norm="fold", qk_norms="intra"),
     "l2norm_xla_norms": dict(_l2norm="fold", qk_norms="xla"),
+    # s29: use_qk_l2norm on one prompt, the co-resident kernel without / with P from the workers
+    "l2norm_coresident": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=False),
+    "l2norm_coresident_p": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=True),
     # s13, UNTIMED: a traced plan in a bucket whose counts want different loops (the floor bucket at
     # HV = 32) runs the wide loop with a runtime mode (one state warpgroup per CTA for 1-2 sequences)
     # s15, UNTIMED: the intra kernel's 16x16 diagonal inverses in registers, one warp per block
