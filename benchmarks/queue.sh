@@ -83,7 +83,7 @@
 #   bash benchmarks/queue.sh s29    # s29: s29a below plus the FlashInfer bundle's first half to /tmp (carry .fib/part1)
 #   bash benchmarks/queue.sh s29c   # s29 (for an H200): loop_pm at 1x32768, the co-resident kernel with and without
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
-#   bash benchmarks/queue.sh s29e   # s29: use_qk_l2norm on one prompt, the co-resident kernel without / with P
+#   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28, not run: coresident_p taken apart (the narrow loop alone with / without
 #                                   # P in the ring, at 2 stages; the intra kernel with / without P), then the
