@@ -1645,22 +1645,23 @@ def test_long_first_policy():
 
 def test_coresident_p_policy(monkeypatch):
     """P from the workers ("auto"): on where the co-resident kernel serves one prompt, off beside a
-    long-first order, with use_qk_l2norm, without lean, for two kernels; a bool as given (only where
-    the co-resident kernel runs); and prefill_arrays hands the resolved value to the kernel."""
+    long-first order or workers sized for one of several prompts, with use_qk_l2norm, without lean,
+    for two kernels; a bool as given (only where the co-resident kernel runs); and prefill_arrays
+    hands the resolved value to the kernel."""
+    import jax
     import jax.numpy as jnp
 
     from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
 
     r = D.resolve_coresident_p
-    assert r("auto", "coresident", None, 1, False) is True
-    assert r("auto", "coresident", (1, 0), 1, False) is False
-    assert r("auto", "coresident", None, 2, False) is False
-    assert r("auto", "coresident", None, 1, True) is False
-    assert r("auto", "coresident", None, 1, False, lean=False) is False
-    assert r("auto", "two_kernels", None, 1, False) is False
-    assert r(True, "coresident", (1, 0), 2, True) is True and r(False, "coresident", None, 1, False) is False
-    assert r(True, "two_kernels", None, 1, False) is False
+    assert r("auto", "coresident", True, False) is True
+    assert r("auto", "coresident", False, False) is False
+    assert r("auto", "coresident", True, True) is False
+    assert r("auto", "coresident", True, False, lean=False) is False
+    assert r("auto", "two_kernels", True, False) is False
+    assert r(True, "coresident", False, True) is True and r(False, "coresident", True, False) is False
+    assert r(True, "two_kernels", True, False) is False
 
     def args_for(lens, l2=False, traced=False):  # 8 SMs, 2 v heads, V = 128: 4 loop CTAs a sequence
         t = sum(lens)
@@ -1668,7 +1669,10 @@ def test_coresident_p_policy(monkeypatch):
         v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
         g = jnp.zeros((1, t, 2), jnp.float32)
         p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
-        return api.validate(q, q, v, g, g, plan=p.to_jax() if traced else p, use_qk_l2norm=l2, backend="jax")[1]
+        if traced:  # as a jitted call sees it: the counts are gone, the bucket stays
+            p = jax.tree_util.tree_map(lambda x: x, p.to_jax())
+            assert p.num_seqs is None
+        return api.validate(q, q, v, g, g, plan=p, use_qk_l2norm=l2, backend="jax")[1]
 
     seen = {}
 
@@ -1686,6 +1690,10 @@ def test_coresident_p_policy(monkeypatch):
                               (args_for([256]), dict(coresident_p=False), "coresident", False),
                               (args_for([256]), dict(loop_lean=False), "coresident", False),
                               (args_for([128, 128]), {}, "two_kernels", False),
+                              # workers sized for one prompt of two (the second waits for them): P untimed
+                              (args_for([128, 128], traced=True), dict(variant="coresident", coresident_seqs=1),
+                               "coresident", False),
+                              (args_for([0, 256]), {}, "coresident", True),  # one prompt with tokens
                               (args_for([128, 128]), dict(variant="coresident", coresident_p=True), "coresident",
                                True)):
         seen.clear()

@@ -454,19 +454,20 @@ def resolve_variant(args: PrefillArgs, variant: str = "auto", *, chunk_variant: 
     return variant, None
 
 
-def resolve_coresident_p(coresident_p: bool | str, variant: str, order: tuple | None, coresident_seqs: int | None,
-                         use_qk_l2norm: bool, lean: bool = True) -> bool:
+def resolve_coresident_p(coresident_p: bool | str, variant: str, one_prompt: bool, use_qk_l2norm: bool,
+                         lean: bool = True) -> bool:
     """Whether the intra workers form P for the loop (:mod:`.coresident`'s ``p_from_workers``): only
-    where the co-resident kernel runs; a bool as given; "auto" on where the workers serve one prompt
-    (``coresident_seqs`` 1, no long-first ``order``), without use_qk_l2norm and with ``lean``.
-    Measured on that case only (whole prefill, the same bits, H/HV 16/32): H200, 2026-12-07 (s29c)
-    0.815 vs 0.855 ms at 1x32768, 0.231 vs 0.254 at 1x8192; H100 (s28a) 0.866 vs 0.861 and 0.240 vs
-    0.262. Untimed with use_qk_l2norm (the workers are 2 a CTA there already) and beside a long-first
-    order (P makes the workers slower, and the next prompt's loop starts when they finish)."""
+    where the co-resident kernel runs; a bool as given; "auto" on for ``one_prompt`` (the plan, or
+    every plan of its bucket, has at most one sequence with tokens, and no long-first order), without
+    use_qk_l2norm and with ``lean``. Measured on that case only (whole prefill, the same bits, H/HV
+    16/32): H200, 2026-12-07 (s29c) 0.815 vs 0.855 ms at 1x32768, 0.231 vs 0.254 at 1x8192; H100
+    (s28a) 0.866 vs 0.861 and 0.240 vs 0.262. Untimed with use_qk_l2norm (the workers are 2 a CTA
+    there already) and where later prompts wait for the workers (a long-first order, or
+    ``coresident_seqs=1`` on a plan of more): P makes the workers slower."""
     if variant != "coresident":
         return False
     if coresident_p == "auto":
-        return order is None and coresident_seqs == 1 and not use_qk_l2norm and lean
+        return one_prompt and not use_qk_l2norm and lean
     return coresident_p
 
 
@@ -615,10 +616,12 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                 and n_max > coresident_seqs:
             raise ValueError(f"coresident_seqs={coresident_seqs} but the plan has {n_max} sequences with tokens")
         coresident_seqs = coresident_seqs if coresident_seqs is not None else n_max
+        one_prompt = n_max is not None and n_max <= 1 and order is None
         if order is not None:  # workers sized for the longest sequence, whose CTAs come first
             coresident_seqs = 1
     else:
         coresident_seqs = order = None
+        one_prompt = False
     if variant in FUSED_WIDE:  # the wide loop (fused_wide: on its grid of one CTA per item)
         per_item = variant == "fused_wide"
         if chunk_variant not in ("auto", "wide") or loop_halves or (per_item and loop_ctas not in (None, "auto")):
@@ -655,5 +658,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_schedule=loop_schedule, qk_norms=qk_norms, loop_halves=halves,
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
                     coresident_seqs=coresident_seqs, coresident_p=resolve_coresident_p(
-                        coresident_p, variant, order, coresident_seqs, args.use_qk_l2norm, loop_lean),
+                        coresident_p, variant, one_prompt, args.use_qk_l2norm, loop_lean),
                     coresident_order=order)
