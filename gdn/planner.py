@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split",
+__all__ = ["Plan", "plan", "bucket", "padded_sizes", "SENTINEL", "host_int_array", "Split", "dominant_seq",
            "split_policy", "split_pieces", "two_pass_policy", "two_pass_cost", "makespan",
            "seq_bucket_range"]
 
@@ -43,6 +43,13 @@ _FLOOR_CHUNKS = 8
 #: whole bucket. One prompt alone leaves more than half the SMs idle at HV = 32, which the
 #: mosaic_gpu co-resident kernel fills; two do not.
 _FEW_SEQS = 2
+
+#: :attr:`Plan.dominant`: in the bucket of two sequences, the index of one that holds at least this
+#: many times the other's tokens (one long prompt beside a short one). Two such batches in one bucket
+#: compile apart from two even ones, so a kernel traced with a device plan may order its work for
+#: the long one (mosaic_gpu's co-resident kernel, long prompt first: the model of
+#: ``coresident.long_first`` pays from a ratio of ~2.2 at HV = 32 on 132 SMs).
+DOMINANT_RATIO = 3
 
 
 def bucket(n: int, floor: int = 1) -> int:
@@ -155,8 +162,9 @@ class Plan:
     Ints: num_seqs N, num_chunks NT, num_tokens T (= cu_seqlens[N]), the padded sizes
     padded_seqs N_pad, padded_chunks NT_pad, padded_tokens T_pad, chunk_size BT and nonempty_seqs.
 
-    As a JAX pytree the three arrays are leaves and (chunk_size, padded sizes) static aux data,
-    so two batches in one bucket share a compilation. The real counts are not part of the tree:
+    As a JAX pytree the three arrays are leaves and (chunk_size, padded sizes, ``dominant``) static
+    aux data, so two batches in one bucket share a compilation (a bucket of two sequences holds
+    three: even, the first dominant, the second dominant). The real counts are not part of the tree:
     after crossing a ``jax.jit`` boundary they are ``None`` (unknown while tracing).
     """
 
@@ -172,6 +180,9 @@ class Plan:
     chunk_size: int = 64
     #: sequences with at least one token (host count; None after a jit boundary like the others)
     nonempty_seqs: int | None = None
+    #: static, part of the bucket: with two sequence rows, the index of the one holding at least
+    #: ``DOMINANT_RATIO`` times the other's tokens, else None (:func:`dominant_seq`)
+    dominant: int | None = None
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- conversions -------------------------------------------------------------------------
@@ -314,7 +325,18 @@ def plan(cu_seqlens: Any, chunk_size: int = 64, *, num_tokens: int | None = None
     return Plan(cu_seqlens=_frozen(cu_pad), chunk_indices=_frozen(ci), chunk_offsets=_frozen(co),
                 num_seqs=n, num_chunks=nt, num_tokens=total, padded_seqs=n_pad,
                 padded_chunks=nt_pad, padded_tokens=t_pad, chunk_size=chunk_size,
-                nonempty_seqs=int(np.count_nonzero(lens)))
+                nonempty_seqs=int(np.count_nonzero(lens)), dominant=dominant_seq(lens, n_pad))
+
+
+def dominant_seq(seq_lens: Any, padded_seqs: int) -> int | None:
+    """:attr:`Plan.dominant`: with two sequence rows (``padded_seqs == 2``), the index of the sequence
+    whose length is at least ``DOMINANT_RATIO`` times the other's (the longer of the two), else None.
+    An empty second sequence makes the first dominant. Pure function of the host lengths."""
+    lens = np.asarray(seq_lens, np.int64)
+    if int(padded_seqs) != 2 or lens.size != 2:
+        return None
+    i = int(np.argmax(lens))
+    return i if lens[i] > 0 and lens[i] >= DOMINANT_RATIO * lens[1 - i] else None
 
 
 def _register_pytree() -> None:
@@ -323,14 +345,14 @@ def _register_pytree() -> None:
 
     def flatten(p: Plan):
         return ((p.cu_seqlens, p.chunk_indices, p.chunk_offsets),
-                (p.chunk_size, p.padded_seqs, p.padded_chunks, p.padded_tokens))
+                (p.chunk_size, p.padded_seqs, p.padded_chunks, p.padded_tokens, p.dominant))
 
     def unflatten(aux, children):
-        bt, n_pad, nt_pad, t_pad = aux
+        bt, n_pad, nt_pad, t_pad, dominant = aux
         cu, ci, co = children
         return Plan(cu_seqlens=cu, chunk_indices=ci, chunk_offsets=co, num_seqs=None,
                     num_chunks=None, num_tokens=None, padded_seqs=n_pad, padded_chunks=nt_pad,
-                    padded_tokens=t_pad, chunk_size=bt)
+                    padded_tokens=t_pad, chunk_size=bt, dominant=dominant)
 
     try:
         jax.tree_util.register_pytree_node(Plan, flatten, unflatten)

@@ -904,9 +904,9 @@ def test_one_prompt_default_lowers_with_p_from_workers(monkeypatch):
 
 
 def test_long_first_cross_lowers_to_cuda():
-    """A short prompt, then a long one (host plan): variant="auto" picks the co-resident kernel with
-    the long prompt's CTAs first (:func:`gdn.jax_backend.mosaic_gpu._driver.pick_long_first`), and it
-    lowers for an H200."""
+    """A short prompt, then a long one (a host plan, and a device plan as an argument of the jitted
+    call): variant="auto" picks the co-resident kernel with the long prompt's CTAs first
+    (:func:`gdn.jax_backend.mosaic_gpu._driver.pick_long_first`), and it lowers for an H200."""
     import jax
     import jax.numpy as jnp
 
@@ -924,6 +924,11 @@ def test_long_first_cross_lowers_to_cuda():
         return prefill_arrays(args)
 
     text = _lower_for_cuda(lambda *a: fn(*a, p), q, q, v, g, g).as_text()
+    assert "gdn_coresident" in text and "gdn_intra" not in text
+    # jitted with the plan an argument (a device plan: its dominant sequence is static)
+    dp = p.to_jax()
+    jax.clear_caches()
+    text = _lower_for_cuda(fn, q, q, v, g, g, dp).as_text()
     assert "gdn_coresident" in text and "gdn_intra" not in text
 
 
@@ -1588,7 +1593,8 @@ def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
 def test_long_first_policy():
     """Two prompts whose narrow loop fills the GPU: the co-resident kernel with workers sized for
     the longest, its CTAs first, where the model says it beats two kernels by 1.1x (one long and
-    one short prompt, either order), not for two equal ones, a traced plan, the interpreter or
+    one short prompt, either order, with a host plan or a traced one whose bucket has a dominant
+    sequence), not for two equal ones, a traced plan without a dominant sequence, the interpreter or
     non-default intra options; and the kernel then runs in that order."""
     import jax.numpy as jnp
 
@@ -1617,7 +1623,11 @@ def test_long_first_policy():
     long_short = args_for([28 * 64, 4 * 64])
     assert pick(long_short) == (0, 1) and pick(args_for([4 * 64, 28 * 64])) == (1, 0)
     assert pick(args_for([16 * 64, 16 * 64])) is None
-    assert pick(args_for([28 * 64, 4 * 64], traced=True)) is None
+    # a traced plan: only its bucket's dominant sequence (Plan.dominant), a 3:1 skew at least
+    assert pick(args_for([28 * 64, 4 * 64], traced=True)) == (0, 1)
+    assert pick(args_for([4 * 64, 28 * 64], traced=True)) == (1, 0)
+    assert pick(args_for([16 * 64, 16 * 64], traced=True)) is None
+    assert pick(args_for([20 * 64, 12 * 64], traced=True)) is None  # 5:3, no dominant sequence
     assert pick(long_short, interpret=True) is None and pick(long_short, intra_default=False) is None
 
     seen = {}

@@ -180,6 +180,35 @@ def test_plan_is_a_jax_pytree_with_static_padded_sizes():
     assert dp.num_seqs == 3 and dp.nonempty_seqs == 3 and p.to_jax() is dp  # memoized
 
 
+def test_dominant_sequence_of_the_bucket_of_two():
+    """Plan.dominant: in the bucket of two sequences, the index of one with at least DOMINANT_RATIO
+    times the other's tokens, else None; it is static aux data of the pytree, so a long-and-short
+    batch compiles apart from an even one, and two long-and-short batches share a compilation."""
+    from gdn.planner import DOMINANT_RATIO, dominant_seq
+
+    assert DOMINANT_RATIO == 3
+    assert gdn.plan([0, 28672, 32768]).dominant == 0 and gdn.plan([0, 4096, 32768]).dominant == 1
+    assert gdn.plan([0, 300, 400]).dominant == 0 and gdn.plan([0, 299, 400]).dominant is None  # 3:1 exactly
+    assert gdn.plan([0, 16384, 32768]).dominant is None
+    assert gdn.plan([0, 0, 64]).dominant == 1 and gdn.plan([0, 0, 0]).dominant is None
+    assert gdn.plan([0, 100]).dominant is None            # the bucket of one
+    assert gdn.plan([0, 1000, 1001, 1002]).dominant is None  # the bucket of 3..8
+    assert dominant_seq([5, 1], 2) == 0 and dominant_seq([5, 1], 8) is None
+    jax = pytest.importorskip("jax")
+    traces = []
+
+    @jax.jit
+    def f(pl):
+        traces.append(pl.dominant)
+        return pl.cu_seqlens[-1]
+
+    for cu in ([0, 28672, 32768], [0, 25000, 32700], [0, 16384, 32768], [0, 4096, 32768]):
+        f(gdn.plan(cu, num_tokens=32768))
+    assert traces == [0, None, 1]
+    dp = gdn.plan([0, 4096, 32768]).to_jax()
+    assert dp.dominant == 1 and jax.tree_util.tree_map(lambda x: x, dp).dominant == 1
+
+
 def test_to_torch_cpu():
     torch = pytest.importorskip("torch")
     p = gdn.plan([0, 100, 164, 165])

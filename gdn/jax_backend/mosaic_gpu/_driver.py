@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...api import PrefillArgs
-from ...planner import seq_bucket_range
+from ...planner import DOMINANT_RATIO, seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
 from .coresident import applies as coresident_applies, coresident, long_first
@@ -425,15 +425,26 @@ def pick_long_first(args: PrefillArgs, chunk_variant: str, bv: int, loop_halves:
     """``variant="auto"`` where :func:`pick_variant` said "two_kernels": with a host plan of a few
     sequences whose narrow loop fills one wave, the co-resident kernel with workers sized for the
     longest sequence alone, its loop CTAs first (:func:`.coresident.long_first`'s order), or None.
-    H100, 2026-12-07 (s28p, the same bits): 28672+4096 at 16/32 0.752 ms against 0.908."""
+    A traced plan knows no lengths, only its bucket: in the bucket of two with a dominant sequence
+    (:attr:`gdn.planner.Plan.dominant`), the model is asked for the least skewed batch the bucket
+    holds (``DOMINANT_RATIO`` to 1, ``padded_tokens`` in all), so every batch there has at least
+    that skew. H100, 2026-12-07, the same bits: 28672+4096 at 16/32 0.752 ms against 0.908 (s28p,
+    jitted, a device plan, the long prompt first), 0.767 against 0.913 (s29, a host plan);
+    4096+28672 0.837 against 0.917 (s29, a host plan)."""
     h, hv, dk, dv = args.dims
     plan = args.plan
-    if (not plan.is_host or plan.padded_seqs > LONG_FIRST_MAX_SEQS
+    if (plan.padded_seqs > LONG_FIRST_MAX_SEQS
             or not _coresident_can_run(args, chunk_variant, bv, loop_halves, intra_default, interpret)):
         return None
-    tiles = -(-np.asarray(plan.seq_lens, np.int64) // C)
-    return long_first(tiles.tolist() + [0] * (plan.padded_seqs - len(tiles)), hv, dv // bv,
-                      coresident_sms or _sm_count())
+    if plan.is_host:
+        tiles = (-(-np.asarray(plan.seq_lens, np.int64) // C)).tolist()
+    elif plan.dominant is not None and plan.padded_seqs == 2:
+        unit = max(plan.padded_tokens // (C * (DOMINANT_RATIO + 1)), 1)
+        tiles = [unit, unit]
+        tiles[plan.dominant] = DOMINANT_RATIO * unit
+    else:
+        return None
+    return long_first(tiles + [0] * (plan.padded_seqs - len(tiles)), hv, dv // bv, coresident_sms or _sm_count())
 
 
 def resolve_variant(args: PrefillArgs, variant: str = "auto", *, chunk_variant: str = "auto", bv: int = 64,
@@ -441,7 +452,7 @@ def resolve_variant(args: PrefillArgs, variant: str = "auto", *, chunk_variant: 
                     coresident_sms: int | None = None, interpret=None) -> tuple[str, tuple[int, ...] | None]:
     """The kernel route :func:`prefill_arrays` takes: (variant, the co-resident kernel's sequence order
     or None). A ``variant`` other than "auto" is returned as given; "auto" asks :func:`pick_variant`,
-    then (a host plan, ``coresident_seqs`` not given) :func:`pick_long_first`. The keywords default to
+    then (``coresident_seqs`` not given) :func:`pick_long_first`. The keywords default to
     :func:`prefill_arrays`' own defaults, so a check script names the route a plain call takes."""
     if variant != "auto":
         return variant, None
