@@ -85,7 +85,7 @@
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
 #   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
-#   bash benchmarks/queue.sh s29a   # s28, not run: coresident_p taken apart (the narrow loop alone with / without
+#   bash benchmarks/queue.sh s29a   # s28 (run as s29 in session 29): coresident_p taken apart (the narrow loop alone with / without
 #                                   # P in the ring, at 2 stages; the intra kernel with / without P), then the
 #                                   # long-first default (host plan) at 28672+4096 and 4096+28672, with FLA
 #   bash benchmarks/queue.sh s28    # s28: the no-sync checks (transfer_guard, sync detector) on one prompt (the
