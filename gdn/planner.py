@@ -331,7 +331,8 @@ def plan(cu_seqlens: Any, chunk_size: int = 64, *, num_tokens: int | None = None
 def dominant_seq(seq_lens: Any, padded_seqs: int) -> int | None:
     """:attr:`Plan.dominant`: with two sequence rows (``padded_seqs == 2``), the index of the sequence
     whose length is at least ``DOMINANT_RATIO`` times the other's (the longer of the two), else None.
-    An empty second sequence makes the first dominant. Pure function of the host lengths."""
+    An empty sequence beside a nonempty one makes that one dominant. Pure function of the host
+    lengths; it orders work only (a kernel that trusts it gives the same results either way)."""
     lens = np.asarray(seq_lens, np.int64)
     if int(padded_seqs) != 2 or lens.size != 2:
         return None
