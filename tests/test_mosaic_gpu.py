@@ -892,6 +892,7 @@ def test_one_prompt_default_lowers_with_p_from_workers(monkeypatch):
     sds = jax.ShapeDtypeStruct
     q, v, g = sds((1, t, 16, 128), jnp.bfloat16), sds((1, t, 32, 128), jnp.bfloat16), sds((1, t, 32), jnp.float32)
     host = gdn.plan([0, t], num_tokens=t)
+
     def fn(q, k, v, g, b, plan, l2):  # gdn.prefill's route on a GPU (it refuses a CPU-only host first)
         return D.prefill_arrays(api.validate(q, k, v, g, b, plan=plan, use_qk_l2norm=l2, backend="jax")[1])
 
@@ -1590,15 +1591,32 @@ def test_variant_policy_coresident_where_the_loop_leaves_half_the_sms():
     assert pick(one, chunk_variant="default") == "coresident"
 
 
+def _small_policy_args(lens, l2=False, traced=False):
+    """Validated arguments of the policy tests' small GPU (1 q/k head of 64, 2 v heads of V = 128: 4
+    narrow-loop CTAs a sequence; the tests give it 8 SMs). ``traced``: the plan as a jitted call sees
+    it (its counts gone, its bucket and ``dominant`` kept)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn import api, plan as make_plan
+
+    t = sum(lens)
+    q = jnp.zeros((1, t, 1, 64), jnp.bfloat16)
+    v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+    g = jnp.zeros((1, t, 2), jnp.float32)
+    p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
+    if traced:
+        p = jax.tree_util.tree_map(lambda x: x, p.to_jax())
+        assert p.num_seqs is None
+    return api.validate(q, q, v, g, g, plan=p, use_qk_l2norm=l2, backend="jax")[1]
+
+
 def test_long_first_policy():
     """Two prompts whose narrow loop fills the GPU: the co-resident kernel with workers sized for
     the longest, its CTAs first, where the model says it beats two kernels by 1.1x (one long and
     one short prompt, either order, with a host plan or a traced one whose bucket has a dominant
     sequence), not for two equal ones, a traced plan without a dominant sequence, the interpreter or
     non-default intra options; and the kernel then runs in that order."""
-    import jax.numpy as jnp
-
-    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
     from gdn.jax_backend.mosaic_gpu.coresident import long_first
 
@@ -1609,13 +1627,7 @@ def test_long_first_policy():
     assert long_first([512], 32, 2, 132) is None            # one prompt: plain co-resident
     assert long_first([448, 64, 64], 32, 2, 132) is None    # 192 CTAs: no single wave
 
-    def args_for(lens, traced=False):  # 8 SMs, 2 v heads, V = 128: 4 loop CTAs a sequence
-        t = sum(lens)
-        q = jnp.zeros((1, t, 1, 64), jnp.bfloat16)
-        v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
-        g = jnp.zeros((1, t, 2), jnp.float32)
-        p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
-        return api.validate(q, q, v, g, g, plan=p.to_jax() if traced else p, backend="jax")[1]
+    args_for = _small_policy_args
 
     def pick(a, interpret=False, intra_default=True):
         return D.pick_long_first(a, "auto", 64, False, intra_default, 8, interpret)
@@ -1658,10 +1670,6 @@ def test_coresident_p_policy(monkeypatch):
     long-first order or workers sized for one of several prompts, with use_qk_l2norm, without lean,
     for two kernels; a bool as given (only where the co-resident kernel runs); and prefill_arrays
     hands the resolved value to the kernel."""
-    import jax
-    import jax.numpy as jnp
-
-    from gdn import api, plan as make_plan
     from gdn.jax_backend.mosaic_gpu import _driver as D
 
     r = D.resolve_coresident_p
@@ -1673,16 +1681,7 @@ def test_coresident_p_policy(monkeypatch):
     assert r(True, "coresident", False, True) is True and r(False, "coresident", True, False) is False
     assert r(True, "two_kernels", True, False) is False
 
-    def args_for(lens, l2=False, traced=False):  # 8 SMs, 2 v heads, V = 128: 4 loop CTAs a sequence
-        t = sum(lens)
-        q = jnp.zeros((1, t, 1, 64), jnp.bfloat16)
-        v = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
-        g = jnp.zeros((1, t, 2), jnp.float32)
-        p = make_plan(np.concatenate([[0], np.cumsum(lens)]), num_tokens=t)
-        if traced:  # as a jitted call sees it: the counts are gone, the bucket stays
-            p = jax.tree_util.tree_map(lambda x: x, p.to_jax())
-            assert p.num_seqs is None
-        return api.validate(q, q, v, g, g, plan=p, use_qk_l2norm=l2, backend="jax")[1]
+    args_for = _small_policy_args
 
     seen = {}
 

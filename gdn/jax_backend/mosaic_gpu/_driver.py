@@ -373,6 +373,7 @@ INTRA_OPTIONS = ("intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_
                  "intra_out_buffers", "intra_solve", "intra_warpgroups")
 
 
+@functools.cache  # (prefill_arrays asks on every call; the signature does not change)
 def intra_defaults() -> tuple:
     """:data:`INTRA_OPTIONS`' defaults, read from :func:`prefill_arrays`' signature (one copy)."""
     params = inspect.signature(prefill_arrays).parameters

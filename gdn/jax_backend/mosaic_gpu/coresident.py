@@ -126,10 +126,10 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     ``p_from_workers`` (off here; the driver's ``coresident_p="auto"`` turns it on for one prompt:
     H200, session 29, whole prefill 0.815 vs 0.855 ms at 1x32768, 0.231 vs 0.254 at 1x8192; H100,
     session 28, 0.866 vs 0.861 and 0.240 vs 0.262; the same bits): the workers also form each
-    tile's P (:func:`.intra.intra`'s ``p_scale``; 2 a CTA: q's tile) and the loop's output warpgroup reads it (``chunk_loop``'s ``pm``)
-    instead of forming ``Q K^T`` and its decay on the chain's SM (session 26: the loop alone without
-    P was 0.58-0.61 ms against 0.78-0.81 at 1x32768). Needs ``lean``; with use_qk_l2norm only with
-    ``norms_in_intra``.
+    tile's P (:func:`.intra.intra`'s ``p_scale``; 2 a CTA: q's tile) and the loop's output
+    warpgroup reads it (``chunk_loop``'s ``pm``) instead of forming ``Q K^T`` and its decay on the
+    chain's SM (session 26: the loop alone without P was 0.58-0.61 ms against 0.78-0.81 at 1x32768).
+    Needs ``lean``; with use_qk_l2norm only with ``norms_in_intra``.
     ``seq_order`` (a host plan's, :func:`long_first`): the loop's CTAs walk the sequences in this order
     (a permutation of ``range(N_pad)``; the tail row stays last), so that the first ``active_seqs``
     of it run beside the workers and the rest start when the workers are done.
