@@ -732,7 +732,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(coresident_sms=1, variant="coresident"), ValueError),
                      (dict(coresident_seqs=0, variant="coresident"), ValueError),
                      (dict(coresident_seqs=True, variant="coresident"), ValueError),
-                     (dict(coresident_p=1), TypeError), (dict(coresident_p="on"), TypeError)):
+                     (dict(coresident_p=1), TypeError), (dict(coresident_p="on"), TypeError),
+                     (dict(coresident_flag_lag=2), ValueError), (dict(coresident_flag_lag=True), ValueError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -960,6 +961,7 @@ def test_long_first_cross_lowers_to_cuda():
     (64, 128, 16, 32, "float16", False, False, "coresident_l2"),  # the row norms from the workers
     (128, 128, 16, 32, "bfloat16", True, True, "coresident_p"),  # and P for the loop's output warpgroup
     (128, 128, 16, 32, "bfloat16", True, True, "coresident_p_l2"),
+    (64, 128, 16, 32, "bfloat16", True, True, "coresident_p_lag_l2"),  # each item's flag an item late
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -982,7 +984,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
                                backend="jax", use_qk_l2norm=variant.endswith("_l2"))
         if variant.startswith("coresident"):
             return prefill_arrays(args, variant="coresident", coresident_seqs=1,
-                                  coresident_p=variant.startswith("coresident_p"))
+                                  coresident_p=variant.startswith("coresident_p"),
+                                  coresident_flag_lag=int("_lag" in variant))
         if variant == "wide_store":
             return prefill_arrays(args, chunk_variant="wide", loop_overlap="store")
         if variant.endswith("_overlap"):

@@ -237,12 +237,12 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, T
         o, f = D.loop(x, ag, gc, x.h0, plan.padded_seqs, chunk_variant="default", scale=scale, overlap=True)
         return o, f
 
-    def one_launch(q, k, v, g, beta, h0, plan, l2, no_wait, p):
+    def one_launch(q, k, v, g, beta, h0, plan, l2, no_wait, p, lag):
         x = D.prepare(q, k, v, g, beta, plan, h0, l2)
         o, f, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
                               n_out=plan.padded_seqs, t_valid=x.q.shape[0], sms=sms, lrq=x.lrq, lrk=x.lrk,
                               norms_in_intra=l2, overlap=True, active_seqs=len(lens), p_from_workers=p,
-                              _no_wait=no_wait)
+                              flag_lag=lag, _no_wait=no_wait)
         return o, f
 
     for label in layouts:
@@ -255,14 +255,15 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, T
                 sets.append((q, k, v, g, beta, h0, make_plan(cu, num_tokens=q.shape[1]).to_jax()))
             f_ref = jax.jit(lambda *a, l2=l2: two_kernels(*a, l2))
             refs = [jax.device_get(f_ref(*s)) for s in sets]
-            for no_wait, p in [(nw, p) for p in ps for nw in (False, True)]:
-                f = jax.jit(lambda *a, l2=l2, nw=no_wait, p=p: one_launch(*a, l2, nw, p))
+            # (s30: flag_lag=1, each item's flag raised after the worker's next item)
+            for no_wait, p, lag in [(nw, p, lag) for p in ps for nw, lag in ((False, 0), (True, 0), (False, 1))]:
+                f = jax.jit(lambda *a, l2=l2, nw=no_wait, p=p, lag=lag: one_launch(*a, l2, nw, p, lag))
                 same = []
                 for r in range(reps):
                     for si, s in enumerate(sets):
                         o, fin = jax.device_get(f(*s))
                         same.append(bool(np.array_equal(o, refs[si][0]) and np.array_equal(fin, refs[si][1])))
-                name = f"{label}{' l2' * l2}{' p' * p}{' no_wait' * no_wait}"
+                name = f"{label}{' l2' * l2}{' p' * p}{' lag' * lag}{' no_wait' * no_wait}"
                 ok = all(same) if not no_wait else not all(same)
                 out[name] = dict(same=same, ok=ok)
                 log(name, same)
@@ -647,6 +648,13 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s29: use_qk_l2norm on one prompt, the co-resident kernel without / with P from the workers
     "l2norm_coresident": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=False),
     "l2norm_coresident_p": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=True),
+    # s30: each worker item's flag raised after the worker's next item (coresident's flag_lag=1)
+    "coresident_lag": dict(variant="coresident", coresident_seqs=1, coresident_p=False, coresident_flag_lag=1),
+    "coresident_p_lag": dict(variant="coresident", coresident_seqs=1, coresident_p=True, coresident_flag_lag=1),
+    "l2norm_coresident_lag": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=False,
+                                  coresident_flag_lag=1),
+    "l2norm_coresident_p_lag": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=True,
+                                    coresident_flag_lag=1),
     # s13, UNTIMED: a traced plan in a bucket whose counts want different loops (the floor bucket at
     # HV = 32) runs the wide loop with a runtime mode (one state warpgroup per CTA for 1-2 sequences)
     # s15, UNTIMED: the intra kernel's 16x16 diagonal inverses in registers, one warp per block
@@ -1008,11 +1016,12 @@ def sec_loop_pm(lens=(32768,), rounds=5):
     from gdn.jax_backend.mosaic_gpu.coresident import coresident
     ca = (x["q"], x["k"], x["v"], x["g_hm"], x["b_hm"], x["seg"], x["cu"], x["h0"])
 
-    def cr_fn(p, nw):
+    def cr_fn(p, nw, lag=0):
         return jax.jit(lambda *a: coresident(*a, scale=scale, group=2, n_out=len(lens), t_valid=x["t"],
                                              sms=D._sm_count(), overlap=True, active_seqs=len(lens),
-                                             p_from_workers=p, _no_wait=nw)[:2])
+                                             p_from_workers=p, flag_lag=lag, _no_wait=nw)[:2])
     crs = {f"cr{'_p' * p}{'_nowait' * nw}": cr_fn(p, nw) for p in (False, True) for nw in (False, True)}
+    crs.update(cr_lag=cr_fn(False, False, 1), cr_p_lag=cr_fn(True, False, 1))  # s30: flags one item late
     res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(crs, ca, rounds).items()})
     res["loop_pm_same_bits"] = same
     RESULTS["loop_pm"] = res

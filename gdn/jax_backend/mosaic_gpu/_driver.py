@@ -96,7 +96,7 @@ def _sm_count() -> int:
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "coresident_sms", "coresident_seqs", "coresident_p", "coresident_order"))
+    "coresident_sms", "coresident_seqs", "coresident_p", "coresident_order", "coresident_flag_lag"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -108,7 +108,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
          coresident_sms: int | None = None, coresident_seqs: int | None = None, coresident_p: bool = False,
-         coresident_order: tuple[int, ...] | None = None):
+         coresident_order: tuple[int, ...] | None = None, coresident_flag_lag: int = 0):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -126,7 +126,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                   stages=stages, lean=loop_lean, overlap=loop_overlap,
                                   intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
                                   active_seqs=coresident_seqs, p_from_workers=coresident_p,
-                                  seq_order=coresident_order, interpret=interpret)
+                                  seq_order=coresident_order, flag_lag=coresident_flag_lag,
+                                  interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -510,7 +511,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                    loop_prefetch: bool | str = "auto", loop_overlap: bool | str = "auto",
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
                    loop_out_store: str = "tma", coresident_sms: int | None = None,
-                   coresident_seqs: int | None = None, coresident_p: bool | str = "auto"):
+                   coresident_seqs: int | None = None, coresident_p: bool | str = "auto",
+                   coresident_flag_lag: int = 0):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "auto" (the default: :func:`pick_variant`), "two_kernels" (the intra kernel, then
@@ -520,7 +522,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
     the SMs it sizes its workers for, default the device's; ``coresident_p``: the workers also form
     each tile's P for the loop's output warpgroup, :mod:`.coresident`'s ``p_from_workers``, where the
     co-resident kernel runs; "auto" (:func:`resolve_coresident_p`) on for one prompt without
-    use_qk_l2norm), "fused" (one
+    use_qk_l2norm; ``coresident_flag_lag``: :mod:`.coresident`'s ``flag_lag``, 0 or 1), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
     (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
@@ -599,6 +601,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if not isinstance(coresident_p, bool) and coresident_p != "auto":
         raise TypeError(f"coresident_p must be a bool or 'auto', got {coresident_p!r}")
+    if coresident_flag_lag not in (0, 1) or isinstance(coresident_flag_lag, bool):
+        raise ValueError(f"coresident_flag_lag must be 0 or 1, got {coresident_flag_lag!r}")
     check_loop_overlap(loop_overlap)
     check_out_store(loop_out_store, False, names=("loop_out_store", "loop_overlap"))
     if loop_schedule not in SCHEDULES:
@@ -671,4 +675,4 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
                     coresident_seqs=coresident_seqs, coresident_p=resolve_coresident_p(
                         coresident_p, variant, one_prompt, args.use_qk_l2norm, loop_lean),
-                    coresident_order=order)
+                    coresident_order=order, coresident_flag_lag=coresident_flag_lag)

@@ -113,7 +113,7 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
                stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
                active_seqs: int | None = None, p_from_workers: bool = False, seq_order: tuple | None = None,
-               interpret=None, _no_wait: bool = False):
+               flag_lag: int = 0, interpret=None, _no_wait: bool = False):
     """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
     (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
     loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
@@ -133,10 +133,16 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     ``seq_order`` (a host plan's, :func:`long_first`): the loop's CTAs walk the sequences in this order
     (a permutation of ``range(N_pad)``; the tail row stays last), so that the first ``active_seqs``
     of it run beside the workers and the rest start when the workers are done.
+    ``flag_lag`` (UNTIMED at 1): 0, a worker waits for an item's stores to land before its next item
+    and raises the item's flag; 1, it raises each item's flag after its next item (whose stores may
+    still be in flight; the last item's after its run), so the stores' latency is off the workers'
+    path and each flag comes one item later.
     ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
         raise ValueError("norms_in_intra computes lrq / lrk: pass neither")
+    if flag_lag not in (0, 1) or isinstance(flag_lag, bool):
+        raise ValueError(f"flag_lag must be 0 or 1, got {flag_lag!r}")
     if intra_warpgroups not in (2, 3):
         raise ValueError(f"intra_warpgroups must be 2 or 3, got {intra_warpgroups!r}")
     if p_from_workers and (lrq is not None or not lean):
@@ -149,6 +155,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     ip = intra(k, g_hm, beta_hm, seg, group=group, solve="warp", warpgroups=nwg_i, lrk=lrk,
                q=q if norms_in_intra or p_from_workers else None, norms=norms_in_intra,
                p_scale=scale if p_from_workers else None, interpret=interpret, program=True)
+    if flag_lag and ip.groups_per_item is None:
+        raise ValueError("flag_lag=1 needs the intra kernel's two output stagings")
     named = dict(zip(ip.out_names, ip.out_type))
     n_iout = len(ip.out_type)  # ag, gc (+ lrq, lrk)
     # the loop's operands that the workers produce: placeholders here, their output refs in the body
@@ -199,12 +207,22 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                     return lax.div(item, h), lax.rem(item, h)
                 return count, where
 
+            def signal(wg, i):
+                """Item i's Ag / gc (/ norms, P) are in global memory: raise its flag."""
+                if not interp:
+                    _fence_proxy_async_global()
+                    plgpu.semaphore_signal(flags.at[c * nwg_i + wg + i * n_w], 1, memory_scope="gpu")
+
             def after_tile_of(wg):
                 def after(i):
-                    plgpu.wait_smem_to_gmem(0)  # the item's Ag / gc (/ norms) are in global memory
-                    if not interp:
-                        _fence_proxy_async_global()
-                        plgpu.semaphore_signal(flags.at[c * nwg_i + wg + i * n_w], 1, memory_scope="gpu")
+                    if flag_lag == 0:
+                        plgpu.wait_smem_to_gmem(0)
+                        signal(wg, i)
+                    else:  # all but item i's own commit groups have landed: item i - 1's flag
+                        @pl.when(i > 0)
+                        def _():
+                            plgpu.wait_smem_to_gmem(ip.groups_per_item)
+                            signal(wg, i - 1)
                 return after
 
             wg = lax.axis_index("wg")
@@ -218,6 +236,9 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                 if nwg_i == 2:
                     plgpu.set_max_registers(WORKER_REGS, action="increase")
                 ip.body(*i_in, *i_out, sched_of=sched_of, after_tile_of=after_tile_of, **i_bufs, **i_bars)
+                if flag_lag:  # the run ends with every store landed: the last item's flag
+                    count = sched_of(wg)[0]
+                    pl.when(count > 0)(lambda: signal(wg, count - 1))
 
         @pl.when(c >= n_work)
         def _loop():

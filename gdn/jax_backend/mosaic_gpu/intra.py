@@ -155,10 +155,11 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     prefill at 4x8192). Tokens past T_k read as zeros: their factor is 1e3, on zero rows.
     ``norms`` (with ``q``; default True): compute and return q's and k's norms as above; False: q's
     tile is loaded for ``p_scale``'s P only (no use_qk_l2norm).
-    ``p_scale`` (with ``q``; timed only inside the co-resident kernel, session 28): also return ``P`` [HV, T_pad, 64] in k's dtype, each tile's
-    ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))`` (with the norms, times ``rstd(q_r) rstd(k_s)``), the
-    mask keeping ``s <= r`` of one sequence: what the narrow chunk loop's output warpgroup forms for
-    its ``P Vnew``, in the same arithmetic (its ``pm``).
+    ``p_scale`` (with ``q``; timed only inside the co-resident kernel, session 28): also return
+    ``P`` [HV, T_pad, 64] in k's dtype, each tile's ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))``
+    (with the norms, times ``rstd(q_r) rstd(k_s)``), the mask keeping ``s <= r`` of one sequence:
+    what the narrow chunk loop's output warpgroup forms for its ``P Vnew``, in the same arithmetic
+    (its ``pm``).
     ``program``: return the kernel unlaunched (:class:`IntraProgram`; ``warpgroups`` > 1).
     """
     t_k, h, dk = k.shape
@@ -463,7 +464,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             raise ValueError("program=True needs warpgroups > 1 (each warpgroup its own run of tiles)")
         out_names = (("ag", "gc") + (("ai",) if debug_inverse else ()) + (("lrq", "lrk") if do_norms else ())
                      + (("p",) if p_out else ()))
-        return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg, out_names)
+        return IntraProgram(tuple(out_type), scratch, inputs, body_per_warpgroup, nwg, out_names,
+                            group if nb == 2 else None)
     with tracing_for_interpreter(interp):
         threads = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
         outs = plgpu.kernel(
@@ -479,10 +481,12 @@ class IntraProgram(NamedTuple):
     work (:mod:`.coresident`): its outputs' types, SMEM scratch (a copy per warpgroup), inputs, and
     ``body(*inputs_and_outputs, sched_of=, after_tile_of=, **scratch)``, one run of tiles per
     warpgroup; ``out_names``: each output's name ("ag", "gc", "ai", "lrq", "lrk", "p"), as
-    :class:`.chunk_loop.LoopProgram` names its inputs."""
+    :class:`.chunk_loop.LoopProgram` names its inputs; ``groups_per_item``: the TMA store commit
+    groups a (tile, k head) item issues (one per v head with two output stagings; None with one)."""
     out_type: tuple
     scratch: dict
     inputs: tuple
     body: Callable
     warpgroups: int
     out_names: tuple
+    groups_per_item: int | None = None
