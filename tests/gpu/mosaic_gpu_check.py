@@ -1007,7 +1007,11 @@ def sec_loop_pm(lens=(32768,), rounds=5):
               "intra_p": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False, p_scale=scale)),
               "intra_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, solve="warp", warpgroups=2)),
               "intra_p_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False, p_scale=scale,
-                                                                solve="warp", warpgroups=2))}
+                                                                solve="warp", warpgroups=2)),
+              # s30: Q K^T and K K^T one after the other (before p_together)
+              "intra_p_w2_seq": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False,
+                                                                    p_scale=scale, solve="warp", warpgroups=2,
+                                                                    p_together=False))}
     res = {n: dict(median=m, best=b) for n, (m, b) in _interleaved(loops, args, rounds).items()}
     res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(intras, ia, rounds).items()})
     # s29: the co-resident kernel with and without P, waiting for the workers' flags and not (_no_wait:

@@ -51,7 +51,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from .common import (C, COLS, F32, MAX_GRID_YZ, ROWS, check_token_rows, cols, compiler_params, interpret_params,
-                     iota, masked_decay, mm, rows, tile, tracing_for_interpreter)
+                     iota, masked_decay, mm, products_then, rows, tile, tracing_for_interpreter)
 from .solve import decayed_a, diag_block_inverse, merge, merge_chain
 
 #: tiles per CTA unless the caller says otherwise (4x8192, H = 16: 2048 CTAs of 4 tiles x 2 v heads;
@@ -121,7 +121,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
           isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
           interpret=None,
           debug_inverse: bool = False, lrk=None, q=None, norms: bool = True, p_scale: float | None = None,
-          program: bool = False):
+          p_together: bool = True, program: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q`` and ``norms``) (+ ``P`` [HV, T_pad, 64] in
     k's dtype with ``p_scale``).
@@ -159,7 +159,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     ``P`` [HV, T_pad, 64] in k's dtype, each tile's ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))``
     (with the norms, times ``rstd(q_r) rstd(k_s)``), the mask keeping ``s <= r`` of one sequence:
     what the narrow chunk loop's output warpgroup forms for its ``P Vnew``, in the same arithmetic
-    (its ``pm``).
+    (its ``pm``). ``p_together`` (UNTIMED; False: the kernel of session 28): ``Q K^T`` and ``K K^T``
+    issued as one group, ``Q K^T`` stored to SMEM while ``K K^T`` is on the tensor cores.
     ``program``: return the kernel unlaunched (:class:`IntraProgram`; ``warpgroups`` > 1).
     """
     t_k, h, dk = k.shape
@@ -418,9 +419,14 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
             with jax.named_scope("kk"):
                 if do_norms:  # q's norms first: Q Q^T's registers are free before K K^T takes its own
                     q_norms(slot)
-                if p_out:  # Q K^T for every head's P, kept in SMEM across the head loop
-                    qk_s[...] = mm(q_s, k_s.T, sq)
-                kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
+                if p_out and p_together:  # Q K^T stored for every head's P while K K^T computes
+                    def keep(qk):
+                        qk_s[...] = qk
+                    (kk,) = products_then([(sq, None, [(q_s, k_s.T)])], [(sq, None, [(k_s, k_s.T)])], keep)
+                else:
+                    if p_out:  # Q K^T for every head's P, kept in SMEM across the head loop
+                        qk_s[...] = mm(q_s, k_s.T, sq)
+                    kk = mm(k_s, k_s.T, sq)  # symmetric: serves A and A^T; shared by the group's v heads
                 plgpu.commit_smem()  # every warp is past its read of k_s (and q_s)
                 if do_norms:
                     kk = scale_by_norms(kk, slot, tok, hk)
