@@ -85,6 +85,7 @@
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
 #   bash benchmarks/queue.sh s30a   # s30: flag_lag=1 in loop_pm and whole prefills, s29e (use_qk_l2norm without / with P),
 #                                   # the co-resident bits with the lag; FlashInfer part 1 to /tmp (carry .fib/part1)
+#   bash benchmarks/queue.sh s30b   # s30: gdn bench 16/32, issue 6's layouts, every peer (carry .fib/part2; after s30a, same machine)
 #   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28 (run as s29 in session 29): coresident_p taken apart (the narrow loop alone with / without
@@ -242,6 +243,12 @@ case $call in
       timeout -s INT 220 $M --only time --tag s30t --shapes 1x32768,1x8192 --fla-shapes 1x32768 \
         --variants coresident_p,coresident_p_lag,l2norm_coresident,l2norm_coresident_p,l2norm_coresident_p_lag
       timeout -s INT 150 $M --only coresident --tag s30c --coresident-layouts 1x32768 ;;
+  s30b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
+        cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
+      fi
+      GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s30b \
+        GDN_BENCH_ARGS="--no-profile --layouts 1x32768,28672+4096,1x8192,2048x4" \
+        bash benchmarks/h200.sh bench 16/32 ;;
   s29e) timeout -s INT 190 $M --only time --tag s29e --shapes 1x32768,1x8192 \
         --variants l2norm_coresident,l2norm_coresident_p --fla-shapes none ;;
   s29b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
