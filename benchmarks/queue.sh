@@ -83,9 +83,9 @@
 #   bash benchmarks/queue.sh s29    # s29: s29a below plus the FlashInfer bundle's first half to /tmp (carry .fib/part1)
 #   bash benchmarks/queue.sh s29c   # s29 (for an H200): loop_pm at 1x32768, the co-resident kernel with and without
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
-#   bash benchmarks/queue.sh s30a   # s30: flag_lag=1 in loop_pm and whole prefills, s29e (use_qk_l2norm without / with P),
+#   bash benchmarks/queue.sh s30a   # s30 (NOT RUN: no machine lent): flag_lag=1 and p_together in loop_pm and whole prefills, s29e (use_qk_l2norm without / with P),
 #                                   # the co-resident bits with the lag; FlashInfer part 1 to /tmp (carry .fib/part1)
-#   bash benchmarks/queue.sh s30b   # s30: gdn bench 16/32, issue 6's layouts, every peer (carry .fib/part2; after s30a, same machine)
+#   bash benchmarks/queue.sh s30b   # s30 (NOT RUN): gdn bench 16/32, issue 6's layouts, every peer (carry .fib/part2; after s30a, same machine)
 #   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28 (run as s29 in session 29): coresident_p taken apart (the narrow loop alone with / without
@@ -241,7 +241,7 @@ case $call in
   s30a) cp .fib/part1/fisite.part.aa /tmp/ 2>/dev/null; nvidia-smi --query-gpu=name --format=csv,noheader
       timeout -s INT 170 $M --only loop_pm --tag s30l --ablate-lens 32768
       timeout -s INT 220 $M --only time --tag s30t --shapes 1x32768,1x8192 --fla-shapes 1x32768 \
-        --variants coresident_p,coresident_p_lag,l2norm_coresident,l2norm_coresident_p,l2norm_coresident_p_lag
+        --variants coresident_p,coresident_p_lag,coresident_p_tog,coresident_p_tog_lag,l2norm_coresident,l2norm_coresident_p,l2norm_coresident_p_lag
       timeout -s INT 150 $M --only coresident --tag s30c --coresident-layouts 1x32768 ;;
   s30b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)

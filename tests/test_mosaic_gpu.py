@@ -494,14 +494,15 @@ def _main_interpret_cases(path):
     assert jax.device_count() >= 3
 
 
-def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, p: bool = False):
+def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, p: bool = False, together: bool = False):
     """variant="coresident" (:mod:`gdn.jax_backend.mosaic_gpu.coresident`: intra workers and the
     narrow loop in one launch) against the narrow loop after the intra kernel on :func:`_loop_io_bits`'
     clean and poisoned inputs (V = 64): the same bits. ``l2``: use_qk_l2norm, the row norms from the
     workers (2 a CTA); ``sms``: the SMs the kernel sizes its workers for (few here: the interpreter
-    runs each CTA in turn); ``p``: the workers also form P for the loop (``coresident_p``)."""
+    runs each CTA in turn); ``p``: the workers also form P for the loop (``coresident_p``);
+    ``together``: their Q K^T and K K^T as one group (``coresident_p_together``)."""
     return _loop_io_bits("narrow", dv=64, l2=l2, variant="coresident", intra_warpgroups=intra_warpgroups,
-                         intra_solve="warp", coresident_sms=sms, coresident_p=p)
+                         intra_solve="warp", coresident_sms=sms, coresident_p=p, coresident_p_together=together)
 
 
 CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 16 rows: 32 loop CTAs)
@@ -510,6 +511,7 @@ CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 
     # P from the workers (2 a CTA: q's tile), read by the loop's output warpgroup from SMEM
     "coresident_p_bits": dict(l2=False, intra_warpgroups=2, sms=70, p=True),
     "coresident_p_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True),
+    "coresident_p_together_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True, together=True),
 }
 
 
@@ -733,7 +735,8 @@ def test_unsupported_calls_raise_not_implemented():
                      (dict(coresident_seqs=0, variant="coresident"), ValueError),
                      (dict(coresident_seqs=True, variant="coresident"), ValueError),
                      (dict(coresident_p=1), TypeError), (dict(coresident_p="on"), TypeError),
-                     (dict(coresident_flag_lag=2), ValueError), (dict(coresident_flag_lag=True), ValueError)):
+                     (dict(coresident_flag_lag=2), ValueError), (dict(coresident_flag_lag=True), ValueError),
+                     (dict(coresident_p_together=1), TypeError)):
         with pytest.raises(exc, match=next(iter(bad))):
             M.run(args_for(jnp.bfloat16), interpret=True, **bad)
     with pytest.raises(NotImplementedError):
@@ -961,7 +964,8 @@ def test_long_first_cross_lowers_to_cuda():
     (64, 128, 16, 32, "float16", False, False, "coresident_l2"),  # the row norms from the workers
     (128, 128, 16, 32, "bfloat16", True, True, "coresident_p"),  # and P for the loop's output warpgroup
     (128, 128, 16, 32, "bfloat16", True, True, "coresident_p_l2"),
-    (64, 128, 16, 32, "bfloat16", True, True, "coresident_p_lag_l2"),  # each item's flag an item late
+    # each item's flag an item late, the workers' Q K^T and K K^T as one group
+    (64, 128, 16, 32, "bfloat16", True, True, "coresident_p_tog_lag_l2"),
 ])
 def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
     import jax
@@ -985,7 +989,8 @@ def test_cross_lowers_to_cuda(dk, dv, h, hv, dtype, with_h0, final, variant):
         if variant.startswith("coresident"):
             return prefill_arrays(args, variant="coresident", coresident_seqs=1,
                                   coresident_p=variant.startswith("coresident_p"),
-                                  coresident_flag_lag=int("_lag" in variant))
+                                  coresident_flag_lag=int("_lag" in variant),
+                                  coresident_p_together="_tog" in variant)
         if variant == "wide_store":
             return prefill_arrays(args, chunk_variant="wide", loop_overlap="store")
         if variant.endswith("_overlap"):

@@ -242,7 +242,7 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, T
         o, f, *_ = coresident(x.q, x.k, x.v, x.g_hm, x.beta_hm, x.seg, x.cu, x.h0, scale=scale, group=x.group,
                               n_out=plan.padded_seqs, t_valid=x.q.shape[0], sms=sms, lrq=x.lrq, lrk=x.lrk,
                               norms_in_intra=l2, overlap=True, active_seqs=len(lens), p_from_workers=p,
-                              flag_lag=lag, _no_wait=no_wait)
+                              flag_lag=lag, p_together=p and lag == 1, _no_wait=no_wait)
         return o, f
 
     for label in layouts:
@@ -255,7 +255,8 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, T
                 sets.append((q, k, v, g, beta, h0, make_plan(cu, num_tokens=q.shape[1]).to_jax()))
             f_ref = jax.jit(lambda *a, l2=l2: two_kernels(*a, l2))
             refs = [jax.device_get(f_ref(*s)) for s in sets]
-            # (s30: flag_lag=1, each item's flag raised after the worker's next item)
+            # (s30: flag_lag=1, each item's flag raised after the worker's next item; with P also
+            # p_together, the workers' Q K^T and K K^T as one group)
             for no_wait, p, lag in [(nw, p, lag) for p in ps for nw, lag in ((False, 0), (True, 0), (False, 1))]:
                 f = jax.jit(lambda *a, l2=l2, nw=no_wait, p=p, lag=lag: one_launch(*a, l2, nw, p, lag))
                 same = []
@@ -263,7 +264,7 @@ def sec_coresident(layouts=("1x32768", "1x8192", "1x1000"), reps=4, ps=(False, T
                     for si, s in enumerate(sets):
                         o, fin = jax.device_get(f(*s))
                         same.append(bool(np.array_equal(o, refs[si][0]) and np.array_equal(fin, refs[si][1])))
-                name = f"{label}{' l2' * l2}{' p' * p}{' lag' * lag}{' no_wait' * no_wait}"
+                name = f"{label}{' l2' * l2}{' p' * p}{' lag' * lag}{' tog' * (p and lag == 1)}{' no_wait' * no_wait}"
                 ok = all(same) if not no_wait else not all(same)
                 out[name] = dict(same=same, ok=ok)
                 log(name, same)
@@ -651,6 +652,10 @@ VARIANTS = {  # name -> options of gdn.jax_backend.mosaic_gpu.run
     # s30: each worker item's flag raised after the worker's next item (coresident's flag_lag=1)
     "coresident_lag": dict(variant="coresident", coresident_seqs=1, coresident_p=False, coresident_flag_lag=1),
     "coresident_p_lag": dict(variant="coresident", coresident_seqs=1, coresident_p=True, coresident_flag_lag=1),
+    # ... and the workers' Q K^T and K K^T as one group (intra's p_together)
+    "coresident_p_tog": dict(variant="coresident", coresident_seqs=1, coresident_p=True, coresident_p_together=True),
+    "coresident_p_tog_lag": dict(variant="coresident", coresident_seqs=1, coresident_p=True,
+                                 coresident_p_together=True, coresident_flag_lag=1),
     "l2norm_coresident_lag": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=False,
                                   coresident_flag_lag=1),
     "l2norm_coresident_p_lag": dict(_l2norm="fold", variant="coresident", coresident_seqs=1, coresident_p=True,
@@ -1008,10 +1013,10 @@ def sec_loop_pm(lens=(32768,), rounds=5):
               "intra_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, solve="warp", warpgroups=2)),
               "intra_p_w2": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False, p_scale=scale,
                                                                 solve="warp", warpgroups=2)),
-              # s30: Q K^T and K K^T one after the other (before p_together)
-              "intra_p_w2_seq": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False,
+              # s30: Q K^T and K K^T as one group, Q K^T stored while K K^T computes (p_together)
+              "intra_p_w2_tog": jax.jit(lambda k, g, b, s, q: intra(k, g, b, s, group=2, q=q, norms=False,
                                                                     p_scale=scale, solve="warp", warpgroups=2,
-                                                                    p_together=False))}
+                                                                    p_together=True))}
     res = {n: dict(median=m, best=b) for n, (m, b) in _interleaved(loops, args, rounds).items()}
     res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(intras, ia, rounds).items()})
     # s29: the co-resident kernel with and without P, waiting for the workers' flags and not (_no_wait:
@@ -1020,12 +1025,14 @@ def sec_loop_pm(lens=(32768,), rounds=5):
     from gdn.jax_backend.mosaic_gpu.coresident import coresident
     ca = (x["q"], x["k"], x["v"], x["g_hm"], x["b_hm"], x["seg"], x["cu"], x["h0"])
 
-    def cr_fn(p, nw, lag=0):
+    def cr_fn(p, nw, lag=0, together=False):
         return jax.jit(lambda *a: coresident(*a, scale=scale, group=2, n_out=len(lens), t_valid=x["t"],
                                              sms=D._sm_count(), overlap=True, active_seqs=len(lens),
-                                             p_from_workers=p, flag_lag=lag, _no_wait=nw)[:2])
+                                             p_from_workers=p, flag_lag=lag, p_together=together,
+                                             _no_wait=nw)[:2])
     crs = {f"cr{'_p' * p}{'_nowait' * nw}": cr_fn(p, nw) for p in (False, True) for nw in (False, True)}
-    crs.update(cr_lag=cr_fn(False, False, 1), cr_p_lag=cr_fn(True, False, 1))  # s30: flags one item late
+    crs.update(cr_lag=cr_fn(False, False, 1), cr_p_lag=cr_fn(True, False, 1),  # s30: flags one item late
+               cr_p_tog=cr_fn(True, False, 0, True), cr_p_tog_lag=cr_fn(True, False, 1, True))  # and p_together
     res.update({n: dict(median=m, best=b) for n, (m, b) in _interleaved(crs, ca, rounds).items()})
     res["loop_pm_same_bits"] = same
     RESULTS["loop_pm"] = res

@@ -96,7 +96,8 @@ def _sm_count() -> int:
     "stages", "regs", "intra_tiles", "head_loop", "intra_pad", "intra_merge", "intra_columns",
     "intra_isolate", "intra_out_buffers", "intra_solve", "intra_warpgroups", "chunk_variant", "loop_lean", "loop_bare", "loop_direct_io",
     "loop_ctas", "loop_prefetch", "loop_overlap", "loop_schedule", "qk_norms", "loop_halves", "loop_out_store",
-    "coresident_sms", "coresident_seqs", "coresident_p", "coresident_order", "coresident_flag_lag"))
+    "coresident_sms", "coresident_seqs", "coresident_p", "coresident_order", "coresident_flag_lag",
+    "coresident_p_together"))
 def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          output_final_state: bool, return_stages: bool = False, interpret=None,
          variant: str = "two_kernels", bv: int = 64, stages: int | None = None, regs=None,
@@ -108,7 +109,8 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
          loop_prefetch: bool | str = False, loop_overlap: bool = False, loop_schedule: str = "order",
          qk_norms: str = "intra", loop_halves: tuple[int, ...] | None = None, loop_out_store: str = "tma",
          coresident_sms: int | None = None, coresident_seqs: int | None = None, coresident_p: bool = False,
-         coresident_order: tuple[int, ...] | None = None, coresident_flag_lag: int = 0):
+         coresident_order: tuple[int, ...] | None = None, coresident_flag_lag: int = 0,
+         coresident_p_together: bool = False):
     """q, k [B, T, H, K], v [B, T, HV, V] (bf16/fp16), g, beta [B, T, HV], plan (pytree),
     h0 None or [N_pad, HV, K, V] -> (o [B, T, HV, V], final [N_pad, HV, K, V] fp32 or None, None)."""
     del return_stages  # rejected by the caller: the chunk loop keeps no per-chunk state
@@ -127,7 +129,7 @@ def core(q, k, v, g, beta, plan, h0, *, scale: float, use_qk_l2norm: bool,
                                   intra_warpgroups=intra_warpgroups if intra_warpgroups > 1 else 3,
                                   active_seqs=coresident_seqs, p_from_workers=coresident_p,
                                   seq_order=coresident_order, flag_lag=coresident_flag_lag,
-                                  interpret=interpret)
+                                  p_together=coresident_p_together, interpret=interpret)
     elif variant in FUSED_WIDE:
         o, final = chunk_loop_wide(x.q, x.k, x.v, None, None, x.cu, x.h0, scale=scale, group=x.group, n_out=n_out,
                                    t_valid=x.q.shape[0], stages=stages, regs=regs, lean=loop_lean, bare=loop_bare,
@@ -512,7 +514,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                    loop_schedule: str = "table", qk_norms: str = "intra", loop_halves: bool = False,
                    loop_out_store: str = "tma", coresident_sms: int | None = None,
                    coresident_seqs: int | None = None, coresident_p: bool | str = "auto",
-                   coresident_flag_lag: int = 0):
+                   coresident_flag_lag: int = 0, coresident_p_together: bool = False):
     """The Mosaic GPU prefill on validated arguments -> (o, final or None).
 
     ``variant``: "auto" (the default: :func:`pick_variant`), "two_kernels" (the intra kernel, then
@@ -522,7 +524,8 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
     the SMs it sizes its workers for, default the device's; ``coresident_p``: the workers also form
     each tile's P for the loop's output warpgroup, :mod:`.coresident`'s ``p_from_workers``, where the
     co-resident kernel runs; "auto" (:func:`resolve_coresident_p`) on for one prompt without
-    use_qk_l2norm; ``coresident_flag_lag``: :mod:`.coresident`'s ``flag_lag``, 0 or 1), "fused" (one
+    use_qk_l2norm; ``coresident_flag_lag`` / ``coresident_p_together``: :mod:`.coresident`'s
+    ``flag_lag`` (0 or 1) / ``p_together``, both UNTIMED and off), "fused" (one
     kernel per head and sequence; benchmarks/mosaic_notes.md says why it is slower) or "fused_wide"
     (one kernel, the wide chunk loop whose prep warpgroup also does the intra kernel's work,
     :func:`chunk_loop_wide.chunk_loop_wide`'s ``gates``; V in {64, 128}; one CTA per item;
@@ -596,7 +599,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
     if not (isinstance(loop_prefetch, bool) or loop_prefetch in ("smem", "auto")):
         raise TypeError(f"loop_prefetch must be a bool, 'smem' or 'auto', got {loop_prefetch!r}")
     for name, val in (("loop_lean", loop_lean), ("loop_bare", loop_bare), ("loop_direct_io", loop_direct_io),
-                      ("loop_halves", loop_halves)):
+                      ("loop_halves", loop_halves), ("coresident_p_together", coresident_p_together)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if not isinstance(coresident_p, bool) and coresident_p != "auto":
@@ -675,4 +678,5 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
                     loop_out_store=loop_out_store, coresident_sms=coresident_sms,
                     coresident_seqs=coresident_seqs, coresident_p=resolve_coresident_p(
                         coresident_p, variant, one_prompt, args.use_qk_l2norm, loop_lean),
-                    coresident_order=order, coresident_flag_lag=coresident_flag_lag)
+                    coresident_order=order, coresident_flag_lag=coresident_flag_lag,
+                    coresident_p_together=coresident_p_together)

@@ -113,7 +113,7 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
                t_valid: int, sms: int, lrq=None, lrk=None, norms_in_intra: bool = False, bv: int = 64,
                stages: int | None = None, lean: bool = True, overlap: bool = True, intra_warpgroups: int = 3,
                active_seqs: int | None = None, p_from_workers: bool = False, seq_order: tuple | None = None,
-               flag_lag: int = 0, interpret=None, _no_wait: bool = False):
+               flag_lag: int = 0, p_together: bool = False, interpret=None, _no_wait: bool = False):
     """``(o, final or None, ag, gc, lrq, lrk)``: :func:`.intra.intra` and :func:`.chunk_loop.chunk_loop`
     (its ``direct_io``, not ``bare``) in one launch of ``sms`` CTAs' worth of intra workers and the
     loop's grid (module docstring). Operands as theirs: q, k [T_q, H, K], v [T_q, HV, V], g_hm,
@@ -136,7 +136,7 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     ``flag_lag`` (UNTIMED at 1): 0, a worker waits for an item's stores to land before its next item
     and raises the item's flag; 1, it raises each item's flag after its next item (whose stores may
     still be in flight; the last item's after its run), so the stores' latency is off the workers'
-    path and each flag comes one item later.
+    path and each flag comes one item later. ``p_together`` (UNTIMED): :func:`.intra.intra`'s, with P.
     ``_no_wait`` (a diagnostic, WRONG results): the loop does not wait for the flags (the GPU check
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
@@ -154,7 +154,8 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     n_items = n_tiles * h
     ip = intra(k, g_hm, beta_hm, seg, group=group, solve="warp", warpgroups=nwg_i, lrk=lrk,
                q=q if norms_in_intra or p_from_workers else None, norms=norms_in_intra,
-               p_scale=scale if p_from_workers else None, interpret=interpret, program=True)
+               p_scale=scale if p_from_workers else None, p_together=p_together, interpret=interpret,
+               program=True)
     if flag_lag and ip.groups_per_item is None:
         raise ValueError("flag_lag=1 needs the intra kernel's two output stagings")
     named = dict(zip(ip.out_names, ip.out_type))

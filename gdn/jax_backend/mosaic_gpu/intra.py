@@ -121,7 +121,7 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
           isolate: str = "boundary", out_buffers: int = 2, solve: str = "smem", warpgroups: int = 1,
           interpret=None,
           debug_inverse: bool = False, lrk=None, q=None, norms: bool = True, p_scale: float | None = None,
-          p_together: bool = True, program: bool = False):
+          p_together: bool = False, program: bool = False):
     """``(Ag [HV, T_pad, 64] in k's dtype, gc [HV, T_pad] fp32)`` (+ ``Ai [HV, T_pad, 64]`` fp32 with
     ``debug_inverse``) (+ ``lrq, lrk`` [H, T_pad] fp32 with ``q`` and ``norms``) (+ ``P`` [HV, T_pad, 64] in
     k's dtype with ``p_scale``).
@@ -159,8 +159,8 @@ def intra(k, g_hm, beta_hm, seg, *, group: int, tiles_per_cta: int | None = None
     ``P`` [HV, T_pad, 64] in k's dtype, each tile's ``mask(Q K^T exp(gc_r + ln p_scale - gc_s))``
     (with the norms, times ``rstd(q_r) rstd(k_s)``), the mask keeping ``s <= r`` of one sequence:
     what the narrow chunk loop's output warpgroup forms for its ``P Vnew``, in the same arithmetic
-    (its ``pm``). ``p_together`` (UNTIMED; False: the kernel of session 28): ``Q K^T`` and ``K K^T``
-    issued as one group, ``Q K^T`` stored to SMEM while ``K K^T`` is on the tensor cores.
+    (its ``pm``). ``p_together`` (UNTIMED, off: the kernel timed in session 29): ``Q K^T`` and
+    ``K K^T`` issued as one group, ``Q K^T`` stored to SMEM while ``K K^T`` is on the tensor cores.
     ``program``: return the kernel unlaunched (:class:`IntraProgram`; ``warpgroups`` > 1).
     """
     t_k, h, dk = k.shape
