@@ -494,15 +494,18 @@ def _main_interpret_cases(path):
     assert jax.device_count() >= 3
 
 
-def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, p: bool = False, together: bool = False):
+def _coresident_bits(l2: bool, intra_warpgroups: int, sms: int, p: bool = False, together: bool = False,
+                     lag: int = 0):
     """variant="coresident" (:mod:`gdn.jax_backend.mosaic_gpu.coresident`: intra workers and the
     narrow loop in one launch) against the narrow loop after the intra kernel on :func:`_loop_io_bits`'
     clean and poisoned inputs (V = 64): the same bits. ``l2``: use_qk_l2norm, the row norms from the
     workers (2 a CTA); ``sms``: the SMs the kernel sizes its workers for (few here: the interpreter
     runs each CTA in turn); ``p``: the workers also form P for the loop (``coresident_p``);
-    ``together``: their Q K^T and K K^T as one group (``coresident_p_together``)."""
+    ``together``: their Q K^T and K K^T as one group (``coresident_p_together``); ``lag``:
+    ``coresident_flag_lag`` (the interpreter has no flags, but runs the lag's waits)."""
     return _loop_io_bits("narrow", dv=64, l2=l2, variant="coresident", intra_warpgroups=intra_warpgroups,
-                         intra_solve="warp", coresident_sms=sms, coresident_p=p, coresident_p_together=together)
+                         intra_solve="warp", coresident_sms=sms, coresident_p=p, coresident_p_together=together,
+                         coresident_flag_lag=lag)
 
 
 CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 16 rows: 32 loop CTAs)
@@ -511,7 +514,7 @@ CORESIDENT_CASES = {  # name -> _coresident_bits' arguments (9 sequences pad to 
     # P from the workers (2 a CTA: q's tile), read by the loop's output warpgroup from SMEM
     "coresident_p_bits": dict(l2=False, intra_warpgroups=2, sms=70, p=True),
     "coresident_p_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True),
-    "coresident_p_together_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True, together=True),
+    "coresident_p_together_lag_l2_bits": dict(l2=True, intra_warpgroups=2, sms=66, p=True, together=True, lag=1),
 }
 
 
