@@ -86,7 +86,7 @@
 #   bash benchmarks/queue.sh s30a   # s30 (NOT RUN: no machine lent): flag_lag=1 and p_together in loop_pm and whole prefills, s29e (use_qk_l2norm without / with P),
 #                                   # the co-resident bits with the lag; FlashInfer part 1 to /tmp (carry .fib/part1)
 #   bash benchmarks/queue.sh s30b   # s30 (NOT RUN): gdn bench 16/32, issue 6's layouts, every peer (carry .fib/part2; after s30a,
-#                                   # same machine); then the eager call's host time (hp)
+#                                   # same machine); the workers' code profiled without / with P; the eager call's host time (hp)
 #   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
 #   bash benchmarks/queue.sh s29b   # s29: gdn bench 16/32 with every peer (carry .fib/part2; after s29 on the same machine)
 #   bash benchmarks/queue.sh s29a   # s28 (run as s29 in session 29): coresident_p taken apart (the narrow loop alone with / without
@@ -250,8 +250,10 @@ case $call in
       GDN_BUDGET_S=300 GDN_BENCH_IMPLS="fla flashinfer jla jax:mosaic_gpu jax:mosaic_gpu:host" OUT=$OUT/s30b \
         GDN_BENCH_ARGS="--no-profile --layouts 1x32768,28672+4096,1x8192,2048x4" \
         bash benchmarks/h200.sh bench 16/32
+      # where the workers' P costs them (the intra kernel alone, 2 warpgroups a CTA, profiled at 1x2048)
+      timeout -s INT 150 $M --only profile_intra --tag s30p
       # the eager call's host time (s29's bench: 0.70-0.89 ms a call, session 14's hp 0.31-0.32)
-      timeout -s INT 120 python3 tests/gpu/host_profile.py --layouts 2048x4,1x8192 --calls 50 ;;
+      timeout -s INT 100 python3 tests/gpu/host_profile.py --layouts 2048x4,1x8192 --calls 50 ;;
   s29e) timeout -s INT 190 $M --only time --tag s29e --shapes 1x32768,1x8192 \
         --variants l2norm_coresident,l2norm_coresident_p --fla-shapes none ;;
   s29b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then

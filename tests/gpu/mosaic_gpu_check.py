@@ -801,8 +801,9 @@ def sec_time(shapes, variants, fla_shapes, rounds=3):
     RESULTS["time"] = out
 
 
-def _kernel_inputs(lens, h, hv, seed=2):
-    """Device inputs of the kernels alone (what _driver.core hands them) at the Qwen3.5 head size."""
+def _kernel_inputs(lens, h, hv, seed=2, with_intra=True):
+    """Device inputs of the kernels alone (what _driver.core hands them) at the Qwen3.5 head size;
+    ``with_intra=False``: without the intra kernel's ag / gc (no kernel runs)."""
     import jax.numpy as jnp
     from gdn.jax_backend.mosaic_gpu.intra import intra
     q, k, v, g, beta, h0, cu = _qwen_inputs(lens, h, hv, 128, seed=seed)
@@ -811,7 +812,7 @@ def _kernel_inputs(lens, h, hv, seed=2):
     g_hm, b_hm = g[0].T, beta[0].T
     cu_j = jnp.asarray(np.concatenate([cu, np.full(4, cu[-1])]), jnp.int32)  # 4 padding sequences
     seg = jnp.searchsorted(cu_j[1:], jnp.arange(t, dtype=jnp.int32), side="right").astype(jnp.int32)
-    ag, gc = intra(k3, g_hm, b_hm, seg, group=hv // h)
+    ag, gc = intra(k3, g_hm, b_hm, seg, group=hv // h) if with_intra else (None, None)
     return dict(ag=ag, q=q3, k=k3, v=v3, g_hm=g_hm, b_hm=b_hm, cu=cu_j, seg=seg, gc=gc, h0=h0, t=t, n=len(lens))
 
 
@@ -1236,6 +1237,57 @@ def sec_profile(out_dir, variant="default", lens=(2048,) * 4):
         json.dump(res, fh, indent=1)
 
 
+INTRA_PROFILES = {  # name -> intra() options: the co-resident workers' code (2 warpgroups a CTA), alone
+    "w2": dict(solve="warp", warpgroups=2),
+    "w2_p": dict(solve="warp", warpgroups=2, norms=False, p=True),
+    "w2_p_tog": dict(solve="warp", warpgroups=2, norms=False, p=True, p_together=True),
+}
+
+
+@section("profile_intra")
+def sec_profile_intra(out_dir, lens=(2048,), names=None):
+    """s30: Mosaic's in-kernel profiler on the intra kernel alone as the co-resident workers run it
+    (2 warpgroups a CTA, the warp solve), without and with P (``p_scale``): which of its named scopes
+    (cumsum, decay_a, diag_solve, merge, store; kk holds Q K^T) takes P's extra 30% (session 29:
+    0.301 against 0.232 ms at 1x32768). Each in a fresh process; ``lens`` short (the trace holds
+    GDN_MOSAIC_PROFILE_SPACE ranges a warpgroup: 1x2048 gives each warpgroup ~2 items)."""
+    import glob
+    import tempfile
+    res = {}
+    for name in names or INTRA_PROFILES:
+        prof = tempfile.mkdtemp(prefix=f"gdn_prof_intra_{name}_")
+        code = (
+            "import sys; sys.path.insert(0, '.');"
+            "import jax;"
+            "from tests.gpu.mosaic_gpu_check import _kernel_inputs, INTRA_PROFILES;"
+            "from gdn.jax_backend.mosaic_gpu.intra import intra;"
+            f"x = _kernel_inputs({list(lens)!r}, 16, 32, with_intra=False);"
+            f"kw = dict(INTRA_PROFILES[{name!r}]); p = kw.pop('p', False);"
+            "extra = dict(q=x['q'], p_scale=128 ** -0.5) if p else {};"
+            "f = jax.jit(lambda k, g, b, s: intra(k, g, b, s, group=2, **kw, **extra));"
+            "jax.block_until_ready(f(x['k'], x['g_hm'], x['b_hm'], x['seg']))"
+        )
+        env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        paths = sorted(glob.glob(os.path.join(prof, "*-trace.json")))
+        if proc.returncode or not paths:
+            res[name] = {"error": (proc.stderr or "no trace written")[-1500:]}
+            TABLE.append(f"profile_intra {name}: ERROR {res[name]['error'][-200:]}")
+            continue
+        summ = summarize_trace(paths[-1])
+        res[name] = summ
+        log(name, json.dumps(summ)[:3000])
+        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns x{r['count']} ({100 * r['share']:.0f}%)"
+                        for n, r in list(summ["regions"].items())[:9])
+        TABLE.append(f"profile_intra {name} ({len(lens)}x{lens[0]}, {summ['traces']} WG traces, life "
+                     f"{summ['mean_life_us']:.1f} us): {top}")
+    RESULTS["profile_intra"] = res
+    with open(os.path.join(out_dir, "profile_intra_summary.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="env,intra,small,nan,qwen,sync,kernels,time,ptxas,intra_cmp,profile")
@@ -1280,6 +1332,7 @@ def main():
                                        if not a.split_shapes or s[0] in a.split_shapes.split(",")],)
                           + ((3, (3000, 0, 130, 64, 700), (2, 4), ()) if a.split_no_f64 else ())),
                 "profile": (sec_profile, (a.out, a.profile_variant, lens(a.profile_lens))),
+                "profile_intra": (sec_profile_intra, (a.out, [2048])),
                 "loop_pm": (sec_loop_pm, (lens(a.ablate_lens),)),
                 "coresident": (sec_coresident, ((a.coresident_layouts.split(","),) if a.coresident_layouts else ()))}
     try:  # in the order --only names them; a timeout's SIGINT still prints what was measured
