@@ -1201,35 +1201,48 @@ def summarize_trace(path: str) -> dict:
     return dict(regions=out, traces=len(spans), mean_life_us=life / max(len(spans), 1) / 1e3)
 
 
+def _profiled(code: str, prefix: str):
+    """``code`` run in a fresh Python process under Mosaic's in-kernel profiler (each kernel writes a
+    trace of GDN_MOSAIC_PROFILE_SPACE ranges a warpgroup) -> (the process, its trace paths, sorted)."""
+    import glob
+    import tempfile
+    prof = tempfile.mkdtemp(prefix=prefix)
+    env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return proc, sorted(glob.glob(os.path.join(prof, "*-trace.json")))
+
+
+def _profile_line(label: str, summ: dict, lens) -> str:
+    """The summary table's line for one trace summary (:func:`summarize_trace`): its top regions."""
+    top = ", ".join(f"{n} {r['mean_ns']:.0f} ns x{r['count']} ({100 * r['share']:.0f}%)"
+                    for n, r in list(summ["regions"].items())[:9])
+    return (f"{label} ({len(lens)}x{lens[0]}, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): "
+            f"{top}")
+
+
 @section("profile")
 def sec_profile(out_dir, variant="default", lens=(2048,) * 4):
     """Mosaic's in-kernel profiler at ``lens`` (default 4x2048; chunk loop at 2 stages to leave SMEM
     for the trace buffers): where each warpgroup's time goes, per named scope of the kernels."""
-    import glob
-    import tempfile
-    prof = tempfile.mkdtemp(prefix="gdn_prof_")
     code = (
         "import sys; sys.path.insert(0, '.');"
         "from tests.gpu.mosaic_gpu_check import _jitted;"
         f"fn, args, _ = _jitted({list(lens)!r}, 16, 32, 128, seed=5, stages=2, **{VARIANTS[variant]!r});"
         "import jax; jax.block_until_ready(fn(*args))"
     )
-    env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc, paths = _profiled(code, "gdn_prof_")
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     res = {}
-    for path in sorted(glob.glob(os.path.join(prof, "*-trace.json"))):
+    for path in paths:
         kern = "chunk_loop" if "chunk_loop" in os.path.basename(path) else (
             "intra" if "intra" in os.path.basename(path) else os.path.basename(path))
         summ = summarize_trace(path)
         res[kern] = summ
         log(kern, json.dumps(summ)[:3000])
-        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns ({100 * r['share']:.0f}%)"
-                        for n, r in list(summ["regions"].items())[:9])
-        TABLE.append(f"profile {kern} ({len(lens)}x{lens[0]}, {summ['traces']} WG traces, life {summ['mean_life_us']:.1f} us): {top}")
+        TABLE.append(_profile_line(f"profile {kern}", summ, lens))
     if not res:
         raise RuntimeError("no trace written; stderr: " + proc.stderr[-1500:])
     RESULTS["profile"] = res
@@ -1251,11 +1264,8 @@ def sec_profile_intra(out_dir, lens=(2048,), names=None):
     (cumsum, decay_a, diag_solve, merge, store; kk holds Q K^T) takes P's extra 30% (session 29:
     0.301 against 0.232 ms at 1x32768). Each in a fresh process; ``lens`` short (the trace holds
     GDN_MOSAIC_PROFILE_SPACE ranges a warpgroup: 1x2048 gives each warpgroup ~2 items)."""
-    import glob
-    import tempfile
     res = {}
     for name in names or INTRA_PROFILES:
-        prof = tempfile.mkdtemp(prefix=f"gdn_prof_intra_{name}_")
         code = (
             "import sys; sys.path.insert(0, '.');"
             "import jax;"
@@ -1267,11 +1277,7 @@ def sec_profile_intra(out_dir, lens=(2048,), names=None):
             "f = jax.jit(lambda k, g, b, s: intra(k, g, b, s, group=2, **kw, **extra));"
             "jax.block_until_ready(f(x['k'], x['g_hm'], x['b_hm'], x['seg']))"
         )
-        env = dict(os.environ, GDN_MOSAIC_PROFILE_DIR=prof, GDN_MOSAIC_PROFILE_SPACE="256",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
-        paths = sorted(glob.glob(os.path.join(prof, "*-trace.json")))
+        proc, paths = _profiled(code, f"gdn_prof_intra_{name}_")
         if proc.returncode or not paths:
             res[name] = {"error": (proc.stderr or "no trace written")[-1500:]}
             TABLE.append(f"profile_intra {name}: ERROR {res[name]['error'][-200:]}")
@@ -1279,10 +1285,7 @@ def sec_profile_intra(out_dir, lens=(2048,), names=None):
         summ = summarize_trace(paths[-1])
         res[name] = summ
         log(name, json.dumps(summ)[:3000])
-        top = ", ".join(f"{n} {r['mean_ns']:.0f} ns x{r['count']} ({100 * r['share']:.0f}%)"
-                        for n, r in list(summ["regions"].items())[:9])
-        TABLE.append(f"profile_intra {name} ({len(lens)}x{lens[0]}, {summ['traces']} WG traces, life "
-                     f"{summ['mean_life_us']:.1f} us): {top}")
+        TABLE.append(_profile_line(f"profile_intra {name}", summ, lens))
     RESULTS["profile_intra"] = res
     with open(os.path.join(out_dir, "profile_intra_summary.json"), "w") as fh:
         json.dump(res, fh, indent=1)

@@ -19,7 +19,7 @@ from ...api import PrefillArgs
 from ...planner import DOMINANT_RATIO, seq_bucket_range
 from ..common import count_trace, l2normalize, rstd, run_core
 from .chunk_loop import chunk_loop
-from .coresident import applies as coresident_applies, coresident, long_first
+from .coresident import applies as coresident_applies, check_flag_lag, coresident, long_first
 from .chunk_loop_wide import SCHEDULES, check_out_store, VALUE_DIMS as WIDE_VALUE_DIMS, chunk_loop_wide, h0_staging_fits
 from .common import C, TMA_ROWS
 from .fused import fused
@@ -604,8 +604,7 @@ def prefill_arrays(args: PrefillArgs, *, interpret=None, variant: str = "auto", 
             raise TypeError(f"{name} must be a bool, got {val!r}")
     if not isinstance(coresident_p, bool) and coresident_p != "auto":
         raise TypeError(f"coresident_p must be a bool or 'auto', got {coresident_p!r}")
-    if coresident_flag_lag not in (0, 1) or isinstance(coresident_flag_lag, bool):
-        raise ValueError(f"coresident_flag_lag must be 0 or 1, got {coresident_flag_lag!r}")
+    check_flag_lag(coresident_flag_lag, "coresident_flag_lag")
     check_loop_overlap(loop_overlap)
     check_out_store(loop_out_store, False, names=("loop_out_store", "loop_overlap"))
     if loop_schedule not in SCHEDULES:

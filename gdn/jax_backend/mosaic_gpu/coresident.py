@@ -69,6 +69,12 @@ def workers_for(loop_ctas: int, sms: int) -> int:
     return sms - loop_ctas
 
 
+def check_flag_lag(flag_lag, name: str = "flag_lag") -> None:
+    """ValueError naming ``name`` unless ``flag_lag`` (:func:`coresident`'s) is the int 0 or 1."""
+    if flag_lag not in (0, 1) or isinstance(flag_lag, bool):
+        raise ValueError(f"{name} must be 0 or 1, got {flag_lag!r}")
+
+
 def applies(loop_ctas: int, sms: int) -> bool:
     """Whether :func:`workers_for` accepts this grid."""
     return loop_ctas <= MAX_LOOP_SHARE * sms
@@ -141,8 +147,7 @@ def coresident(q, k, v, g_hm, beta_hm, seg, cu, h0, *, scale: float, group: int,
     shows that its comparison then fails: tests/gpu/mosaic_gpu_check.py --only coresident)."""
     if norms_in_intra and (lrq is not None or lrk is not None):
         raise ValueError("norms_in_intra computes lrq / lrk: pass neither")
-    if flag_lag not in (0, 1) or isinstance(flag_lag, bool):
-        raise ValueError(f"flag_lag must be 0 or 1, got {flag_lag!r}")
+    check_flag_lag(flag_lag)
     if intra_warpgroups not in (2, 3):
         raise ValueError(f"intra_warpgroups must be 2 or 3, got {intra_warpgroups!r}")
     if p_from_workers and (lrq is not None or not lean):
