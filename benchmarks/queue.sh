@@ -85,6 +85,9 @@
 #                                   # P whole at 1x32768 and 1x8192 with FLA; FlashInfer's first half to /tmp
 #   bash benchmarks/queue.sh s30a   # s30 (NOT RUN: no machine lent): flag_lag=1 and p_together in loop_pm and whole prefills, s29e (use_qk_l2norm without / with P),
 #                                   # the co-resident bits with the lag; FlashInfer part 1 to /tmp (carry .fib/part1)
+#   bash benchmarks/queue.sh s31    # s31, s30a/s30b cut to one ~8 min call (1,109 s of device time left after failed starts):
+#                                   # whole prefills with the lag / together options and use_qk_l2norm +- P, FLA; the lag's
+#                                   # compiled bits; the workers' profile without / with P
 #   bash benchmarks/queue.sh s30b   # s30 (NOT RUN): gdn bench 16/32, issue 6's layouts, every peer (carry .fib/part2; after s30a,
 #                                   # same machine); the workers' code profiled without / with P; the eager call's host time (hp)
 #   bash benchmarks/queue.sh s29e   # s29, NOT RUN (device time spent): use_qk_l2norm on one prompt, co-resident without / with P
@@ -244,6 +247,11 @@ case $call in
       timeout -s INT 220 $M --only time --tag s30t --shapes 1x32768,1x8192 --fla-shapes 1x32768 \
         --variants coresident_p,coresident_p_lag,coresident_p_tog,coresident_p_tog_lag,l2norm_coresident,l2norm_coresident_p,l2norm_coresident_p_lag
       timeout -s INT 150 $M --only coresident --tag s30c --coresident-layouts 1x32768 ;;
+  s31) nvidia-smi --query-gpu=name --format=csv,noheader
+      timeout -s INT 200 $M --only time --tag s31t --shapes 1x32768,1x8192 --fla-shapes 1x32768 \
+        --variants coresident_p,coresident_p_lag,coresident_p_tog,coresident_p_tog_lag,l2norm_coresident,l2norm_coresident_p
+      timeout -s INT 130 $M --only coresident --tag s31c --coresident-layouts 1x32768
+      timeout -s INT 130 $M --only profile_intra --tag s31p ;;
   s30b) if [ ! -d /tmp/fisite/flashinfer ] && [ -f /tmp/fisite.part.aa ]; then
         cat /tmp/fisite.part.aa .fib/part2/fisite.part.ab | xz -d | (mkdir -p /tmp/fisite && tar -x -C /tmp/fisite)
       fi
