@@ -33,6 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [
     ("varlen_G2_h0_pad", dict(lens=[100, 0, 1, 63, 64, 65], h=1, hv=2, k=64, v=64, initial_state=True,
                               pad_tokens=20, seed=0), dict(), "bfloat16", "packed"),
+    # one prompt (a plan of one sequence row): its sequence ids by one compare, not a search loop
+    ("one_prompt_G2_h0_pad", dict(lens=[150], h=1, hv=2, k=64, v=64, initial_state=True, pad_tokens=20,
+                                  seed=26), dict(), "bfloat16", "packed"),
     ("G3_K128_fp16_l2norm", dict(lens=[130, 70], h=1, hv=3, k=128, v=64, l2norm_qk=False, seed=1),
      dict(use_qk_l2norm=True, scale=0.2), "float16", "packed"),
     ("batch_G1_V128_strong", dict(lens=[96, 96], h=2, hv=2, k=64, v=128, gates="strong", seed=2),
@@ -879,7 +882,8 @@ def _lower_for_cuda(fn, *args):
 def test_one_prompt_default_lowers_with_p_from_workers(monkeypatch):
     """One prompt at the Qwen3.5 head counts, jitted with a device plan (what a server runs) and with
     a host plan: the default route is the co-resident kernel with P from the workers
-    (``coresident_p="auto"``), and it lowers for an H200; with use_qk_l2norm, without P."""
+    (``coresident_p="auto"``), and it lowers for an H200 without an XLA while loop; with
+    use_qk_l2norm, without P."""
     import jax
     import jax.numpy as jnp
 
@@ -909,6 +913,9 @@ def test_one_prompt_default_lowers_with_p_from_workers(monkeypatch):
         text = _lower_for_cuda(lambda *a, pl=host.to_jax() if traced else host, l2=l2: fn(*a, pl, l2),
                                q, q, v, g, g).as_text()
         assert "gdn_coresident" in text and seen == [not l2], (traced, l2, seen)
+        # no XLA while loop before the kernel: the sequence ids over one boundary (jax's unrolled
+        # binary search still loops there) are one compare
+        assert "stablehlo.while" not in text, (traced, l2)
 
 
 def test_long_first_cross_lowers_to_cuda():

@@ -231,9 +231,12 @@ def prepare(q, k, v, g, beta, plan, h0, use_qk_l2norm: bool, fold_l2norm: bool =
     cu = plan.cu_seqlens.astype(jnp.int32)
     # unrolled: the default method is an XLA while loop, which on the GPU ran as ~16 small kernels and
     # copies per call (H200 trace of 2026-12-05: 10 device copies, 4 adds, 4 selects at 4x2048, in a
-    # prefill whose host dispatch, 0.22 ms, already matched its GPU time)
+    # prefill whose host dispatch, 0.22 ms, already matched its GPU time). jax 0.11.2 still emits a
+    # one-step while loop for "scan_unrolled" over ONE boundary (a plan of one sequence row: its
+    # unroll factor is then 1), so that case compares instead
+    method = "scan_unrolled" if cu.shape[0] > 2 else "compare_all"
     seg = jnp.searchsorted(cu[1:], jnp.arange(t_pad, dtype=jnp.int32), side="right",
-                           method="scan_unrolled").astype(jnp.int32)
+                           method=method).astype(jnp.int32)
     if h0 is not None:
         h0 = h0.astype(jnp.float32)
     lrq = lrk = None
